@@ -1,0 +1,1 @@
+"""pinhook: rewrite image references and pin them to digests at admission."""

@@ -1,0 +1,25 @@
+"""The registry credential value shared by the keychain (where credentials come from) and the
+registry client (where they are used)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A username and password (or identity token) for one registry.
+
+    ``source`` says where it came from (``secret ns/name``, ``docker config /path``) for
+    messages; the password never appears in ``repr`` so it cannot leak into a log.
+    """
+
+    username: str
+    password: str = field(repr=False)
+    source: str = ""
+
+    def identity(self) -> str:
+        """A key that tells credentials apart in caches without holding the secret in clear."""
+        digest = hashlib.sha256(f"{self.username}\0{self.password}".encode()).hexdigest()
+        return f"{self.username}:{digest[:16]}"
