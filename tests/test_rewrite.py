@@ -1,0 +1,147 @@
+"""The rewrite map and the settings document that carries it."""
+
+from __future__ import annotations
+
+import pytest
+
+from webhook.config import Mode, OnFailure, load_settings
+from webhook.errors import ConfigError, InvalidReference
+from webhook.reference import ImageRef
+from webhook.rewrite import NamePattern, RewriteMap, RewriteRule
+
+
+def rule(source: str, target: str) -> RewriteRule:
+    return RewriteRule(NamePattern.parse(source), NamePattern.parse(target))
+
+
+def rewrite(rules: RewriteMap, image: str) -> str:
+    return str(rules.apply(ImageRef.parse(image)).result)
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        ("gcr.io/kubebuilder/kube-rbac-proxy:v0.8.0", "quay.io/brancz/kube-rbac-proxy:v0.8.0"),
+        ("gcr.io/kubebuilder/kube-rbac-proxy", "quay.io/brancz/kube-rbac-proxy"),
+        # A component boundary: kube-rbac-proxyx is another repository.
+        (
+            "gcr.io/kubebuilder/kube-rbac-proxyx:v1",
+            "mirror.example.com/kubebuilder/kube-rbac-proxyx:v1",
+        ),
+        ("gcr.io/kubebuilderx/app:v1", "registry.example.com/gcr/kubebuilderx/app:v1"),
+        ("gcr.io/kubebuilder/other:v1", "mirror.example.com/kubebuilder/other:v1"),
+        ("gcr.io/distroless/static:nonroot", "registry.example.com/gcr/distroless/static:nonroot"),
+        ("nginx:1.25", "docker.io/library/nginx:1.27"),
+        ("nginx:1.26", "mirror.example.com/library/nginx:1.26"),
+        ("kserve/agent:v0.15.2", "mirror.example.com/kserve/agent:v0.15.2"),
+    ],
+)
+def test_longest_prefix_at_component_boundary_wins(image: str, expected: str) -> None:
+    rules = RewriteMap(
+        [
+            rule("gcr.io", "registry.example.com/gcr"),
+            rule("gcr.io/kubebuilder/", "mirror.example.com/kubebuilder"),
+            rule("gcr.io/kubebuilder/kube-rbac-proxy", "quay.io/brancz/kube-rbac-proxy"),
+            rule("docker.io/library/", "mirror.example.com/library"),
+            rule("nginx:1.25", "nginx:1.27"),
+            rule("docker.io/kserve/", "mirror.example.com/kserve"),
+        ]
+    )
+    assert rewrite(rules, image) == expected
+
+
+def test_applied_once_no_chains() -> None:
+    rules = RewriteMap(
+        [rule("a.example.com/x", "b.example.com/x"), rule("b.example.com/x", "c.example.com/x")]
+    )
+    assert rewrite(rules, "a.example.com/x/app:1") == "b.example.com/x/app:1"
+
+
+def test_digest_kept_and_flagged_as_moved() -> None:
+    digest = "sha256:" + "ab" * 32
+    result = RewriteMap([rule("gcr.io/kubebuilder/", "quay.io/brancz/")]).apply(
+        ImageRef.parse(f"gcr.io/kubebuilder/kube-rbac-proxy:v0.4.0@{digest}")
+    )
+    assert result.result.digest == digest and result.result.tag == "v0.4.0"
+    assert result.moved_digest
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "problem"),
+    [
+        ("nginx", "nginx:1.27", "no tag"),
+        ("nginx@sha256:" + "a" * 64, "other", "not digests"),
+        ("", "x", "empty"),
+        ("Upper/Case", "x", "lowercase"),
+    ],
+)
+def test_bad_rules_rejected(source: str, target: str, problem: str) -> None:
+    with pytest.raises(InvalidReference, match=problem):
+        rule(source, target)
+
+
+def test_duplicate_from_rejected() -> None:
+    with pytest.raises(InvalidReference, match="same 'from'"):
+        RewriteMap([rule("gcr.io/a", "quay.io/a"), rule("gcr.io/a/", "quay.io/b")])
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_empty_document_is_the_default() -> None:
+    settings = load_settings("")
+    assert rewrite(settings.rewrite_map, "gcr.io/kubebuilder/kube-rbac-proxy:v0.13.1") == (
+        "quay.io/brancz/kube-rbac-proxy:v0.13.1"
+    )
+    assert settings.mode_for("pods") is Mode.PIN
+    assert settings.mode_for("servingruntimes.serving.kserve.io") is Mode.REWRITE
+    assert settings.mode_for("deployments.apps") is Mode.OFF
+    assert settings.policy_for("any").on_failure is OnFailure.ALLOW
+    assert settings.registry.timeout_seconds == 8.0
+
+
+def test_bad_map_names_rule_and_field() -> None:
+    text = """
+rewrites:
+  - from: gcr.io/kubebuilder/kube-rbac-proxy
+    to: quay.io/brancz/kube-rbac-proxy
+  - from: gcr.io/ok
+    to: "Quay.io/Bad Name"
+kinds:
+  widgets: pin
+onFailure: maybe
+"""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(text, source="config.yaml")
+    lines = caught.value.errors
+    assert any(line.startswith("rewrites[1].to:") for line in lines), lines
+    assert any(line.startswith("kinds:") and "widgets" in line for line in lines), lines
+    assert any(line.startswith("onFailure:") for line in lines), lines
+    assert str(caught.value).startswith("config.yaml: invalid configuration")
+
+
+def test_unknown_field_and_bad_yaml_rejected() -> None:
+    with pytest.raises(ConfigError, match="rewrite"):
+        load_settings("rewrite: []\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings("rewrites: [\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings("- a\n")
+
+
+def test_namespace_policy_inherits_unset_fields() -> None:
+    settings = load_settings(
+        "onFailure: deny\n"
+        "namespaces:\n  dev:\n    onFailure: allow\n  prod:\n    requireDigest: true\n"
+    )
+    assert settings.policy_for("dev").on_failure is OnFailure.ALLOW
+    prod = settings.policy_for("prod")
+    assert prod.on_failure is OnFailure.DENY and prod.require_digest is True
+
+
+def test_static_digest_table_normalised() -> None:
+    digest = "sha256:" + "c" * 64
+    settings = load_settings(f"digests:\n  nginx: '{digest}'\n")
+    assert settings.digest_table[ImageRef.parse("docker.io/library/nginx:latest")] == digest
+    with pytest.raises(ConfigError, match="not a valid digest"):
+        load_settings("digests:\n  nginx:1: 'sha256:short'\n")

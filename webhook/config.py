@@ -1,0 +1,230 @@
+"""pinhook's settings: one validated object, loaded once from one YAML document and passed in.
+
+The document is the same text a ConfigMap holds under ``config.yaml``. Every field has a safe
+default, so an empty document is a working configuration (the built-in rewrite map, pin Pods,
+KServe and Knative objects, admit with a warning when a registry fails).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from .errors import ConfigError, InvalidReference
+from .locate import KINDS
+from .reference import ImageRef, is_valid_digest
+from .rewrite import DEFAULT_RULES, NamePattern, RewriteMap, RewriteRule
+
+SKIP_ANNOTATION = "pinhook.dev/skip"
+KIND_KEYS = frozenset(info.key for info in KINDS)
+
+
+class Mode(StrEnum):
+    PIN = "pin"
+    REWRITE = "rewrite"
+    OFF = "off"
+
+
+class OnFailure(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class OutputForm(StrEnum):
+    TAG_AND_DIGEST = "tag-and-digest"
+    DIGEST_ONLY = "digest-only"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class RuleSettings(_Model):
+    source: str = Field(alias="from")
+    target: str = Field(alias="to")
+
+    @field_validator("source", "target")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            NamePattern.parse(value)
+        except InvalidReference as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def compile(self) -> RewriteRule:
+        return RewriteRule(NamePattern.parse(self.source), NamePattern.parse(self.target))
+
+
+class FailurePolicy(_Model):
+    """What happens to an image that cannot be pinned."""
+
+    on_failure: OnFailure = OnFailure.ALLOW
+    require_digest: bool = False
+
+
+class NamespacePolicy(_Model):
+    """Per-namespace overrides of the global failure policy; unset fields inherit."""
+
+    on_failure: OnFailure | None = None
+    require_digest: bool | None = None
+
+
+class CacheSettings(_Model):
+    ttl_seconds: float = Field(default=300.0, gt=0)
+    negative_ttl_seconds: float = Field(default=30.0, ge=0)
+    max_entries: int = Field(default=10_000, ge=1)
+    stale_on_error: bool = True
+    # How long past its TTL an entry may still be served when the registry is failing.
+    stale_max_seconds: float = Field(default=86_400.0, ge=0)
+
+
+class RegistrySettings(_Model):
+    timeout_seconds: float = Field(default=8.0, gt=0, le=30)
+    insecure: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    docker_config: Path | None = None
+    skip: tuple[str, ...] = ("kind.local", "ko.local", "dev.local")
+
+
+class Settings(_Model):
+    rewrites: tuple[RuleSettings, ...] = tuple(
+        RuleSettings.model_validate({"from": source, "to": target})
+        for source, target in DEFAULT_RULES
+    )
+    kinds: dict[str, Mode] = Field(default_factory=dict)
+    output: OutputForm = OutputForm.TAG_AND_DIGEST
+    resolver: Literal["registry", "static"] = "registry"
+    digests: dict[str, str] = Field(default_factory=dict)
+    registry: RegistrySettings = RegistrySettings()
+    cache: CacheSettings = CacheSettings()
+    on_failure: OnFailure = OnFailure.ALLOW
+    require_digest: bool = False
+    namespaces: dict[str, NamespacePolicy] = Field(default_factory=dict)
+    excluded_namespaces: tuple[str, ...] = ("kube-system", "pinhook-system")
+
+    _rewrite_map: RewriteMap = PrivateAttr()
+    _modes: dict[str, Mode] = PrivateAttr()
+    _digest_table: dict[ImageRef, str] = PrivateAttr()
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, value: dict[str, Mode]) -> dict[str, Mode]:
+        unknown = sorted(set(value) - KIND_KEYS)
+        if unknown:
+            raise ValueError(f"unknown kind {unknown[0]!r}; known: {', '.join(sorted(KIND_KEYS))}")
+        return value
+
+    @field_validator("digests")
+    @classmethod
+    def _digest_entries(cls, value: dict[str, str]) -> dict[str, str]:
+        for image, digest in value.items():
+            ref = _parse_for_table(image)
+            if ref.digest is not None:
+                raise ValueError(f"{image!r}: key must be a tagged reference, not a digest")
+            if not is_valid_digest(digest):
+                raise ValueError(f"{image!r}: {digest!r} is not a valid digest")
+        return value
+
+    @model_validator(mode="after")
+    def _compile(self) -> Settings:
+        try:
+            self._rewrite_map = RewriteMap(rule.compile() for rule in self.rewrites)
+        except InvalidReference as exc:
+            raise ValueError(f"rewrites: {exc}") from None
+        self._modes = {info.key: Mode(info.default_mode) for info in KINDS} | dict(self.kinds)
+        self._digest_table = {
+            _parse_for_table(image): digest for image, digest in self.digests.items()
+        }
+        return self
+
+    @property
+    def rewrite_map(self) -> RewriteMap:
+        return self._rewrite_map
+
+    @property
+    def digest_table(self) -> dict[ImageRef, str]:
+        """The static ``digests:`` table keyed by normalised tagged reference."""
+        return self._digest_table
+
+    def mode_for(self, kind_key: str) -> Mode:
+        return self._modes.get(kind_key, Mode.OFF)
+
+    def policy_for(self, namespace: str | None) -> FailurePolicy:
+        override = self.namespaces.get(namespace or "")
+        if override is None:
+            return FailurePolicy(on_failure=self.on_failure, require_digest=self.require_digest)
+        return FailurePolicy(
+            on_failure=override.on_failure or self.on_failure,
+            require_digest=(
+                self.require_digest if override.require_digest is None else override.require_digest
+            ),
+        )
+
+
+def _parse_for_table(image: str) -> ImageRef:
+    try:
+        ref = ImageRef.parse(image)
+    except InvalidReference as exc:
+        raise ValueError(str(exc)) from None
+    return ref.with_tag(ref.tag_or_latest()) if ref.digest is None else ref
+
+
+def load_settings(text: str, *, source: str = "config") -> Settings:
+    """Parse and validate one YAML document; raises ConfigError naming every bad field."""
+    try:
+        data: Any = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML", [str(exc)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must be a mapping", [f"got {type(data).__name__}"])
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid configuration", _describe(exc)) from None
+
+
+def load_settings_file(path: Path) -> Settings:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read", [str(exc)]) from None
+    return load_settings(text, source=str(path))
+
+
+def default_settings() -> Settings:
+    return Settings()
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors(include_url=False):
+        location = _location(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{location}: {message}" if location else message)
+    return lines
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
