@@ -1,0 +1,435 @@
+"""The admission pipeline end to end through the HTTP app, with the static digest resolver."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.reviews import apply_response, body, fake_digest, load_object, review, with_images
+from webhook.app import create_app
+from webhook.config import Settings, load_settings
+from webhook.metrics import Metrics
+from webhook.mutate import Mutator
+from webhook.resolve import StaticDigestResolver
+
+PINNED_TAGS = [
+    "kserve/storage-initializer:v0.15.2",
+    "kserve/sklearnserver:v0.15.2",
+    "kserve/agent:v0.15.2",
+    "registry.k8s.io/e2e-test-images/agnhost:2.53",
+    "ghcr.io/acme/models/iris:1.0",
+    "ghcr.io/acme/feature-enricher:2.3.1",
+    "kserve/image-transformer:v0.15.2",
+    "curlimages/curl:8.10.1",
+    "kserve/art-explainer:v0.15.2",
+    "ghcr.io/llm-d/llm-d:v0.2.0",
+    "ghcr.io/llm-d/llm-d-routing-sidecar:v0.2.0",
+    "vllm/vllm-openai:v0.10.1",
+    "ghcr.io/llm-d/llm-d-inference-scheduler:v0.2.1",
+    "vllm/vllm-openai:v0.10.1-render",
+    "quay.io/brancz/kube-rbac-proxy:v0.13.1",
+    "nginx:1.27",
+    "nginx:latest",
+    "ghcr.io/acme/sklearnserver:v0.15.2-patched",
+    "registry.example.com/shop/report:1.0.3",
+]
+
+
+def D(image: str) -> str:
+    return fake_digest(image)
+
+
+def settings_yaml(extra: str = "") -> str:
+    lines = ["resolver: static", "digests:"]
+    lines += [f'  "{image}": "{D(image)}"' for image in PINNED_TAGS]
+    return "\n".join(lines) + "\n" + extra
+
+
+class Webhook:
+    """The FastAPI app in-process, reached through httpx like the API server would."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.metrics = Metrics()
+        self._mutator = Mutator(settings, StaticDigestResolver(settings.digest_table), self.metrics)
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(self)), base_url="http://webhook"
+        )
+
+    @property
+    def mutator(self) -> Mutator:
+        return self._mutator
+
+    def readiness(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    async def send(self, review_doc: dict[str, Any]) -> dict[str, Any]:
+        answer = await self.client.post("/mutate", content=body(review_doc))
+        assert answer.status_code == 200, answer.text
+        data: dict[str, Any] = answer.json()
+        assert data["apiVersion"] == review_doc["apiVersion"]
+        assert data["kind"] == "AdmissionReview"
+        assert data["response"]["uid"] == review_doc["request"]["uid"]
+        return data["response"]
+
+
+WebhookFactory = Callable[[str], Webhook]
+
+
+@pytest.fixture
+async def webhook_for() -> AsyncIterator[WebhookFactory]:
+    made: list[Webhook] = []
+
+    def make(extra: str = "") -> Webhook:
+        hook = Webhook(load_settings(settings_yaml(extra)))
+        made.append(hook)
+        return hook
+
+    yield make
+    for hook in made:
+        await hook.client.aclose()
+
+
+@pytest.fixture
+def webhook(webhook_for: WebhookFactory) -> Webhook:
+    return webhook_for("")
+
+
+def pinned(image: str) -> str:
+    return f"{image}@{D(image)}"
+
+
+# --- each kind, from a realistic object ---------------------------------------------------
+
+
+async def test_pod_all_image_fields_pinned_and_nothing_else_changes(webhook: Webhook) -> None:
+    pod = load_object("pod-kserve-predictor.yaml")
+    response = await webhook.send(review(pod, namespace="models"))
+    assert response["allowed"] is True
+    expected = with_images(
+        pod,
+        {
+            "/spec/initContainers/0/image": pinned("kserve/storage-initializer:v0.15.2"),
+            "/spec/containers/0/image": pinned("kserve/sklearnserver:v0.15.2"),
+            "/spec/containers/1/image": pinned("kserve/agent:v0.15.2"),
+            "/spec/ephemeralContainers/0/image": pinned(
+                "registry.k8s.io/e2e-test-images/agnhost:2.53"
+            ),
+            "/spec/volumes/1/image/reference": pinned("ghcr.io/acme/models/iris:1.0"),
+        },
+    )
+    assert apply_response(pod, response) == expected
+    # rbd.image is a Ceph block device name, not a container image.
+    rbd = [v for v in expected["spec"]["volumes"] if "rbd" in v]
+    assert rbd[0]["rbd"]["image"] == "kube-model-disk"
+    audit = orjson.loads(response["auditAnnotations"]["images"])
+    assert "kserve/agent:v0.15.2 -> " + pinned("kserve/agent:v0.15.2") in audit
+
+
+async def test_inference_service_components_and_kept_digest(webhook: Webhook) -> None:
+    isvc = load_object("isvc-sklearn-full.yaml")
+    response = await webhook.send(review(isvc, namespace="models"))
+    patched = apply_response(isvc, response)
+    expected = with_images(
+        isvc,
+        {
+            "/spec/predictor/sklearn/image": pinned("kserve/sklearnserver:v0.15.2"),
+            "/spec/predictor/containers/0/image": pinned("ghcr.io/acme/feature-enricher:2.3.1"),
+            "/spec/transformer/containers/0/image": pinned("kserve/image-transformer:v0.15.2"),
+            "/spec/transformer/initContainers/0/image": pinned("curlimages/curl:8.10.1"),
+            "/spec/explainer/art/image": pinned("kserve/art-explainer:v0.15.2"),
+        },
+    )
+    # The image volume already has a digest and no rule applies: it is left exactly as is.
+    assert patched == expected
+
+
+async def test_inference_service_after_kserve_defaulting(webhook: Webhook) -> None:
+    isvc = load_object("isvc-defaulted.yaml")
+    response = await webhook.send(review(isvc, api_version="admission.k8s.io/v1beta1"))
+    patched = apply_response(isvc, response)
+    model_image = isvc["spec"]["predictor"]["model"]["image"]
+    assert patched["spec"]["predictor"]["model"]["image"] == pinned(model_image)
+
+
+async def test_serving_runtime_is_rewritten_but_not_pinned(webhook_for: WebhookFactory) -> None:
+    hook = webhook_for(
+        "rewrites:\n  - from: docker.io/kserve/\n    to: mirror.example.com/kserve\n"
+    )
+    runtime = load_object("clusterservingruntime-sklearn.yaml")
+    response = await hook.send(review(runtime, namespace=None))
+    patched = apply_response(runtime, response)
+    # KServe swaps runtime tags itself (runtimeVersion, -gpu), so the tag stays and no digest.
+    assert patched == with_images(
+        runtime, {"/spec/containers/0/image": "mirror.example.com/kserve/sklearnserver:v0.15.2"}
+    )
+
+
+async def test_knative_service_pinned_so_knative_skips_its_own_resolution(webhook: Webhook) -> None:
+    ksvc = load_object("ksvc-predictor.yaml")
+    response = await webhook.send(review(ksvc, namespace="models"))
+    patched = apply_response(ksvc, response)
+    container = patched["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == pinned("kserve/sklearnserver:v0.15.2")
+    assert patched == with_images(
+        ksvc, {"/spec/template/spec/containers/0/image": pinned("kserve/sklearnserver:v0.15.2")}
+    )
+
+
+async def test_llm_inference_service_every_template(webhook: Webhook) -> None:
+    llm = load_object("llmisvc-vllm.yaml")
+    response = await webhook.send(review(llm, namespace="llm"))
+    patched = apply_response(llm, response)
+    assert patched["spec"]["template"]["containers"][0]["image"] == pinned(
+        "ghcr.io/llm-d/llm-d:v0.2.0"
+    )
+    router = patched["spec"]["router"]["scheduler"]["template"]["containers"][0]["image"]
+    assert router == pinned("ghcr.io/llm-d/llm-d-inference-scheduler:v0.2.1")
+    ops = orjson.loads(__import__("base64").b64decode(response["patch"]))
+    assert all(op["op"] == "replace" for op in ops)
+    assert all(op["path"].endswith(("/image", "/reference")) for op in ops)
+
+
+async def test_cluster_storage_container_pinned(webhook: Webhook) -> None:
+    csc = load_object("clusterstoragecontainer.yaml")
+    response = await webhook.send(review(csc, namespace=None))
+    patched = apply_response(csc, response)
+    assert patched["spec"]["container"]["image"] == pinned("kserve/storage-initializer:v0.15.2")
+
+
+async def test_workload_templates_are_off_by_default(webhook: Webhook) -> None:
+    deployment = load_object("deployment.yaml")
+    response = await webhook.send(review(deployment))
+    assert response == {"uid": response["uid"], "allowed": True}
+
+
+async def test_workload_templates_pinned_when_opted_in(webhook_for: WebhookFactory) -> None:
+    hook = webhook_for("kinds:\n  cronjobs.batch: pin\n")
+    cronjob = load_object("cronjob.yaml")
+    response = await hook.send(review(cronjob))
+    patched = apply_response(cronjob, response)
+    spec = patched["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    images = [c["image"] for c in spec.get("containers", []) + spec.get("initContainers", [])]
+    assert images and all("@sha256:" in image for image in images)
+
+
+# --- the rewrite map ------------------------------------------------------------------------
+
+
+def pod_with(*images: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "default", "annotations": annotations or {}},
+        "spec": {
+            "containers": [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]
+        },
+    }
+
+
+async def test_default_map_moves_kube_rbac_proxy_and_pins_at_quay(webhook: Webhook) -> None:
+    pod = pod_with("gcr.io/kubebuilder/kube-rbac-proxy:v0.13.1")
+    response = await webhook.send(review(pod))
+    patched = apply_response(pod, response)
+    assert patched["spec"]["containers"][0]["image"] == pinned(
+        "quay.io/brancz/kube-rbac-proxy:v0.13.1"
+    )
+
+
+async def test_user_spelling_kept_when_no_rule_applies(webhook: Webhook) -> None:
+    pod = pod_with("docker.io/library/nginx:1.27", "nginx")
+    patched = apply_response(pod, await webhook.send(review(pod)))
+    images = [c["image"] for c in patched["spec"]["containers"]]
+    assert images == [
+        f"docker.io/library/nginx:1.27@{D('nginx:1.27')}",
+        f"nginx@{D('nginx:latest')}",
+    ]
+
+
+async def test_digest_only_output(webhook_for: WebhookFactory) -> None:
+    hook = webhook_for("output: digest-only\n")
+    pod = pod_with("nginx:1.27")
+    patched = apply_response(pod, await hook.send(review(pod)))
+    assert patched["spec"]["containers"][0]["image"] == f"nginx@{D('nginx:1.27')}"
+
+
+async def test_idempotent_second_pass_gives_no_patch(webhook: Webhook) -> None:
+    pod = pod_with("gcr.io/kubebuilder/kube-rbac-proxy:v0.13.1", "nginx:1.27")
+    first = apply_response(pod, await webhook.send(review(pod)))
+    second = await webhook.send(review(first))
+    assert "patch" not in second
+    assert second["allowed"] is True
+    assert "warnings" not in second
+
+
+async def test_tagged_rule_sets_new_tag(webhook_for: WebhookFactory) -> None:
+    hook = webhook_for("rewrites:\n  - from: nginx:1.25\n    to: nginx:1.27\n")
+    pod = pod_with("nginx:1.25", "nginx:1.26")
+    patched = apply_response(pod, await hook.send(review(pod)))
+    images = [c["image"] for c in patched["spec"]["containers"]]
+    assert images[0] == f"nginx:1.27@{D('nginx:1.27')}"
+    assert images[1] == "nginx:1.26"  # no digest known and no rule: left as is, with a warning
+
+
+async def test_moved_digest_kept_with_warning_in_rewrite_mode(webhook_for: WebhookFactory) -> None:
+    hook = webhook_for("kinds:\n  pods: rewrite\n")
+    digest = "sha256:" + "1" * 64
+    pod = pod_with(f"gcr.io/kubebuilder/kube-rbac-proxy:v0.8.0@{digest}")
+    response = await hook.send(review(pod))
+    patched = apply_response(pod, response)
+    assert patched["spec"]["containers"][0]["image"] == (
+        f"quay.io/brancz/kube-rbac-proxy:v0.8.0@{digest}"
+    )
+    assert any("may not exist" in w for w in response["warnings"])
+
+
+async def test_moved_digest_missing_at_target_pins_tag_there(webhook: Webhook) -> None:
+    digest = "sha256:" + "1" * 64
+    pod = pod_with(f"gcr.io/kubebuilder/kube-rbac-proxy:v0.13.1@{digest}")
+    response = await webhook.send(review(pod))
+    patched = apply_response(pod, response)
+    assert patched["spec"]["containers"][0]["image"] == pinned(
+        "quay.io/brancz/kube-rbac-proxy:v0.13.1"
+    )
+    assert any("does not exist" in w for w in response["warnings"])
+
+
+# --- failure policy ---------------------------------------------------------------------------
+
+
+async def test_unresolvable_admitted_with_warning_by_default(webhook: Webhook) -> None:
+    pod = pod_with("example.com/unknown/app:1.0")
+    response = await webhook.send(review(pod))
+    assert response["allowed"] is True
+    assert "patch" not in response
+    assert any("example.com/unknown/app:1.0 not pinned" in w for w in response["warnings"])
+    assert "not-found" in response["auditAnnotations"]["unpinned"]
+    metrics = webhook.metrics.render().decode()
+    assert 'pinhook_resolve_failures_total{reason="not-found"} 1.0' in metrics
+
+
+async def test_on_failure_deny_names_image(webhook_for: WebhookFactory) -> None:
+    hook = webhook_for("onFailure: deny\n")
+    response = await hook.send(review(pod_with("nginx:1.27", "example.com/unknown/app:1.0")))
+    assert response["allowed"] is False
+    assert "example.com/unknown/app:1.0" in response["status"]["message"]
+    assert response["status"]["code"] == 403
+    assert "patch" not in response
+
+
+async def test_require_digest_per_namespace(webhook_for: WebhookFactory) -> None:
+    hook = webhook_for("namespaces:\n  prod:\n    requireDigest: true\n")
+    pod = pod_with("example.com/unknown/app:1.0")
+    assert (await hook.send(review(pod, namespace="dev")))["allowed"] is True
+    denied = await hook.send(review(pod, namespace="prod"))
+    assert denied["allowed"] is False
+    assert "requireDigest" in denied["status"]["message"]
+
+
+async def test_skip_registries_are_rewritten_not_resolved(webhook_for: WebhookFactory) -> None:
+    hook = webhook_for("rewrites:\n  - from: ko.local/old\n    to: kind.local/new\n")
+    pod = pod_with("ko.local/old/app:dev")
+    response = await hook.send(review(pod))
+    patched = apply_response(pod, response)
+    assert patched["spec"]["containers"][0]["image"] == "kind.local/new/app:dev"
+    assert "warnings" not in response
+
+
+# --- opt-outs, operations and bad input ----------------------------------------------------
+
+
+async def test_skip_annotation_and_excluded_namespace(webhook_for: WebhookFactory) -> None:
+    hook = webhook_for("excludedNamespaces: [ci]\n")
+    skipped = pod_with("nginx:1.27", annotations={"pinhook.dev/skip": "true"})
+    assert "patch" not in await hook.send(review(skipped))
+    assert "patch" not in await hook.send(review(pod_with("nginx:1.27"), namespace="ci"))
+    assert "patch" in await hook.send(review(pod_with("nginx:1.27"), namespace="web"))
+
+
+async def test_dry_run_answered_like_a_real_request(webhook: Webhook) -> None:
+    pod = pod_with("nginx:1.27")
+    real = await webhook.send(review(pod))
+    dry = await webhook.send(review(pod, dry_run=True))
+    assert dry["patch"] == real["patch"]
+
+
+async def test_update_leaves_unchanged_images_and_pins_new_ones(webhook: Webhook) -> None:
+    old = pod_with("nginx:1.27")
+    new = copy.deepcopy(old)
+    new["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": "nginx:latest"}]
+    response = await webhook.send(
+        review(new, operation="UPDATE", old=old, sub_resource="ephemeralcontainers")
+    )
+    patched = apply_response(new, response)
+    assert patched["spec"]["containers"][0]["image"] == "nginx:1.27"
+    assert patched["spec"]["ephemeralContainers"][0]["image"] == f"nginx:latest@{D('nginx:latest')}"
+
+
+async def test_delete_and_unknown_kind_pass_untouched(webhook: Webhook) -> None:
+    pod = pod_with("nginx:1.27")
+    assert "patch" not in await webhook.send(review(pod, operation="DELETE"))
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}, "data": {}}
+    response = await webhook.send(review(secret))
+    assert response == {"uid": response["uid"], "allowed": True}
+
+
+async def test_wrong_types_allowed_with_warning(webhook: Webhook) -> None:
+    pod = pod_with("nginx:1.27")
+    pod["spec"]["containers"].append({"name": "bad", "image": 42})
+    pod["spec"]["initContainers"] = {"not": "a list"}
+    response = await webhook.send(review(pod))
+    assert response["allowed"] is True
+    assert len(response["warnings"]) == 2
+    patched = apply_response(pod, response)
+    assert patched["spec"]["containers"][0]["image"] == pinned("nginx:1.27")
+    assert patched["spec"]["containers"][1]["image"] == 42
+
+
+async def test_invalid_reference_left_with_warning(webhook: Webhook) -> None:
+    pod = pod_with("Nginx:1.27", "nginx:1.27")
+    response = await webhook.send(review(pod))
+    patched = apply_response(pod, response)
+    assert patched["spec"]["containers"][0]["image"] == "Nginx:1.27"
+    assert any("lowercase" in w for w in response["warnings"])
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"apiVersion": "v1", "kind": "Pod"}', "apiVersion"),
+        (
+            b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}',
+            "request.uid",
+        ),
+        (b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}', "request"),
+    ],
+)
+async def test_malformed_review_is_400_with_reason(
+    webhook: Webhook, payload: bytes, reason: str
+) -> None:
+    answer = await webhook.client.post("/mutate", content=payload)
+    assert answer.status_code == 400
+    assert reason in answer.json()["error"]
+
+
+async def test_oversized_body_is_413(webhook: Webhook) -> None:
+    answer = await webhook.client.post("/mutate", content=b" " * (8 * 1024 * 1024 + 1))
+    assert answer.status_code == 413
+
+
+async def test_health_ready_and_metrics(webhook: Webhook) -> None:
+    await webhook.send(review(pod_with("nginx:1.27")))
+    assert (await webhook.client.get("/healthz")).status_code == 200
+    assert (await webhook.client.get("/readyz")).json()["ready"] is True
+    text = (await webhook.client.get("/metrics")).text
+    assert (
+        'pinhook_admission_requests_total{kind="Pod",operation="CREATE",result="patched"} 1.0'
+        in text
+    )
+    assert 'pinhook_images_total{outcome="pinned"} 1.0' in text

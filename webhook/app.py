@@ -1,0 +1,135 @@
+"""The HTTP surface: ``POST /mutate``, health, readiness and metrics.
+
+The handler reads the raw body once, decodes it once (orjson) and writes the answer with
+orjson: FastAPI's model validation would decode and copy the whole object again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+import orjson
+from fastapi import FastAPI, Request, Response
+
+from .admission import MAX_BODY_BYTES, AdmissionOutcome, parse_review, render_response
+from .errors import InvalidReview
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .mutate import Mutator
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+# The API server appends ?timeout=10s (its webhook timeout) to the URL it calls.
+_TIMEOUT = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
+# Leave this much of the API server's timeout for answering and the network.
+_TIMEOUT_MARGIN = 1.5
+
+
+class Service(Protocol):
+    """What the HTTP layer needs from the running webhook (see ``runtime.Runtime``)."""
+
+    metrics: Metrics
+
+    @property
+    def mutator(self) -> Mutator: ...
+
+    def readiness(self) -> tuple[bool, str]: ...
+
+
+def create_app(
+    service: Service,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="pinhook",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan or _no_lifespan,
+    )
+
+    @app.post("/mutate")
+    async def mutate(request: Request) -> Response:
+        started = time.perf_counter()
+        body = await _read_limited(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            review = parse_review(body)
+        except InvalidReview as exc:
+            service.metrics.admissions.labels("", "", "invalid").inc()
+            return _error(400, str(exc))
+        mutator = service.mutator
+        budget = _budget(request.query_params.get("timeout"), mutator)
+        try:
+            outcome = await asyncio.wait_for(
+                mutator.review(review, budget=budget), budget + _TIMEOUT_MARGIN / 2
+            )
+        except TimeoutError:
+            # The resolver keeps its own deadline; this is the guard of last resort.
+            log.error("review %s of %s timed out after %.1fs", review.uid, review.kind, budget)
+            outcome = AdmissionOutcome(warnings=["pinhook: timed out; object left as is"])
+        result = "allowed" if outcome.allowed else "denied"
+        if outcome.allowed and outcome.patch:
+            result = "patched"
+        service.metrics.admissions.labels(review.kind, review.operation, result).inc()
+        service.metrics.admission_seconds.observe(time.perf_counter() - started)
+        return Response(render_response(review.api_version, review.uid, outcome), media_type=JSON)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type=JSON)
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ready, reason = service.readiness()
+        body = orjson.dumps({"ready": ready, "reason": reason})
+        return Response(body, status_code=200 if ready else 503, media_type=JSON)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+@asynccontextmanager
+async def _no_lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    yield
+
+
+async def _read_limited(request: Request) -> bytes | Response:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _budget(timeout: str | None, mutator: Mutator) -> float:
+    """How long resolving may take: the configured deadline, or less when the API server's
+    timeout for this call leaves less."""
+    ceiling = mutator.settings.registry.timeout_seconds
+    if not timeout:
+        return ceiling
+    match = _TIMEOUT.match(timeout)
+    if match is None:
+        return ceiling
+    value = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[match.group(2) or "s"]
+    return max(0.5, min(ceiling, value - _TIMEOUT_MARGIN))
+
+
+def _error(status: int, reason: str) -> Response:
+    return Response(orjson.dumps({"error": reason}), status_code=status, media_type=JSON)

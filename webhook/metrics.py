@@ -1,0 +1,61 @@
+"""Prometheus metrics on a registry owned by the app: no process-wide globals to reset in tests."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.admissions = Counter(
+            "pinhook_admission_requests",
+            "AdmissionReviews answered, by kind, operation and result",
+            ["kind", "operation", "result"],
+            registry=self.registry,
+        )
+        self.admission_seconds = Histogram(
+            "pinhook_admission_duration_seconds",
+            "Time to answer one AdmissionReview",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 8, 10),
+            registry=self.registry,
+        )
+        self.images = Counter(
+            "pinhook_images",
+            "Image references seen, by outcome (pinned, rewritten, unchanged, unpinned, invalid)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.resolve_failures = Counter(
+            "pinhook_resolve_failures",
+            "Images that could not be pinned, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.cache_events = Counter(
+            "pinhook_digest_cache_events",
+            "Digest cache lookups: hit, miss, shared (joined an in-flight request), stale",
+            ["event"],
+            registry=self.registry,
+        )
+        self.config_reloads = Counter(
+            "pinhook_config_reloads",
+            "Configuration reloads by result (applied, rejected)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.config_valid = Gauge(
+            "pinhook_config_last_reload_valid",
+            "1 when the last configuration seen on disk was valid, 0 when it was rejected",
+            registry=self.registry,
+        )
+        self.config_valid.set(1)
+
+    def cache_event(self, event: str) -> None:
+        self.cache_events.labels(event).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

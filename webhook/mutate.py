@@ -1,0 +1,279 @@
+"""The admission pipeline: image fields → rewrite → resolve → JSON patch → outcome.
+
+``plan_image`` and ``render_image`` are pure; ``Mutator`` adds the one I/O step (asking the
+resolver, all images of a request concurrently under one deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from .admission import AdmissionOutcome, AdmissionRequest
+from .config import SKIP_ANNOTATION, FailurePolicy, Mode, OnFailure, OutputForm, Settings
+from .errors import InvalidReference, ResolveError
+from .locate import ImageField, PullContext, kind_info, locate_images
+from .metrics import Metrics
+from .reference import ImageRef
+from .resolve import DigestResolver, PullScope
+
+log = logging.getLogger(__name__)
+
+OPERATIONS = frozenset({"CREATE", "UPDATE"})
+
+
+class Action(Enum):
+    KEEP = "keep"  # nothing to do: pinned already and no rule applies
+    REWRITE = "rewrite"  # rewrite only, no registry request
+    RESOLVE = "resolve"  # resolve the (rewritten) tag to a digest
+    VERIFY = "verify"  # a digest moved to another repository: check it exists there
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePlan:
+    field: ImageField
+    original: ImageRef
+    target: ImageRef
+    rewritten: bool
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    plan: ImagePlan
+    final: str
+    digest: str | None
+    warning: str | None = None
+    failure: ResolveError | None = None
+
+
+def plan_image(field: ImageField, ref: ImageRef, settings: Settings, mode: Mode) -> ImagePlan:
+    rewrite = settings.rewrite_map.apply(ref)
+    target = rewrite.result
+    if mode is Mode.REWRITE or target.registry in settings.registry.skip:
+        action = Action.REWRITE if rewrite.changed else Action.KEEP
+    elif target.digest is None:
+        action = Action.RESOLVE
+    elif rewrite.moved_digest:
+        action = Action.VERIFY
+    else:
+        action = Action.REWRITE if rewrite.changed else Action.KEEP
+    return ImagePlan(field, ref, target, rewrite.changed, action)
+
+
+def render_image(plan: ImagePlan, digest: str | None, output: OutputForm) -> str:
+    """The final reference: the user's spelling of the name unless a rule moved it."""
+    target = plan.target
+    if plan.action is Action.KEEP:
+        return plan.field.image
+    name = target.familiar_name() if plan.rewritten else _name_as_written(plan.field.image)
+    if digest is None:
+        return name + (f":{target.tag}" if target.tag else "")
+    if output is OutputForm.DIGEST_ONLY or not target.tag:
+        return f"{name}@{digest}"
+    return f"{name}:{target.tag}@{digest}"
+
+
+def _name_as_written(image: str) -> str:
+    name = image.split("@", 1)[0]
+    colon = name.rfind(":")
+    return name[:colon] if colon > name.rfind("/") else name
+
+
+class Mutator:
+    """Answers one AdmissionRequest; holds no per-request state."""
+
+    def __init__(
+        self, settings: Settings, resolver: DigestResolver, metrics: Metrics | None = None
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.metrics = metrics or Metrics()
+
+    async def review(
+        self, request: AdmissionRequest, *, budget: float | None = None
+    ) -> AdmissionOutcome:
+        """Answer one request; registry work ends within ``budget`` seconds (default: config)."""
+        info = kind_info(request.group, request.kind)
+        if info is None or request.operation not in OPERATIONS:
+            return AdmissionOutcome()
+        settings = self.settings
+        mode = settings.mode_for(info.key)
+        if mode is Mode.OFF or (request.namespace or "") in settings.excluded_namespaces:
+            return AdmissionOutcome()
+        obj = request.obj
+        if not isinstance(obj, dict):
+            return AdmissionOutcome(warnings=["pinhook: object is not a JSON object; left as is"])
+        if _skip_requested(obj):
+            return AdmissionOutcome(audit={"skipped": f"annotation {SKIP_ANNOTATION}"})
+        located = locate_images(request.group, request.kind, obj)
+        if located is None:
+            return AdmissionOutcome()
+        outcome = AdmissionOutcome(warnings=[f"pinhook: {p}; left as is" for p in located.problems])
+        plans: list[ImagePlan] = []
+        policy = settings.policy_for(request.namespace)
+        for field in located.fields:
+            if request.operation == "UPDATE" and _unchanged(field, request.old_obj):
+                continue
+            try:
+                ref = ImageRef.parse(field.image)
+            except InvalidReference as exc:
+                self.metrics.images.labels("invalid").inc()
+                outcome.warnings.append(f"pinhook: {field.pointer}: {exc}; left as is")
+                if policy.require_digest and mode is Mode.PIN:
+                    return _deny(f"{field.image!r} at {field.pointer} is not a valid reference")
+                continue
+            plans.append(plan_image(field, ref, settings, mode))
+        budget = self.settings.registry.timeout_seconds if budget is None else budget
+        results = await self._execute(plans, request.namespace, budget)
+        return self._conclude(results, outcome, policy, mode)
+
+    async def pin(self, images: Sequence[str], *, mode: Mode = Mode.PIN) -> list[ImageResult]:
+        """Rewrite and resolve bare image strings, as for a Pod (``pinhook resolve``).
+
+        Raises InvalidReference for the first invalid one.
+        """
+        plans = []
+        for index, image in enumerate(images):
+            field = ImageField(f"/images/{index}", image, PullContext())
+            plans.append(plan_image(field, ImageRef.parse(image), self.settings, mode))
+        return await self._execute(plans, None, self.settings.registry.timeout_seconds)
+
+    async def _execute(
+        self, plans: list[ImagePlan], namespace: str | None, budget: float
+    ) -> list[ImageResult]:
+        if not plans:
+            return []
+        deadline = asyncio.get_running_loop().time() + budget
+        return list(await asyncio.gather(*(self._run(p, namespace, deadline) for p in plans)))
+
+    async def _run(self, plan: ImagePlan, namespace: str | None, deadline: float) -> ImageResult:
+        output = self.settings.output
+        if plan.action in (Action.KEEP, Action.REWRITE):
+            return ImageResult(
+                plan,
+                render_image(plan, plan.target.digest, output),
+                None,
+                _moved_digest_warning(plan),
+            )
+        scope = PullScope(namespace, plan.field.pull)
+        warning = None
+        try:
+            if plan.action is Action.VERIFY:
+                if await self.resolver.exists(plan.target, scope, deadline):
+                    return ImageResult(
+                        plan, render_image(plan, plan.target.digest, output), plan.target.digest
+                    )
+                if plan.target.tag is None:
+                    raise ResolveError(
+                        f"digest {plan.target.digest} does not exist at {plan.target.name}",
+                        reason="digest-not-at-target",
+                    )
+                warning = (
+                    f"pinhook: {plan.original.digest} does not exist at "
+                    f"{plan.target.familiar_name()}; pinned tag {plan.target.tag} there instead"
+                )
+            resolution = await self.resolver.resolve(plan.target.with_digest(None), scope, deadline)
+        except ResolveError as exc:
+            # Unpinned, but still rewritten. A moved digest is dropped when a tag can stand in
+            # for it, since it may not exist at the target.
+            fallback = plan.target if plan.target.tag is None else plan.target.with_digest(None)
+            rewrite_only = replace(plan, target=fallback, action=Action.REWRITE)
+            final = render_image(rewrite_only, fallback.digest, output)
+            return ImageResult(plan, final, None, None, exc)
+        if resolution.stale:
+            warning = (
+                f"pinhook: registry failing for {plan.target.familiar()}; used a cached digest"
+            )
+        return ImageResult(
+            plan, render_image(plan, resolution.digest, output), resolution.digest, warning
+        )
+
+    def _conclude(
+        self,
+        results: list[ImageResult],
+        outcome: AdmissionOutcome,
+        policy: FailurePolicy,
+        mode: Mode,
+    ) -> AdmissionOutcome:
+        pinned: list[str] = []
+        unpinned: list[str] = []
+        for result in results:
+            field = result.plan.field
+            if result.warning:
+                outcome.warnings.append(result.warning)
+            if result.failure is not None:
+                reason = result.failure.reason
+                self.metrics.resolve_failures.labels(reason).inc()
+                self.metrics.images.labels("unpinned").inc()
+                if policy.on_failure is OnFailure.DENY:
+                    return _deny(f"cannot pin {field.image} ({field.pointer}): {result.failure}")
+                outcome.warnings.append(f"pinhook: {field.image} not pinned: {result.failure}")
+                unpinned.append(f"{field.image} ({reason})")
+            elif mode is Mode.PIN and "@" not in result.final and policy.require_digest:
+                return _deny(
+                    f"{field.image} ({field.pointer}) would not be pinned to a digest"
+                    " and requireDigest is set"
+                )
+            else:
+                self.metrics.images.labels(_image_outcome(result)).inc()
+            if result.final != field.image:
+                outcome.patch.append(
+                    {"op": "replace", "path": field.pointer, "value": result.final}
+                )
+                pinned.append(f"{field.image} -> {result.final}")
+        if unpinned and policy.require_digest and mode is Mode.PIN:
+            return _deny(f"cannot pin {', '.join(unpinned)} and requireDigest is set")
+        if pinned:
+            outcome.audit["images"] = orjson.dumps(pinned).decode()
+        if unpinned:
+            outcome.audit["unpinned"] = orjson.dumps(unpinned).decode()
+        return outcome
+
+
+def _moved_digest_warning(plan: ImagePlan) -> str | None:
+    if plan.original.digest is None or plan.target.name == plan.original.name:
+        return None
+    return (
+        f"pinhook: kept digest {plan.original.digest} across registries for "
+        f"{plan.target.familiar_name()}; it may not exist there"
+    )
+
+
+def _image_outcome(result: ImageResult) -> str:
+    if result.final == result.plan.field.image:
+        return "unchanged"
+    return "pinned" if result.digest is not None else "rewritten"
+
+
+def _deny(message: str) -> AdmissionOutcome:
+    return AdmissionOutcome(allowed=False, code=403, message=f"pinhook: {message}")
+
+
+def _skip_requested(obj: Mapping[str, Any]) -> bool:
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict):
+        return False
+    annotations = metadata.get("annotations")
+    return isinstance(annotations, dict) and annotations.get(SKIP_ANNOTATION) == "true"
+
+
+def _unchanged(field: ImageField, old: Any) -> bool:
+    """On UPDATE, leave an image the user did not change: re-pinning it would roll the workload
+    out again (a Pod would even restart the container) because a tag moved upstream."""
+    node = old
+    for token in field.pointer.split("/")[1:]:
+        key = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict):
+            node = node.get(key)
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return False
+    return bool(node == field.image)
