@@ -1,0 +1,173 @@
+"""The digest cache's own rules: TTL, LRU bound, negative entries, singleflight, stale-on-error.
+
+The registry behind it is a scripted resolver here so each rule can be driven exactly; the
+same cache against the real registry is covered in test_resolve_registry.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from webhook.config import CacheSettings
+from webhook.errors import DeadlineExceeded, NotFound, RegistryUnavailable, ResolveError
+from webhook.reference import ImageRef
+from webhook.resolve import CachingResolver, PullScope, Resolution
+
+SCOPE = PullScope("default")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedRegistry:
+    """Answers from a dict; an asyncio.Event can hold answers back; counts calls."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, str] = {}
+        self.failure: ResolveError | None = None
+        self.release = asyncio.Event()
+        self.release.set()
+        self.calls = 0
+
+    async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
+        self.calls += 1
+        await self.release.wait()
+        if self.failure is not None:
+            raise self.failure
+        try:
+            return Resolution(self.digests[str(ref)])
+        except KeyError:
+            raise NotFound(f"{ref} not found") from None
+
+    async def exists(self, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
+        self.calls += 1
+        return ref.digest in self.digests.values()
+
+
+def digest(n: int) -> str:
+    return f"sha256:{n:064x}"
+
+
+def deadline(seconds: float = 5.0) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+NGINX = ImageRef.parse("nginx:1.27")
+
+
+@pytest.fixture
+def registry() -> ScriptedRegistry:
+    scripted = ScriptedRegistry()
+    scripted.digests[str(NGINX)] = digest(1)
+    return scripted
+
+
+def cache(registry: ScriptedRegistry, clock: Clock, **settings: float) -> CachingResolver:
+    return CachingResolver(registry, CacheSettings(**settings), clock=clock)
+
+
+async def test_hit_within_ttl_and_new_digest_after(registry: ScriptedRegistry) -> None:
+    clock = Clock()
+    resolver = cache(registry, clock, ttl_seconds=60)
+    assert (await resolver.resolve(NGINX, SCOPE, deadline())).digest == digest(1)
+    registry.digests[str(NGINX)] = digest(2)  # the tag moved upstream
+    clock.now += 59
+    assert (await resolver.resolve(NGINX, SCOPE, deadline())).digest == digest(1)
+    clock.now += 2
+    assert (await resolver.resolve(NGINX, SCOPE, deadline())).digest == digest(2)
+    assert registry.calls == 2
+
+
+async def test_concurrent_requests_share_one_lookup(registry: ScriptedRegistry) -> None:
+    resolver = cache(registry, Clock())
+    registry.release.clear()
+    waiters = [asyncio.create_task(resolver.resolve(NGINX, SCOPE, deadline())) for _ in range(100)]
+    await asyncio.sleep(0)  # let every waiter reach the cache before the answer comes
+    registry.release.set()
+    results = await asyncio.gather(*waiters)
+    assert {r.digest for r in results} == {digest(1)}
+    assert registry.calls == 1
+
+
+async def test_negative_entry_expires_sooner(registry: ScriptedRegistry) -> None:
+    clock = Clock()
+    resolver = cache(registry, clock, ttl_seconds=300, negative_ttl_seconds=10)
+    missing = ImageRef.parse("nginx:9.9")
+    for _ in range(3):
+        with pytest.raises(NotFound):
+            await resolver.resolve(missing, SCOPE, deadline())
+    assert registry.calls == 1
+    registry.digests[str(missing)] = digest(9)
+    clock.now += 11
+    assert (await resolver.resolve(missing, SCOPE, deadline())).digest == digest(9)
+
+
+async def test_stale_on_error_serves_expired_digest(registry: ScriptedRegistry) -> None:
+    clock = Clock()
+    resolver = cache(registry, clock, ttl_seconds=60)
+    await resolver.resolve(NGINX, SCOPE, deadline())
+    clock.now += 120
+    registry.failure = RegistryUnavailable("503 from registry")
+    answer = await resolver.resolve(NGINX, SCOPE, deadline())
+    assert answer == Resolution(digest(1), stale=True)
+
+
+async def test_stale_disabled_or_too_old_raises(registry: ScriptedRegistry) -> None:
+    clock = Clock()
+    off = cache(registry, clock, ttl_seconds=60, stale_on_error=False)
+    await off.resolve(NGINX, SCOPE, deadline())
+    clock.now += 120
+    registry.failure = RegistryUnavailable("503")
+    with pytest.raises(RegistryUnavailable):
+        await off.resolve(NGINX, SCOPE, deadline())
+    registry.failure = None
+    old = cache(registry, clock, ttl_seconds=60, stale_max_seconds=100)
+    await old.resolve(NGINX, SCOPE, deadline())
+    clock.now += 200
+    registry.failure = RegistryUnavailable("503")
+    with pytest.raises(RegistryUnavailable):
+        await old.resolve(NGINX, SCOPE, deadline())
+
+
+async def test_bounded_least_recently_used(registry: ScriptedRegistry) -> None:
+    resolver = cache(registry, Clock(), max_entries=2)
+    refs = [ImageRef.parse(f"app{i}:1") for i in range(3)]
+    for i, ref in enumerate(refs):
+        registry.digests[str(ref)] = digest(10 + i)
+    await resolver.resolve(refs[0], SCOPE, deadline())
+    await resolver.resolve(refs[1], SCOPE, deadline())
+    await resolver.resolve(refs[0], SCOPE, deadline())  # refs[0] is now the most recent
+    await resolver.resolve(refs[2], SCOPE, deadline())  # evicts refs[1]
+    assert len(resolver) == 2
+    calls = registry.calls
+    await resolver.resolve(refs[0], SCOPE, deadline())
+    assert registry.calls == calls
+    await resolver.resolve(refs[1], SCOPE, deadline())
+    assert registry.calls == calls + 1
+
+
+async def test_waiter_deadline_does_not_cancel_shared_lookup(registry: ScriptedRegistry) -> None:
+    resolver = cache(registry, Clock())
+    registry.release.clear()
+    patient = asyncio.create_task(resolver.resolve(NGINX, SCOPE, deadline(5)))
+    with pytest.raises(DeadlineExceeded):
+        await resolver.resolve(NGINX, SCOPE, deadline(0.01))
+    registry.release.set()
+    assert (await patient).digest == digest(1)
+    assert registry.calls == 1
+
+
+async def test_digest_existence_cached_once_seen(registry: ScriptedRegistry) -> None:
+    resolver = cache(registry, Clock())
+    pinned = NGINX.with_digest(digest(1))
+    assert await resolver.exists(pinned, SCOPE, deadline())
+    assert await resolver.exists(pinned, SCOPE, deadline())
+    assert not await resolver.exists(NGINX.with_digest(digest(7)), SCOPE, deadline())
+    assert registry.calls == 2
