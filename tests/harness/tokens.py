@@ -1,0 +1,295 @@
+"""A Docker-style token issuer on loopback, trusted by the test registry.
+
+It signs ES256 JWTs the way distribution 2.8 checks them: ``iss``, a single-string ``aud``,
+``exp``/``nbf``/``iat``, an ``access`` list, an ``x5c`` header naming a certificate from the
+registry's ``rootcertbundle``, and a raw ``r||s`` signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+DEFAULT_SERVICE = "pinhook-test-registry"
+DEFAULT_ISSUER = "pinhook-test-issuer"
+
+
+@dataclass(frozen=True)
+class Access:
+    """One entry of a token's ``access`` claim."""
+
+    type: str
+    name: str
+    actions: tuple[str, ...]
+
+    def claim(self) -> dict[str, object]:
+        return {"type": self.type, "name": self.name, "actions": list(self.actions)}
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """What a client asked the issuer for."""
+
+    service: str | None
+    scopes: tuple[str, ...]
+    username: str | None
+    status: int
+
+
+@dataclass
+class _Log:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: list[TokenRequest] = field(default_factory=list)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def parse_scope(scope: str) -> Access | None:
+    """``repository:NAME:pull,push``; the name may contain one ``:`` (a port)."""
+    kind, _, rest = scope.partition(":")
+    name, sep, actions = rest.rpartition(":")
+    if not kind or not sep or not name:
+        return None
+    return Access(kind, name, tuple(a for a in actions.split(",") if a))
+
+
+def _self_signed_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pinhook test token signer")])
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+class TokenIssuer:
+    """Issue tokens at ``{url}/token``; a context manager running a server thread.
+
+    ``username``/``password`` are the only accepted Basic credentials. Anonymous requests get
+    pull-only tokens when ``allow_anonymous``, else 401. ``expires_in=None`` leaves the field
+    out of the answer (as ghcr.io does).
+    """
+
+    def __init__(
+        self,
+        *,
+        username: str = "bob",
+        password: str = "builder",
+        allow_anonymous: bool = False,
+        service: str = DEFAULT_SERVICE,
+        issuer: str = DEFAULT_ISSUER,
+        expires_in: int | None = 300,
+    ) -> None:
+        self.username = username
+        self.password = password
+        self.allow_anonymous = allow_anonymous
+        self.service = service
+        self.issuer = issuer
+        self.expires_in = expires_in
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self.certificate = _self_signed_certificate(self._key)
+        self._log = _Log()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("token issuer is not running")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def realm(self) -> str:
+        return f"{self.url}/token"
+
+    def certificate_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def write_rootcertbundle(self, path: Path) -> Path:
+        path.write_bytes(self.certificate_pem())
+        return path
+
+    @property
+    def request_count(self) -> int:
+        with self._log.lock:
+            return len(self._log.requests)
+
+    @property
+    def requests(self) -> list[TokenRequest]:
+        with self._log.lock:
+            return list(self._log.requests)
+
+    def reset_counts(self) -> None:
+        with self._log.lock:
+            self._log.requests.clear()
+
+    def __enter__(self) -> TokenIssuer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.02,), name="token-issuer", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def mint(
+        self,
+        access: Sequence[Access],
+        *,
+        subject: str = "",
+        audience: str | None = None,
+        lifetime_s: int | None = None,
+        not_before: float | None = None,
+    ) -> str:
+        """A signed JWT; tests may mint expired or foreign-audience tokens directly."""
+        now = int(time.time())
+        lifetime = lifetime_s if lifetime_s is not None else (self.expires_in or 60)
+        claims = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": audience if audience is not None else self.service,
+            "exp": now + lifetime,
+            "nbf": int(not_before) if not_before is not None else now - 5,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": [entry.claim() for entry in access],
+        }
+        header = {
+            "typ": "JWT",
+            "alg": "ES256",
+            "x5c": [
+                base64.b64encode(self.certificate.public_bytes(serialization.Encoding.DER)).decode()
+            ],
+        }
+        signing_input = f"{b64url(_json(header))}.{b64url(_json(claims))}".encode()
+        der = self._key.sign(signing_input, ec.ECDSA(hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return f"{signing_input.decode()}.{b64url(signature)}"
+
+    def answer(
+        self, authorization: str | None, service: str | None, scopes: list[str]
+    ) -> tuple[int, dict[str, object]]:
+        """Status and JSON body for one token request; records it."""
+        username, authenticated = self._check_basic(authorization)
+        if not authenticated and not (self.allow_anonymous and username is None):
+            self._record(TokenRequest(service, tuple(scopes), username, 401))
+            return 401, {"details": "incorrect username or password"}
+        granted = [self._grant(scope, anonymous=username is None) for scope in scopes]
+        token = self.mint([a for a in granted if a is not None], subject=username or "")
+        body: dict[str, object] = {
+            "token": token,
+            "access_token": token,
+            "issued_at": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+        }
+        if self.expires_in is not None:
+            body["expires_in"] = self.expires_in
+        self._record(TokenRequest(service, tuple(scopes), username, 200))
+        return 200, body
+
+    def _grant(self, scope: str, *, anonymous: bool) -> Access | None:
+        access = parse_scope(scope)
+        if access is None or not anonymous:
+            return access
+        return Access(access.type, access.name, tuple(a for a in access.actions if a == "pull"))
+
+    def _check_basic(self, authorization: str | None) -> tuple[str | None, bool]:
+        if not authorization or not authorization.lower().startswith("basic "):
+            return None, False
+        try:
+            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return "", False
+        user, _, password = decoded.partition(":")
+        return user, (user == self.username and password == self.password)
+
+    def _record(self, request: TokenRequest) -> None:
+        with self._log.lock:
+            self._log.requests.append(request)
+
+
+def _json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _handler_for(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
+    class TokenHandler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            url = urlsplit(self.path)
+            if url.path != "/token":
+                self._reply(404, {"details": "not found"})
+                return
+            query = parse_qs(url.query)
+            service = query.get("service", [None])[0]
+            status, body = issuer.answer(
+                self.headers.get("Authorization"), service, query.get("scope", [])
+            )
+            headers = {"WWW-Authenticate": 'Basic realm="pinhook-test-issuer"'}
+            self._reply(status, body, headers if status == 401 else {})
+
+        def _reply(
+            self, status: int, body: dict[str, object], headers: dict[str, str] | None = None
+        ) -> None:
+            payload = _json(body)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # pytest output stays readable; requests are recorded on the issuer
+
+    return TokenHandler
