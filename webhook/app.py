@@ -63,14 +63,14 @@ def create_app(
         try:
             review = parse_review(body)
         except InvalidReview as exc:
-            service.metrics.admissions.labels("", "", "invalid").inc()
+            service.metrics.admission("", "", "invalid")
             return _error(400, str(exc))
         mutator = service.mutator
         budget = _budget(request.query_params.get("timeout"), mutator)
         try:
-            outcome = await asyncio.wait_for(
-                mutator.review(review, budget=budget), budget + _TIMEOUT_MARGIN / 2
-            )
+            # asyncio.timeout, not wait_for: no extra task per request on the hot path.
+            async with asyncio.timeout(budget + _TIMEOUT_MARGIN / 2):
+                outcome = await mutator.review(review, budget=budget)
         except TimeoutError:
             # The resolver keeps its own deadline; this is the guard of last resort.
             log.error("review %s of %s timed out after %.1fs", review.uid, review.kind, budget)
@@ -78,7 +78,7 @@ def create_app(
         result = "allowed" if outcome.allowed else "denied"
         if outcome.allowed and outcome.patch:
             result = "patched"
-        service.metrics.admissions.labels(review.kind, review.operation, result).inc()
+        service.metrics.admission(review.kind, review.operation, result)
         service.metrics.admission_seconds.observe(time.perf_counter() - started)
         return Response(render_response(review.api_version, review.uid, outcome), media_type=JSON)
 

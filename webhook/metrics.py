@@ -54,6 +54,23 @@ class Metrics:
         )
         self.config_valid.set(1)
 
+        self._children: dict[tuple[object, ...], Counter] = {}
+
+    def _inc(self, counter: Counter, *labels: str) -> None:
+        # labels() takes a lock and builds a key on every call, and this runs per image of
+        # every request; the label sets are few, so the children are kept.
+        key = (counter, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        child.inc()
+
+    def image(self, outcome: str) -> None:
+        self._inc(self.images, outcome)
+
+    def admission(self, kind: str, operation: str, result: str) -> None:
+        self._inc(self.admissions, kind, operation, result)
+
     def cache_event(self, event: str) -> None:
         self.cache_events.labels(event).inc()
 

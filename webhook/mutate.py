@@ -22,6 +22,7 @@ from .locate import ImageField, PullContext, kind_info, locate_images
 from .metrics import Metrics
 from .reference import ImageRef
 from .resolve import DigestResolver, PullScope
+from .rewrite import RewriteMap
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,13 @@ class ImageResult:
     failure: ResolveError | None = None
 
 
-def plan_image(field: ImageField, ref: ImageRef, settings: Settings, mode: Mode) -> ImagePlan:
-    rewrite = settings.rewrite_map.apply(ref)
+def plan_image(
+    field: ImageField, ref: ImageRef, rewrites: RewriteMap, skip: frozenset[str], mode: Mode
+) -> ImagePlan:
+    """What to do with one image: pure, from the map, the registries never resolved, the mode."""
+    rewrite = rewrites.apply(ref)
     target = rewrite.result
-    if mode is Mode.REWRITE or target.registry in settings.registry.skip:
+    if mode is Mode.REWRITE or target.registry in skip:
         action = Action.REWRITE if rewrite.changed else Action.KEEP
     elif target.digest is None:
         action = Action.RESOLVE
@@ -95,6 +99,13 @@ class Mutator:
         self.settings = settings
         self.resolver = resolver
         self.metrics = metrics or Metrics()
+        # Read once: settings are a validated model whose attribute access is not free, and
+        # these are consulted for every image of every Pod.
+        self._rewrites = settings.rewrite_map
+        self._skip = frozenset(settings.registry.skip)
+        self._excluded = frozenset(settings.excluded_namespaces)
+        self._output = settings.output
+        self._budget = settings.registry.timeout_seconds
 
     async def review(
         self, request: AdmissionRequest, *, budget: float | None = None
@@ -105,7 +116,7 @@ class Mutator:
             return AdmissionOutcome()
         settings = self.settings
         mode = settings.mode_for(info.key)
-        if mode is Mode.OFF or (request.namespace or "") in settings.excluded_namespaces:
+        if mode is Mode.OFF or (request.namespace or "") in self._excluded:
             return AdmissionOutcome()
         obj = request.obj
         if not isinstance(obj, dict):
@@ -124,14 +135,13 @@ class Mutator:
             try:
                 ref = ImageRef.parse(field.image)
             except InvalidReference as exc:
-                self.metrics.images.labels("invalid").inc()
+                self.metrics.image("invalid")
                 outcome.warnings.append(f"pinhook: {field.pointer}: {exc}; left as is")
                 if policy.require_digest and mode is Mode.PIN:
                     return _deny(f"{field.image!r} at {field.pointer} is not a valid reference")
                 continue
-            plans.append(plan_image(field, ref, settings, mode))
-        budget = self.settings.registry.timeout_seconds if budget is None else budget
-        results = await self._execute(plans, request.namespace, budget)
+            plans.append(plan_image(field, ref, self._rewrites, self._skip, mode))
+        results = await self._execute(plans, request.namespace, budget or self._budget)
         return self._conclude(results, outcome, policy, mode)
 
     async def pin(self, images: Sequence[str], *, mode: Mode = Mode.PIN) -> list[ImageResult]:
@@ -142,26 +152,37 @@ class Mutator:
         plans = []
         for index, image in enumerate(images):
             field = ImageField(f"/images/{index}", image, PullContext())
-            plans.append(plan_image(field, ImageRef.parse(image), self.settings, mode))
-        return await self._execute(plans, None, self.settings.registry.timeout_seconds)
+            plans.append(plan_image(field, ImageRef.parse(image), self._rewrites, self._skip, mode))
+        return await self._execute(plans, None, self._budget)
 
     async def _execute(
         self, plans: list[ImagePlan], namespace: str | None, budget: float
     ) -> list[ImageResult]:
-        if not plans:
-            return []
-        deadline = asyncio.get_running_loop().time() + budget
-        return list(await asyncio.gather(*(self._run(p, namespace, deadline) for p in plans)))
+        results: list[ImageResult | None] = [self._settle(plan) for plan in plans]
+        pending = [i for i, result in enumerate(results) if result is None]
+        if pending:
+            # Only cache misses cost a task each; the common all-cached request creates none.
+            deadline = asyncio.get_running_loop().time() + budget
+            resolved = await asyncio.gather(
+                *(self._run(plans[i], namespace, deadline) for i in pending)
+            )
+            for i, result in zip(pending, resolved, strict=True):
+                results[i] = result
+        return [result for result in results if result is not None]
+
+    def _settle(self, plan: ImagePlan) -> ImageResult | None:
+        """The result without waiting, when no registry is needed or the cache knows it."""
+        if plan.action in (Action.KEEP, Action.REWRITE):
+            final = render_image(plan, plan.target.digest, self._output)
+            return ImageResult(plan, final, None, _moved_digest_warning(plan))
+        if plan.action is Action.RESOLVE:
+            digest = self.resolver.peek(plan.target)
+            if digest is not None:
+                return ImageResult(plan, render_image(plan, digest, self._output), digest)
+        return None
 
     async def _run(self, plan: ImagePlan, namespace: str | None, deadline: float) -> ImageResult:
-        output = self.settings.output
-        if plan.action in (Action.KEEP, Action.REWRITE):
-            return ImageResult(
-                plan,
-                render_image(plan, plan.target.digest, output),
-                None,
-                _moved_digest_warning(plan),
-            )
+        output = self._output
         scope = PullScope(namespace, plan.field.pull)
         warning = None
         try:
@@ -211,7 +232,7 @@ class Mutator:
             if result.failure is not None:
                 reason = result.failure.reason
                 self.metrics.resolve_failures.labels(reason).inc()
-                self.metrics.images.labels("unpinned").inc()
+                self.metrics.image("unpinned")
                 if policy.on_failure is OnFailure.DENY:
                     return _deny(f"cannot pin {field.image} ({field.pointer}): {result.failure}")
                 outcome.warnings.append(f"pinhook: {field.image} not pinned: {result.failure}")
@@ -222,7 +243,7 @@ class Mutator:
                     " and requireDigest is set"
                 )
             else:
-                self.metrics.images.labels(_image_outcome(result)).inc()
+                self.metrics.image(_image_outcome(result))
             if result.final != field.image:
                 outcome.patch.append(
                     {"op": "replace", "path": field.pointer, "value": result.final}

@@ -47,6 +47,10 @@ class Resolution:
 
 
 class DigestResolver(Protocol):
+    def peek(self, ref: ImageRef) -> str | None:
+        """The digest for ``ref``'s tag if known without any I/O (a fresh cache entry)."""
+        ...
+
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         """The digest for ``ref``'s tag (``latest`` when it has none); raises ResolveError."""
         ...
@@ -62,6 +66,9 @@ class StaticDigestResolver:
     def __init__(self, table: dict[ImageRef, str]) -> None:
         self._table = table
         self._known = {(ref.name, digest) for ref, digest in table.items()}
+
+    def peek(self, ref: ImageRef) -> str | None:
+        return self._table.get(_tagged(ref))
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         digest = self._table.get(_tagged(ref))
@@ -85,6 +92,9 @@ class RegistryDigestResolver:
         self._client = client
         self._secrets = secrets
         self._docker_config = docker_config
+
+    def peek(self, ref: ImageRef) -> str | None:
+        return None
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         credentials = await self._credentials(ref, scope)
@@ -142,6 +152,13 @@ class CachingResolver:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def peek(self, ref: ImageRef) -> str | None:
+        entry = self._entries.get((ref.name, ref.tag_or_latest()))
+        if entry is None or entry.digest is None or entry.expires <= self._clock():
+            return None
+        self._on_event("hit")
+        return entry.digest
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         key = (ref.name, ref.tag_or_latest())

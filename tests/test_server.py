@@ -1,0 +1,183 @@
+"""The real server: `pinhook serve` over TLS on loopback, certificate and config live reload."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.reviews import apply_response, fake_digest, review
+from webhook import certs
+from webhook.tls import server_context
+
+NGINX = "nginx:1.27"
+CONFIG = f"""
+resolver: static
+digests:
+  "{NGINX}": "{fake_digest(NGINX)}"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Served:
+    """A `pinhook serve` subprocess; its log lines are readable as events."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.port = free_port()
+        self.cwd = cwd
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "webhook.cli", "serve", "--port", str(self.port), *args],
+            cwd=cwd,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.wait_for("Uvicorn running on")
+
+    def _pump(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:
+        seen = []
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no {text!r} in server log: {''.join(seen)}") from None
+            seen.append(line)
+            if text in line:
+                return line
+
+    def client(self, ca: Path) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"https://localhost:{self.port}", verify=ssl.create_default_context(cafile=ca)
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=15)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    server = Served(["--config", str(config)], cwd=tmp_path)
+    yield server
+    server.stop()
+
+
+def pod(image: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web"},
+        "spec": {"containers": [{"name": "web", "image": image}]},
+    }
+
+
+def peer_certificate(port: int, ca: Path) -> bytes:
+    context = ssl.create_default_context(cafile=ca)
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        assert tls.version() in {"TLSv1.2", "TLSv1.3"}
+        return der
+
+
+def test_serve_generates_certificate_and_answers_over_tls(served: Served) -> None:
+    ca = served.cwd / "certs" / "ca.crt"
+    assert ca.exists() and (served.cwd / "certs" / "tls.key").stat().st_mode & 0o077 == 0
+    with served.client(ca) as client:
+        for api_version in ("admission.k8s.io/v1", "admission.k8s.io/v1beta1"):
+            doc = review(pod(NGINX), api_version=api_version)
+            answer = client.post("/mutate", json=doc, params={"timeout": "10s"})
+            assert answer.status_code == 200
+            data = answer.json()
+            assert data["apiVersion"] == api_version
+            assert data["response"]["uid"] == doc["request"]["uid"]
+            patched = apply_response(doc["request"]["object"], data["response"])
+            assert patched == pod(f"{NGINX}@{fake_digest(NGINX)}")
+        assert client.post("/mutate", content=b"nope").status_code == 400
+        assert client.get("/readyz").json() == {"ready": True, "reason": "ok"}
+
+
+def test_server_context_requires_tls12(served: Served) -> None:
+    context = server_context(served.cwd / "certs" / "tls.crt", served.cwd / "certs" / "tls.key")
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_certificate_hot_reload_keeps_serving(served: Served) -> None:
+    cert_dir = served.cwd / "certs"
+    old_ca = served.cwd / "old-ca.crt"
+    shutil.copy(cert_dir / "ca.crt", old_ca)
+    before = peer_certificate(served.port, old_ca)
+    with served.client(old_ca) as kept:
+        # A connection opened before the swap keeps working on its certificate.
+        assert kept.get("/healthz").status_code == 200
+        certs.write(certs.generate(["localhost"], ["127.0.0.1"]), cert_dir)
+        served.wait_for("serving certificate reloaded")
+        assert kept.get("/healthz").status_code == 200
+    after = peer_certificate(served.port, cert_dir / "ca.crt")
+    assert after != before
+
+
+def test_config_reload_rejects_bad_and_applies_good(served: Served) -> None:
+    config = served.cwd / "config.yaml"
+    ca = served.cwd / "certs" / "ca.crt"
+    with served.client(ca) as client:
+        config.write_text("rewrites:\n  - from: gcr.io\n    to: 'Not A Registry'\n")
+        served.wait_for("configuration rejected")
+        ready = client.get("/readyz").json()
+        assert ready["ready"] is True and "rejected" in ready["reason"]
+        assert "pinhook_config_last_reload_valid 0.0" in client.get("/metrics").text
+        # The last good config keeps serving.
+        doc = review(pod(NGINX))
+        answer = client.post("/mutate", json=doc).json()["response"]
+        assert apply_response(doc["request"]["object"], answer) == pod(
+            f"{NGINX}@{fake_digest(NGINX)}"
+        )
+        config.write_text(CONFIG + "output: digest-only\n")
+        served.wait_for("configuration reloaded")
+        answer = client.post("/mutate", json=doc).json()["response"]
+        assert apply_response(doc["request"]["object"], answer) == pod(
+            f"nginx@{fake_digest(NGINX)}"
+        )
+        assert "pinhook_config_last_reload_valid 1.0" in client.get("/metrics").text
+
+
+def test_serve_refuses_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("rewrites:\n  - from: gcr.io/a\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "webhook.cli", "serve", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "rewrites[0].to" in result.stderr

@@ -1,0 +1,205 @@
+"""The ``pinhook`` command: ``serve`` and the offline helpers a policy author uses."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import orjson
+
+from . import certs
+from .admission import AdmissionRequest, parse_review, render_response
+from .config import Settings, default_settings, load_settings_file
+from .errors import PinhookError
+from .runtime import Runtime
+
+log = logging.getLogger("pinhook")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"PINHOOK_{name}", default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pinhook",
+        description="Rewrite image references and pin them to digests at admission.",
+    )
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the webhook over HTTPS")
+    _config_flags(serve)
+    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(_env("PORT", "8443") or 8443))
+    serve.add_argument(
+        "--cert-dir",
+        type=Path,
+        default=Path(_env("CERT_DIR", "certs") or "certs"),
+        help="directory with tls.crt and tls.key; a self-signed pair for localhost is"
+        " generated there when none exists (default: ./certs)",
+    )
+    serve.add_argument("--cert", type=Path, default=_path_env("CERT"), help="certificate file")
+    serve.add_argument("--key", type=Path, default=_path_env("KEY"), help="private key file")
+
+    review = commands.add_parser("review", help="answer one AdmissionReview offline")
+    _config_flags(review)
+    review.add_argument("file", help="AdmissionReview JSON file, or - for standard input")
+    review.add_argument("--apply", action="store_true", help="print the patched object instead")
+
+    resolve = commands.add_parser("resolve", help="print the rewritten, pinned form of images")
+    _config_flags(resolve)
+    resolve.add_argument("images", nargs="+", metavar="IMAGE")
+
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file", type=Path)
+
+    cert = commands.add_parser("certs", help="certificate helpers")
+    cert_commands = cert.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    generate = cert_commands.add_parser("generate", help="write a CA and a serving certificate")
+    generate.add_argument("--service", default="pinhook")
+    generate.add_argument("--namespace", default="pinhook-system")
+    generate.add_argument("--out", type=Path, default=Path("certs"))
+    generate.add_argument("--days", type=int, default=365)
+    generate.add_argument("--dns-name", action="append", default=[], help="extra DNS name")
+    generate.add_argument("--ip", action="append", default=[], help="IP address SAN")
+    bundle = cert_commands.add_parser("ca-bundle", help="print the base64 caBundle")
+    bundle.add_argument("--ca", type=Path, default=Path("certs/ca.crt"))
+    return parser
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=_path_env("CONFIG"),
+        help="YAML config (rewrite map and settings); default: the built-in map",
+    )
+    parser.add_argument(
+        "--docker-config",
+        type=Path,
+        default=_path_env("DOCKER_CONFIG_FILE"),
+        help="docker config.json with registry credentials",
+    )
+
+
+def _path_env(name: str) -> Path | None:
+    value = _env(name)
+    return Path(value) if value else None
+
+
+def _settings(path: Path | None) -> Settings:
+    return load_settings_file(path) if path is not None else default_settings()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(_dispatch(args))
+    except PinhookError as exc:
+        print(f"pinhook: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    match args.command:
+        case "serve":
+            return _serve(args)
+        case "review":
+            return _review(args)
+        case "resolve":
+            return asyncio.run(_resolve(args))
+        case "check-config":
+            settings = load_settings_file(args.file)
+            print(f"{args.file}: ok ({len(settings.rewrite_map)} rewrite rules)")
+            return 0
+        case "certs":
+            return _certs(args)
+    raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import ServeOptions, build_server
+
+    settings = _settings(args.config)
+    cert, key = args.cert, args.key
+    if (cert is None) != (key is None):
+        print("pinhook: --cert and --key go together", file=sys.stderr)
+        return 2
+    if cert is None:
+        paths = certs.ensure_self_signed(args.cert_dir)
+        cert, key = paths.cert, paths.key
+        log.info("TLS certificate %s (CA: %s)", cert, paths.ca_cert)
+    runtime = Runtime(settings, config_path=args.config, docker_config=args.docker_config)
+    options = ServeOptions(
+        host=args.host, port=args.port, cert=cert, key=key, log_level=args.log_level.lower()
+    )
+    log.info("pinhook listening on https://%s:%d/mutate", args.host, args.port)
+    build_server(runtime, options).run()
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    body = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    return asyncio.run(_answer_review(args, parse_review(body)))
+
+
+async def _answer_review(args: argparse.Namespace, request: AdmissionRequest) -> int:
+    runtime = Runtime(_settings(args.config), docker_config=args.docker_config)
+    async with runtime:
+        outcome = await runtime.mutator.review(request)
+    if not args.apply:
+        sys.stdout.buffer.write(render_response(request.api_version, request.uid, outcome) + b"\n")
+        return 0
+    patched: Any = request.obj
+    if outcome.patch:
+        patched = jsonpatch.apply_patch(request.obj, outcome.patch)
+    for warning in outcome.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not outcome.allowed:
+        print(f"denied: {outcome.message}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(orjson.dumps(patched, option=orjson.OPT_INDENT_2) + b"\n")
+    return 0
+
+
+async def _resolve(args: argparse.Namespace) -> int:
+    runtime = Runtime(_settings(args.config), docker_config=args.docker_config)
+    async with runtime:
+        results = await runtime.mutator.pin(args.images)
+    failed = 0
+    for result in results:
+        if result.failure is not None:
+            failed += 1
+            print(f"{result.plan.field.image}\t{result.final}\tunpinned: {result.failure}")
+        else:
+            print(f"{result.plan.field.image}\t{result.final}")
+    return 1 if failed else 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    if args.certs_command == "ca-bundle":
+        print(certs.ca_bundle_b64(args.ca.read_bytes()))
+        return 0
+    names = [*certs.service_dns_names(args.service, args.namespace), *args.dns_name]
+    paths = certs.write(certs.generate(names, args.ip, days=args.days), args.out)
+    print(f"wrote {paths.ca_cert}, {paths.cert}, {paths.key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

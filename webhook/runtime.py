@@ -1,0 +1,155 @@
+"""The running webhook: long-lived clients, the current configuration, and live reload.
+
+Everything with a lifetime (the pooled registry client, the pull-secret watch, the digest
+cache) is created here once and closed on exit. A configuration change builds a new
+``Mutator`` and swaps it in with one assignment, so a request in flight finishes on the
+config it started with; the resolver and its cache are kept unless the change touches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+
+from .config import Settings, load_settings_file
+from .errors import ConfigError
+from .keychain import DockerKeyring
+from .kube import NoPullSecrets, PullSecretSource
+from .metrics import Metrics
+from .mutate import Mutator
+from .registry import RegistryClient, RegistryOptions
+from .resolve import CachingResolver, DigestResolver, RegistryDigestResolver, StaticDigestResolver
+
+log = logging.getLogger(__name__)
+
+
+def _resolver_inputs(settings: Settings) -> tuple[object, ...]:
+    """The parts of the settings a resolver is built from; other changes keep the resolver."""
+    return (settings.resolver, settings.registry, settings.cache, tuple(settings.digests.items()))
+
+
+def registry_options(settings: Settings) -> RegistryOptions:
+    registry = settings.registry
+    return RegistryOptions(
+        insecure_registries=frozenset(registry.insecure),
+        allowed_hosts=frozenset(registry.allowed_hosts),
+        max_attempts=registry.max_attempts,
+    )
+
+
+class Runtime:
+    """Async context manager that owns the webhook's state; implements ``app.Service``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: Path | None = None,
+        pull_secrets: PullSecretSource | None = None,
+        docker_config: Path | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics or Metrics()
+        self.config_path = config_path
+        self._pull_secrets = pull_secrets or NoPullSecrets()
+        self._docker_config_path = docker_config
+        self._stack = AsyncExitStack()
+        self._settings = settings
+        self._resolver_key: tuple[object, ...] = ()
+        self._resolver: DigestResolver | None = None
+        self._mutator: Mutator | None = None
+        self._config_error: str | None = None
+        self._config_stamp: tuple[float, int] | None = None
+
+    async def __aenter__(self) -> Runtime:
+        self._config_stamp = self._stamp()
+        await self._apply(self._settings)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    @property
+    def mutator(self) -> Mutator:
+        if self._mutator is None:
+            raise RuntimeError("Runtime used outside its 'async with' block")
+        return self._mutator
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def readiness(self) -> tuple[bool, str]:
+        # A rejected config does not make the pod unready: every replica would see the same
+        # file and go unready together, leaving no endpoint; the last good config serves on.
+        if self._config_error is not None:
+            return (
+                True,
+                f"serving the last good config; a newer one was rejected: {self._config_error}",
+            )
+        return True, "ok"
+
+    async def _apply(self, settings: Settings) -> None:
+        key = _resolver_inputs(settings)
+        if self._resolver is None or key != self._resolver_key:
+            self._resolver = await self._build_resolver(settings)
+            self._resolver_key = key
+        self._settings = settings
+        self._mutator = Mutator(settings, self._resolver, self.metrics)
+
+    async def _build_resolver(self, settings: Settings) -> DigestResolver:
+        if settings.resolver == "static":
+            return StaticDigestResolver(settings.digest_table)
+        client = await self._stack.enter_async_context(RegistryClient(registry_options(settings)))
+        docker_path = settings.registry.docker_config or self._docker_config_path
+        docker_config = DockerKeyring.from_file(docker_path) if docker_path else None
+        inner = RegistryDigestResolver(client, self._pull_secrets, docker_config)
+        return CachingResolver(inner, settings.cache, on_event=self.metrics.cache_event)
+
+    def _stamp(self) -> tuple[float, int] | None:
+        if self.config_path is None:
+            return None
+        try:
+            # ConfigMap volumes change by swapping a symlink: stat follows it to the new file.
+            stat = self.config_path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime, stat.st_ino)
+
+    async def reload_config(self) -> bool:
+        """Load the config file again if it changed. Returns True when a new config applies."""
+        stamp = self._stamp()
+        if self.config_path is None or stamp is None or stamp == self._config_stamp:
+            return False
+        self._config_stamp = stamp
+        try:
+            settings = load_settings_file(self.config_path)
+        except ConfigError as exc:
+            self._config_error = str(exc)
+            self.metrics.config_reloads.labels("rejected").inc()
+            self.metrics.config_valid.set(0)
+            log.error("configuration rejected, the last good one keeps serving: %s", exc)
+            return False
+        await self._apply(settings)
+        self._config_error = None
+        self.metrics.config_reloads.labels("applied").inc()
+        self.metrics.config_valid.set(1)
+        log.info("configuration reloaded from %s", self.config_path)
+        return True
+
+    async def watch_config(self, interval: float = 2.0) -> None:
+        """Poll the config file; runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reload_config()
+            except Exception:  # a bug here must not stop future reloads
+                log.exception("configuration reload failed")
