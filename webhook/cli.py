@@ -17,7 +17,8 @@ import orjson
 from . import certs
 from .admission import AdmissionRequest, parse_review, render_response
 from .config import Settings, default_settings, load_settings_file
-from .errors import PinhookError
+from .errors import ConfigError, PinhookError
+from .kube import KubePullSecrets, PullSecretSource
 from .runtime import Runtime
 
 log = logging.getLogger("pinhook")
@@ -48,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--cert", type=Path, default=_path_env("CERT"), help="certificate file")
     serve.add_argument("--key", type=Path, default=_path_env("KEY"), help="private key file")
+    serve.add_argument(
+        "--kube",
+        choices=("auto", "on", "off"),
+        default=_env("KUBE", "auto"),
+        help="read pull secrets and ServiceAccounts through the Kubernetes API"
+        " (auto: when running in a cluster)",
+    )
 
     review = commands.add_parser("review", help="answer one AdmissionReview offline")
     _config_flags(review)
@@ -144,13 +152,30 @@ def _serve(args: argparse.Namespace) -> int:
         paths = certs.ensure_self_signed(args.cert_dir)
         cert, key = paths.cert, paths.key
         log.info("TLS certificate %s (CA: %s)", cert, paths.ca_cert)
-    runtime = Runtime(settings, config_path=args.config, docker_config=args.docker_config)
+    runtime = Runtime(
+        settings,
+        config_path=args.config,
+        docker_config=args.docker_config,
+        pull_secrets=_pull_secrets(args.kube),
+    )
     options = ServeOptions(
         host=args.host, port=args.port, cert=cert, key=key, log_level=args.log_level.lower()
     )
     log.info("pinhook listening on https://%s:%d/mutate", args.host, args.port)
     build_server(runtime, options).run()
     return 0
+
+
+def _pull_secrets(mode: str) -> PullSecretSource | None:
+    if mode == "off" or (mode == "auto" and not os.environ.get("KUBERNETES_SERVICE_HOST")):
+        return None
+    from lightkube import AsyncClient
+
+    try:
+        client = AsyncClient(field_manager="pinhook")
+    except Exception as exc:  # lightkube raises its own config errors
+        raise ConfigError("cannot reach the Kubernetes API", [str(exc)]) from exc
+    return KubePullSecrets(client)
 
 
 def _review(args: argparse.Namespace) -> int:

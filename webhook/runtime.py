@@ -17,7 +17,7 @@ from types import TracebackType
 from .config import Settings, load_settings_file
 from .errors import ConfigError
 from .keychain import DockerKeyring
-from .kube import NoPullSecrets, PullSecretSource
+from .kube import KubePullSecrets, NoPullSecrets, PullSecretSource
 from .metrics import Metrics
 from .mutate import Mutator
 from .registry import RegistryClient, RegistryOptions
@@ -60,11 +60,15 @@ class Runtime:
         self._settings = settings
         self._resolver_key: tuple[object, ...] = ()
         self._resolver: DigestResolver | None = None
+        self._client: RegistryClient | None = None
+        self._retired: set[asyncio.Task[None]] = set()
         self._mutator: Mutator | None = None
         self._config_error: str | None = None
         self._config_stamp: tuple[float, int] | None = None
 
     async def __aenter__(self) -> Runtime:
+        if isinstance(self._pull_secrets, KubePullSecrets):
+            await self._stack.enter_async_context(self._pull_secrets)
         self._config_stamp = self._stamp()
         await self._apply(self._settings)
         return self
@@ -75,6 +79,10 @@ class Runtime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        for task in self._retired:
+            task.cancel()
+        if self._client is not None:
+            await self._client.aclose()
         await self._stack.aclose()
 
     @property
@@ -88,6 +96,9 @@ class Runtime:
         return self._settings
 
     def readiness(self) -> tuple[bool, str]:
+        if isinstance(self._pull_secrets, KubePullSecrets) and not self._pull_secrets.ready():
+            # Until the first list, private images would fail to resolve for want of secrets.
+            return False, "pull secrets not listed yet"
         # A rejected config does not make the pod unready: every replica would see the same
         # file and go unready together, leaving no endpoint; the last good config serves on.
         if self._config_error is not None:
@@ -100,19 +111,36 @@ class Runtime:
     async def _apply(self, settings: Settings) -> None:
         key = _resolver_inputs(settings)
         if self._resolver is None or key != self._resolver_key:
-            self._resolver = await self._build_resolver(settings)
+            previous = self._client
+            self._resolver, self._client = await self._build_resolver(settings)
             self._resolver_key = key
+            if previous is not None:
+                self._retire(previous, settings.registry.timeout_seconds + 5)
         self._settings = settings
         self._mutator = Mutator(settings, self._resolver, self.metrics)
 
-    async def _build_resolver(self, settings: Settings) -> DigestResolver:
+    def _retire(self, client: RegistryClient, grace: float) -> None:
+        """Close a replaced client once requests that started on it are past their deadline."""
+
+        async def close_later() -> None:
+            await asyncio.sleep(grace)
+            await client.aclose()
+
+        task = asyncio.create_task(close_later())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def _build_resolver(
+        self, settings: Settings
+    ) -> tuple[DigestResolver, RegistryClient | None]:
         if settings.resolver == "static":
-            return StaticDigestResolver(settings.digest_table)
-        client = await self._stack.enter_async_context(RegistryClient(registry_options(settings)))
+            return StaticDigestResolver(settings.digest_table), None
+        client = RegistryClient(registry_options(settings))
+        await client.__aenter__()
         docker_path = settings.registry.docker_config or self._docker_config_path
         docker_config = DockerKeyring.from_file(docker_path) if docker_path else None
         inner = RegistryDigestResolver(client, self._pull_secrets, docker_config)
-        return CachingResolver(inner, settings.cache, on_event=self.metrics.cache_event)
+        return CachingResolver(inner, settings.cache, on_event=self.metrics.cache_event), client
 
     def _stamp(self) -> tuple[float, int] | None:
         if self.config_path is None:
