@@ -100,6 +100,12 @@ def test_empty_document_is_the_default() -> None:
     assert settings.registry.timeout_seconds == 8.0
 
 
+def test_bare_yaml_off_means_off() -> None:
+    settings = load_settings("kinds:\n  pods: off\n  cronjobs.batch: pin\n")
+    assert settings.mode_for("pods") is Mode.OFF
+    assert settings.mode_for("cronjobs.batch") is Mode.PIN
+
+
 def test_bad_map_names_rule_and_field() -> None:
     text = """
 rewrites:

@@ -123,6 +123,14 @@ class Settings(_Model):
     _modes: dict[str, Mode] = PrivateAttr()
     _digest_table: dict[ImageRef, str] = PrivateAttr()
 
+    @field_validator("kinds", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false; `pods: off` must mean what it says.
+        if isinstance(value, dict):
+            return {key: "off" if mode is False else mode for key, mode in value.items()}
+        return value
+
     @field_validator("kinds")
     @classmethod
     def _known_kinds(cls, value: dict[str, Mode]) -> dict[str, Mode]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -56,23 +58,28 @@ class Metrics:
 
         self._children: dict[tuple[object, ...], Counter] = {}
 
-    def _inc(self, counter: Counter, *labels: str) -> None:
+    def _inc(self, counter: Counter, *labels: str, amount: int = 1) -> None:
         # labels() takes a lock and builds a key on every call, and this runs per image of
         # every request; the label sets are few, so the children are kept.
         key = (counter, *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = counter.labels(*labels)
-        child.inc()
+        child.inc(amount)
 
     def image(self, outcome: str) -> None:
         self._inc(self.images, outcome)
 
+    def images_seen(self, tally: Mapping[str, int]) -> None:
+        """One increment per outcome per request, not per image: each costs a lock."""
+        for outcome, count in tally.items():
+            self._inc(self.images, outcome, amount=count)
+
     def admission(self, kind: str, operation: str, result: str) -> None:
         self._inc(self.admissions, kind, operation, result)
 
-    def cache_event(self, event: str) -> None:
-        self.cache_events.labels(event).inc()
+    def cache_event(self, event: str, count: int = 1) -> None:
+        self._inc(self.cache_events, event, amount=count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,7 +18,7 @@ import orjson
 from .admission import AdmissionOutcome, AdmissionRequest
 from .config import SKIP_ANNOTATION, FailurePolicy, Mode, OnFailure, OutputForm, Settings
 from .errors import InvalidReference, ResolveError
-from .locate import ImageField, PullContext, kind_info, locate_images
+from .locate import KINDS, ImageField, PullContext, kind_info, locate_images
 from .metrics import Metrics
 from .reference import ImageRef
 from .resolve import DigestResolver, PullScope
@@ -27,6 +27,7 @@ from .rewrite import RewriteMap
 log = logging.getLogger(__name__)
 
 OPERATIONS = frozenset({"CREATE", "UPDATE"})
+_PLAN_MEMO_SIZE = 10_000
 
 
 class Action(Enum):
@@ -106,6 +107,31 @@ class Mutator:
         self._excluded = frozenset(settings.excluded_namespaces)
         self._output = settings.output
         self._budget = settings.registry.timeout_seconds
+        self._modes = {info.key: settings.mode_for(info.key) for info in KINDS}
+        self._policies: dict[str | None, FailurePolicy] = {}
+        # Parsing and rewriting depend only on the image string and the mode under one config,
+        # and a cluster runs few distinct images: remember the plan of each.
+        self._plans: dict[tuple[str, Mode], tuple[ImageRef, ImageRef, bool, Action]] = {}
+
+    def _plan(self, field: ImageField, mode: Mode) -> ImagePlan:
+        """Raises InvalidReference; see ``plan_image``."""
+        key = (field.image, mode)
+        known = self._plans.get(key)
+        if known is not None:
+            return ImagePlan(field, *known)
+        plan = plan_image(field, ImageRef.parse(field.image), self._rewrites, self._skip, mode)
+        if len(self._plans) >= _PLAN_MEMO_SIZE:
+            self._plans.clear()
+        self._plans[key] = (plan.original, plan.target, plan.rewritten, plan.action)
+        return plan
+
+    def _policy(self, namespace: str | None) -> FailurePolicy:
+        policy = self._policies.get(namespace)
+        if policy is None:
+            if len(self._policies) >= _PLAN_MEMO_SIZE:
+                self._policies.clear()
+            policy = self._policies[namespace] = self.settings.policy_for(namespace)
+        return policy
 
     async def review(
         self, request: AdmissionRequest, *, budget: float | None = None
@@ -114,8 +140,7 @@ class Mutator:
         info = kind_info(request.group, request.kind)
         if info is None or request.operation not in OPERATIONS:
             return AdmissionOutcome()
-        settings = self.settings
-        mode = settings.mode_for(info.key)
+        mode = self._modes.get(info.key, Mode.OFF)
         if mode is Mode.OFF or (request.namespace or "") in self._excluded:
             return AdmissionOutcome()
         obj = request.obj
@@ -128,19 +153,17 @@ class Mutator:
             return AdmissionOutcome()
         outcome = AdmissionOutcome(warnings=[f"pinhook: {p}; left as is" for p in located.problems])
         plans: list[ImagePlan] = []
-        policy = settings.policy_for(request.namespace)
+        policy = self._policy(request.namespace)
         for field in located.fields:
             if request.operation == "UPDATE" and _unchanged(field, request.old_obj):
                 continue
             try:
-                ref = ImageRef.parse(field.image)
+                plans.append(self._plan(field, mode))
             except InvalidReference as exc:
                 self.metrics.image("invalid")
                 outcome.warnings.append(f"pinhook: {field.pointer}: {exc}; left as is")
                 if policy.require_digest and mode is Mode.PIN:
                     return _deny(f"{field.image!r} at {field.pointer} is not a valid reference")
-                continue
-            plans.append(plan_image(field, ref, self._rewrites, self._skip, mode))
         results = await self._execute(plans, request.namespace, budget or self._budget)
         return self._conclude(results, outcome, policy, mode)
 
@@ -160,6 +183,12 @@ class Mutator:
     ) -> list[ImageResult]:
         results: list[ImageResult | None] = [self._settle(plan) for plan in plans]
         pending = [i for i, result in enumerate(results) if result is None]
+        hits = sum(
+            plan.action is Action.RESOLVE and result is not None
+            for plan, result in zip(plans, results, strict=True)
+        )
+        if hits:
+            self.metrics.cache_event("hit", hits)
         if pending:
             # Only cache misses cost a task each; the common all-cached request creates none.
             deadline = asyncio.get_running_loop().time() + budget
@@ -225,6 +254,7 @@ class Mutator:
     ) -> AdmissionOutcome:
         pinned: list[str] = []
         unpinned: list[str] = []
+        tally: dict[str, int] = {}
         for result in results:
             field = result.plan.field
             if result.warning:
@@ -232,7 +262,7 @@ class Mutator:
             if result.failure is not None:
                 reason = result.failure.reason
                 self.metrics.resolve_failures.labels(reason).inc()
-                self.metrics.image("unpinned")
+                tally["unpinned"] = tally.get("unpinned", 0) + 1
                 if policy.on_failure is OnFailure.DENY:
                     return _deny(f"cannot pin {field.image} ({field.pointer}): {result.failure}")
                 outcome.warnings.append(f"pinhook: {field.image} not pinned: {result.failure}")
@@ -243,12 +273,14 @@ class Mutator:
                     " and requireDigest is set"
                 )
             else:
-                self.metrics.image(_image_outcome(result))
+                kind = _image_outcome(result)
+                tally[kind] = tally.get(kind, 0) + 1
             if result.final != field.image:
                 outcome.patch.append(
                     {"op": "replace", "path": field.pointer, "value": result.final}
                 )
                 pinned.append(f"{field.image} -> {result.final}")
+        self.metrics.images_seen(tally)
         if unpinned and policy.require_digest and mode is Mode.PIN:
             return _deny(f"cannot pin {', '.join(unpinned)} and requireDigest is set")
         if pinned:

@@ -48,7 +48,9 @@ class Resolution:
 
 class DigestResolver(Protocol):
     def peek(self, ref: ImageRef) -> str | None:
-        """The digest for ``ref``'s tag if known without any I/O (a fresh cache entry)."""
+        """The digest for ``ref``'s tag if known without any I/O (a fresh cache entry).
+
+        Not counted as a cache event: the caller counts hits, once per request."""
         ...
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
@@ -157,7 +159,6 @@ class CachingResolver:
         entry = self._entries.get((ref.name, ref.tag_or_latest()))
         if entry is None or entry.digest is None or entry.expires <= self._clock():
             return None
-        self._on_event("hit")
         return entry.digest
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
