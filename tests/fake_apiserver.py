@@ -1,4 +1,5 @@
-"""A loopback fake of the kube-apiserver's list and watch for core/v1 Secrets and ServiceAccounts.
+"""A loopback fake of the kube-apiserver: list and watch of core/v1 Secrets and ServiceAccounts,
+reads and writes of single objects, and MutatingWebhookConfigurations.
 
 No real apiserver can run on this machine, so this implements just what a reflector uses, on a
 raw asyncio HTTP/1.1 server in the test's own event loop:
@@ -11,7 +12,15 @@ raw asyncio HTTP/1.1 server in the test's own event loop:
   ``ERROR`` event with a 410 ``Expired`` Status, as the real server answers;
 * on demand: an ERROR 410 to every open watch (:meth:`expire`), an HTTP error status to the next
   list or watch (:meth:`fail_next`), a clean close of open watches (:meth:`close_watches`), and
-  changes that no watch sees (``notify=False``, as if the events were compacted away).
+  changes that no watch sees (``notify=False``, as if the events were compacted away);
+* single objects: ``GET`` and ``PUT`` of ``/api/v1/namespaces/NS/PLURAL/NAME`` (PUT checks
+  ``metadata.resourceVersion`` and answers 409 ``Conflict`` on a mismatch), ``POST`` to the
+  namespaced collection (409 ``AlreadyExists`` for a name in use), and ``GET``/``PATCH`` (JSON
+  patch, where a failed ``test`` gives 422, or JSON merge patch) of
+  ``/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/NAME``; a missing
+  object is 404 ``NotFound``;
+* on demand, any request may be failed with a status (:meth:`fail_next` with ``method``) or
+  preceded by a hook (:meth:`before`) that changes state or waits, to stage races.
 
 Every request is recorded in :attr:`requests` so tests can count API calls.
 """
@@ -25,12 +34,25 @@ import copy
 import json
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import jsonpatch
+
+# Resources that can be listed and watched (core/v1, namespaced).
 KINDS = {"secrets": "Secret", "serviceaccounts": "ServiceAccount"}
-_PATH = re.compile(r"/api/v1/(?:namespaces/(?P<ns>[^/]+)/)?(?P<plural>[a-z]+)")
+# Cluster-scoped resources served as single objects only, with their API path prefix.
+CLUSTER_KINDS = {"mutatingwebhookconfigurations": "MutatingWebhookConfiguration"}
+_API_PREFIX = {
+    **dict.fromkeys(KINDS, "/api/v1"),
+    "mutatingwebhookconfigurations": "/apis/admissionregistration.k8s.io/v1",
+}
+_PATH = re.compile(
+    r"(?P<prefix>/api/v1|/apis/[^/]+/[^/]+)(?:/namespaces/(?P<ns>[^/]+))?"
+    r"/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?"
+)
 _CLOSE = object()
 
 Obj = dict[str, Any]
@@ -41,14 +63,44 @@ class RecordedRequest:
     method: str
     path: str
     params: dict[str, str]
+    body: bytes = b""
+    content_type: str = ""
 
     @property
     def plural(self) -> str:
-        return self.path.rsplit("/", 1)[-1]
+        route = _PATH.fullmatch(self.path)
+        return route["plural"] if route else self.path.rsplit("/", 1)[-1]
+
+    @property
+    def name(self) -> str | None:
+        route = _PATH.fullmatch(self.path)
+        return route["name"] if route else None
 
     @property
     def watch(self) -> bool:
         return self.params.get("watch") in ("true", "1")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+Hook = Callable[[RecordedRequest], Awaitable[None] | None]
+
+
+@dataclass
+class _Hook:
+    method: str
+    plural: str
+    hook: Hook
+    times: int
+
+
+@dataclass(frozen=True)
+class _Failure:
+    plural: str
+    watch: bool
+    status: int
+    method: str
 
 
 @dataclass
@@ -89,12 +141,15 @@ def service_account(namespace: str, name: str, pull_secrets: list[str]) -> Obj:
 
 class FakeApiServer:
     def __init__(self) -> None:
-        self._objects: dict[str, dict[tuple[str, str], Obj]] = {p: {} for p in KINDS}
+        self._objects: dict[str, dict[tuple[str, str], Obj]] = {
+            p: {} for p in (*KINDS, *CLUSTER_KINDS)
+        }
         self._rv = 100
         self._history: list[tuple[int, str, str, Obj]] = []  # (rv, plural, type, object)
         self._oldest_rv = self._rv
         self._watches: list[_Watch] = []
-        self._failures: list[tuple[str, bool, int]] = []  # (plural, watch, status)
+        self._failures: list[_Failure] = []
+        self._hooks: list[_Hook] = []
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.requests: list[RecordedRequest] = []
@@ -124,13 +179,18 @@ class FakeApiServer:
         plural = _plural_of(obj)
         stored = copy.deepcopy(obj)
         metadata = stored.setdefault("metadata", {})
-        key = (metadata["namespace"], metadata["name"])
+        key = (metadata.get("namespace", ""), metadata["name"])
         old = self._objects[plural].get(key)
         metadata["uid"] = old["metadata"]["uid"] if old else str(uuid.uuid4())
         metadata["resourceVersion"] = self._bump(notify)
         self._objects[plural][key] = stored
         self._emit(plural, "MODIFIED" if old else "ADDED", stored, old, notify)
-        return stored
+        return copy.deepcopy(stored)
+
+    def get(self, plural: str, namespace: str, name: str) -> Obj | None:
+        """A copy of the stored object (``namespace`` is ``""`` for cluster-scoped ones)."""
+        stored = self._objects[plural].get((namespace, name))
+        return copy.deepcopy(stored) if stored is not None else None
 
     def delete(self, plural: str, namespace: str, name: str, *, notify: bool = True) -> None:
         old = self._objects[plural].pop((namespace, name))
@@ -151,17 +211,30 @@ class FakeApiServer:
         for watch in self._watches:
             watch.queue.put_nowait(_CLOSE)
 
-    def fail_next(self, plural: str, *, watch: bool, status: int) -> None:
-        """Answer the next list (or watch) of ``plural`` with this HTTP error status."""
-        self._failures.append((plural, watch, status))
+    def fail_next(self, plural: str, *, watch: bool, status: int, method: str = "GET") -> None:
+        """Answer the next list (or watch) of ``plural`` with this HTTP error status.
+
+        With another ``method`` (``POST``, ``PUT``, ``PATCH``), the next such request instead.
+        """
+        self._failures.append(_Failure(plural, watch, status, method))
+
+    def before(self, method: str, plural: str, hook: Hook, *, times: int = 1) -> None:
+        """Run ``hook`` (sync or async) before serving each of the next ``times`` requests with
+        this method on ``plural``: to change state between a client's read and its write, or to
+        hold requests until others arrive."""
+        self._hooks.append(_Hook(method, plural, hook, times))
 
     # -- observing ---------------------------------------------------------------------
 
-    def count(self, plural: str | None = None, *, watch: bool | None = None) -> int:
+    def count(
+        self, plural: str | None = None, *, watch: bool | None = None, method: str | None = None
+    ) -> int:
         return sum(
             1
             for r in self.requests
-            if (plural is None or r.plural == plural) and (watch is None or r.watch is watch)
+            if (plural is None or r.plural == plural)
+            and (watch is None or r.watch is watch)
+            and (method is None or r.method == method)
         )
 
     def open_watches(self, plural: str) -> int:
@@ -205,10 +278,15 @@ class FakeApiServer:
                 pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # see below
         finally:
             self._handlers.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
+            # close() cancels handlers, idle or closing. Ending normally instead of cancelled
+            # keeps Python 3.11's stream callback (task.exception() on a cancelled task) from
+            # logging an "Exception in callback" error for each of them.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -217,33 +295,109 @@ class FakeApiServer:
         if not request_line:
             return False
         method, target, _ = request_line.decode("latin-1").split(" ", 2)
-        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-            pass
+        headers = await _read_headers(reader)
+        length = int(headers.get("content-length", "0"))
+        body = await reader.readexactly(length) if length else b""
         url = urlsplit(target)
         params = {k: v[0] for k, v in parse_qs(url.query).items()}
-        request = RecordedRequest(method, url.path, params)
+        request = RecordedRequest(
+            method, url.path, params, body, headers.get("content-type", "").split(";")[0]
+        )
         self.requests.append(request)
         route = _PATH.fullmatch(url.path)
-        if method != "GET" or route is None or route["plural"] not in KINDS:
+        if route is None or _API_PREFIX.get(route["plural"]) != route["prefix"]:
             await _send_json(writer, 404, _status(404, "NotFound", f"no route for {url.path}"))
             return True
-        plural, namespace = route["plural"], route["ns"]
-        failure = self._take_failure(plural, request.watch)
+        plural, namespace, name = route["plural"], route["ns"], route["name"]
+        await self._run_hooks(request)
+        failure = self._take_failure(plural, request.watch, method)
         if failure is not None:
             await _send_json(writer, failure, _status(failure, "Injected", "injected failure"))
             return True
-        if request.watch:
-            await self._serve_watch(writer, plural, namespace, params)
-            return False
-        await _send_json(writer, 200, self._list(plural, namespace, params))
+        if method == "GET" and name is None and plural in KINDS:
+            if request.watch:
+                await self._serve_watch(writer, plural, namespace, params)
+                return False
+            await _send_json(writer, 200, self._list(plural, namespace, params))
+            return True
+        status, answer = self._serve_object(request, plural, namespace or "", name)
+        await _send_json(writer, status, answer)
         return True
 
-    def _take_failure(self, plural: str, watch: bool) -> int | None:
-        for i, (p, w, status) in enumerate(self._failures):
-            if p == plural and w is watch:
+    def _take_failure(self, plural: str, watch: bool, method: str) -> int | None:
+        for i, failure in enumerate(self._failures):
+            if (failure.plural, failure.watch, failure.method) == (plural, watch, method):
                 del self._failures[i]
-                return status
+                return failure.status
         return None
+
+    async def _run_hooks(self, request: RecordedRequest) -> None:
+        for hook in list(self._hooks):
+            if (hook.method, hook.plural) != (request.method, request.plural):
+                continue
+            hook.times -= 1
+            if hook.times <= 0:
+                self._hooks.remove(hook)
+            result = hook.hook(request)
+            if result is not None:
+                await result
+
+    # -- internals: single objects -----------------------------------------------------
+
+    def _serve_object(
+        self, request: RecordedRequest, plural: str, namespace: str, name: str | None
+    ) -> tuple[int, Obj]:
+        """Answer GET/PUT/PATCH of one object or POST to a collection: (status, body)."""
+        if request.method == "POST" and name is None:
+            return self._create(plural, namespace, request.json())
+        if name is None:
+            return 405, _status(405, "MethodNotAllowed", f"{request.method} of a collection")
+        current = self._objects[plural].get((namespace, name))
+        if current is None:
+            return 404, _status(404, "NotFound", f'{plural} "{name}" not found')
+        if request.method == "GET":
+            return 200, current
+        if request.method == "PUT":
+            return self._update(plural, current, request.json())
+        if request.method == "PATCH":
+            return self._patch(plural, current, request)
+        return 405, _status(405, "MethodNotAllowed", f"{request.method} is not served")
+
+    def _create(self, plural: str, namespace: str, body: Obj) -> tuple[int, Obj]:
+        metadata = body.setdefault("metadata", {})
+        name = metadata.get("name", "")
+        if (namespace, name) in self._objects[plural]:
+            return 409, _status(409, "AlreadyExists", f'{plural} "{name}" already exists')
+        if namespace:
+            metadata["namespace"] = namespace
+        metadata.pop("resourceVersion", None)
+        return 201, self.put(body)
+
+    def _update(self, plural: str, current: Obj, body: Obj) -> tuple[int, Obj]:
+        name = current["metadata"]["name"]
+        wanted = body.get("metadata", {}).get("resourceVersion")
+        if wanted and wanted != current["metadata"]["resourceVersion"]:
+            return 409, _status(409, "Conflict", _conflict_message(plural, name))
+        body.setdefault("metadata", {})["namespace"] = current["metadata"].get("namespace", "")
+        if not body["metadata"]["namespace"]:
+            del body["metadata"]["namespace"]
+        return 200, self.put(body)
+
+    def _patch(self, plural: str, current: Obj, request: RecordedRequest) -> tuple[int, Obj]:
+        name = current["metadata"]["name"]
+        if request.content_type == "application/json-patch+json":
+            try:
+                patched = jsonpatch.apply_patch(current, request.json())
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                return 422, _status(422, "Invalid", f"json patch: {exc}")
+        elif request.content_type == "application/merge-patch+json":
+            patched = _merge_patch(current, request.json())
+        else:
+            return 415, _status(415, "UnsupportedMediaType", request.content_type)
+        # As the real server does: a resourceVersion set by the patch is a precondition.
+        if patched["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+            return 409, _status(409, "Conflict", _conflict_message(plural, name))
+        return 200, self.put(patched)
 
     def _list(self, plural: str, namespace: str | None, params: dict[str, str]) -> Obj:
         probe = _Watch(plural, namespace, _parse_selector(params.get("fieldSelector", "")))
@@ -294,7 +448,35 @@ class FakeApiServer:
 
 
 def _plural_of(obj: Obj) -> str:
-    return {kind: plural for plural, kind in KINDS.items()}[obj["kind"]]
+    return {kind: plural for plural, kind in (*KINDS.items(), *CLUSTER_KINDS.items())}[obj["kind"]]
+
+
+async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (lists are replaced whole)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge_patch(result.get(key), value)
+    return result
+
+
+def _conflict_message(plural: str, name: str) -> str:
+    return (
+        f'Operation cannot be fulfilled on {plural} "{name}": the object has been modified; '
+        "please apply your changes to the latest version and try again"
+    )
 
 
 def _field(obj: Obj, path: str) -> str | None:

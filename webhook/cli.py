@@ -13,6 +13,7 @@ from typing import Any
 
 import jsonpatch
 import orjson
+from lightkube import AsyncClient
 
 from . import certs
 from .admission import AdmissionRequest, parse_review, render_response
@@ -20,6 +21,7 @@ from .config import Settings, default_settings, load_settings_file
 from .errors import ConfigError, PinhookError
 from .kube import KubePullSecrets, PullSecretSource
 from .runtime import Runtime
+from .selfcert import SelfManagedCertificates, SelfManagedOptions
 
 log = logging.getLogger("pinhook")
 
@@ -49,6 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--cert", type=Path, default=_path_env("CERT"), help="certificate file")
     serve.add_argument("--key", type=Path, default=_path_env("KEY"), help="private key file")
+    serve.add_argument(
+        "--self-managed",
+        action="store_true",
+        default=_env("SELF_MANAGED", "") in {"1", "true"},
+        help="in a cluster: keep the serving certificate in a Secret shared by the replicas and"
+        " its CA in the webhook configuration, renewing both before expiry",
+    )
+    serve.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "pinhook-system"),
+        help="pinhook's namespace, for --self-managed (default: $POD_NAMESPACE)",
+    )
+    serve.add_argument("--service", default="pinhook", help="pinhook's Service name")
+    serve.add_argument("--webhook-name", default="pinhook", help="its MutatingWebhookConfiguration")
     serve.add_argument(
         "--kube",
         choices=("auto", "on", "off"),
@@ -148,7 +164,20 @@ def _serve(args: argparse.Namespace) -> int:
     if (cert is None) != (key is None):
         print("pinhook: --cert and --key go together", file=sys.stderr)
         return 2
-    if cert is None:
+    background = []
+    if args.self_managed:
+        managed = SelfManagedOptions(
+            namespace=args.namespace,
+            service=args.service,
+            webhook_name=args.webhook_name,
+            out_dir=args.cert_dir,
+        )
+        # One pass before listening, so the first handshake already has the shared
+        # certificate; then the renewal loop, on the server's own event loop and client.
+        paths = asyncio.run(_ensure_self_managed(managed))
+        cert, key = paths.cert, paths.key
+        background.append(lambda: SelfManagedCertificates(_kube_client(), managed).run())
+    elif cert is None:
         paths = certs.ensure_self_signed(args.cert_dir)
         cert, key = paths.cert, paths.key
         log.info("TLS certificate %s (CA: %s)", cert, paths.ca_cert)
@@ -162,20 +191,29 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, cert=cert, key=key, log_level=args.log_level.lower()
     )
     log.info("pinhook listening on https://%s:%d/mutate", args.host, args.port)
-    build_server(runtime, options).run()
+    build_server(runtime, options, background).run()
     return 0
+
+
+async def _ensure_self_managed(options: SelfManagedOptions) -> certs.CertPaths:
+    client = _kube_client()
+    try:
+        return await SelfManagedCertificates(client, options).ensure()
+    finally:
+        await client.close()
+
+
+def _kube_client() -> AsyncClient:
+    try:
+        return AsyncClient(field_manager="pinhook")
+    except Exception as exc:  # lightkube raises several kinds for a missing kubeconfig
+        raise ConfigError("no Kubernetes API configuration found", [str(exc)]) from exc
 
 
 def _pull_secrets(mode: str) -> PullSecretSource | None:
     if mode == "off" or (mode == "auto" and not os.environ.get("KUBERNETES_SERVICE_HOST")):
         return None
-    from lightkube import AsyncClient
-
-    try:
-        client = AsyncClient(field_manager="pinhook")
-    except Exception as exc:  # lightkube raises its own config errors
-        raise ConfigError("cannot reach the Kubernetes API", [str(exc)]) from exc
-    return KubePullSecrets(client)
+    return KubePullSecrets(_kube_client())
 
 
 def _review(args: argparse.Namespace) -> int:

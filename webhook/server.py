@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +44,13 @@ class _TLSConfig(uvicorn.Config):
         self.ssl: ssl.SSLContext | None = self._tls.context
 
 
-def build_server(runtime: Runtime, options: ServeOptions) -> uvicorn.Server:
+Background = Callable[[], Coroutine[Any, Any, None]]
+
+
+def build_server(
+    runtime: Runtime, options: ServeOptions, background: Sequence[Background] = ()
+) -> uvicorn.Server:
+    """The server; ``background`` jobs (certificate renewal) run while it serves."""
     tls = ReloadingTLS(options.cert, options.key)
 
     @asynccontextmanager
@@ -53,6 +59,7 @@ def build_server(runtime: Runtime, options: ServeOptions) -> uvicorn.Server:
             tasks = [
                 asyncio.create_task(runtime.watch_config(options.watch_interval)),
                 asyncio.create_task(_watch_certificates(tls, options.watch_interval)),
+                *(asyncio.create_task(job()) for job in background),
             ]
             try:
                 yield
