@@ -13,6 +13,7 @@ import yaml
 
 from webhook.certs import service_dns_names
 from webhook.config import Mode, OnFailure, load_settings
+from webhook.webhookconfig import WebhookTarget, build_webhook_configuration
 
 KUBECTL = shutil.which("kubectl")
 
@@ -83,16 +84,20 @@ def _one(docs: list[Doc], kind: str, name: str) -> Doc:
     return found[0]
 
 
-def _webhook(docs: list[Doc]) -> Doc:
+def _webhooks(docs: list[Doc]) -> list[Doc]:
     config = _one(docs, "MutatingWebhookConfiguration", "pinhook")
-    assert [hook["name"] for hook in config["webhooks"]] == ["pin.pinhook.dev"]
-    webhook: Doc = config["webhooks"][0]
-    return webhook
+    webhooks: list[Doc] = config["webhooks"]
+    assert webhooks
+    names = [hook["name"] for hook in webhooks]
+    assert len(set(names)) == len(names)
+    assert all(name.endswith(".pinhook.dev") for name in names)
+    return webhooks
 
 
-def _rule_set(webhook: Doc) -> set[tuple[str, str, tuple[str, ...]]]:
+def _rule_set(webhooks: list[Doc]) -> set[tuple[str, str, tuple[str, ...]]]:
     return {
         (group, resource, tuple(rule["operations"]))
+        for webhook in webhooks
         for rule in webhook["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
@@ -144,43 +149,58 @@ def test_namespaced_objects_live_in_pinhook_system(
 
 @pytest.mark.parametrize("build", BUILDS)
 def test_webhook_settings(rendered: dict[str, list[Doc]], build: str) -> None:
-    webhook = _webhook(rendered[build])
-    assert webhook["sideEffects"] == "None"
-    assert webhook["failurePolicy"] == FAILURE_POLICY[build]
-    assert webhook["admissionReviewVersions"] == ["v1", "v1beta1"]
-    assert webhook["timeoutSeconds"] == 10
-    assert webhook["reinvocationPolicy"] == "IfNeeded"
-    assert webhook["matchPolicy"] == "Equivalent"
-    assert webhook["clientConfig"]["service"] == {
-        "name": "pinhook",
-        "namespace": NAMESPACE,
-        "path": "/mutate",
-        "port": 443,
-    }
+    for webhook in _webhooks(rendered[build]):
+        assert webhook["sideEffects"] == "None"
+        assert webhook["failurePolicy"] == FAILURE_POLICY[build]
+        assert webhook["admissionReviewVersions"] == ["v1", "v1beta1"]
+        assert webhook["timeoutSeconds"] == 10
+        assert webhook["reinvocationPolicy"] == "IfNeeded"
+        assert webhook["matchPolicy"] == "Equivalent"
+        assert webhook["clientConfig"]["service"] == {
+            "name": "pinhook",
+            "namespace": NAMESPACE,
+            "path": "/mutate",
+            "port": 443,
+        }
+        assert webhook["matchConditions"][0]["name"] == "not-skipped"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_webhooks_are_generated_from_the_builds_own_config(
+    rendered: dict[str, list[Doc]], build: str
+) -> None:
+    # The ConfigMap and the webhook configuration of one build must agree: the rules and
+    # matchConditions are computed from the kinds and rewrite rules in the config.
+    config = _one(rendered[build], "MutatingWebhookConfiguration", "pinhook")
+    expected = build_webhook_configuration(
+        _settings(rendered[build]), WebhookTarget(), failure_policy=FAILURE_POLICY[build]
+    )
+    assert config["webhooks"] == expected["webhooks"]
 
 
 @pytest.mark.parametrize("build", BUILDS)
 def test_namespace_selector_excludes_system_and_opted_out_namespaces(
     rendered: dict[str, list[Doc]], build: str
 ) -> None:
-    selector = _webhook(rendered[build])["namespaceSelector"]
-    name = "kubernetes.io/metadata.name"
-    assert not _selects(selector, {name: NAMESPACE})
-    assert not _selects(selector, {name: "kube-system"})
-    assert not _selects(selector, {name: "team-a", "pinhook.dev/ignore": ""})
-    assert not _selects(selector, {name: "team-a", "pinhook.dev/ignore": "false"})
-    assert _selects(selector, {name: "team-a"})
-    assert _selects(selector, {name: "default", "team": "ml"})
-    # The Namespace object itself is excluded twice over, by name and by label.
-    namespace = _one(rendered[build], "Namespace", NAMESPACE)
-    assert not _selects(selector, namespace["metadata"]["labels"] | {name: NAMESPACE})
+    for webhook in _webhooks(rendered[build]):
+        selector = webhook["namespaceSelector"]
+        name = "kubernetes.io/metadata.name"
+        assert not _selects(selector, {name: NAMESPACE})
+        assert not _selects(selector, {name: "kube-system"})
+        assert not _selects(selector, {name: "team-a", "pinhook.dev/ignore": ""})
+        assert not _selects(selector, {name: "team-a", "pinhook.dev/ignore": "false"})
+        assert _selects(selector, {name: "team-a"})
+        assert _selects(selector, {name: "default", "team": "ml"})
+        # The Namespace object itself is excluded twice over, by name and by label.
+        namespace = _one(rendered[build], "Namespace", NAMESPACE)
+        assert not _selects(selector, namespace["metadata"]["labels"] | {name: NAMESPACE})
 
 
 @pytest.mark.parametrize("build", BUILDS)
 def test_no_replicasets_or_wildcards_in_webhook_rules(
     rendered: dict[str, list[Doc]], build: str
 ) -> None:
-    for rule in _webhook(rendered[build])["rules"]:
+    for rule in (rule for hook in _webhooks(rendered[build]) for rule in hook["rules"]):
         assert "*" not in rule["apiGroups"]
         assert "*" not in rule["operations"]
         for resource in rule["resources"]:
@@ -189,16 +209,16 @@ def test_no_replicasets_or_wildcards_in_webhook_rules(
 
 
 def test_base_rules(rendered: dict[str, list[Doc]]) -> None:
-    assert _rule_set(_webhook(rendered["base"])) == BASE_RULES
+    assert _rule_set(_webhooks(rendered["base"])) == BASE_RULES
 
 
 @pytest.mark.parametrize("build", ["overlays/enforce", "overlays/cert-manager"])
 def test_overlays_keep_base_rules(rendered: dict[str, list[Doc]], build: str) -> None:
-    assert _rule_set(_webhook(rendered[build])) == BASE_RULES
+    assert _rule_set(_webhooks(rendered[build])) == BASE_RULES
 
 
 def test_workloads_overlay_adds_controllers(rendered: dict[str, list[Doc]]) -> None:
-    assert _rule_set(_webhook(rendered["overlays/workloads"])) == BASE_RULES | WORKLOAD_RULES
+    assert _rule_set(_webhooks(rendered["overlays/workloads"])) == BASE_RULES | WORKLOAD_RULES
 
 
 def test_workloads_overlay_config_pins_controllers(rendered: dict[str, list[Doc]]) -> None:

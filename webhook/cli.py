@@ -15,7 +15,7 @@ import jsonpatch
 import orjson
 from lightkube import AsyncClient
 
-from . import certs
+from . import certs, install
 from .admission import AdmissionRequest, parse_review, render_response
 from .config import Settings, default_settings, load_settings_file
 from .errors import ConfigError, PinhookError
@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     resolve = commands.add_parser("resolve", help="print the rewritten, pinned form of images")
     _config_flags(resolve)
     resolve.add_argument("images", nargs="+", metavar="IMAGE")
+
+    install.add_commands(commands)
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", type=Path)
@@ -153,6 +155,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         case "certs":
             return _certs(args)
+        case "webhook-config" | "install" | "uninstall":
+            return install.run(args)
     raise AssertionError(args.command)
 
 

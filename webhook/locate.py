@@ -60,7 +60,7 @@ _CONTAINER_LISTS: Final = ("containers", "initContainers", "ephemeralContainers"
 
 # PredictorSpec one-of implementations; each embeds a core Container, so "image" sits directly
 # under the key. "catboost" exists in recent v1beta1 sources (predictor_catboost.go).
-_PREDICTOR_IMPLS: Final = (
+PREDICTOR_IMPLEMENTATIONS: Final = (
     "sklearn",
     "xgboost",
     "tensorflow",
@@ -76,7 +76,7 @@ _PREDICTOR_IMPLS: Final = (
 )
 # "art" is the only explainer left in v1beta1; "alibi" and "aix" were removed but the minimal
 # CRD has no schema for spec, so old objects still carry them unpruned.
-_EXPLAINER_IMPLS: Final = ("art", "alibi", "aix")
+EXPLAINER_IMPLEMENTATIONS: Final = ("art", "alibi", "aix")
 
 
 class _Found:
@@ -251,7 +251,7 @@ def _walk_component(
 def _walk_predictor(
     predictor: Mapping[str, Any], pointer: str, found: _Found, inherit: PullContext = NO_PULL
 ) -> PullContext:
-    pull = _walk_component(predictor, pointer, _PREDICTOR_IMPLS, found, inherit)
+    pull = _walk_component(predictor, pointer, PREDICTOR_IMPLEMENTATIONS, found, inherit)
     worker = _mapping_at(predictor, "workerSpec", pointer, found)
     if worker is not None:
         # KServe builds the worker pod from the runtime's workerSpec merged with this
@@ -274,7 +274,7 @@ def _locate_inference_service(obj: Mapping[str, Any], found: _Found) -> None:
         _walk_component(transformer, "/spec/transformer", (), found)
     explainer = _mapping_at(spec, "explainer", "/spec", found)
     if explainer is not None:
-        _walk_component(explainer, "/spec/explainer", _EXPLAINER_IMPLS, found)
+        _walk_component(explainer, "/spec/explainer", EXPLAINER_IMPLEMENTATIONS, found)
     _walk_canaries(spec, stable, found)
 
 
@@ -313,7 +313,7 @@ def _locate_storage_container(obj: Mapping[str, Any], found: _Found) -> None:
         _container_at(spec, "container", "/spec", NO_PULL, found)
 
 
-_LLM_POD_SPECS: Final = (
+LLM_POD_SPECS: Final = (
     ("spec", "template"),
     ("spec", "worker"),
     ("spec", "prefill", "template"),
@@ -324,7 +324,7 @@ _LLM_POD_SPECS: Final = (
 
 
 def _locate_llm_inference_service(obj: Mapping[str, Any], found: _Found) -> None:
-    for path in _LLM_POD_SPECS:
+    for path in LLM_POD_SPECS:
         _pod_spec_at(obj, path, "", found)
 
 

@@ -1,0 +1,491 @@
+"""The MutatingWebhookConfiguration that registers pinhook, built from the active settings.
+
+Pure: no I/O. There is one webhook per kind, so each kind carries its own ``matchConditions``
+(CEL, Kubernetes 1.28+): the API server then skips the call altogether for an object none of
+whose images pinhook would change (all pinned to a digest and matching no rewrite rule), which
+is most requests in a cluster that pins in git.
+
+The conditions are a conservative filter, never the decision: when in doubt they send the
+object, and pinhook itself decides. Two consequences worth knowing:
+
+* They are generated from the settings at generation time. A rewrite rule added to the
+  ConfigMap later reaches only objects that are sent anyway (unpinned images) until the
+  configuration is regenerated (``pinhook webhook-config`` / ``pinhook install``).
+* Every step into the object is guarded by ``has()`` and ``type()`` checks, so no object,
+  however malformed, makes an expression fail. An evaluation error would otherwise skip
+  pinhook under ``failurePolicy: Ignore`` and reject the request under ``Fail``. An image
+  field of the wrong type sends the object (pinhook answers with a warning); a wrong-typed
+  parent (``spec: "x"``) does not, since pinhook finds no image there either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .config import SKIP_ANNOTATION, Mode, Settings
+from .errors import ConfigError
+from .locate import (
+    EXPLAINER_IMPLEMENTATIONS,
+    KINDS,
+    LLM_POD_SPECS,
+    PREDICTOR_IMPLEMENTATIONS,
+    KindInfo,
+)
+from .rewrite import NamePattern
+
+__all__ = [
+    "FAILURE_POLICIES",
+    "IGNORE_LABEL",
+    "MAX_MATCH_CONDITIONS",
+    "MAX_RULE_REGEX_LENGTH",
+    "WebhookTarget",
+    "build_webhook_configuration",
+    "image_test",
+    "match_conditions_for",
+    "rule_pattern",
+    "webhook_name",
+]
+
+FAILURE_POLICIES: Final = ("Ignore", "Fail")
+IGNORE_LABEL: Final = "pinhook.dev/ignore"
+NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"
+ALWAYS_EXCLUDED: Final = ("kube-system", "pinhook-system")
+MAX_MATCH_CONDITIONS: Final = 64  # the API server's limit per webhook
+REPLICASET_ANNOTATION: Final = "pinhook.dev/replicasets"
+
+_KSERVE: Final = "serving.kserve.io"
+_DOCKER_HUB: Final = "docker.io"
+# Every spelling of the Docker Hub registry that normalises to docker.io, optional.
+_HUB_OPTIONAL: Final = "(?:(?:docker[.]io|index[.]docker[.]io)/)?"
+_HUB_EXPLICIT: Final = "(?:docker[.]io|index[.]docker[.]io)/"
+# After a name prefix: the end of the name (a tag, a digest or nothing), or a deeper path.
+_NAME_BOUNDARY: Final = "(?:[/:@]|$)"
+_TAG_OR_END: Final = "(?:[:@]|$)"
+# A valid digest at the end: what pinhook treats as pinned (mutate.plan_image: KEEP).
+_PINNED: Final = "@(?:sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})$"
+_RE2_SPECIAL: Final = frozenset("\\^$|?*+()[]{}")
+
+ImageTest = Callable[[str], str]  # CEL expression of a string -> CEL bool "pinhook needed"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookTarget:
+    """Where the API server sends requests: an external URL, or a Service in the cluster."""
+
+    url: str | None = None  # e.g. https://172.18.0.1:8443/mutate (pinhook install)
+    # namespace, name, port, path; ignored when url is set
+    service: tuple[str, str, int, str] | None = ("pinhook-system", "pinhook", 443, "/mutate")
+    ca_bundle: str | None = None  # base64 PEM
+
+    def client_config(self) -> dict[str, Any]:
+        config: dict[str, Any]
+        if self.url is not None:
+            config = {"url": self.url}
+        elif self.service is not None:
+            namespace, name, port, path = self.service
+            config = {"service": {"namespace": namespace, "name": name, "port": port, "path": path}}
+        else:
+            raise ConfigError("webhook target: give a URL or a Service")
+        if self.ca_bundle:
+            config["caBundle"] = self.ca_bundle
+        return config
+
+    @property
+    def namespace(self) -> str | None:
+        return self.service[0] if self.url is None and self.service is not None else None
+
+
+def build_webhook_configuration(
+    settings: Settings,
+    target: WebhookTarget,
+    *,
+    name: str = "pinhook",
+    failure_policy: str = "Ignore",
+    match_conditions: bool = True,
+) -> dict[str, Any]:
+    """The MutatingWebhookConfiguration object: one webhook per kind whose mode is not off."""
+    if failure_policy not in FAILURE_POLICIES:
+        raise ConfigError(
+            f"failurePolicy {failure_policy!r}: expected one of {', '.join(FAILURE_POLICIES)}"
+        )
+    active = [info for info in KINDS if settings.mode_for(info.key) is not Mode.OFF]
+    metadata: dict[str, Any] = {"name": name}
+    if any(info.resource == "replicasets" for info in active):
+        if not match_conditions:
+            raise ConfigError(
+                "replicasets.apps needs matchConditions (Kubernetes 1.28+): only they can leave"
+                " out ReplicaSets owned by a Deployment, which would otherwise be recreated"
+                " forever once pinhook changes their template"
+            )
+        metadata["annotations"] = {
+            REPLICASET_ANNOTATION: (
+                "WARNING: replicasets.apps is on. Only ReplicaSets without ownerReferences are"
+                " sent to pinhook: mutating one owned by a Deployment makes the Deployment"
+                " controller create another, forever."
+            )
+        }
+    selector = _namespace_selector(settings, target)
+    webhooks = [
+        _webhook(settings, info, target, selector, failure_policy, match_conditions)
+        for info in active
+    ]
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": metadata,
+        "webhooks": webhooks,
+    }
+
+
+def webhook_name(info: KindInfo) -> str:
+    """`pods.pinhook.dev`, `inferenceservices.kserve.pinhook.dev`, `jobs.batch.pinhook.dev`."""
+    if not info.group:
+        return f"{info.resource}.pinhook.dev"
+    labels = info.group.split(".")
+    short = labels[-2] if len(labels) >= 2 else labels[0]
+    return f"{info.resource}.{short}.pinhook.dev"
+
+
+def _webhook(
+    settings: Settings,
+    info: KindInfo,
+    target: WebhookTarget,
+    selector: dict[str, Any],
+    failure_policy: str,
+    match_conditions: bool,
+) -> dict[str, Any]:
+    webhook: dict[str, Any] = {
+        "name": webhook_name(info),
+        "clientConfig": target.client_config(),
+        "rules": _rules(info),
+    }
+    if match_conditions:
+        webhook["matchConditions"] = match_conditions_for(settings, info)
+    webhook |= {
+        # Dry runs (KServe and Knative reconcilers diff with them) reach only webhooks without
+        # side effects; pinhook's registry lookups change nothing in the cluster.
+        "sideEffects": "None",
+        "admissionReviewVersions": ["v1", "v1beta1"],
+        "timeoutSeconds": 10,
+        # Other webhooks (KServe's Pod webhook, Istio) may add containers after pinhook ran.
+        "reinvocationPolicy": "IfNeeded",
+        "matchPolicy": "Equivalent",
+        "failurePolicy": failure_policy,
+        "namespaceSelector": selector,
+    }
+    return webhook
+
+
+def _rules(info: KindInfo) -> list[dict[str, Any]]:
+    builtin = info.group in ("", "apps", "batch")
+    # A Job's pod template is immutable: re-pinning on UPDATE would refuse unrelated updates.
+    operations = ["CREATE"] if info.key == "jobs.batch" else ["CREATE", "UPDATE"]
+    rule = {
+        "apiGroups": [info.group],
+        "apiVersions": ["v1"] if builtin else ["*"],
+        "operations": operations,
+        "resources": [info.resource],
+        # ClusterServingRuntime and ClusterStorageContainer are cluster-scoped.
+        "scope": "*" if info.group == _KSERVE else "Namespaced",
+    }
+    rules = [rule]
+    if info.key == "pods":
+        # `kubectl debug` adds ephemeral containers through this subresource only.
+        rules.append(rule | {"operations": ["UPDATE"], "resources": ["pods/ephemeralcontainers"]})
+    return rules
+
+
+def _namespace_selector(settings: Settings, target: WebhookTarget) -> dict[str, Any]:
+    # pinhook's own namespace must stay out, or with failurePolicy Fail pinhook could not start
+    # its Pods while it is down; kube-system likewise. Cluster-scoped objects ignore this.
+    names = [*ALWAYS_EXCLUDED, *settings.excluded_namespaces]
+    if target.namespace is not None:
+        names.append(target.namespace)
+    return {
+        "matchExpressions": [
+            {
+                "key": NAMESPACE_NAME_LABEL,
+                "operator": "NotIn",
+                "values": list(dict.fromkeys(names)),
+            },
+            {"key": IGNORE_LABEL, "operator": "DoesNotExist"},
+        ]
+    }
+
+
+# --- matchConditions ---------------------------------------------------------------------
+
+
+def match_conditions_for(settings: Settings, kind: KindInfo) -> list[dict[str, str]]:
+    """The CEL conditions that all must hold for an object of ``kind`` to reach pinhook.
+
+    At most three, far below the API server's limit of 64 per webhook.
+    """
+    conditions = [{"name": "not-skipped", "expression": _NOT_SKIPPED}]
+    if kind.resource == "replicasets":
+        conditions.append({"name": "not-owned", "expression": _NOT_OWNED})
+    mode = settings.mode_for(kind.key)
+    regex = rule_pattern(rule.source for rule in settings.rewrite_map.rules)
+    if regex is not None and len(regex) > MAX_RULE_REGEX_LENGTH:
+        # Too costly to evaluate for every image of every request: send every object.
+        return conditions
+    verb = "pin" if mode is Mode.PIN else "rewrite"
+    expression = _SHAPES[kind.key](image_test(mode, regex))
+    conditions.append({"name": f"has-image-to-{verb}", "expression": expression})
+    return conditions
+
+
+# The API server caps each expression's runtime cost (1,000,000 units); matches() costs about
+# len(string)/10 * len(regex)/4, per image. 4 KiB of regex (some hundred rules) keeps a Pod with
+# a hundred images under that; beyond it the image condition is left out.
+MAX_RULE_REGEX_LENGTH: Final = 4096
+
+_NOT_SKIPPED: Final = (
+    "!has(object.metadata.annotations) ||\n"
+    f"!('{SKIP_ANNOTATION}' in object.metadata.annotations) ||\n"
+    f"object.metadata.annotations['{SKIP_ANNOTATION}'] != 'true'"
+)
+# The Deployment controller finds its ReplicaSet by comparing pod templates: one whose template
+# pinhook changed no longer matches, and the controller creates another, which is changed in
+# turn, forever. So only stand-alone ReplicaSets are sent.
+_NOT_OWNED: Final = (
+    "!has(object.metadata.ownerReferences) ||\nsize(object.metadata.ownerReferences) == 0"
+)
+
+
+def image_test(mode: Mode, rules_regex: str | None) -> ImageTest:
+    """CEL for "pinhook may change this image string": unpinned (pin mode) or a rule matches."""
+
+    def rule_test(s: str) -> str:
+        return "false" if rules_regex is None else f"{s}.matches({_cel(rules_regex)})"
+
+    def pin_test(s: str) -> str:
+        unpinned = f"!{s}.matches({_cel(_PINNED)})"
+        return unpinned if rules_regex is None else f"({unpinned} || {rule_test(s)})"
+
+    return rule_test if mode is Mode.REWRITE else pin_test
+
+
+def rule_pattern(sources: Iterable[NamePattern]) -> str | None:
+    """An anchored RE2 regex matching every written image string a rule could match.
+
+    A rule matches the normalised name, but CEL sees the string as written, so each prefix is
+    expanded into every spelling that normalises to it. Tags of tagged rules are ignored: a
+    wider match only sends more objects to pinhook, which decides.
+    """
+    hosts: dict[str, None] = {}  # complete alternatives
+    hub_explicit: dict[str, None] = {}  # after "docker.io/" or "index.docker.io/"
+    hub_optional: dict[str, None] = {}  # after an optional one of those
+    for source in sources:
+        _spell(source.prefix, hosts, hub_explicit, hub_optional)
+    alternatives = list(hosts)
+    if hub_explicit:
+        alternatives.append(_HUB_EXPLICIT + _group(hub_explicit))
+    if hub_optional:
+        alternatives.append(_HUB_OPTIONAL + _group(hub_optional))
+    return "^" + _group(alternatives) if alternatives else None
+
+
+def _group(alternatives: Iterable[str]) -> str:
+    return "(?:" + "|".join(alternatives) + ")"
+
+
+def _spell(
+    prefix: str,
+    hosts: dict[str, None],
+    hub_explicit: dict[str, None],
+    hub_optional: dict[str, None],
+) -> None:
+    """Add the written spellings of one normalised rule prefix to the three groups."""
+    registry, slash, path = prefix.partition("/")
+    if not slash and registry == _DOCKER_HUB:
+        # Anything on Docker Hub: the host written out, a first component that is no host, or
+        # a name of one component.
+        hub_explicit[""] = None
+        hosts["[^/.:]+/"] = hosts["[^/]+$"] = None
+    elif not slash:
+        hosts[_re2(registry) + "/"] = None
+    elif registry != _DOCKER_HUB:
+        hosts[_re2(prefix) + _NAME_BOUNDARY] = None
+    elif path == "library":
+        hub_optional["library/"] = hub_optional["[^/]+$"] = None
+    elif path.startswith("library/"):
+        hub_optional[_re2(path) + _NAME_BOUNDARY] = None
+        official = path.removeprefix("library/")
+        if "/" not in official:
+            # "nginx" and "docker.io/nginx" are docker.io/library/nginx; "nginx/x" is not.
+            hub_optional[_re2(official) + _TAG_OR_END] = None
+    else:
+        first = path.split("/", 1)[0]
+        # "my.org/x" written without a host would be read as the registry my.org.
+        explicit = "." in first or ":" in first or first == "localhost"
+        (hub_explicit if explicit else hub_optional)[_re2(path) + _NAME_BOUNDARY] = None
+
+
+def _re2(text: str) -> str:
+    """Escape literal text for RE2; a dot as ``[.]`` keeps the CEL string free of backslashes."""
+    return "".join("[.]" if ch == "." else f"\\{ch}" if ch in _RE2_SPECIAL else ch for ch in text)
+
+
+def _cel(text: str) -> str:
+    """A CEL single-quoted string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# --- where each kind keeps its images, as CEL (mirrors webhook/locate.py) -----------------
+#
+# A kind's shape is a CEL list of every image value found at its paths (a string, or anything
+# else when the object is malformed), so the rewrite regex appears once per expression rather
+# than once per path. Each step into the object is guarded, and a missing or wrong-typed part
+# contributes the empty list. A macro (filter, map, exists) on a value that may not be a list
+# sits behind a ternary rather than `&&`: the same in CEL, and lazier in every evaluator.
+
+_Walk = Callable[[ImageTest], str]
+_Images = Callable[[str], str]  # CEL map expression -> CEL list of image values under it
+
+
+def _if(guard: str, then: str) -> str:
+    return f"({guard} ? {then} : [])"
+
+
+def _concat(parts: Iterable[str]) -> str:
+    return "(" + " +\n".join(parts) + ")"
+
+
+def _images_need(images: str, test: ImageTest) -> str:
+    """Some value in the list needs pinhook; a non-string is sent so pinhook can warn."""
+    return f"{images}.exists(s, type(s) != string || {test('s')})"
+
+
+def _container_at(key: str) -> _Images:
+    def images(node: str) -> str:
+        child = f"{node}.{key}"
+        return _if(
+            f"has({child}) && type({child}) == map && has({child}.image)", f"[{child}.image]"
+        )
+
+    return images
+
+
+def _container_list(node: str, key: str) -> str:
+    child = f"{node}.{key}"
+    return _if(
+        f"has({child}) && type({child}) == list",
+        f"{child}.filter(c, type(c) == map && has(c.image)).map(c, c.image)",
+    )
+
+
+def _image_volumes(node: str) -> str:
+    # Only the image volume source holds an image; rbd.image is a Ceph device name. A
+    # wrong-typed image source is kept as it is: a non-string sends the object.
+    child = f"{node}.volumes"
+    return _if(
+        f"has({child}) && type({child}) == list",
+        f"{child}.filter(v, type(v) == map && has(v.image) &&"
+        " (type(v.image) != map || has(v.image.reference)))"
+        ".map(v, type(v.image) == map ? v.image.reference : v.image)",
+    )
+
+
+def _pod_spec(node: str) -> str:
+    return _concat(
+        [*(_container_list(node, key) for key in _CONTAINER_LISTS), _image_volumes(node)]
+    )
+
+
+_CONTAINER_LISTS: Final = ("containers", "initContainers", "ephemeralContainers")
+
+
+def _path_guard(node: str, path: Iterable[str]) -> tuple[str, str]:
+    """The guard that every step of ``path`` from ``node`` (a map) is a map, and the end node."""
+    guards: list[str] = []
+    for key in path:
+        node = f"{node}.{key}"
+        guards += [f"has({node})", f"type({node}) == map"]
+    return " && ".join(guards), node
+
+
+def _at(*path: str, then: _Images) -> _Images:
+    def images(node: str) -> str:
+        guard, end = _path_guard(node, path)
+        return _if(guard, then(end))
+
+    return images
+
+
+def _component(implementations: tuple[str, ...]) -> _Images:
+    """An InferenceService predictor, transformer or explainer (locate._walk_component)."""
+
+    def images(node: str) -> str:
+        return _concat(
+            [
+                *(_container_at(key)(node) for key in implementations),
+                _at("custom", then=_container_at("container"))(node),
+                _pod_spec(node),
+            ]
+        )
+
+    return images
+
+
+def _predictor(node: str) -> str:
+    return _concat(
+        [_component(PREDICTOR_IMPLEMENTATIONS)(node), _at("workerSpec", then=_pod_spec)(node)]
+    )
+
+
+def _inference_service(test: ImageTest) -> str:
+    spec = _concat(
+        [
+            _at("predictor", then=_predictor)("object.spec"),
+            _at("transformer", then=_component(()))("object.spec"),
+            _at("explainer", then=_component(EXPLAINER_IMPLEMENTATIONS))("object.spec"),
+        ]
+    )
+    # Canary predictors form a list of lists, and CEL has no flatten: test each on its own.
+    canary = "object.spec.canary"
+    guard, predictor = _path_guard("k", ("predictor",))
+    canaries = (
+        f"(has({canary}) && type({canary}) == list ? {canary}.exists(k, type(k) == map &&"
+        f" {guard} && {_images_need(_predictor(predictor), test)}) : false)"
+    )
+    return (
+        "has(object.spec) && type(object.spec) == map &&\n"
+        f"({_images_need(spec, test)} ||\n{canaries})"
+    )
+
+
+def _pod_specs_at(*paths: tuple[str, ...]) -> _Walk:
+    def walk(test: ImageTest) -> str:
+        return _images_need(_concat(_at(*path, then=_pod_spec)("object") for path in paths), test)
+
+    return walk
+
+
+def _storage_container(test: ImageTest) -> str:
+    return _images_need(_at("spec", then=_container_at("container"))("object"), test)
+
+
+_TEMPLATE: Final = _pod_specs_at(("spec", "template", "spec"))
+_RUNTIME: Final = _pod_specs_at(("spec",), ("spec", "workerSpec"))
+_LLM: Final = _pod_specs_at(*LLM_POD_SPECS)
+
+_SHAPES: Final[Mapping[str, _Walk]] = {
+    "pods": _pod_specs_at(("spec",)),
+    f"inferenceservices.{_KSERVE}": _inference_service,
+    f"servingruntimes.{_KSERVE}": _RUNTIME,
+    f"clusterservingruntimes.{_KSERVE}": _RUNTIME,
+    f"clusterstoragecontainers.{_KSERVE}": _storage_container,
+    f"llminferenceservices.{_KSERVE}": _LLM,
+    f"llminferenceserviceconfigs.{_KSERVE}": _LLM,
+    "services.serving.knative.dev": _TEMPLATE,
+    "configurations.serving.knative.dev": _TEMPLATE,
+    "deployments.apps": _TEMPLATE,
+    "statefulsets.apps": _TEMPLATE,
+    "daemonsets.apps": _TEMPLATE,
+    "replicasets.apps": _TEMPLATE,
+    "jobs.batch": _TEMPLATE,
+    "cronjobs.batch": _pod_specs_at(("spec", "jobTemplate", "spec", "template", "spec")),
+}
