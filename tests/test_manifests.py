@@ -295,25 +295,26 @@ def test_deployment_shape(rendered: dict[str, list[Doc]], build: str) -> None:
     assert pod.get("priorityClassName") == expected_priority
 
     container = _container(rendered[build])
-    # cert-manager's files are used as they are; elsewhere pinhook manages /etc/pinhook/tls.
-    given_files = (
+    # cert-manager's files are used as they are; elsewhere the replicas manage the
+    # certificate themselves through the Secret and write the files under /tmp.
+    tls_flags = (
         ["--cert", "/etc/pinhook/tls/tls.crt", "--key", "/etc/pinhook/tls/tls.key"]
         if build == "overlays/cert-manager"
-        else []
+        else ["--self-managed", "--cert-dir", "/tmp/pinhook-tls"]
     )
     assert [*container.get("command", []), *container["args"]] == [
         "/opt/venv/bin/pinhook",
         "serve",
         "--config",
-        "/etc/pinhook/config.yaml",
-        "--cert-dir",
-        "/etc/pinhook/tls",
-        *given_files,
+        "/etc/pinhook/config/config.yaml",
+        *tls_flags,
         "--host",
         "0.0.0.0",
         "--port",
         "8443",
     ]
+    namespace = {env["name"]: env for env in container["env"]}["POD_NAMESPACE"]
+    assert namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert container["resources"]["requests"]
     assert container["resources"]["limits"]["memory"]
 
@@ -335,16 +336,19 @@ def test_volumes(rendered: dict[str, list[Doc]], build: str) -> None:
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     mounts = {mount["mountPath"]: mount for mount in _container(rendered[build])["volumeMounts"]}
 
-    config = mounts["/etc/pinhook/config.yaml"]
-    assert config["subPath"] == "config.yaml"
+    # A directory mount (no subPath), so ConfigMap edits reach the file pinhook watches.
+    config = mounts["/etc/pinhook/config"]
+    assert "subPath" not in config
     assert volumes[config["name"]]["configMap"]["name"] == "pinhook-config"
 
-    tls = mounts["/etc/pinhook/tls"]
-    assert tls["readOnly"] is True
-    secret = volumes[tls["name"]]["secret"]
-    assert secret["secretName"] == "pinhook-tls"
-    # Self-managed TLS creates the Secret after start; cert-manager must have issued it first.
-    assert secret["optional"] is (build != "overlays/cert-manager")
+    if build == "overlays/cert-manager":
+        tls = mounts["/etc/pinhook/tls"]
+        assert tls["readOnly"] is True
+        secret = volumes[tls["name"]]["secret"]
+        assert secret["secretName"] == "pinhook-tls"
+        assert secret["optional"] is False  # start only once cert-manager has issued it
+    else:
+        assert "/etc/pinhook/tls" not in mounts
 
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
     # A read-only root filesystem leaves /tmp as the only writable path.
