@@ -102,7 +102,7 @@ def _child(parent: str, token: str) -> str:
 def _mapping_at(obj: Mapping[str, Any], key: str, pointer: str, found: _Found) -> Any:
     """``obj[key]`` when it is an object; None (and a problem if it is something else)."""
     value = obj.get(key)
-    if value is None or isinstance(value, Mapping):
+    if value is None or isinstance(value, dict):
         return value
     found.wrong_type(_child(pointer, key), "an object", value)
     return None
@@ -147,7 +147,7 @@ def _name_list(obj: Mapping[str, Any], pointer: str, found: _Found) -> tuple[str
     base = _child(pointer, "imagePullSecrets")
     names: list[str] = []
     for index, item in enumerate(items):
-        if not isinstance(item, Mapping):
+        if not isinstance(item, dict):
             found.wrong_type(f"{base}/{index}", "an object", item)
             continue
         name = item.get("name")
@@ -190,7 +190,7 @@ def _walk_pod_spec(spec: Mapping[str, Any], pointer: str, pull: PullContext, fou
             continue
         base = _child(pointer, list_key)
         for index, container in enumerate(containers):
-            if isinstance(container, Mapping):
+            if isinstance(container, dict):
                 _image_at(container, "image", f"{base}/{index}", pull, found)
             else:
                 found.wrong_type(f"{base}/{index}", "an object", container)
@@ -198,7 +198,7 @@ def _walk_pod_spec(spec: Mapping[str, Any], pointer: str, pull: PullContext, fou
     if volumes:
         base = _child(pointer, "volumes")
         for index, volume in enumerate(volumes):
-            if not isinstance(volume, Mapping):
+            if not isinstance(volume, dict):
                 found.wrong_type(f"{base}/{index}", "an object", volume)
             elif volume.get("image") is not None:
                 # Only the image volume source holds a container image; rbd.image is a Ceph
@@ -287,7 +287,7 @@ def _walk_canaries(spec: Mapping[str, Any], stable: PullContext, found: _Found) 
         return
     for index, canary in enumerate(canaries):
         pointer = f"/spec/canary/{index}"
-        if not isinstance(canary, Mapping):
+        if not isinstance(canary, dict):
             found.wrong_type(pointer, "an object", canary)
             continue
         predictor = _mapping_at(canary, "predictor", pointer, found)
@@ -444,7 +444,7 @@ def locate_images(group: str, kind: str, obj: Mapping[str, Any]) -> Located | No
     if entry is None:
         return None
     found = _Found()
-    if isinstance(obj, Mapping):
+    if isinstance(obj, dict):
         entry[1](obj, found)
     else:
         found.wrong_type("", "an object", obj)

@@ -44,6 +44,8 @@ class ImagePlan:
     target: ImageRef
     rewritten: bool
     action: Action
+    # The name as it will be written: the user's spelling unless a rule moved it.
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +71,16 @@ def plan_image(
         action = Action.VERIFY
     else:
         action = Action.REWRITE if rewrite.changed else Action.KEEP
-    return ImagePlan(field, ref, target, rewrite.changed, action)
+    name = target.familiar_name() if rewrite.changed else _name_as_written(field.image)
+    return ImagePlan(field, ref, target, rewrite.changed, action, name)
 
 
 def render_image(plan: ImagePlan, digest: str | None, output: OutputForm) -> str:
-    """The final reference: the user's spelling of the name unless a rule moved it."""
+    """The final reference, with ``digest`` when there is one."""
     target = plan.target
     if plan.action is Action.KEEP:
         return plan.field.image
-    name = target.familiar_name() if plan.rewritten else _name_as_written(plan.field.image)
+    name = plan.name
     if digest is None:
         return name + (f":{target.tag}" if target.tag else "")
     if output is OutputForm.DIGEST_ONLY or not target.tag:
@@ -111,7 +114,7 @@ class Mutator:
         self._policies: dict[str | None, FailurePolicy] = {}
         # Parsing and rewriting depend only on the image string and the mode under one config,
         # and a cluster runs few distinct images: remember the plan of each.
-        self._plans: dict[tuple[str, Mode], tuple[ImageRef, ImageRef, bool, Action]] = {}
+        self._plans: dict[tuple[str, Mode], tuple[ImageRef, ImageRef, bool, Action, str]] = {}
 
     def _plan(self, field: ImageField, mode: Mode) -> ImagePlan:
         """Raises InvalidReference; see ``plan_image``."""
@@ -122,7 +125,7 @@ class Mutator:
         plan = plan_image(field, ImageRef.parse(field.image), self._rewrites, self._skip, mode)
         if len(self._plans) >= _PLAN_MEMO_SIZE:
             self._plans.clear()
-        self._plans[key] = (plan.original, plan.target, plan.rewritten, plan.action)
+        self._plans[key] = (plan.original, plan.target, plan.rewritten, plan.action, plan.name)
         return plan
 
     def _policy(self, namespace: str | None) -> FailurePolicy:
