@@ -1,0 +1,142 @@
+"""Fixtures of the end-to-end suite. Every one starts from ``kube``, so that without a cluster
+the tests skip before anything is started or written."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from lightkube import Client
+
+from tests.e2e import cluster
+from tests.e2e.cluster import InstalledCrds, Namespaces, NoCluster
+from tests.e2e.pinhook import HostNotSet, Pinhook, Tls, e2e_host, generate_certs, write_config
+from tests.e2e.pinhook import install as install_webhook
+from tests.e2e.pinhook import uninstall as uninstall_webhook
+from tests.harness.fixtures import require_registry
+from tests.harness.push import PushedImage, push_index
+from tests.harness.registry import RunningRegistry
+
+APP_REPO = "e2e/app"
+APP_TAG = "1.0"
+
+
+@dataclass(frozen=True)
+class E2ERegistry:
+    host: str
+    app: PushedImage  # a two-platform index under e2e/app:1.0
+
+    @property
+    def pinned(self) -> str:
+        """What pinhook stores for ``app.tag_ref``: the tag kept, the index digest added."""
+        return f"{self.app.tag_ref}@{self.app.digest}"
+
+
+@dataclass(frozen=True)
+class PinhookSetup:
+    kubeconfig: Path
+    host: str
+    config: Path
+    tls: Tls
+    workdir: Path
+
+
+@pytest.fixture(scope="session")
+def kubeconfig() -> Path:
+    """The first file of $KUBECONFIG; the suite skips, saying why, when there is none."""
+    try:
+        return cluster.kubeconfig_path()
+    except NoCluster as reason:
+        pytest.skip(f"no Kubernetes cluster for the e2e suite: {reason}")
+
+
+@pytest.fixture(scope="session")
+def kube(kubeconfig: Path) -> Iterator[Client]:
+    """A client for that cluster, once its API server answered within a few seconds."""
+    try:
+        client = cluster.connect(kubeconfig)
+    except NoCluster as reason:
+        pytest.skip(f"no Kubernetes cluster for the e2e suite: {reason}")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def api_host(kube: Client) -> str:
+    try:
+        return e2e_host()
+    except HostNotSet as reason:
+        pytest.skip(str(reason))
+
+
+@pytest.fixture(scope="session")
+def crds(kube: Client, api_host: str) -> Iterator[InstalledCrds]:
+    """Needs ``api_host`` only so that the suite skips before writing to the cluster."""
+    installed = InstalledCrds()
+    try:
+        cluster.install_crds(kube, installed)
+        yield installed
+    finally:
+        cluster.delete_crds(kube, installed.applied)
+
+
+@pytest.fixture(scope="session")
+def e2e_registry(kube: Client, api_host: str) -> Iterator[E2ERegistry]:
+    require_registry()
+    with (
+        RunningRegistry("none") as registry,
+        httpx.Client(base_url=registry.url, timeout=10.0) as client,
+    ):
+        yield E2ERegistry(registry.host, push_index(client, APP_REPO, APP_TAG))
+
+
+@pytest.fixture(scope="session")
+def pinhook_setup(
+    kubeconfig: Path,
+    api_host: str,
+    e2e_registry: E2ERegistry,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> PinhookSetup:
+    workdir = tmp_path_factory.mktemp("pinhook-e2e")
+    ca = generate_certs(workdir / "certs", api_host)
+    tls = Tls(ca=ca, cert=ca.parent / "tls.crt", key=ca.parent / "tls.key")
+    config = write_config(workdir / "config.yaml", e2e_registry.host)
+    return PinhookSetup(kubeconfig, api_host, config, tls, workdir)
+
+
+@pytest.fixture(scope="module")
+def namespaces(kube: Client) -> Iterator[Namespaces]:
+    made = Namespaces(kube)
+    try:
+        yield made
+    finally:
+        made.delete_all()
+
+
+@contextlib.contextmanager
+def registered_pinhook(
+    kube: Client, setup: PinhookSetup, name: str, failure_policy: str = "Ignore"
+) -> Iterator[Pinhook]:
+    """``pinhook serve`` registered as webhook configuration ``name``; both gone afterwards."""
+    pinhook = Pinhook(host=setup.host, config=setup.config, tls=setup.tls, workdir=setup.workdir)
+    try:
+        install_webhook(
+            pinhook,
+            name=name,
+            config=setup.config,
+            kubeconfig=setup.kubeconfig,
+            failure_policy=failure_policy,
+        )
+        yield pinhook
+    finally:
+        removed = uninstall_webhook(name, kubeconfig=setup.kubeconfig)
+        if removed.returncode != 0:
+            # Never leave a webhook pointing at a stopped server behind.
+            cluster.delete_webhook_configuration(kube, name)
+        pinhook.stop()

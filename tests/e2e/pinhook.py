@@ -1,0 +1,242 @@
+"""The pinhook side of the end-to-end suite: certificates, config, ``pinhook serve``, install.
+
+pinhook runs on this machine, outside the cluster, and the API server calls it at
+``https://$PINHOOK_E2E_HOST:PORT/mutate``. The test registry stays on loopback: only pinhook
+talks to it (pinhook resolves digests itself, and no test Pod is ever pulled).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import queue
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from tests.harness.push import PushedImage
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+HOST_ENV: Final = "PINHOOK_E2E_HOST"
+NO_MATCH_CONDITIONS_ENV: Final = "PINHOOK_E2E_NO_MATCH_CONDITIONS"
+# A registry name that never resolves (.test is reserved): only a rewrite rule makes it work.
+MOVED_PREFIX: Final = "registry.pinhook-e2e.test/moved"
+START_DEADLINE_S: Final = 30.0
+STOP_DEADLINE_S: Final = 15.0
+CLI_TIMEOUT_S: Final = 60.0
+
+
+class HostNotSet(Exception):
+    """No address for the API server to reach pinhook at; the message says how to set one."""
+
+
+def e2e_host() -> str:
+    """The address the API server reaches this machine at; HostNotSet says how to find it."""
+    host = os.environ.get(HOST_ENV, "").strip()
+    if not host:
+        raise HostNotSet(
+            f"{HOST_ENV} is not set: the address at which the cluster's API server reaches "
+            "this machine (kind on Linux: the kind network's gateway, `docker network inspect "
+            "kind -f '{{range .IPAM.Config}}{{.Gateway}} {{end}}'`, IPv4 one; Docker Desktop: "
+            "host.docker.internal). See tests/e2e/README.md"
+        )
+    return host
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if is_ip(host) and ":" in host else host
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("0.0.0.0", 0))  # the port pinhook will listen on, on every address
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pinhook_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``pinhook ARGS`` as the user runs it; KUBECONFIG comes from the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "webhook.cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+
+
+def _ok(result: subprocess.CompletedProcess[str], what: str) -> str:
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{what} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+    return result.stdout
+
+
+def generate_certs(out: Path, host: str) -> Path:
+    """A CA and a serving certificate for ``host``; returns the CA file."""
+    san = ["--ip", host] if is_ip(host) else ["--dns-name", host]
+    _ok(pinhook_cli("certs", "generate", "--out", str(out), *san), "pinhook certs generate")
+    return out / "ca.crt"
+
+
+def write_config(path: Path, registry_host: str) -> Path:
+    """Resolve at the loopback test registry; move MOVED_PREFIX there.
+
+    ``excludedNamespaces: []`` so that pinhook itself would pin in pinhook-system: a tag kept
+    there then proves that the API server never called it (the namespaceSelector), not that
+    pinhook chose to do nothing.
+    """
+    path.write_text(
+        "resolver: registry\n"
+        "excludedNamespaces: []\n"
+        "registry:\n"
+        f'  insecure: ["{registry_host}"]\n'
+        f'  allowedHosts: ["{registry_host}"]\n'
+        "  timeoutSeconds: 5\n"
+        "rewrites:\n"
+        f"  - from: {MOVED_PREFIX}/\n"
+        f"    to: {registry_host}/e2e\n"
+    )
+    return path
+
+
+def moved_ref(image: PushedImage) -> str:
+    """The reference a rule moves to ``image``'s tag: same repository under MOVED_PREFIX."""
+    assert image.tag is not None and image.repo.startswith("e2e/")
+    return f"{MOVED_PREFIX}/{image.repo.removeprefix('e2e/')}:{image.tag}"
+
+
+@dataclass(frozen=True)
+class Tls:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class Pinhook:
+    """A ``pinhook serve`` subprocess on 0.0.0.0, checked reachable over TLS as ``host``."""
+
+    def __init__(self, *, host: str, config: Path, tls: Tls, workdir: Path) -> None:
+        self.host = host
+        self.port = int(os.environ.get("PINHOOK_E2E_PORT") or free_port())
+        self.tls = tls
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._log: list[str] = []
+        # 0.0.0.0: the API server is not on this machine's loopback.
+        args = ["serve", "--config", str(config), "--cert", str(tls.cert), "--key", str(tls.key)]
+        args += ["--host", "0.0.0.0", "--port", str(self.port), "--kube", "off"]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "webhook.cli", *args],
+            cwd=workdir,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        threading.Thread(target=self._pump, name="pinhook-log", daemon=True).start()
+        try:
+            self.wait_for_log("Uvicorn running on", START_DEADLINE_S)
+            self.check_serves_as_host()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"https://{url_host(self.host)}:{self.port}/mutate"
+
+    def _pump(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._lines.put(line)
+
+    def wait_for_log(self, text: str, timeout: float) -> str:
+        while True:
+            try:
+                line = self._lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no {text!r} in pinhook's log:\n{self.log()}") from None
+            self._log.append(line)
+            if text in line:
+                return line
+
+    def log(self) -> str:
+        while not self._lines.empty():
+            self._log.append(self._lines.get_nowait())
+        return "".join(self._log)
+
+    def check_serves_as_host(self) -> None:
+        """The certificate is valid for ``host``, as the API server will check it.
+
+        Connects on loopback (``host`` may be a name only containers resolve, such as
+        host.docker.internal) but verifies the certificate against ``host``.
+        """
+        context = ssl.create_default_context(cafile=str(self.tls.ca))
+        with (
+            socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=self.host) as tls,
+        ):
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: pinhook\r\nConnection: close\r\n\r\n")
+            status_line = tls.recv(64).split(b"\r\n", 1)[0]
+        assert status_line.startswith(b"HTTP/1.1 200"), status_line
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=STOP_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=STOP_DEADLINE_S)
+
+    def refuses_connections(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+        except OSError:
+            return True
+        return False
+
+
+def install(
+    pinhook: Pinhook, *, name: str, config: Path, kubeconfig: Path, failure_policy: str
+) -> str:
+    """``pinhook install`` pointing the API server at ``pinhook``; returns its output."""
+    args = [
+        "install",
+        "--url",
+        pinhook.url,
+        "--ca",
+        str(pinhook.tls.ca),
+        "--config",
+        str(config),
+        "--name",
+        name,
+        "--failure-policy",
+        failure_policy,
+        "--kubeconfig",
+        str(kubeconfig),
+    ]
+    if os.environ.get(NO_MATCH_CONDITIONS_ENV) == "1":
+        args.append("--no-match-conditions")
+    return _ok(pinhook_cli(*args), "pinhook install")
+
+
+def uninstall(name: str, *, kubeconfig: Path) -> subprocess.CompletedProcess[str]:
+    return pinhook_cli("uninstall", "--name", name, "--kubeconfig", str(kubeconfig))
