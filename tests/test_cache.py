@@ -11,7 +11,13 @@ import asyncio
 import pytest
 
 from webhook.config import CacheSettings
-from webhook.errors import DeadlineExceeded, NotFound, RegistryUnavailable, ResolveError
+from webhook.errors import (
+    DeadlineExceeded,
+    NotFound,
+    RegistryUnavailable,
+    ResolveError,
+    Unauthorized,
+)
 from webhook.reference import ImageRef
 from webhook.resolve import CachingResolver, PullScope, Resolution
 
@@ -170,4 +176,62 @@ async def test_digest_existence_cached_once_seen(registry: ScriptedRegistry) -> 
     assert await resolver.exists(pinned, SCOPE, deadline())
     assert await resolver.exists(pinned, SCOPE, deadline())
     assert not await resolver.exists(NGINX.with_digest(digest(7)), SCOPE, deadline())
+    assert registry.calls == 2
+
+
+async def test_failures_and_shared_lookups_are_per_pull_scope(registry: ScriptedRegistry) -> None:
+    clock = Clock()
+    resolver = cache(registry, clock, negative_ttl_seconds=30)
+    without = PullScope("team-a")
+    with_secret = PullScope("team-b")
+    registry.failure = Unauthorized("no credentials for team-a")
+    with pytest.raises(Unauthorized):
+        await resolver.resolve(NGINX, without, deadline())
+    registry.failure = None
+    # team-a's refusal is remembered for team-a only.
+    assert (await resolver.resolve(NGINX, with_secret, deadline())).digest == digest(1)
+    assert registry.calls == 2
+
+
+async def test_peek_hits_keep_an_entry_recently_used(registry: ScriptedRegistry) -> None:
+    resolver = cache(registry, Clock(), max_entries=2)
+    refs = [ImageRef.parse(f"app{i}:1") for i in range(3)]
+    for i, ref in enumerate(refs):
+        registry.digests[str(ref)] = digest(20 + i)
+    await resolver.resolve(refs[0], SCOPE, deadline())
+    await resolver.resolve(refs[1], SCOPE, deadline())
+    assert resolver.peek(refs[0]) == digest(20)
+    await resolver.resolve(refs[2], SCOPE, deadline())  # evicts refs[1], not refs[0]
+    assert resolver.peek(refs[0]) == digest(20)
+    assert resolver.peek(refs[1]) is None
+
+
+async def test_stale_digest_served_without_asking_again(registry: ScriptedRegistry) -> None:
+    clock = Clock()
+    resolver = cache(registry, clock, ttl_seconds=60, negative_ttl_seconds=10)
+    await resolver.resolve(NGINX, SCOPE, deadline())
+    clock.now += 61
+    registry.failure = RegistryUnavailable("503")
+    for _ in range(5):
+        assert await resolver.resolve(NGINX, SCOPE, deadline()) == Resolution(digest(1), True)
+    assert registry.calls == 2  # one success, one failure; the rest came from the cache
+    assert resolver.peek(NGINX) is None  # a stale digest always goes out with its warning
+    clock.now += 11
+    registry.failure = None
+    assert await resolver.resolve(NGINX, SCOPE, deadline()) == Resolution(digest(1))
+    assert registry.calls == 3
+
+
+async def test_missing_digest_checked_once_for_concurrent_admissions(
+    registry: ScriptedRegistry,
+) -> None:
+    clock = Clock()
+    resolver = cache(registry, clock, negative_ttl_seconds=30)
+    gone = NGINX.with_digest(digest(99))
+    answers = await asyncio.gather(*(resolver.exists(gone, SCOPE, deadline()) for _ in range(50)))
+    assert answers == [False] * 50
+    assert not await resolver.exists(gone, SCOPE, deadline())
+    assert registry.calls == 1
+    clock.now += 31
+    await resolver.exists(gone, SCOPE, deadline())
     assert registry.calls == 2

@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from .config import CacheSettings
 from .errors import DeadlineExceeded, NotFound, ResolveError, Unauthorized
@@ -121,19 +121,61 @@ def _tagged(ref: ImageRef) -> ImageRef:
     return ImageRef(ref.registry, ref.repository, ref.tag_or_latest(), None)
 
 
+K = TypeVar("K")
+T = TypeVar("T")
+V = TypeVar("V")
+
+
 @dataclass(slots=True)
 class _Entry:
-    digest: str | None
-    error: ResolveError | None
+    digest: str
+    fetched: float  # when the registry last answered with this digest
     expires: float
+    stale: bool = False  # served after a registry failure, until ``expires``
+
+
+class _SingleFlight(Generic[K, T]):
+    """Concurrent callers with the same key share one call; each waits under its own deadline."""
+
+    def __init__(self) -> None:
+        self._calls: dict[K, asyncio.Future[T]] = {}
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._calls
+
+    async def run(self, key: K, call: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
+        future = self._calls.get(key)
+        if future is None:
+            future = asyncio.ensure_future(call())
+            self._calls[key] = future
+            future.add_done_callback(lambda f: self._settle(key, f))
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            # shield: one caller giving up must not cancel the call the others wait on.
+            return await asyncio.wait_for(asyncio.shield(future), max(remaining, 0))
+        except TimeoutError:
+            raise DeadlineExceeded(f"{what}: no answer within the deadline") from None
+
+    def _settle(self, key: K, future: asyncio.Future[T]) -> None:
+        self._calls.pop(key, None)
+        if not future.cancelled():
+            # Retrieve it so an error nobody waited for (all callers timed out) is not reported
+            # as "never retrieved"; every waiter got its own copy already.
+            future.exception()
+
+
+_TagKey = tuple[str, str]
+_ScopedKey = tuple[str, str, PullScope]
 
 
 class CachingResolver:
     """TTL + LRU digest cache with negative entries, singleflight and stale-on-error.
 
-    The cache is shared by every namespace: a digest is not a secret, and the kubelet still
-    checks pull credentials when the Pod starts. Negative entries are kept only for answers
-    that will not change within seconds (not found, unauthorised).
+    Digests are shared by every namespace: a digest is not a secret, and the kubelet still
+    checks pull credentials when the Pod starts. Failures and in-flight requests are kept per
+    pull scope (namespace and pull secrets): one namespace without credentials must not make
+    another, with them, fail. Negative entries are kept only for answers that will not change
+    within seconds (not found, unauthorised).
     """
 
     def __init__(
@@ -148,86 +190,80 @@ class CachingResolver:
         self._settings = settings
         self._clock = clock
         self._on_event = on_event or (lambda _event: None)
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
-        self._in_flight: dict[tuple[str, str], asyncio.Future[Resolution]] = {}
-        self._known_digests: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._entries: OrderedDict[_TagKey, _Entry] = OrderedDict()
+        self._failures: OrderedDict[_ScopedKey, tuple[ResolveError, float]] = OrderedDict()
+        self._resolving: _SingleFlight[_ScopedKey, Resolution] = _SingleFlight()
+        self._known_digests: OrderedDict[_TagKey, None] = OrderedDict()
+        self._missing_digests: OrderedDict[_TagKey, float] = OrderedDict()
+        self._checking: _SingleFlight[_ScopedKey, bool] = _SingleFlight()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def peek(self, ref: ImageRef) -> str | None:
-        entry = self._entries.get((ref.name, ref.tag_or_latest()))
-        if entry is None or entry.digest is None or entry.expires <= self._clock():
+        key = (ref.name, ref.tag_or_latest())
+        entry = self._entries.get(key)
+        if entry is None or entry.stale or entry.expires <= self._clock():
             return None
+        self._entries.move_to_end(key)
         return entry.digest
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         key = (ref.name, ref.tag_or_latest())
-        entry = self._entries.get(key)
         now = self._clock()
+        entry = self._entries.get(key)
         if entry is not None and entry.expires > now:
             self._entries.move_to_end(key)
+            self._on_event("stale" if entry.stale else "hit")
+            return Resolution(entry.digest, stale=entry.stale)
+        scoped = (*key, scope)
+        failure = self._failures.get(scoped)
+        if failure is not None and failure[1] > now:
             self._on_event("hit")
-            if entry.error is not None:
-                raise entry.error
-            assert entry.digest is not None
-            return Resolution(entry.digest)
-        future = self._in_flight.get(key)
-        if future is None:
-            self._on_event("miss")
-            future = asyncio.ensure_future(self._fetch(key, ref, scope, deadline))
-            self._in_flight[key] = future
-            future.add_done_callback(lambda f: self._settle(key, f))
-        else:
-            self._on_event("shared")
-        remaining = deadline - asyncio.get_running_loop().time()
-        try:
-            # shield: one caller giving up must not cancel the request the others wait on.
-            return await asyncio.wait_for(asyncio.shield(future), max(remaining, 0))
-        except TimeoutError:
-            raise DeadlineExceeded(f"{ref.familiar()}: no answer within the deadline") from None
-
-    def _settle(self, key: tuple[str, str], future: asyncio.Future[Resolution]) -> None:
-        self._in_flight.pop(key, None)
-        if not future.cancelled():
-            # Retrieve it so an error nobody waited for (all callers timed out) is not reported
-            # as "never retrieved"; every waiter got its own copy already.
-            future.exception()
+            raise failure[0]
+        self._on_event("shared" if scoped in self._resolving else "miss")
+        return await self._resolving.run(
+            scoped, lambda: self._fetch(scoped, ref, scope, deadline), deadline, ref.familiar()
+        )
 
     async def _fetch(
-        self, key: tuple[str, str], ref: ImageRef, scope: PullScope, deadline: float
+        self, scoped: _ScopedKey, ref: ImageRef, scope: PullScope, deadline: float
     ) -> Resolution:
+        key = (scoped[0], scoped[1])
         try:
             resolution = await self._inner.resolve(ref, scope, deadline)
         except (NotFound, Unauthorized) as exc:
-            self._store(key, _Entry(None, exc, self._clock() + self._settings.negative_ttl_seconds))
+            expires = self._clock() + self._settings.negative_ttl_seconds
+            _bounded_put(self._failures, scoped, (exc, expires), self._settings.max_entries)
             raise
         except ResolveError:
-            stale = self._stale(key)
+            stale = self._serve_stale(key)
             if stale is None:
                 raise
             self._on_event("stale")
             return Resolution(stale, stale=True)
-        self._store(
-            key, _Entry(resolution.digest, None, self._clock() + self._settings.ttl_seconds)
-        )
+        now = self._clock()
+        entry = _Entry(resolution.digest, now, now + self._settings.ttl_seconds)
+        _bounded_put(self._entries, key, entry, self._settings.max_entries)
+        self._failures.pop(scoped, None)
         return resolution
 
-    def _stale(self, key: tuple[str, str]) -> str | None:
-        if not self._settings.stale_on_error:
-            return None
-        entry = self._entries.get(key)
-        if entry is None or entry.digest is None:
-            return None
-        if self._clock() - entry.expires > self._settings.stale_max_seconds:
-            return None
-        return entry.digest
+    def _serve_stale(self, key: _TagKey) -> str | None:
+        """The last good digest while the registry fails, for a while, without asking again.
 
-    def _store(self, key: tuple[str, str], entry: _Entry) -> None:
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._settings.max_entries:
-            self._entries.popitem(last=False)
+        Marked stale for ``negativeTtlSeconds``, so the admissions that follow get it at once
+        (with the warning) instead of each waiting out the registry's retries.
+        """
+        settings = self._settings
+        entry = self._entries.get(key)
+        if not settings.stale_on_error or entry is None:
+            return None
+        now = self._clock()
+        if now - (entry.fetched + settings.ttl_seconds) > settings.stale_max_seconds:
+            return None
+        entry.stale = True
+        entry.expires = now + settings.negative_ttl_seconds
+        return entry.digest
 
     async def exists(self, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
         key = (ref.name, ref.digest or "")
@@ -235,9 +271,29 @@ class CachingResolver:
             # A digest is immutable: once seen in a repository it stays valid to cache.
             self._known_digests.move_to_end(key)
             return True
+        missing_until = self._missing_digests.get(key)
+        if missing_until is not None and missing_until > self._clock():
+            return False
+        scoped = (*key, scope)
+        return await self._checking.run(
+            scoped, lambda: self._check(key, ref, scope, deadline), deadline, ref.familiar()
+        )
+
+    async def _check(self, key: _TagKey, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
         found = await self._inner.exists(ref, scope, deadline)
         if found:
-            self._known_digests[key] = None
-            while len(self._known_digests) > self._settings.max_entries:
-                self._known_digests.popitem(last=False)
+            _bounded_put(self._known_digests, key, None, self._settings.max_entries)
+        else:
+            # The gcr.io kubebuilder digests will never appear on quay.io; ask again only
+            # after the negative TTL, not on every Pod that still carries one.
+            expires = self._clock() + self._settings.negative_ttl_seconds
+            _bounded_put(self._missing_digests, key, expires, self._settings.max_entries)
         return found
+
+
+def _bounded_put(table: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
+    """Insert as most recently used, evicting the least recently used past ``limit``."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
