@@ -433,3 +433,11 @@ async def test_health_ready_and_metrics(webhook: Webhook) -> None:
         in text
     )
     assert 'pinhook_images_total{outcome="pinned"} 1.0' in text
+
+
+async def test_tag_rule_on_a_pinned_image_pins_the_new_tag(webhook_for: WebhookFactory) -> None:
+    hook = webhook_for("rewrites:\n  - from: nginx:1.25\n    to: nginx:1.27\n")
+    old_digest = "sha256:" + "5" * 64
+    pod = pod_with(f"nginx:1.25@{old_digest}")
+    patched = apply_response(pod, await hook.send(review(pod)))
+    assert patched["spec"]["containers"][0]["image"] == f"nginx:1.27@{D('nginx:1.27')}"

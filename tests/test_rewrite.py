@@ -31,7 +31,8 @@ def rewrite(rules: RewriteMap, image: str) -> str:
         ("gcr.io/kubebuilderx/app:v1", "registry.example.com/gcr/kubebuilderx/app:v1"),
         ("gcr.io/kubebuilder/other:v1", "mirror.example.com/kubebuilder/other:v1"),
         ("gcr.io/distroless/static:nonroot", "registry.example.com/gcr/distroless/static:nonroot"),
-        ("nginx:1.25", "docker.io/library/nginx:1.27"),
+        ("nginx:1.25", "mirror.example.com/library/nginx:1.27"),
+        ("nginx", "mirror.example.com/library/nginx:stable"),  # no tag means latest
         ("nginx:1.26", "mirror.example.com/library/nginx:1.26"),
         ("kserve/agent:v0.15.2", "mirror.example.com/kserve/agent:v0.15.2"),
     ],
@@ -43,18 +44,41 @@ def test_longest_prefix_at_component_boundary_wins(image: str, expected: str) ->
             rule("gcr.io/kubebuilder/", "mirror.example.com/kubebuilder"),
             rule("gcr.io/kubebuilder/kube-rbac-proxy", "quay.io/brancz/kube-rbac-proxy"),
             rule("docker.io/library/", "mirror.example.com/library"),
-            rule("nginx:1.25", "nginx:1.27"),
+            rule("nginx:1.25", "mirror.example.com/library/nginx:1.27"),
+            rule("nginx:latest", "mirror.example.com/library/nginx:stable"),
             rule("docker.io/kserve/", "mirror.example.com/kserve"),
         ]
     )
     assert rewrite(rules, image) == expected
 
 
-def test_applied_once_no_chains() -> None:
-    rules = RewriteMap(
-        [rule("a.example.com/x", "b.example.com/x"), rule("b.example.com/x", "c.example.com/x")]
+@pytest.mark.parametrize(
+    "rules",
+    [
+        [("a.example.com/x", "b.example.com/x"), ("b.example.com/x", "c.example.com/x")],
+        [("reg.example.com", "reg.example.com/cache")],  # would grow on every pass
+        [("docker.io/library/", "mirror.example.com/library"), ("nginx:1.25", "nginx:1.27")],
+        [("gcr.io/a/", "quay.io/a"), ("quay.io", "mirror.example.com/quay")],
+    ],
+)
+def test_chains_rejected_so_reinvocation_is_idempotent(rules: list[tuple[str, str]]) -> None:
+    with pytest.raises(InvalidReference, match="rewrite again"):
+        RewriteMap([rule(source, target) for source, target in rules])
+
+
+def test_tag_rules_that_do_not_chain_are_accepted() -> None:
+    rules = RewriteMap([rule("nginx:1.25", "nginx:1.27"), rule("nginx:1.26", "nginx:1.27")])
+    assert rewrite(rules, "nginx:1.25") == "docker.io/library/nginx:1.27"
+    assert rewrite(rules, "nginx:1.27") == "docker.io/library/nginx:1.27"
+
+
+def test_new_tag_drops_the_old_tags_digest() -> None:
+    digest = "sha256:" + "cd" * 32
+    result = RewriteMap([rule("nginx:1.25", "nginx:1.27")]).apply(
+        ImageRef.parse(f"nginx:1.25@{digest}")
     )
-    assert rewrite(rules, "a.example.com/x/app:1") == "b.example.com/x/app:1"
+    assert str(result.result) == "docker.io/library/nginx:1.27"
+    assert result.dropped_digest
 
 
 def test_digest_kept_and_flagged_as_moved() -> None:
@@ -81,7 +105,7 @@ def test_bad_rules_rejected(source: str, target: str, problem: str) -> None:
 
 
 def test_duplicate_from_rejected() -> None:
-    with pytest.raises(InvalidReference, match="same 'from'"):
+    with pytest.raises(InvalidReference, match=r"rewrites\[1\] has the same 'from'"):
         RewriteMap([rule("gcr.io/a", "quay.io/a"), rule("gcr.io/a/", "quay.io/b")])
 
 
@@ -122,8 +146,19 @@ onFailure: maybe
     lines = caught.value.errors
     assert any(line.startswith("rewrites[1].to:") for line in lines), lines
     assert any(line.startswith("kinds:") and "widgets" in line for line in lines), lines
+    assert not any("rewrites[0]" in line for line in lines), lines
     assert any(line.startswith("onFailure:") for line in lines), lines
     assert str(caught.value).startswith("config.yaml: invalid configuration")
+
+
+def test_rule_level_errors_name_the_rule() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            "rewrites:\n  - from: gcr.io/a\n    to: quay.io/a\n  - from: nginx\n    to: nginx:2\n"
+        )
+    assert any(line.startswith("rewrites[1]:") for line in caught.value.errors), caught.value
+    with pytest.raises(ConfigError, match=r"rewrites\[0\].*rewrite again"):
+        load_settings("rewrites:\n  - from: reg.example.com\n    to: reg.example.com/cache\n")
 
 
 def test_unknown_field_and_bad_yaml_rejected() -> None:

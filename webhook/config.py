@@ -67,6 +67,14 @@ class RuleSettings(_Model):
             raise ValueError(str(exc)) from None
         return value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> RuleSettings:
+        try:
+            self.compile()
+        except InvalidReference as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
     def compile(self) -> RewriteRule:
         return RewriteRule(NamePattern.parse(self.source), NamePattern.parse(self.target))
 
@@ -155,7 +163,7 @@ class Settings(_Model):
         try:
             self._rewrite_map = RewriteMap(rule.compile() for rule in self.rewrites)
         except InvalidReference as exc:
-            raise ValueError(f"rewrites: {exc}") from None
+            raise ValueError(str(exc)) from None
         self._modes = {info.key: Mode(info.default_mode) for info in KINDS} | dict(self.kinds)
         self._digest_table = {
             _parse_for_table(image): digest for image, digest in self.digests.items()

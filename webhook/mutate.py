@@ -294,7 +294,14 @@ class Mutator:
 
 
 def _moved_digest_warning(plan: ImagePlan) -> str | None:
-    if plan.original.digest is None or plan.target.name == plan.original.name:
+    if plan.original.digest is None or not plan.rewritten:
+        return None
+    if plan.target.digest is None:
+        return (
+            f"pinhook: a rule set tag {plan.target.tag} for {plan.original.familiar()}; its"
+            " digest belonged to the old tag and was dropped"
+        )
+    if plan.target.name == plan.original.name:
         return None
     return (
         f"pinhook: kept digest {plan.original.digest} across registries for "

@@ -97,18 +97,29 @@ class RewriteRule:
             )
 
     def matches(self, ref: ImageRef) -> bool:
-        if self.source.tag is not None and ref.tag != self.source.tag:
+        if self.source.tag is not None and _effective_tag(ref) != self.source.tag:
             return False
         name = ref.name
         prefix = self.source.prefix
         return name == prefix or (name.startswith(prefix) and name[len(prefix)] == "/")
 
     def apply(self, ref: ImageRef) -> ImageRef:
-        """The reference moved to the target; tag and digest are kept unless the rule sets a tag."""
+        """The reference moved to the target; tag and digest are kept unless the rule sets a
+        tag, which drops the digest: it belongs to the old tag."""
         remainder = ref.name[len(self.source.prefix) :]
         registry, repository = parse_name(self.target.prefix + remainder)
-        tag = self.target.tag if self.target.tag is not None else ref.tag
-        return ImageRef(registry=registry, repository=repository, tag=tag, digest=ref.digest)
+        if self.target.tag is not None:
+            return ImageRef(registry, repository, self.target.tag, None)
+        return ImageRef(registry, repository, ref.tag, ref.digest)
+
+    def output_may_match(self, other: RewriteRule) -> bool:
+        """Whether ``other`` could rewrite what this rule writes (a chain)."""
+        ours, theirs = self.target.prefix, other.source.prefix
+        overlap = ours == theirs or ours.startswith(theirs + "/") or theirs.startswith(ours + "/")
+        if not overlap or other.source.tag is None:
+            return overlap
+        tag_written = self.target.tag or self.source.tag  # None: whatever tag came in
+        return tag_written is None or tag_written == other.source.tag
 
     def __str__(self) -> str:
         return f"{self.source} -> {self.target}"
@@ -125,6 +136,11 @@ class Rewrite:
     @property
     def changed(self) -> bool:
         return self.rule is not None and self.result != self.original
+
+    @property
+    def dropped_digest(self) -> bool:
+        """A rule set a new tag, so the digest of the old one was left behind."""
+        return self.changed and self.original.digest is not None and self.result.digest is None
 
     @property
     def moved_digest(self) -> bool:
@@ -144,6 +160,14 @@ class RewriteMap:
     def __init__(self, rules: Iterable[RewriteRule] = ()) -> None:
         self.rules: tuple[RewriteRule, ...] = tuple(rules)
         _reject_duplicates(self.rules)
+        chain = find_chain(self.rules)
+        if chain is not None:
+            i, j = chain
+            raise InvalidReference(
+                f"rewrites[{i}] ({self.rules[i]}) writes names that rewrites[{j}]"
+                f" ({self.rules[j]}) would rewrite again when the webhook is reinvoked;"
+                " point the first rule at the final name"
+            )
         # Most specific first: longest prefix, and a tagged rule before an untagged one.
         ordered = sorted(
             self.rules, key=lambda r: (len(r.source.prefix), r.source.tag is not None), reverse=True
@@ -169,12 +193,36 @@ class RewriteMap:
         return len(self.rules)
 
 
+def _effective_tag(ref: ImageRef) -> str | None:
+    """``nginx`` means ``nginx:latest``; a reference pinned by digest alone has no tag."""
+    if ref.tag is not None:
+        return ref.tag
+    return "latest" if ref.digest is None else None
+
+
+def find_chain(rules: Sequence[RewriteRule]) -> tuple[int, int] | None:
+    """The first (i, j) where rule j would rewrite rule i's output again, or None.
+
+    Rules apply once per admission, but a reinvoked webhook sees its own output: a chain would
+    rewrite again on reinvocation, and a rule whose output it matches itself would grow the
+    path each time. A map without chains is a fixed point, so the answer is idempotent.
+    """
+    for i, rule in enumerate(rules):
+        for j, other in enumerate(rules):
+            if rule.output_may_match(other):
+                return i, j
+    return None
+
+
 def _reject_duplicates(rules: Sequence[RewriteRule]) -> None:
-    seen: set[NamePattern] = set()
-    for rule in rules:
+    seen: dict[NamePattern, int] = {}
+    for index, rule in enumerate(rules):
         if rule.source in seen:
-            raise InvalidReference(f"two rules have the same 'from' {str(rule.source)!r}")
-        seen.add(rule.source)
+            raise InvalidReference(
+                f"rewrites[{index}] has the same 'from' {str(rule.source)!r}"
+                f" as rewrites[{seen[rule.source]}]"
+            )
+        seen[rule.source] = index
 
 
 DEFAULT_RULES: tuple[tuple[str, str], ...] = (
