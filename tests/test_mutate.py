@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -441,3 +442,47 @@ async def test_tag_rule_on_a_pinned_image_pins_the_new_tag(webhook_for: WebhookF
     pod = pod_with(f"nginx:1.25@{old_digest}")
     patched = apply_response(pod, await hook.send(review(pod)))
     assert patched["spec"]["containers"][0]["image"] == f"nginx:1.27@{D('nginx:1.27')}"
+
+
+async def test_digest_only_reference_missing_at_target_left_as_it_came(webhook: Webhook) -> None:
+    image = "gcr.io/kubebuilder/kube-rbac-proxy@sha256:" + "1" * 64
+    pod = pod_with(image)
+    response = await webhook.send(review(pod))
+    assert response["allowed"] is True
+    assert "patch" not in response
+    assert "digest-not-at-target" in response["auditAnnotations"]["unpinned"]
+    assert "images" not in response["auditAnnotations"]
+
+
+async def test_missing_moved_digest_warning_kept_when_tag_fallback_fails(
+    webhook: Webhook,
+) -> None:
+    pod = pod_with("gcr.io/kubebuilder/kube-rbac-proxy:v0.1.0@sha256:" + "1" * 64)
+    response = await webhook.send(review(pod))
+    assert any("does not exist" in warning for warning in response["warnings"])
+    assert any("not pinned" in warning for warning in response["warnings"])
+    patched = apply_response(pod, response)
+    assert patched["spec"]["containers"][0]["image"] == "quay.io/brancz/kube-rbac-proxy:v0.1.0"
+
+
+class NeverAnswers(StaticDigestResolver):
+    """A resolver that ignores its deadline: the app's last-resort timeout must still hold."""
+
+    def peek(self, ref: Any) -> str | None:
+        return None
+
+    async def resolve(self, ref: Any, scope: Any, deadline: float) -> Any:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize(("policy", "allowed"), [("", True), ("requireDigest: true\n", False)])
+async def test_last_resort_timeout_follows_the_policy(policy: str, allowed: bool) -> None:
+    settings = load_settings(policy)
+    hook = Webhook(settings)
+    hook._mutator = Mutator(settings, NeverAnswers({}), hook.metrics)
+    doc = review(pod_with("nginx:1.27"))
+    answer = await hook.client.post("/mutate", content=body(doc), params={"timeout": "2s"})
+    await hook.client.aclose()
+    response = answer.json()["response"]
+    assert response["allowed"] is allowed
+    assert "patch" not in response

@@ -17,7 +17,7 @@ from typing import Protocol
 import orjson
 from fastapi import FastAPI, Request, Response
 
-from .admission import MAX_BODY_BYTES, AdmissionOutcome, parse_review, render_response
+from .admission import MAX_BODY_BYTES, parse_review, render_response
 from .errors import InvalidReview
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .mutate import Mutator
@@ -74,7 +74,7 @@ def create_app(
         except TimeoutError:
             # The resolver keeps its own deadline; this is the guard of last resort.
             log.error("review %s of %s timed out after %.1fs", review.uid, review.kind, budget)
-            outcome = AdmissionOutcome(warnings=["pinhook: timed out; object left as is"])
+            outcome = mutator.timed_out(review)
         result = "allowed" if outcome.allowed else "denied"
         if outcome.allowed and outcome.patch:
             result = "patched"

@@ -170,6 +170,15 @@ class Mutator:
         results = await self._execute(plans, request.namespace, budget or self._budget)
         return self._conclude(results, outcome, policy, mode)
 
+    def timed_out(self, request: AdmissionRequest) -> AdmissionOutcome:
+        """The answer when a review overran its budget: the same policy as a failed resolve."""
+        info = kind_info(request.group, request.kind)
+        mode = self._modes.get(info.key, Mode.OFF) if info is not None else Mode.OFF
+        policy = self._policy(request.namespace)
+        if mode is Mode.PIN and (policy.require_digest or policy.on_failure is OnFailure.DENY):
+            return _deny("timed out resolving images")
+        return AdmissionOutcome(warnings=["pinhook: timed out; object left as is"])
+
     async def pin(self, images: Sequence[str], *, mode: Mode = Mode.PIN) -> list[ImageResult]:
         """Rewrite and resolve bare image strings, as for a Pod (``pinhook resolve``).
 
@@ -234,12 +243,14 @@ class Mutator:
                 )
             resolution = await self.resolver.resolve(plan.target.with_digest(None), scope, deadline)
         except ResolveError as exc:
-            # Unpinned, but still rewritten. A moved digest is dropped when a tag can stand in
-            # for it, since it may not exist at the target.
-            fallback = plan.target if plan.target.tag is None else plan.target.with_digest(None)
+            if plan.target.tag is None and plan.target.digest is not None:
+                # A digest-only reference that cannot be shown to exist at the target: writing
+                # it there would make a pull that is certain to fail. Leave it as it came.
+                return ImageResult(plan, plan.field.image, None, warning, exc)
+            # Unpinned, but still rewritten; a moved digest is dropped, the tag stands in.
+            fallback = plan.target.with_digest(None)
             rewrite_only = replace(plan, target=fallback, action=Action.REWRITE)
-            final = render_image(rewrite_only, fallback.digest, output)
-            return ImageResult(plan, final, None, None, exc)
+            return ImageResult(plan, render_image(rewrite_only, None, output), None, warning, exc)
         if resolution.stale:
             warning = (
                 f"pinhook: registry failing for {plan.target.familiar()}; used a cached digest"
@@ -255,7 +266,7 @@ class Mutator:
         policy: FailurePolicy,
         mode: Mode,
     ) -> AdmissionOutcome:
-        pinned: list[str] = []
+        changed: list[str] = []
         unpinned: list[str] = []
         tally: dict[str, int] = {}
         for result in results:
@@ -282,12 +293,12 @@ class Mutator:
                 outcome.patch.append(
                     {"op": "replace", "path": field.pointer, "value": result.final}
                 )
-                pinned.append(f"{field.image} -> {result.final}")
+                changed.append(f"{field.image} -> {result.final}")
         self.metrics.images_seen(tally)
         if unpinned and policy.require_digest and mode is Mode.PIN:
             return _deny(f"cannot pin {', '.join(unpinned)} and requireDigest is set")
-        if pinned:
-            outcome.audit["images"] = orjson.dumps(pinned).decode()
+        if changed:
+            outcome.audit["images"] = orjson.dumps(changed).decode()
         if unpinned:
             outcome.audit["unpinned"] = orjson.dumps(unpinned).decode()
         return outcome
