@@ -133,6 +133,21 @@ async def test_wait_ready_times_out_while_the_list_keeps_failing(
         assert server.count("serviceaccounts", watch=False) >= 2  # it retried
 
 
+async def test_forbidden_secrets_count_as_listed_and_are_asked_again(
+    server: FakeApiServer, client: AsyncClient
+) -> None:
+    server.put(_pull_secret("apps", "regcred", "u"))
+    for _ in range(1000):
+        server.fail_next("secrets", watch=False, status=403)
+    async with KubePullSecrets(client, backoff_initial=0.01, backoff_max=0.02) as pull_secrets:
+        # RBAC without Secrets must not leave every replica unready forever.
+        assert await pull_secrets.wait_ready(5.0)
+        assert _users(await pull_secrets.keyring_for("apps", PullContext(("regcred",)))) == []
+        before = server.count("secrets", watch=False)
+        await asyncio.sleep(0.1)  # a real interval: the retry loop has no event to await
+        assert server.count("secrets", watch=False) > before  # still asking
+
+
 async def test_list_failure_is_retried_with_backoff(
     server: FakeApiServer, client: AsyncClient
 ) -> None:

@@ -509,7 +509,7 @@ async def test_forbidden_for_every_credential_is_unauthorized(
         await fault_client.resolve_digest(
             fault_ref(faults), [WRONG, ALICE], deadline=deadline_in(5)
         )
-    assert faults.count(path=MANIFEST_PATH) == 2
+    assert faults.count(path=MANIFEST_PATH) == 3  # both credentials, then anonymous
 
 
 @pytest.fixture

@@ -180,7 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
         # certificate; then the renewal loop, on the server's own event loop and client.
         paths = asyncio.run(_ensure_self_managed(managed))
         cert, key = paths.cert, paths.key
-        background.append(lambda: SelfManagedCertificates(_kube_client(), managed).run())
+        background.append(lambda: _renew_self_managed(managed))
     elif cert is None:
         paths = certs.ensure_self_signed(args.cert_dir)
         cert, key = paths.cert, paths.key
@@ -207,6 +207,14 @@ async def _ensure_self_managed(options: SelfManagedOptions) -> certs.CertPaths:
         await client.close()
 
 
+async def _renew_self_managed(options: SelfManagedOptions) -> None:
+    client = _kube_client()
+    try:
+        await SelfManagedCertificates(client, options).run()
+    finally:
+        await client.close()
+
+
 def _kube_client() -> AsyncClient:
     try:
         return AsyncClient(field_manager="pinhook")
@@ -217,7 +225,7 @@ def _kube_client() -> AsyncClient:
 def _pull_secrets(mode: str) -> PullSecretSource | None:
     if mode == "off" or (mode == "auto" and not os.environ.get("KUBERNETES_SERVICE_HOST")):
         return None
-    return KubePullSecrets(_kube_client())
+    return KubePullSecrets(_kube_client(), owns_client=True)
 
 
 def _review(args: argparse.Namespace) -> int:

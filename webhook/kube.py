@@ -188,12 +188,18 @@ class _Backoff:
         return delay
 
 
+def _status_code(exc: BaseException) -> int | None:
+    if isinstance(exc, ApiError) and exc.status is not None:
+        code = exc.status.code
+        return int(code) if code is not None else None
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
 def _is_expired(exc: BaseException) -> bool:
     """410 Gone: the resourceVersion we watch from was compacted away; a relist is due."""
-    if isinstance(exc, ApiError) and exc.status is not None:
-        return exc.status.code == 410
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None) == 410
+    return _status_code(exc) == 410
 
 
 class _Reflector(Generic[V]):
@@ -240,6 +246,15 @@ class _Reflector(Generic[V]):
                     self._expired_in_a_row += 1
                     continue
                 delay = self._backoff.next_delay()
+                if _status_code(exc) in (401, 403) and not self.synced.is_set():
+                    # RBAC withholds this resource (perhaps on purpose, see rbac.yaml): resolve
+                    # without it rather than keep every replica unready; keep asking.
+                    _log.error(
+                        "not allowed to list %s; pull secrets from it are not used: %s",
+                        self.label,
+                        exc,
+                    )
+                    self.synced.set()
                 _log.warning(
                     "list/watch of %s failed (%s: %s); relisting in %.1fs",
                     self.label,
@@ -309,15 +324,16 @@ def _secret_keyring(obj: Any) -> DockerKeyring | None:
 class KubePullSecrets:
     """Pull secrets from the Kubernetes API through watch-backed caches.
 
-    An async context manager: entering starts the list+watch tasks, leaving cancels them (the
-    client stays open; it belongs to the caller). Until :meth:`ready`, lookups see whatever has
-    been listed so far.
+    An async context manager: entering starts the list+watch tasks, leaving cancels them and,
+    with ``owns_client``, closes the client. Until :meth:`ready`, lookups see whatever has been
+    listed so far.
     """
 
     def __init__(
         self,
         client: AsyncClient,
         *,
+        owns_client: bool = False,
         resync_seconds: float = 300,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
@@ -344,6 +360,7 @@ class KubePullSecrets:
             for t in (DOCKERCONFIGJSON_TYPE, DOCKERCFG_TYPE)
         ]
         self._tasks: list[asyncio.Task[None]] = []
+        self._client = client if owns_client else None
 
     async def __aenter__(self) -> KubePullSecrets:
         self._tasks = [
@@ -362,6 +379,8 @@ class KubePullSecrets:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._client is not None:
+            await self._client.close()
 
     def ready(self) -> bool:
         """Whether every cache has completed its initial list."""

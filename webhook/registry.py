@@ -314,7 +314,9 @@ class RegistryClient:
         if asyncio.get_running_loop().time() >= deadline:
             raise errors.DeadlineExceeded(f"no time left to resolve {_shown(ref)}")
         base = await self._target(ref, deadline)
-        candidates: list[Credential | None] = [*credentials] if credentials else [None]
+        # Every matching credential, then anonymous: a public image must still resolve when a
+        # stale credential for its registry is lying around.
+        candidates: list[Credential | None] = [*credentials, None]
         refusals: list[str] = []
         for credential in candidates:
             try:
@@ -331,6 +333,7 @@ class RegistryClient:
         if credentials:
             sources = ", ".join(c.source for c in credentials if c.source)
             tried = f"{len(credentials)} credential(s) tried" + (f" ({sources})" if sources else "")
+            tried += ", then anonymous access"
         else:
             tried = "anonymous access, no credentials configured"
         message = f"registry {ref.registry} refused {_shown(ref)}: {tried}; {refusals[-1]}"

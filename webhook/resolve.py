@@ -93,7 +93,8 @@ class RegistryDigestResolver:
     ) -> None:
         self._client = client
         self._secrets = secrets
-        self._docker_config = docker_config
+        # Replaced whole when the mounted file changes; readers see the old or the new one.
+        self.docker_config = docker_config
 
     def peek(self, ref: ImageRef) -> str | None:
         return None
@@ -112,8 +113,8 @@ class RegistryDigestResolver:
         if scope.namespace is not None:
             keyring = await self._secrets.keyring_for(scope.namespace, scope.pull)
             found.extend(keyring.lookup(ref))
-        if self._docker_config is not None:
-            found.extend(self._docker_config.lookup(ref))
+        if self.docker_config is not None:
+            found.extend(self.docker_config.lookup(ref))
         return found
 
 

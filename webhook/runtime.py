@@ -61,7 +61,9 @@ class Runtime:
         self._resolver_key: tuple[object, ...] = ()
         self._resolver: DigestResolver | None = None
         self._client: RegistryClient | None = None
-        self._retired: set[asyncio.Task[None]] = set()
+        self._registry_resolver: RegistryDigestResolver | None = None
+        self._retiring: dict[RegistryClient, asyncio.Task[None]] = {}
+        self._docker_stamp: tuple[float, int] | None = None
         self._mutator: Mutator | None = None
         self._config_error: str | None = None
         self._config_stamp: tuple[float, int] | None = None
@@ -79,8 +81,9 @@ class Runtime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for task in self._retired:
+        for client, task in list(self._retiring.items()):
             task.cancel()
+            await client.aclose()
         if self._client is not None:
             await self._client.aclose()
         await self._stack.aclose()
@@ -124,33 +127,52 @@ class Runtime:
 
         async def close_later() -> None:
             await asyncio.sleep(grace)
+            self._retiring.pop(client, None)
             await client.aclose()
 
-        task = asyncio.create_task(close_later())
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        self._retiring[client] = asyncio.create_task(close_later())
 
     async def _build_resolver(
         self, settings: Settings
     ) -> tuple[DigestResolver, RegistryClient | None]:
+        """Raises ConfigError (an unreadable docker config) before anything is opened."""
         if settings.resolver == "static":
+            self._registry_resolver = None
             return StaticDigestResolver(settings.digest_table), None
+        docker_config = self._load_docker_config(settings)
         client = RegistryClient(registry_options(settings))
         await client.__aenter__()
-        docker_path = settings.registry.docker_config or self._docker_config_path
-        docker_config = DockerKeyring.from_file(docker_path) if docker_path else None
         inner = RegistryDigestResolver(client, self._pull_secrets, docker_config)
+        self._registry_resolver = inner
         return CachingResolver(inner, settings.cache, on_event=self.metrics.cache_event), client
 
-    def _stamp(self) -> tuple[float, int] | None:
-        if self.config_path is None:
+    def _docker_config_file(self, settings: Settings) -> Path | None:
+        return settings.registry.docker_config or self._docker_config_path
+
+    def _load_docker_config(self, settings: Settings) -> DockerKeyring | None:
+        path = self._docker_config_file(settings)
+        if path is None:
             return None
+        stamp = _stamp(path)
+        keyring = DockerKeyring.from_file(path)
+        self._docker_stamp = stamp
+        return keyring
+
+    def reload_docker_config(self) -> None:
+        """Mounted credentials rotate (ECR tokens last 12 hours): follow the file."""
+        path = self._docker_config_file(self._settings)
+        resolver = self._registry_resolver
+        if path is None or resolver is None or _stamp(path) == self._docker_stamp:
+            return
         try:
-            # ConfigMap volumes change by swapping a symlink: stat follows it to the new file.
-            stat = self.config_path.stat()
-        except OSError:
-            return None
-        return (stat.st_mtime, stat.st_ino)
+            resolver.docker_config = self._load_docker_config(self._settings)
+        except ConfigError as exc:
+            log.error("docker config not reloaded, the previous credentials stay: %s", exc)
+            return
+        log.info("docker config reloaded from %s", path)
+
+    def _stamp(self) -> tuple[float, int] | None:
+        return None if self.config_path is None else _stamp(self.config_path)
 
     async def reload_config(self) -> bool:
         """Load the config file again if it changed. Returns True when a new config applies."""
@@ -160,13 +182,13 @@ class Runtime:
         self._config_stamp = stamp
         try:
             settings = load_settings_file(self.config_path)
+            await self._apply(settings)
         except ConfigError as exc:
             self._config_error = str(exc)
             self.metrics.config_reloads.labels("rejected").inc()
             self.metrics.config_valid.set(0)
             log.error("configuration rejected, the last good one keeps serving: %s", exc)
             return False
-        await self._apply(settings)
         self._config_error = None
         self.metrics.config_reloads.labels("applied").inc()
         self.metrics.config_valid.set(1)
@@ -179,5 +201,15 @@ class Runtime:
             await asyncio.sleep(interval)
             try:
                 await self.reload_config()
+                self.reload_docker_config()
             except Exception:  # a bug here must not stop future reloads
                 log.exception("configuration reload failed")
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        # Secret and ConfigMap volumes change by swapping a symlink: stat follows it.
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime, stat.st_ino)
