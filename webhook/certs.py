@@ -201,7 +201,7 @@ def _build_ca(key: ec.EllipticCurvePrivateKey, start: datetime, end: datetime) -
         .not_valid_after(end)
         # path_length=0: this CA signs serving certificates, never another CA.
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(key_usage(cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -234,7 +234,7 @@ def _build_leaf(
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         # An empty subject makes the SAN extension the only identity, so it must be critical.
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=not subject)
@@ -247,7 +247,8 @@ def _build_leaf(
     )
 
 
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+def key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    """Key usage of a CA (``cert_sign``) or of a serving certificate."""
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
