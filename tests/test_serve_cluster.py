@@ -20,9 +20,14 @@ import pytest
 import yaml
 
 from tests.fake_apiserver import FakeApiServer
+from webhook.config import load_settings
+from webhook.locate import kind_info
+from webhook.webhookconfig import match_conditions_for
 
 NAMESPACE = "pinhook-system"
 SERVICE_NAME = "pinhook.pinhook-system.svc"
+PODS = kind_info("", "Pod")
+assert PODS is not None
 
 
 def free_port() -> int:
@@ -65,7 +70,18 @@ async def api() -> AsyncIterator[FakeApiServer]:
                     },
                     "sideEffects": "None",
                     "admissionReviewVersions": ["v1"],
-                }
+                    # Generated from an older config: no rewrite rules at all.
+                    "matchConditions": match_conditions_for(load_settings("rewrites: []"), PODS),
+                },
+                {
+                    # Installed with --no-match-conditions: must stay without.
+                    "name": "services.knative.pinhook.dev",
+                    "clientConfig": {
+                        "service": {"namespace": NAMESPACE, "name": "pinhook", "path": "/mutate"}
+                    },
+                    "sideEffects": "None",
+                    "admissionReviewVersions": ["v1"],
+                },
             ],
         }
     )
@@ -87,13 +103,15 @@ async def test_self_managed_certificate_and_pull_secret_watch(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
     port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text("rewrites:\n  - from: gcr.io/old/\n    to: quay.io/new\n")
     env = os.environ | {
         "KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", api.url)),
         "POD_NAMESPACE": NAMESPACE,
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "webhook.cli", "serve", "--self-managed", "--kube", "on",
-        "--cert-dir", str(tmp_path / "tls"), "--port", str(port),
+        "--cert-dir", str(tmp_path / "tls"), "--port", str(port), "--config", str(config),
         env=env, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -116,6 +134,22 @@ async def test_self_managed_certificate_and_pull_secret_watch(
         # Pull secrets come from watches, not from requests per admission.
         assert api.open_watches("secrets") >= 1
         assert api.open_watches("serviceaccounts") == 1
+        # The conditions follow the config being served, at start and after each reload.
+        webhooks = {
+            w["name"]: w
+            for w in api.get("mutatingwebhookconfigurations", "", "pinhook")["webhooks"]
+        }
+        assert webhooks["pods.pinhook.dev"]["matchConditions"] == match_conditions_for(
+            load_settings(config.read_text()), PODS
+        )
+        assert "matchConditions" not in webhooks["services.knative.pinhook.dev"]
+        config.write_text("rewrites:\n  - from: gcr.io/newer/\n    to: quay.io/newer\n")
+        await wait_for_line(process.stderr, "matchConditions of pinhook updated")
+        webhook = api.get("mutatingwebhookconfigurations", "", "pinhook")["webhooks"][0]
+        assert webhook["matchConditions"] == match_conditions_for(
+            load_settings(config.read_text()), PODS
+        )
+        assert "gcr[.]io/newer" in webhook["matchConditions"][-1]["expression"]
     finally:
         process.terminate()
         await process.wait()

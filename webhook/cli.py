@@ -17,6 +17,7 @@ from lightkube import AsyncClient
 
 from . import certs, install
 from .admission import AdmissionRequest, parse_review, render_response
+from .conditionsync import MatchConditionsSync
 from .config import Settings, default_settings, load_settings_file
 from .errors import ConfigError, PinhookError
 from .kube import KubePullSecrets, PullSecretSource
@@ -190,6 +191,11 @@ def _serve(args: argparse.Namespace) -> int:
         config_path=args.config,
         docker_config=args.docker_config,
         pull_secrets=_pull_secrets(args.kube),
+        # A self-managed pinhook may patch its own webhook configuration: keep the CEL
+        # matchConditions generated from the config it is serving.
+        conditions_sync=(
+            MatchConditionsSync(_kube_client, args.webhook_name) if args.self_managed else None
+        ),
     )
     options = ServeOptions(
         host=args.host, port=args.port, cert=cert, key=key, log_level=args.log_level.lower()

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 
+from .conditionsync import MatchConditionsSync
 from .config import Settings, load_settings_file
 from .errors import ConfigError
 from .keychain import DockerKeyring
@@ -51,12 +52,14 @@ class Runtime:
         pull_secrets: PullSecretSource | None = None,
         docker_config: Path | None = None,
         metrics: Metrics | None = None,
+        conditions_sync: MatchConditionsSync | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.config_path = config_path
         self._pull_secrets = pull_secrets or NoPullSecrets()
         self._docker_config_path = docker_config
         self._stack = AsyncExitStack()
+        self._conditions_sync = conditions_sync
         self._settings = settings
         self._resolver_key: tuple[object, ...] = ()
         self._resolver: DigestResolver | None = None
@@ -73,6 +76,9 @@ class Runtime:
             await self._stack.enter_async_context(self._pull_secrets)
         self._config_stamp = self._stamp()
         await self._apply(self._settings)
+        if self._conditions_sync is not None:
+            self._stack.push_async_callback(self._conditions_sync.aclose)
+            await self._conditions_sync(self._settings)
         return self
 
     async def __aexit__(
@@ -190,6 +196,8 @@ class Runtime:
             log.error("configuration rejected, the last good one keeps serving: %s", exc)
             return False
         self._config_error = None
+        if self._conditions_sync is not None:
+            await self._conditions_sync(settings)
         self.metrics.config_reloads.labels("applied").inc()
         self.metrics.config_valid.set(1)
         log.info("configuration reloaded from %s", self.config_path)
