@@ -38,6 +38,7 @@ class ScriptedRegistry:
     def __init__(self) -> None:
         self.digests: dict[str, str] = {}
         self.failure: ResolveError | None = None
+        self.failures_for: dict[str | None, ResolveError] = {}
         self.release = asyncio.Event()
         self.release.set()
         self.calls = 0
@@ -45,8 +46,9 @@ class ScriptedRegistry:
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         self.calls += 1
         await self.release.wait()
-        if self.failure is not None:
-            raise self.failure
+        failure = self.failures_for.get(scope.namespace, self.failure)
+        if failure is not None:
+            raise failure
         try:
             return Resolution(self.digests[str(ref)])
         except KeyError:
@@ -235,3 +237,47 @@ async def test_missing_digest_checked_once_for_concurrent_admissions(
     clock.now += 31
     await resolver.exists(gone, SCOPE, deadline())
     assert registry.calls == 2
+
+
+async def test_a_failing_scope_does_not_mark_a_fresh_entry_stale(
+    registry: ScriptedRegistry,
+) -> None:
+    clock = Clock()
+    resolver = cache(registry, clock, ttl_seconds=300)
+    await resolver.resolve(NGINX, SCOPE, deadline())
+    clock.now += 301
+    registry.release.clear()
+    good = asyncio.create_task(resolver.resolve(NGINX, SCOPE, deadline()))
+    broken = asyncio.create_task(resolver.resolve(NGINX, PullScope("broken"), deadline()))
+    await asyncio.sleep(0)  # both lookups now wait on the registry, the good one first
+    registry.digests[str(NGINX)] = digest(2)
+    registry.failures_for["broken"] = RegistryUnavailable("503 for this scope")
+    registry.release.set()
+    assert await good == Resolution(digest(2))
+    # The good scope refreshed the entry before the broken one failed: fresh, not stale.
+    assert await broken == Resolution(digest(2))
+    assert resolver.peek(NGINX) == digest(2)
+
+
+async def test_shared_lookup_outlives_a_short_first_caller(registry: ScriptedRegistry) -> None:
+    resolver = cache(registry, Clock())
+    registry.release.clear()
+    hurried = asyncio.create_task(resolver.resolve(NGINX, SCOPE, deadline(0.05)))
+    patient = asyncio.create_task(resolver.resolve(NGINX, SCOPE, deadline(5)))
+    with pytest.raises(DeadlineExceeded):
+        await hurried
+    registry.release.set()
+    assert (await patient).digest == digest(1)
+    assert registry.calls == 1
+
+
+async def test_cached_failures_are_raised_as_fresh_errors(registry: ScriptedRegistry) -> None:
+    resolver = cache(registry, Clock(), negative_ttl_seconds=30)
+    missing = ImageRef.parse("nginx:0.0")
+    raised = []
+    for _ in range(3):
+        with pytest.raises(NotFound) as caught:
+            await resolver.resolve(missing, SCOPE, deadline())
+        raised.append(caught.value)
+    assert raised[1] is not raised[2]
+    assert registry.calls == 1

@@ -440,8 +440,10 @@ async def test_tag_rule_on_a_pinned_image_pins_the_new_tag(webhook_for: WebhookF
     hook = webhook_for("rewrites:\n  - from: nginx:1.25\n    to: nginx:1.27\n")
     old_digest = "sha256:" + "5" * 64
     pod = pod_with(f"nginx:1.25@{old_digest}")
-    patched = apply_response(pod, await hook.send(review(pod)))
+    response = await hook.send(review(pod))
+    patched = apply_response(pod, response)
     assert patched["spec"]["containers"][0]["image"] == f"nginx:1.27@{D('nginx:1.27')}"
+    assert any("dropped" in warning for warning in response["warnings"])
 
 
 async def test_digest_only_reference_missing_at_target_left_as_it_came(webhook: Webhook) -> None:

@@ -186,3 +186,13 @@ def test_static_digest_table_normalised() -> None:
     assert settings.digest_table[ImageRef.parse("docker.io/library/nginx:latest")] == digest
     with pytest.raises(ConfigError, match="not a valid digest"):
         load_settings("digests:\n  nginx:1: 'sha256:short'\n")
+
+
+def test_index_docker_io_is_docker_io_in_rules() -> None:
+    assert NamePattern.parse("index.docker.io").prefix == "docker.io"
+    rules = RewriteMap([rule("index.docker.io", "mirror.example.com/hub")])
+    assert rewrite(rules, "nginx:1") == "mirror.example.com/hub/library/nginx:1"
+    with pytest.raises(InvalidReference, match="rewrite again"):
+        RewriteMap(
+            [rule("gcr.io/", "index.docker.io"), rule("docker.io/library/", "mirror.example.com/l")]
+        )

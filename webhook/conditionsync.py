@@ -15,7 +15,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import httpx2
 from lightkube import AsyncClient
 from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfiguration
 from lightkube.types import PatchType
@@ -62,9 +61,9 @@ class MatchConditionsSync:
     async def __call__(self, settings: Settings) -> bool:
         """True when a patch was applied. Failures are logged, never raised: the webhook
         serves on with the conditions it has."""
-        if self._client is None:
-            self._client = self._client_factory()
         try:
+            if self._client is None:
+                self._client = self._client_factory()
             live = await self._client.get(MutatingWebhookConfiguration, self._name)
             webhooks = [webhook.to_dict() for webhook in live.webhooks or ()]
             ops = conditions_patch(webhooks, settings)
@@ -73,7 +72,7 @@ class MatchConditionsSync:
             await self._client.patch(
                 MutatingWebhookConfiguration, self._name, ops, patch_type=PatchType.JSON
             )
-        except httpx2.HTTPError as exc:
+        except Exception as exc:  # lightkube raises config and auth errors of its own too
             log.warning(
                 "matchConditions of %s not updated (objects the new rules match may not reach"
                 " pinhook until the next config change or restart): %s",

@@ -219,13 +219,14 @@ class Mutator:
         if plan.action is Action.RESOLVE:
             digest = self.resolver.peek(plan.target)
             if digest is not None:
-                return ImageResult(plan, render_image(plan, digest, self._output), digest)
+                final = render_image(plan, digest, self._output)
+                return ImageResult(plan, final, digest, _moved_digest_warning(plan))
         return None
 
     async def _run(self, plan: ImagePlan, namespace: str | None, deadline: float) -> ImageResult:
         output = self._output
         scope = PullScope(namespace, plan.field.pull)
-        warning = None
+        warning = _moved_digest_warning(plan) if plan.action is Action.RESOLVE else None
         try:
             if plan.action is Action.VERIFY:
                 if await self.resolver.exists(plan.target, scope, deadline):
@@ -252,9 +253,8 @@ class Mutator:
             rewrite_only = replace(plan, target=fallback, action=Action.REWRITE)
             return ImageResult(plan, render_image(rewrite_only, None, output), None, warning, exc)
         if resolution.stale:
-            warning = (
-                f"pinhook: registry failing for {plan.target.familiar()}; used a cached digest"
-            )
+            stale = f"pinhook: registry failing for {plan.target.familiar()}; used a cached digest"
+            warning = stale if warning is None else f"{warning}; {stale.removeprefix('pinhook: ')}"
         return ImageResult(
             plan, render_image(plan, resolution.digest, output), resolution.digest, warning
         )

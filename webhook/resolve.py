@@ -153,7 +153,7 @@ class _SingleFlight(Generic[K, T]):
         remaining = deadline - asyncio.get_running_loop().time()
         try:
             # shield: one caller giving up must not cancel the call the others wait on.
-            return await asyncio.wait_for(asyncio.shield(future), max(remaining, 0))
+            return await asyncio.wait_for(asyncio.shield(future), remaining)
         except TimeoutError:
             raise DeadlineExceeded(f"{what}: no answer within the deadline") from None
 
@@ -186,16 +186,20 @@ class CachingResolver:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str], None] | None = None,
+        lookup_seconds: float = 8.0,
     ) -> None:
         self._inner = inner
         self._settings = settings
+        # A shared lookup runs under its own deadline, not its first caller's: a caller with
+        # little time left must not cut short the lookup others wait on with more.
+        self._lookup_seconds = lookup_seconds
         self._clock = clock
         self._on_event = on_event or (lambda _event: None)
         self._entries: OrderedDict[_TagKey, _Entry] = OrderedDict()
         self._failures: OrderedDict[_ScopedKey, tuple[ResolveError, float]] = OrderedDict()
         self._resolving: _SingleFlight[_ScopedKey, Resolution] = _SingleFlight()
         self._known_digests: OrderedDict[_TagKey, None] = OrderedDict()
-        self._missing_digests: OrderedDict[_TagKey, float] = OrderedDict()
+        self._missing_digests: OrderedDict[_ScopedKey, float] = OrderedDict()
         self._checking: _SingleFlight[_ScopedKey, bool] = _SingleFlight()
 
     def __len__(self) -> int:
@@ -221,23 +225,30 @@ class CachingResolver:
         failure = self._failures.get(scoped)
         if failure is not None and failure[1] > now:
             self._on_event("hit")
-            raise failure[0]
+            # A fresh copy: raising the cached object again would grow its traceback with
+            # every request's frames and keep them alive for the negative TTL.
+            raise _fresh(failure[0])
         self._on_event("shared" if scoped in self._resolving else "miss")
         return await self._resolving.run(
-            scoped, lambda: self._fetch(scoped, ref, scope, deadline), deadline, ref.familiar()
+            scoped, lambda: self._fetch(scoped, ref, scope), deadline, ref.familiar()
         )
 
-    async def _fetch(
-        self, scoped: _ScopedKey, ref: ImageRef, scope: PullScope, deadline: float
-    ) -> Resolution:
+    def _lookup_deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self._lookup_seconds
+
+    async def _fetch(self, scoped: _ScopedKey, ref: ImageRef, scope: PullScope) -> Resolution:
         key = (scoped[0], scoped[1])
         try:
-            resolution = await self._inner.resolve(ref, scope, deadline)
+            resolution = await self._inner.resolve(ref, scope, self._lookup_deadline())
         except (NotFound, Unauthorized) as exc:
             expires = self._clock() + self._settings.negative_ttl_seconds
             _bounded_put(self._failures, scoped, (exc, expires), self._settings.max_entries)
             raise
         except ResolveError:
+            current = self._entries.get(key)
+            if current is not None and not current.stale and current.expires > self._clock():
+                # Another scope's lookup refreshed it meanwhile: fresh, not stale.
+                return Resolution(current.digest)
             stale = self._serve_stale(key)
             if stale is None:
                 raise
@@ -272,24 +283,29 @@ class CachingResolver:
             # A digest is immutable: once seen in a repository it stays valid to cache.
             self._known_digests.move_to_end(key)
             return True
-        missing_until = self._missing_digests.get(key)
+        scoped = (*key, scope)
+        missing_until = self._missing_digests.get(scoped)
         if missing_until is not None and missing_until > self._clock():
             return False
-        scoped = (*key, scope)
         return await self._checking.run(
-            scoped, lambda: self._check(key, ref, scope, deadline), deadline, ref.familiar()
+            scoped, lambda: self._check(scoped, ref, scope), deadline, ref.familiar()
         )
 
-    async def _check(self, key: _TagKey, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
-        found = await self._inner.exists(ref, scope, deadline)
+    async def _check(self, scoped: _ScopedKey, ref: ImageRef, scope: PullScope) -> bool:
+        found = await self._inner.exists(ref, scope, self._lookup_deadline())
         if found:
+            key = (scoped[0], scoped[1])
             _bounded_put(self._known_digests, key, None, self._settings.max_entries)
         else:
-            # The gcr.io kubebuilder digests will never appear on quay.io; ask again only
-            # after the negative TTL, not on every Pod that still carries one.
+            # The gcr.io kubebuilder digests will never appear on quay.io; ask again only after
+            # the negative TTL. Per scope: a registry may hide a repository from one caller.
             expires = self._clock() + self._settings.negative_ttl_seconds
-            _bounded_put(self._missing_digests, key, expires, self._settings.max_entries)
+            _bounded_put(self._missing_digests, scoped, expires, self._settings.max_entries)
         return found
+
+
+def _fresh(error: ResolveError) -> ResolveError:
+    return type(error)(str(error), reason=error.reason)
 
 
 def _bounded_put(table: OrderedDict[K, V], key: K, value: V, limit: int) -> None:

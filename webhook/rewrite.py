@@ -39,7 +39,8 @@ class NamePattern:
         name = name.rstrip("/")
         if _is_registry_only(name):
             _validate_registry(name)
-            return cls(prefix=name, tag=tag)
+            # The same alias the reference grammar resolves: images never say index.docker.io.
+            return cls(prefix="docker.io" if name == "index.docker.io" else name, tag=tag)
         if namespace:
             # "docker.io/kserve/" names the kserve namespace; without the slash docker.io would
             # read "docker.io/kserve" as the image docker.io/library/kserve.

@@ -72,6 +72,14 @@ class Runtime:
         self._config_stamp: tuple[float, int] | None = None
 
     async def __aenter__(self) -> Runtime:
+        try:
+            await self._start()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def _start(self) -> None:
         if isinstance(self._pull_secrets, KubePullSecrets):
             await self._stack.enter_async_context(self._pull_secrets)
         self._config_stamp = self._stamp()
@@ -79,7 +87,6 @@ class Runtime:
         if self._conditions_sync is not None:
             self._stack.push_async_callback(self._conditions_sync.aclose)
             await self._conditions_sync(self._settings)
-        return self
 
     async def __aexit__(
         self,
@@ -150,7 +157,13 @@ class Runtime:
         await client.__aenter__()
         inner = RegistryDigestResolver(client, self._pull_secrets, docker_config)
         self._registry_resolver = inner
-        return CachingResolver(inner, settings.cache, on_event=self.metrics.cache_event), client
+        cache = CachingResolver(
+            inner,
+            settings.cache,
+            on_event=self.metrics.cache_event,
+            lookup_seconds=settings.registry.timeout_seconds,
+        )
+        return cache, client
 
     def _docker_config_file(self, settings: Settings) -> Path | None:
         return settings.registry.docker_config or self._docker_config_path
