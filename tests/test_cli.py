@@ -114,3 +114,39 @@ def test_certs_generate_and_ca_bundle(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     bundle = pinhook("certs", "ca-bundle", "--ca", str(out / "ca.crt"))
     assert base64.b64decode(bundle.stdout.strip()) == (out / "ca.crt").read_bytes()
+
+
+def test_review_resolves_with_pull_secrets_from_manifests(
+    basic_registry: RegistryEnv, tmp_path: Path
+) -> None:
+    pushed = basic_registry.push.index("private/web", "2.0")
+    host = basic_registry.host
+    config = registry_config(tmp_path, host)
+    auth = base64.b64encode(b"alice:wonderland").decode()
+    dockerconfig = orjson.dumps({"auths": {host: {"auth": auth}}}).decode()
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: regcred, namespace: shop}\n"
+        "type: kubernetes.io/dockerconfigjson\n"
+        f"stringData:\n  .dockerconfigjson: '{dockerconfig}'\n"
+        "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n"
+        "imagePullSecrets: [{name: regcred}]\n"
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [{"name": "w", "image": pushed.tag_ref}],
+        },
+    }
+    doc = orjson.dumps(review(pod, namespace="shop"))
+    without = pinhook("review", "--config", str(config), "--apply", "-", stdin=doc)
+    assert orjson.loads(without.stdout)["spec"]["containers"][0]["image"] == pushed.tag_ref
+    with_secrets = pinhook(
+        "review", "--config", str(config), "--pull-secrets", str(secrets), "--apply", "-",
+        stdin=doc,
+    )  # fmt: skip
+    image = orjson.loads(with_secrets.stdout)["spec"]["containers"][0]["image"]
+    assert image == f"{pushed.tag_ref}@{pushed.digest}", with_secrets.stderr

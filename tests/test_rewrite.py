@@ -78,7 +78,7 @@ def test_new_tag_drops_the_old_tags_digest() -> None:
         ImageRef.parse(f"nginx:1.25@{digest}")
     )
     assert str(result.result) == "docker.io/library/nginx:1.27"
-    assert result.dropped_digest
+    assert result.changed and result.result.digest is None
 
 
 def test_digest_kept_and_flagged_as_moved() -> None:

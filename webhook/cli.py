@@ -13,6 +13,7 @@ from typing import Any
 
 import jsonpatch
 import orjson
+import yaml
 from lightkube import AsyncClient
 
 from . import certs, install
@@ -20,7 +21,7 @@ from .admission import AdmissionRequest, parse_review, render_response
 from .conditionsync import MatchConditionsSync
 from .config import Settings, default_settings, load_settings_file
 from .errors import ConfigError, PinhookError
-from .kube import KubePullSecrets, PullSecretSource
+from .kube import KubePullSecrets, PullSecretSource, StaticPullSecrets
 from .runtime import Runtime
 from .selfcert import SelfManagedCertificates, SelfManagedOptions
 
@@ -78,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     _config_flags(review)
     review.add_argument("file", help="AdmissionReview JSON file, or - for standard input")
     review.add_argument("--apply", action="store_true", help="print the patched object instead")
+    review.add_argument(
+        "--pull-secrets",
+        type=Path,
+        help="YAML of Secrets and ServiceAccounts to resolve with, as the cluster would",
+    )
 
     resolve = commands.add_parser("resolve", help="print the rewritten, pinned form of images")
     _config_flags(resolve)
@@ -236,11 +242,19 @@ def _pull_secrets(mode: str) -> PullSecretSource | None:
 
 def _review(args: argparse.Namespace) -> int:
     body = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
-    return asyncio.run(_answer_review(args, parse_review(body)))
+    secrets = None
+    if args.pull_secrets is not None:
+        objects = yaml.safe_load_all(args.pull_secrets.read_text(encoding="utf-8"))
+        secrets = StaticPullSecrets.from_manifests(o for o in objects if isinstance(o, dict))
+    runtime = Runtime(
+        _settings(args.config), docker_config=args.docker_config, pull_secrets=secrets
+    )
+    return asyncio.run(_answer_review(args, runtime, parse_review(body)))
 
 
-async def _answer_review(args: argparse.Namespace, request: AdmissionRequest) -> int:
-    runtime = Runtime(_settings(args.config), docker_config=args.docker_config)
+async def _answer_review(
+    args: argparse.Namespace, runtime: Runtime, request: AdmissionRequest
+) -> int:
     async with runtime:
         outcome = await runtime.mutator.review(request)
     if not args.apply:

@@ -184,11 +184,10 @@ class Mutator:
 
         Raises InvalidReference for the first invalid one.
         """
-        plans = []
-        for index, image in enumerate(images):
-            field = ImageField(f"/images/{index}", image, PullContext())
-            plans.append(plan_image(field, ImageRef.parse(image), self._rewrites, self._skip, mode))
-        return await self._execute(plans, None, self._budget)
+        fields = (
+            ImageField(f"/images/{i}", image, PullContext()) for i, image in enumerate(images)
+        )
+        return await self._execute([self._plan(f, mode) for f in fields], None, self._budget)
 
     async def _execute(
         self, plans: list[ImagePlan], namespace: str | None, budget: float

@@ -139,11 +139,6 @@ class Rewrite:
         return self.rule is not None and self.result != self.original
 
     @property
-    def dropped_digest(self) -> bool:
-        """A rule set a new tag, so the digest of the old one was left behind."""
-        return self.changed and self.original.digest is not None and self.result.digest is None
-
-    @property
     def moved_digest(self) -> bool:
         """A digest carried to another repository may not exist there."""
         return (
