@@ -1,0 +1,229 @@
+"""Slow, silent and too many clients are cut off; a normal client is served meanwhile.
+
+A real uvicorn server with the guarded protocol, on loopback, driven by raw TCP and TLS
+clients. Timeouts are shortened so that each case takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from webhook import certs
+from webhook.listener import ConnectionLimits, ListenerState, guarded_protocol
+from webhook.tls import server_context
+
+LIMITS = ConnectionLimits(
+    handshake_seconds=0.3, request_seconds=0.3, idle_seconds=0.8, max_connections=4
+)
+# How long a test waits for something that must happen: generous, for a loaded CI machine.
+MUST_HAPPEN_S = 5.0
+
+pytestmark = pytest.mark.both_loops
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers every request with the length of its body."""
+    if scope["type"] != "http":
+        return
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = str(size).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@dataclass
+class Recorder:
+    reasons: list[str] = field(default_factory=list)
+
+    def connection_closed(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+@dataclass
+class Running:
+    port: int
+    client_tls: ssl.SSLContext
+    state: ListenerState
+    events: Recorder
+
+    async def tcp(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def tls(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(
+            "127.0.0.1", self.port, ssl=self.client_tls, server_hostname="localhost"
+        )
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Running]:
+    """uvloop with httptools, as in production; asyncio's loop with h11, the fallback."""
+    uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+    parser = "httptools" if uvloop else "h11"
+    paths = certs.ensure_self_signed(tmp_path / "certs")
+    events = Recorder()
+    state = ListenerState(server_context(paths.cert, paths.key), LIMITS, events)
+    config = uvicorn.Config(
+        echo_length,
+        host="127.0.0.1",
+        port=0,
+        http=guarded_protocol(state, parser),
+        lifespan="off",
+        log_level="warning",
+        timeout_keep_alive=int(LIMITS.idle_seconds) or 1,
+    )
+    served = uvicorn.Server(config)
+    served.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(served.serve())
+    while not served.started:
+        await asyncio.sleep(0.01)  # uvicorn publishes no event for "listening"
+    port = served.servers[0].sockets[0].getsockname()[1]
+    client_tls = ssl.create_default_context(cafile=str(paths.ca_cert))
+    try:
+        yield Running(port, client_tls, state, events)
+    finally:
+        served.should_exit = True
+        await task
+
+
+def request(body: bytes = b"") -> bytes:
+    return (
+        b"POST /mutate HTTP/1.1\r\nHost: pinhook\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+
+async def response(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return await reader.readexactly(length)
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
+    """Seconds until the server closed the connection; fails if it stays open."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(1024):
+                pass
+    except TimeoutError:
+        pytest.fail(f"the server kept the connection open for {seconds}s")
+    except (ConnectionResetError, ssl.SSLError):
+        pass  # an abort reads as a reset
+    return loop.time() - started
+
+
+async def served_normally(running: Running) -> None:
+    reader, writer = await running.tls()
+    writer.write(request(b"12345"))
+    assert await response(reader) == b"5"
+    writer.close()
+
+
+async def test_keep_alive_connection_serves_requests_one_after_another(server: Running) -> None:
+    reader, writer = await server.tls()
+    for body in (b"a", b"bb"):
+        writer.write(request(body))
+        assert await response(reader) == str(len(body)).encode()
+        # Idle between requests for longer than a request may take to arrive: still open,
+        # because the request deadline runs only from a request's first byte.
+        await asyncio.sleep(LIMITS.request_seconds * 1.5)
+    assert not reader.at_eof()
+    writer.close()
+
+
+async def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
+    server: Running,
+) -> None:
+    reader, writer = await server.tls()
+    writer.write(request())
+    await response(reader)
+    waited = await closed_within(reader, MUST_HAPPEN_S)
+    assert waited >= LIMITS.idle_seconds * 0.5
+    writer.close()
+
+
+async def test_silent_client_after_handshake_is_cut_off(server: Running) -> None:
+    reader, writer = await server.tls()
+    waited = await closed_within(reader, MUST_HAPPEN_S)
+    assert LIMITS.request_seconds * 0.8 <= waited < LIMITS.idle_seconds
+    assert "request-timeout" in server.events.reasons
+    writer.close()
+
+
+async def test_slow_headers_are_cut_off_while_a_normal_client_is_served(server: Running) -> None:
+    reader, writer = await server.tls()
+    trickle = request(b"x")
+
+    async def send_slowly() -> None:
+        for byte in trickle:
+            if writer.is_closing():
+                return
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)
+
+    sender = asyncio.create_task(send_slowly())
+    await served_normally(server)
+    await closed_within(reader, MUST_HAPPEN_S)
+    sender.cancel()
+    assert "request-timeout" in server.events.reasons
+    writer.close()
+
+
+async def test_slow_body_is_cut_off(server: Running) -> None:
+    reader, writer = await server.tls()
+    writer.write(b"POST /mutate HTTP/1.1\r\nHost: pinhook\r\nContent-Length: 100\r\n\r\nab")
+    await closed_within(reader, MUST_HAPPEN_S)
+    assert "request-timeout" in server.events.reasons
+    writer.close()
+
+
+async def test_client_that_never_starts_tls_is_cut_off(server: Running) -> None:
+    reader, writer = await server.tcp()
+    waited = await closed_within(reader, MUST_HAPPEN_S)
+    assert waited >= LIMITS.handshake_seconds * 0.8
+    assert server.events.reasons == ["handshake-timeout"]
+    assert server.state.open_connections == 0
+    writer.close()
+
+
+async def test_connections_over_the_cap_are_refused_and_the_slots_come_back(
+    server: Running,
+) -> None:
+    held = [await server.tls() for _ in range(LIMITS.max_connections)]
+    assert server.state.open_connections == LIMITS.max_connections
+    reader, writer = await server.tcp()
+    await closed_within(reader, MUST_HAPPEN_S)
+    assert server.events.reasons == ["over-limit"]
+    writer.close()
+    for _reader, held_writer in held:
+        held_writer.close()
+        await held_writer.wait_closed()
+    # Released as each connection went: new clients are served again.
+    while server.state.open_connections:
+        await asyncio.sleep(0.01)  # connection_lost runs on the server's next turn
+    await served_normally(server)

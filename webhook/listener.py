@@ -1,0 +1,295 @@
+"""The accepting side of the server: a connection cap, TLS handshakes and request deadlines in
+front of uvicorn's HTTP protocol.
+
+uvicorn leaves three things open that a webhook in the write path of every Pod cannot:
+
+* no deadline on the TLS handshake beyond asyncio's 60 s;
+* no deadline on receiving a request: its keep-alive timer is reset by every byte, and not armed
+  at all before a connection's first response, so a client that connects and stays silent, or
+  sends a byte every few seconds, holds its connection for ever (slowloris);
+* no cap on open connections, each of which holds a 256 KiB TLS read buffer.
+
+So uvicorn listens on plain TCP, and :class:`GuardedConnection`, its protocol class, counts each
+accepted connection against the cap, performs the TLS handshake itself (``loop.start_tls`` with
+a timeout) and only then hands the encrypted transport to uvicorn's HTTP protocol, extended with
+a request deadline. Keep-alive still works: the API server reuses its connections, and one that
+is idle between requests is closed only after ``idle_seconds``, longer than the 90 s Go's HTTP
+client keeps an idle connection, so the server never closes one the client is about to reuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is optional: the pure-Python parser serves too, more slowly
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    handshake_seconds: float = 10.0  # TCP accept to TLS established
+    request_seconds: float = 10.0  # first byte of a request (or a new connection) to its end
+    idle_seconds: float = 120.0  # keep-alive between requests
+    max_connections: int = 256  # open connections, handshakes included
+
+
+class ConnectionEvents(Protocol):
+    """Where refused and timed-out connections are counted (the metrics)."""
+
+    def connection_closed(self, reason: str) -> None: ...
+
+
+@dataclass(slots=True)
+class ListenerState:
+    """Shared by every connection of one listening socket."""
+
+    tls: ssl.SSLContext
+    limits: ConnectionLimits
+    events: ConnectionEvents
+    open_connections: int = 0
+
+
+def guarded_protocol(state: ListenerState, parser: str = "auto") -> type[asyncio.Protocol]:
+    """The protocol class to give uvicorn's ``Config(http=...)`` for one listener.
+
+    ``parser``: ``httptools`` (C, fast), ``h11`` (pure Python), or ``auto``: httptools when it
+    is installed.
+    """
+    http = _http_protocol_class(parser)
+
+    class Bound(GuardedConnection):
+        listener = state
+        http_class = http
+
+    return Bound
+
+
+class GuardedConnection(asyncio.Protocol):
+    """One accepted TCP connection until its TLS handshake is done; then uvicorn's protocol."""
+
+    # Set on the subclass made by guarded_protocol().
+    listener: ListenerState
+    http_class: type[_RequestDeadline]
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._http_arguments = {
+            "config": config,
+            "server_state": server_state,
+            "app_state": app_state,
+            "_loop": _loop,
+        }
+        self._counted = False
+        self._handshake: asyncio.Task[None] | None = None
+        self._early: list[bytes] = []  # read before start_tls took the transport over
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without deriving from it.
+        transport = cast(asyncio.Transport, transport)
+        state = self.listener
+        if state.open_connections >= state.limits.max_connections:
+            state.events.connection_closed("over-limit")
+            transport.abort()
+            return
+        state.open_connections += 1
+        self._counted = True
+        self._handshake = asyncio.get_running_loop().create_task(self._start_tls(transport))
+
+    def data_received(self, data: bytes) -> None:
+        # uvloop reads the ClientHello before start_tls can pause the transport (asyncio does
+        # not); it is handed to the TLS protocol once that is in place, see _replay_early.
+        self._early.append(data)
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        limits = self.listener.limits
+        pending = _Pending()
+        # start_tls installs its protocol and queues its connection_made before it first
+        # waits; this runs two turns later, after that connection_made.
+        loop.call_soon(loop.call_soon, self._replay_early, raw)
+        try:
+            tls = await loop.start_tls(
+                raw,
+                pending,
+                self.listener.tls,
+                server_side=True,
+                ssl_handshake_timeout=limits.handshake_seconds,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            # Both loops report their handshake timeout as ConnectionAbortedError.
+            late = isinstance(exc, ConnectionAbortedError | TimeoutError)
+            reason = "handshake-timeout" if late else "handshake-failed"
+            self.listener.events.connection_closed(reason)
+            log.debug("TLS handshake with %s failed: %r", _peer(raw), exc)
+            tls = None
+        except BaseException:
+            raw.abort()
+            self._release()
+            raise
+        if tls is None or pending.lost:  # failed, or the peer went away as it ended
+            raw.abort()
+            self._release()
+            return
+        http = self.http_class(**self._http_arguments)
+        http.listener = self.listener
+        # From here the TLS transport talks to `http`, whose connection_lost frees the slot.
+        http.on_lost = self._release
+        tls.set_protocol(http)
+        http.connection_made(tls)
+        pending.hand_over(http)
+
+    def _replay_early(self, raw: asyncio.Transport) -> None:
+        if self._early and not raw.is_closing():
+            _feed(raw.get_protocol(), b"".join(self._early))
+        self._early = []
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Called only while the raw transport is still ours: before start_tls took it over.
+        if self._handshake is not None:
+            self._handshake.cancel()
+        self._release()
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.listener.open_connections -= 1
+
+
+class _Pending(asyncio.Protocol):
+    """Holds what arrives with the end of the handshake, before the HTTP protocol is attached.
+
+    A client sends its request right behind its last handshake message, so the first bytes can
+    be decrypted before ``start_tls`` returns; uvicorn's protocol must see ``connection_made``
+    before any data.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        return True  # keep the transport open until the HTTP protocol decides
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+    def hand_over(self, http: _RequestDeadline) -> None:
+        for chunk in self.chunks:
+            http.data_received(chunk)
+        self.chunks.clear()
+        if self.eof and not http.eof_received():
+            http.transport.close()
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Deliver ``data`` as the transport would: TLS protocols take it into their own buffer."""
+    if isinstance(protocol, asyncio.Protocol):
+        protocol.data_received(data)
+        return
+    # A buffered protocol (both loops' SSLProtocol; uvloop's without deriving from the class).
+    buffered = cast(asyncio.BufferedProtocol, protocol)
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(buffered.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        buffered.buffer_updated(size)
+        view = view[size:]
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "a client"
+
+
+class _RequestDeadline(asyncio.Protocol):
+    """uvicorn HTTP protocol mixin: each request must arrive whole within ``request_seconds``.
+
+    Armed when the connection is established (the first request must follow at once) and at
+    the first byte of each later request; disarmed once the request's body is complete.
+    Between requests, uvicorn's keep-alive timer (``idle_seconds``) applies.
+    """
+
+    transport: asyncio.Transport
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+    listener: ListenerState
+    on_lost: Callable[[], None] | None = None
+    _deadline: asyncio.TimerHandle | None = None
+    _received: Any = None  # the cycle whose request arrived whole
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and (self.cycle is None or self.cycle is self._received):
+            self._arm()
+        super().data_received(data)
+        cycle = self.cycle
+        if cycle is not None and cycle is not self._received and not cycle.more_body:
+            self._received = cycle
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+        if self.on_lost is not None:
+            self.on_lost()
+            self.on_lost = None
+
+    def _arm(self) -> None:
+        self._disarm()
+        seconds = self.listener.limits.request_seconds
+        self._deadline = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.listener.events.connection_closed("request-timeout")
+            log.debug("closing a connection that sent no complete request in time")
+            self.transport.abort()
+
+
+class _H11(_RequestDeadline, H11Protocol):
+    pass
+
+
+if HttpToolsProtocol is not None:
+
+    class _HttpTools(_RequestDeadline, HttpToolsProtocol):
+        pass
+
+
+def _http_protocol_class(parser: str) -> type[_RequestDeadline]:
+    if parser == "h11" or (parser == "auto" and HttpToolsProtocol is None):
+        return _H11
+    if HttpToolsProtocol is None:
+        raise ValueError("the httptools parser is not installed")
+    return _HttpTools
