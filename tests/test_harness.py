@@ -336,11 +336,11 @@ def test_missing_registry_binary_fails_naming_the_script(
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv(SKIP_ENV, raising=False)
-    with pytest.raises(pytest.fail.Exception, match="scripts/ensure-registry"):
+    with pytest.raises(pytest.fail.Exception, match="scripts/ensure-packages"):
         require_registry()
 
     monkeypatch.setenv(SKIP_ENV, "1")
-    with pytest.raises(pytest.skip.Exception, match="scripts/ensure-registry"):
+    with pytest.raises(pytest.skip.Exception, match="scripts/ensure-packages"):
         require_registry()
 
 

@@ -1,7 +1,7 @@
 """Session-scoped registries for tests: anonymous, htpasswd and token auth.
 
 Registries are real ``docker-registry`` processes. When the binary is missing the fixtures
-fail and name ``scripts/ensure-registry``; with ``PINHOOK_SKIP_REGISTRY=1`` they skip instead.
+fail and name ``scripts/ensure-packages``; with ``PINHOOK_SKIP_REGISTRY=1`` they skip instead.
 """
 
 from __future__ import annotations

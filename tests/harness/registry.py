@@ -66,7 +66,7 @@ def registry_binary() -> str:
     found = shutil.which(REGISTRY_BINARY)
     if found is None:
         raise RegistryNotInstalled(
-            f"{REGISTRY_BINARY!r} is not installed; run scripts/ensure-registry "
+            f"{REGISTRY_BINARY!r} is not installed; run scripts/ensure-packages "
             "(apt-get install docker-registry), or set PINHOOK_SKIP_REGISTRY=1 to skip "
             "the tests that need it"
         )
