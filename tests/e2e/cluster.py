@@ -280,20 +280,20 @@ def pod(name: str, image: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def inference_service(name: str, image: str, namespace: str) -> dict[str, Any]:
+def inference_service(
+    name: str, image: str, namespace: str, predictor: str = "model"
+) -> dict[str, Any]:
+    """``predictor`` is ``model`` (the current shape) or a framework key such as ``sklearn``
+    (the older one, which KServe's own webhook moves into ``model``)."""
+    storage = "gs://kfserving-examples/models/sklearn/1.0/model"
+    implementation: dict[str, Any] = {"storageUri": storage, "image": image}
+    if predictor == "model":
+        implementation = {"modelFormat": {"name": "sklearn"}, **implementation}
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "predictor": {
-                "model": {
-                    "modelFormat": {"name": "sklearn"},
-                    "storageUri": "gs://kfserving-examples/models/sklearn/1.0/model",
-                    "image": image,
-                }
-            }
-        },
+        "spec": {"predictor": {predictor: implementation}},
     }
 
 
