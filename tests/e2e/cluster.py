@@ -26,6 +26,7 @@ from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfigur
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.apps_v1 import Deployment, ReplicaSet
 from lightkube.resources.core_v1 import Namespace, Pod, ServiceAccount
+from lightkube.types import PatchType
 
 CRD_DIR: Final = Path(__file__).parent / "crds"
 FIELD_MANAGER: Final = "pinhook-e2e"
@@ -534,3 +535,14 @@ def delete_webhook_configuration(client: Client, name: str) -> None:
 
 def get_webhook_configuration(client: Client, name: str) -> dict[str, Any]:
     return as_dict(client.get(MutatingWebhookConfiguration, name))
+
+
+def patch_webhooks(client: Client, name: str, path: str, value: Any) -> None:
+    """Set ``path`` (below ``/webhooks/N``) to ``value`` in every webhook of configuration
+    ``name``; each replacement is guarded by a test of the webhook's name."""
+    webhooks = get_webhook_configuration(client, name)["webhooks"]
+    ops: list[dict[str, Any]] = []
+    for index, webhook in enumerate(webhooks):
+        ops.append({"op": "test", "path": f"/webhooks/{index}/name", "value": webhook["name"]})
+        ops.append({"op": "replace", "path": f"/webhooks/{index}{path}", "value": value})
+    client.patch(MutatingWebhookConfiguration, name, ops, patch_type=PatchType.JSON)

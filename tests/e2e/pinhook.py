@@ -66,6 +66,11 @@ def mutate_url(host: str, port: int) -> str:
     return f"https://{url_host(host)}:{port}/mutate"
 
 
+def listen_port() -> int:
+    """The port for a pinhook: PINHOOK_E2E_PORT when set (for the first one), else a free one."""
+    return int(os.environ.get("PINHOOK_E2E_PORT") or free_port())
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("0.0.0.0", 0))  # the port pinhook will listen on, on every address
@@ -194,7 +199,7 @@ class Pinhook:
         port: int | None = None,
     ) -> None:
         self.host = host
-        self.port = port or int(os.environ.get("PINHOOK_E2E_PORT") or free_port())
+        self.port = port or listen_port()
         self.tls = Tls.in_dir(self_managed.cert_dir) if self_managed else tls
         self._lines: queue.Queue[str] = queue.Queue()
         self._log: list[str] = []
@@ -223,6 +228,12 @@ class Pinhook:
         except BaseException:
             self.stop()
             raise
+
+    def __enter__(self) -> Pinhook:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
 
     @property
     def url(self) -> str:
