@@ -239,8 +239,10 @@ class RecordingProxy:
     and which one pinhook answered with.
     """
 
-    def __init__(self, tls: Tls, host: str, upstream: str) -> None:
-        self.upstream = upstream
+    def __init__(self, tls: Tls, host: str, upstream_port: int) -> None:
+        # pinhook listens on every address; its certificate is checked for ``host``.
+        self.upstream = f"https://127.0.0.1:{upstream_port}"
+        self.host = host
         self.exchanges: list[Exchange] = []
         self._lock = threading.Lock()
         self._client = httpx.Client(
@@ -257,7 +259,10 @@ class RecordingProxy:
 
     def _forward(self, path: str, body: bytes) -> tuple[int, bytes]:
         answer = self._client.post(
-            self.upstream + path, content=body, headers={"Content-Type": JSON}
+            self.upstream + path,
+            content=body,
+            headers={"Content-Type": JSON},
+            extensions={"sni_hostname": self.host},
         )
         if answer.status_code == 200:
             _, _, query = path.partition("?")
