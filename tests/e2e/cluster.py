@@ -364,7 +364,7 @@ def wait_for_pods(
 
     def added() -> list[dict[str, Any]]:
         seen: dict[str, dict[str, Any]] = {}
-        for op, found in client.watch(Pod, namespace=namespace, labels=labels):
+        for op, found in client.watch(Pod, namespace=namespace, labels=_selector(labels)):
             if op in ("ADDED", "MODIFIED"):
                 document = as_dict(found)
                 seen[document["metadata"]["name"]] = document
@@ -381,7 +381,7 @@ def wait_for_rollout(client: Client, name: str, namespace: str, seconds: float) 
 
     def rolled_out() -> dict[str, Any]:
         fields = {"metadata.name": name}
-        for _op, found in client.watch(Deployment, namespace=namespace, fields=fields):
+        for _op, found in client.watch(Deployment, namespace=namespace, fields=_selector(fields)):
             document = as_dict(found)
             status = document.get("status") or {}
             if (
@@ -398,9 +398,14 @@ def replica_sets(
     client: Client, namespace: str, labels: dict[str, str]
 ) -> tuple[list[dict[str, Any]], str]:
     """The ReplicaSets matching ``labels`` and the list's resourceVersion (to watch from)."""
-    listed = client.list(ReplicaSet, namespace=namespace, labels=labels)
+    listed = client.list(ReplicaSet, namespace=namespace, labels=_selector(labels))
     items = [as_dict(item) for item in listed]  # resourceVersion is known once iterated
     return items, listed.resourceVersion
+
+
+def _selector(labels: dict[str, str]) -> dict[str, Any]:
+    """Plain ``key: value`` pairs, typed as lightkube's selectors (which also take operators)."""
+    return dict(labels)
 
 
 def no_new_replica_set(
@@ -413,7 +418,7 @@ def no_new_replica_set(
 
     def first_added() -> str:
         events = client.watch(
-            ReplicaSet, namespace=namespace, labels=labels, resource_version=since
+            ReplicaSet, namespace=namespace, labels=_selector(labels), resource_version=since
         )
         for op, found in events:
             if op == "ADDED":

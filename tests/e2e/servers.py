@@ -182,7 +182,9 @@ class AdderWebhook:
         self.server.__exit__(exc_type, exc, tb)
 
 
-def adder_configuration(name: str, adder: AdderWebhook, ca_pem: bytes, namespace: str) -> Any:
+def adder_configuration(
+    name: str, adder: AdderWebhook, ca_pem: bytes, namespace: str
+) -> dict[str, Any]:
     """Its MutatingWebhookConfiguration: Pods labelled ``ADDER_LABEL`` in ``namespace`` only."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
