@@ -135,13 +135,10 @@ def namespaces(kube: Client) -> Iterator[Namespaces]:
 @contextlib.contextmanager
 def running_pinhook(setup: PinhookSetup, config: Path | None = None) -> Iterator[Pinhook]:
     """``pinhook serve`` with the suite's certificate and ``config`` (default: the suite's)."""
-    pinhook = Pinhook(
+    with Pinhook(
         host=setup.host, config=config or setup.config, tls=setup.tls, workdir=setup.workdir
-    )
-    try:
+    ) as pinhook:
         yield pinhook
-    finally:
-        pinhook.stop()
 
 
 @contextlib.contextmanager

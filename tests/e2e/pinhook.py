@@ -173,19 +173,16 @@ class SelfManaged:
     def serve_args(self, host: str) -> list[str]:
         # The API server calls a URL with ``host`` in it, not the Service the certificate is
         # made for: --cert-ip / --cert-dns-name add it.
-        san = ["--cert-ip", host] if is_ip(host) else ["--cert-dns-name", host]
-        return [
-            "--self-managed",
-            *("--namespace", self.namespace, "--webhook-name", self.webhook_name),
-            *("--cert-dir", str(self.cert_dir), *san),
-        ]
+        san = ["--cert-ip" if is_ip(host) else "--cert-dns-name", host]
+        args = ["--self-managed", "--namespace", self.namespace]
+        return [*args, "--webhook-name", self.webhook_name, "--cert-dir", str(self.cert_dir), *san]
 
 
 class Pinhook:
     """A ``pinhook serve`` subprocess on 0.0.0.0, checked reachable over TLS as ``host``.
 
-    With ``self_managed`` the certificate files are pinhook's own, written to its cert dir;
-    otherwise ``tls`` names them.
+    ``tls`` names its certificate files; with ``self_managed`` instead, they are pinhook's own,
+    written to its cert dir. Stopped at the end of a ``with`` block.
     """
 
     def __init__(
@@ -193,21 +190,23 @@ class Pinhook:
         *,
         host: str,
         config: Path,
-        tls: Tls,
         workdir: Path,
+        tls: Tls | None = None,
         self_managed: SelfManaged | None = None,
         port: int | None = None,
     ) -> None:
         self.host = host
         self.port = port or listen_port()
-        self.tls = Tls.in_dir(self_managed.cert_dir) if self_managed else tls
         self._lines: queue.Queue[str] = queue.Queue()
         self._log: list[str] = []
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         args = ["serve", "--config", str(config)]
         if self_managed is None:
+            assert tls is not None, "a pinhook serves either tls or self_managed certificates"
+            self.tls = tls
             args += ["--cert", str(tls.cert), "--key", str(tls.key)]
         else:
+            self.tls = Tls.in_dir(self_managed.cert_dir)
             args += self_managed.serve_args(host)
             env["KUBECONFIG"] = str(self_managed.kubeconfig)
         # 0.0.0.0: the API server is not on this machine's loopback.
