@@ -391,6 +391,36 @@ async def test_a_secret_missing_a_key_is_replaced(
     assert check_material(_stored(server), NAMES) is None
 
 
+async def test_extra_names_and_addresses_are_covered_and_required_of_a_stored_secret(
+    server: FakeApiServer, new_client: ClientFactory, tmp_path: Path
+) -> None:
+    # Made for the Service names only, as a replica without the extra names would store it.
+    server.put(_tls_secret(_fresh_material()))
+    options = _options(
+        tmp_path, extra_dns_names=("pinhook.dev.local",), ip_addresses=("127.0.0.1", "0:0::1")
+    )
+    await SelfManagedCertificates(new_client(), options).ensure()
+
+    stored = _stored(server)
+    info = certs.load_cert_info(stored.cert_pem)
+    assert set(info.dns_names) == {*NAMES, "pinhook.dev.local"}
+    assert set(info.ips) == {"127.0.0.1", "::1"}  # one spelling per address
+    problem = check_material(stored, NAMES, ip_addresses=["127.0.0.2"])
+    assert problem == "tls.crt does not cover 127.0.0.2"
+    assert check_material(stored, NAMES, ip_addresses=["::1"]) is None
+    version = _secret_version(server)
+    # A second replica with the same names adopts it.
+    await SelfManagedCertificates(new_client(), options).ensure()
+    assert _secret_version(server) == version
+
+
+def test_an_invalid_extra_ip_is_a_certificate_error() -> None:
+    config = KubeConfig.from_one(cluster=Cluster(server="http://127.0.0.1:1"), user=User(token="t"))
+    client = AsyncClient(config=config, trust_env=False)
+    with pytest.raises(CertificateError, match="not-an-ip"):
+        SelfManagedCertificates(client, SelfManagedOptions(ip_addresses=("not-an-ip",)))
+
+
 # -- races between replicas ----------------------------------------------------------------
 
 

@@ -112,6 +112,7 @@ async def test_self_managed_certificate_and_pull_secret_watch(
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "webhook.cli", "serve", "--self-managed", "--kube", "on",
         "--cert-dir", str(tmp_path / "tls"), "--port", str(port), "--config", str(config),
+        "--cert-ip", "127.0.0.1",
         env=env, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -131,6 +132,11 @@ async def test_self_managed_certificate_and_pull_secret_watch(
                 f"https://127.0.0.1:{port}/readyz", extensions={"sni_hostname": SERVICE_NAME}
             )
         assert ready.status_code == 200, ready.text
+        # --cert-ip: also valid for an API server that calls https://127.0.0.1:PORT/mutate.
+        transport = httpx.AsyncHTTPTransport(verify=context)
+        async with httpx.AsyncClient(transport=transport) as client:
+            healthy = await client.get(f"https://127.0.0.1:{port}/healthz")
+        assert healthy.status_code == 200, healthy.text
         # Pull secrets come from watches, not from requests per admission.
         assert api.open_watches("secrets") >= 1
         assert api.open_watches("serviceaccounts") == 1

@@ -68,6 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--service", default="pinhook", help="pinhook's Service name")
     serve.add_argument("--webhook-name", default="pinhook", help="its MutatingWebhookConfiguration")
     serve.add_argument(
+        "--cert-dns-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --self-managed: a DNS name the certificate covers besides the Service's"
+        " (repeatable)",
+    )
+    serve.add_argument(
+        "--cert-ip",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="with --self-managed: an IP address the certificate covers, for an API server that"
+        " calls a URL such as https://127.0.0.1:8443/mutate (repeatable)",
+    )
+    serve.add_argument(
         "--kube",
         choices=("auto", "on", "off"),
         default=_env("KUBE", "auto"),
@@ -182,6 +198,8 @@ def _serve(args: argparse.Namespace) -> int:
             service=args.service,
             webhook_name=args.webhook_name,
             out_dir=args.cert_dir,
+            extra_dns_names=tuple(args.cert_dns_name),
+            ip_addresses=tuple(args.cert_ip),
         )
         # One pass before listening, so the first handshake already has the shared
         # certificate; then the renewal loop, on the server's own event loop and client.

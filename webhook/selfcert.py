@@ -32,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import enum
+import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ class SelfManagedOptions:
     secret_name: str = "pinhook-tls"  # noqa: S105 - a name, not a password
     webhook_name: str = "pinhook"
     out_dir: Path = Path("/tmp/pinhook-tls")  # noqa: S108 - an emptyDir in the Deployment
+    # Names besides the Service's, for an API server that calls a URL rather than the Service
+    # (pinhook on a developer's machine, `pinhook install --url https://127.0.0.1:8443/mutate`).
+    extra_dns_names: tuple[str, ...] = ()
+    ip_addresses: tuple[str, ...] = ()
     days: int = 365
     check_interval: float = 3600.0
     # After a failed pass, or while the webhook configuration does not exist yet (it may be
@@ -117,13 +122,16 @@ class ServingMaterial:
 
 
 def check_material(
-    material: ServingMaterial | None, dns_names: Sequence[str], now: datetime | None = None
+    material: ServingMaterial | None,
+    dns_names: Sequence[str],
+    now: datetime | None = None,
+    ip_addresses: Sequence[str] = (),
 ) -> str | None:
     """Why ``material`` should not serve (a reason fit for a log line), or None when it is sound.
 
     Sound: parseable, the key belongs to the leaf, the leaf is signed by the first CA of the
-    bundle, is valid now, covers ``dns_names``, and neither it nor the CA is in the last third
-    of its lifetime.
+    bundle, is valid now, covers ``dns_names`` and ``ip_addresses``, and neither it nor the CA
+    is in the last third of its lifetime.
     """
     if material is None:
         return f"it lacks one of {certs.CA_CERT_FILE}, {certs.CERT_FILE}, {certs.KEY_FILE}"
@@ -142,7 +150,9 @@ def check_material(
         return f"{certs.CERT_FILE} is not signed by the first CA in {certs.CA_CERT_FILE}"
     if leaf.not_valid_before_utc > moment:
         return f"{certs.CERT_FILE} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}Z"
-    missing = sorted(set(dns_names) - set(certs.load_cert_info(material.cert_pem).dns_names))
+    info = certs.load_cert_info(material.cert_pem)
+    missing = sorted(set(dns_names) - set(info.dns_names))
+    missing += sorted(set(map(_canonical_ip, ip_addresses)) - set(map(_canonical_ip, info.ips)))
     if missing:
         return f"{certs.CERT_FILE} does not cover {', '.join(missing)}"
     if certs.needs_renewal(material.cert_pem, moment):
@@ -170,7 +180,12 @@ class SelfManagedCertificates:
             raise CertificateError("check_interval and retry_interval must be positive")
         self._client = client
         self._options = options
-        self._dns_names = certs.service_dns_names(options.service, options.namespace)
+        service_names = certs.service_dns_names(options.service, options.namespace)
+        self._dns_names = list(dict.fromkeys([*service_names, *options.extra_dns_names]))
+        try:
+            self._ips = list(dict.fromkeys(map(_canonical_ip, options.ip_addresses)))
+        except ValueError as exc:
+            raise CertificateError(f"not a valid IP address for a certificate: {exc}") from exc
         self._secret_label = f"secret {options.namespace}/{options.secret_name}"
         self._webhook_label = f"MutatingWebhookConfiguration {options.webhook_name}"
         # True after a failed pass or while the webhook configuration is missing.
@@ -228,7 +243,9 @@ class SelfManagedCertificates:
             current = await self._read_secret()
             stored = ServingMaterial.from_secret_data(current.data) if current else None
             problem = (
-                "it does not exist" if current is None else check_material(stored, self._dns_names)
+                "it does not exist"
+                if current is None
+                else check_material(stored, self._dns_names, ip_addresses=self._ips)
             )
             if current is not None and stored is not None and problem is None:
                 return stored, _version(current)
@@ -245,7 +262,7 @@ class SelfManagedCertificates:
                 _log.info(
                     "%s stored with a new certificate for %s",
                     self._secret_label,
-                    ", ".join(self._dns_names),
+                    ", ".join([*self._dns_names, *self._ips]),
                 )
                 return fresh, _version(written)
             _log.info("another writer changed %s first; reading it again", self._secret_label)
@@ -257,7 +274,10 @@ class SelfManagedCertificates:
     def _generate(self, previous: ServingMaterial | None) -> ServingMaterial:
         options = self._options
         generated = certs.generate(
-            self._dns_names, days=options.days, ca_days=max(_MIN_CA_DAYS, options.days)
+            self._dns_names,
+            self._ips,
+            days=options.days,
+            ca_days=max(_MIN_CA_DAYS, options.days),
         )
         return ServingMaterial(
             ca_pem=generated.ca_cert_pem + _previous_ca(previous, generated.ca_cert_pem),
@@ -430,6 +450,11 @@ def _previous_ca(previous: ServingMaterial | None, new_ca_pem: bytes) -> bytes:
     if ca.not_valid_after_utc <= datetime.now(UTC) or pem == new_ca_pem:
         return b""
     return pem
+
+
+def _canonical_ip(text: str) -> str:
+    """One spelling per address (``::1`` and ``0:0::1`` are the same SAN); ValueError if none."""
+    return str(ipaddress.ip_address(text))
 
 
 def _files_hold(paths: CertPaths, material: ServingMaterial) -> bool:

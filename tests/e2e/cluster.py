@@ -24,7 +24,9 @@ from lightkube.generic_resource import create_global_resource, create_namespaced
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfiguration
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
+from lightkube.resources.apps_v1 import Deployment, ReplicaSet
 from lightkube.resources.core_v1 import Namespace, Pod, ServiceAccount
+from lightkube.types import PatchType
 
 CRD_DIR: Final = Path(__file__).parent / "crds"
 FIELD_MANAGER: Final = "pinhook-e2e"
@@ -279,20 +281,20 @@ def pod(name: str, image: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def inference_service(name: str, image: str, namespace: str) -> dict[str, Any]:
+def inference_service(
+    name: str, image: str, namespace: str, predictor: str = "model"
+) -> dict[str, Any]:
+    """``predictor`` is ``model`` (the current shape) or a framework key such as ``sklearn``
+    (the older one, which KServe's own webhook moves into ``model``)."""
+    storage = "gs://kfserving-examples/models/sklearn/1.0/model"
+    implementation: dict[str, Any] = {"storageUri": storage, "image": image}
+    if predictor == "model":
+        implementation = {"modelFormat": {"name": "sklearn"}, **implementation}
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "predictor": {
-                "model": {
-                    "modelFormat": {"name": "sklearn"},
-                    "storageUri": "gs://kfserving-examples/models/sklearn/1.0/model",
-                    "image": image,
-                }
-            }
-        },
+        "spec": {"predictor": {predictor: implementation}},
     }
 
 
@@ -336,6 +338,100 @@ def knative_service(name: str, image: str, namespace: str) -> dict[str, Any]:
     }
 
 
+def deployment(
+    name: str, image: str, namespace: str, replicas: int, *, labels: dict[str, str]
+) -> dict[str, Any]:
+    """A Deployment whose Pods are the suite's gated ``pod`` (never scheduled or pulled)."""
+    template = pod(name, image, namespace)
+    template["metadata"] = {"labels": {**template["metadata"]["labels"], **labels}}
+    template["spec"]["restartPolicy"] = "Always"  # the only policy a Deployment accepts
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(MANAGED_BY)},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": template,
+        },
+    }
+
+
+def wait_for_pods(
+    client: Client, namespace: str, labels: dict[str, str], count: int, seconds: float
+) -> list[dict[str, Any]]:
+    """The first ``count`` Pods matching ``labels`` that exist, as soon as they do (watch)."""
+
+    def added() -> list[dict[str, Any]]:
+        seen: dict[str, dict[str, Any]] = {}
+        for op, found in client.watch(Pod, namespace=namespace, labels=_selector(labels)):
+            if op in ("ADDED", "MODIFIED"):
+                document = as_dict(found)
+                seen[document["metadata"]["name"]] = document
+            if len(seen) >= count:
+                return list(seen.values())
+        raise AssertionError("the Pod watch ended")
+
+    return within(seconds, f"{count} Pods {labels} in {namespace}", added)
+
+
+def wait_for_rollout(client: Client, name: str, namespace: str, seconds: float) -> dict[str, Any]:
+    """The Deployment once its controller observed it and all its replicas are of the newest
+    ReplicaSet (created, not ready: there is no kubelet)."""
+
+    def rolled_out() -> dict[str, Any]:
+        fields = {"metadata.name": name}
+        for _op, found in client.watch(Deployment, namespace=namespace, fields=_selector(fields)):
+            document = as_dict(found)
+            status = document.get("status") or {}
+            if (
+                status.get("observedGeneration") == document["metadata"]["generation"]
+                and status.get("updatedReplicas") == document["spec"]["replicas"]
+            ):
+                return document
+        raise AssertionError("the Deployment watch ended")
+
+    return within(seconds, f"Deployment {namespace}/{name} rolled out", rolled_out)
+
+
+def replica_sets(
+    client: Client, namespace: str, labels: dict[str, str]
+) -> tuple[list[dict[str, Any]], str]:
+    """The ReplicaSets matching ``labels`` and the list's resourceVersion (to watch from)."""
+    listed = client.list(ReplicaSet, namespace=namespace, labels=_selector(labels))
+    items = [as_dict(item) for item in listed]  # resourceVersion is known once iterated
+    return items, listed.resourceVersion
+
+
+def _selector(labels: dict[str, str]) -> dict[str, Any]:
+    """Plain ``key: value`` pairs, typed as lightkube's selectors (which also take operators)."""
+    return dict(labels)
+
+
+def no_new_replica_set(
+    client: Client, namespace: str, labels: dict[str, str], since: str, seconds: float
+) -> None:
+    """Fails if a ReplicaSet matching ``labels`` is added within ``seconds`` after ``since``.
+
+    A Deployment controller in a hot loop adds one per sync, within milliseconds of the last.
+    """
+
+    def first_added() -> str:
+        events = client.watch(
+            ReplicaSet, namespace=namespace, labels=_selector(labels), resource_version=since
+        )
+        for op, found in events:
+            if op == "ADDED":
+                return str(as_dict(found)["metadata"]["name"])
+        raise AssertionError("the ReplicaSet watch ended")
+
+    try:
+        name = within(seconds, "a new ReplicaSet", first_added)
+    except TimeoutError:
+        return
+    raise AssertionError(f"the Deployment controller created another ReplicaSet: {name}")
+
+
 def create_and_read_back(client: Client, document: dict[str, Any]) -> dict[str, Any]:
     """Create the object, then GET it: what the API server stored after mutating admission."""
     # lightkube types from_dict's result as a generic resource even for built-in kinds.
@@ -376,26 +472,65 @@ def container_images(obj: dict[str, Any], *path: str) -> list[str]:
 def wait_until_webhook_called(
     client: Client, namespace: str, image: str, pinned: str, *, prefix: str = "probe"
 ) -> None:
-    """Create probe Pods until one is stored with ``pinned``: the webhook is being called.
+    """Create probe Pods until one is stored with ``pinned``: the webhook is being called."""
 
-    A new webhook configuration reaches the API server's dispatcher through an informer, a
-    moment after the write; there is no event to wait for, hence the bounded retry. Real
-    creates rather than dry runs, so the probe does not depend on how dry runs are matched.
+    def pinned_probe(stored: dict[str, Any]) -> bool:
+        return container_images(stored, "spec", "containers") == [pinned]
+
+    wait_until_stored(
+        client,
+        lambda name: pod(name, image, namespace),
+        pinned_probe,
+        f"the webhook was not called (expected [{pinned}])",
+        prefix=prefix,
+    )
+
+
+def wait_until_stored(
+    client: Client,
+    document: Callable[[str], dict[str, Any]],
+    accept: Callable[[dict[str, Any]], bool],
+    what: str,
+    *,
+    prefix: str = "probe",
+    seconds: float = WEBHOOK_LIVE_S,
+) -> dict[str, Any]:
+    """Create ``document(name)`` under new names until the stored object is accepted.
+
+    A new or changed webhook configuration reaches the API server's dispatcher through an
+    informer, a moment after the write; there is no event to wait for, hence the bounded
+    retry. Real creates rather than dry runs, so the probe does not depend on how dry runs are
+    matched. Returns the accepted object.
     """
-    deadline = time.monotonic() + WEBHOOK_LIVE_S
+    deadline = time.monotonic() + seconds
     attempt = 0
-    seen: list[str] = []
+    stored: dict[str, Any] = {}
     while time.monotonic() < deadline:
         attempt += 1
-        stored = create_and_read_back(client, pod(f"{prefix}-{attempt}", image, namespace))
-        seen = container_images(stored, "spec", "containers")
-        if seen == [pinned]:
-            return
+        stored = create_and_read_back(client, document(f"{prefix}-{attempt}"))
+        if accept(stored):
+            return stored
         time.sleep(_WEBHOOK_POLL_S)
     raise AssertionError(
-        f"the webhook was not called within {WEBHOOK_LIVE_S:.0f}s: {attempt} probe Pods in "
-        f"{namespace}, the last stored {seen}, expected [{pinned}]"
+        f"{what}: not within {seconds:.0f}s, after {attempt} probes; the last one stored "
+        f"{stored.get('spec')}"
     )
+
+
+def poll_until(what: str, seconds: float, check: Callable[[], T | None]) -> T:
+    """``check()``'s first result that is not None, asked every fraction of a second.
+
+    Only for what publishes no event (pinhook's metrics, a file it reloads); API objects are
+    waited for with watches.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {seconds:.0f}s")
+        time.sleep(_WEBHOOK_POLL_S)
 
 
 def delete_webhook_configuration(client: Client, name: str) -> None:
@@ -405,3 +540,14 @@ def delete_webhook_configuration(client: Client, name: str) -> None:
 
 def get_webhook_configuration(client: Client, name: str) -> dict[str, Any]:
     return as_dict(client.get(MutatingWebhookConfiguration, name))
+
+
+def patch_webhooks(client: Client, name: str, path: str, value: Any) -> None:
+    """Set ``path`` (below ``/webhooks/N``) to ``value`` in every webhook of configuration
+    ``name``; each replacement is guarded by a test of the webhook's name."""
+    webhooks = get_webhook_configuration(client, name)["webhooks"]
+    ops: list[dict[str, Any]] = []
+    for index, webhook in enumerate(webhooks):
+        ops.append({"op": "test", "path": f"/webhooks/{index}/name", "value": webhook["name"]})
+        ops.append({"op": "replace", "path": f"/webhooks/{index}{path}", "value": value})
+    client.patch(MutatingWebhookConfiguration, name, ops, patch_type=PatchType.JSON)

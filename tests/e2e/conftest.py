@@ -16,9 +16,11 @@ from lightkube import Client
 
 from tests.e2e import cluster
 from tests.e2e.cluster import InstalledCrds, Namespaces, NoCluster
+from tests.e2e.kubectl import Kubectl
 from tests.e2e.pinhook import HostNotSet, Pinhook, Tls, e2e_host, generate_certs, write_config
 from tests.e2e.pinhook import install as install_webhook
 from tests.e2e.pinhook import uninstall as uninstall_webhook
+from tests.e2e.servers import HangingRegistry
 from tests.harness.fixtures import require_registry
 from tests.harness.push import PushedImage, push_index
 from tests.harness.registry import RunningRegistry
@@ -131,23 +133,79 @@ def namespaces(kube: Client) -> Iterator[Namespaces]:
 
 
 @contextlib.contextmanager
-def registered_pinhook(
-    kube: Client, setup: PinhookSetup, name: str, failure_policy: str = "Ignore"
-) -> Iterator[Pinhook]:
-    """``pinhook serve`` registered as webhook configuration ``name``; both gone afterwards."""
-    pinhook = Pinhook(host=setup.host, config=setup.config, tls=setup.tls, workdir=setup.workdir)
+def running_pinhook(setup: PinhookSetup, config: Path | None = None) -> Iterator[Pinhook]:
+    """``pinhook serve`` with the suite's certificate and ``config`` (default: the suite's)."""
+    with Pinhook(
+        host=setup.host, config=config or setup.config, tls=setup.tls, workdir=setup.workdir
+    ) as pinhook:
+        yield pinhook
+
+
+@contextlib.contextmanager
+def webhook_installed(
+    kube: Client,
+    setup: PinhookSetup,
+    name: str,
+    *,
+    url: str,
+    config: Path | None = None,
+    ca: Path | None = None,
+    failure_policy: str = "Ignore",
+) -> Iterator[None]:
+    """``pinhook install --url url`` as configuration ``name``; deleted afterwards."""
     try:
         install_webhook(
-            pinhook,
+            url=url,
+            ca=ca,
             name=name,
-            config=setup.config,
+            config=config or setup.config,
             kubeconfig=setup.kubeconfig,
             failure_policy=failure_policy,
         )
-        yield pinhook
+        yield
     finally:
         removed = uninstall_webhook(name, kubeconfig=setup.kubeconfig)
         if removed.returncode != 0:
             # Never leave a webhook pointing at a stopped server behind.
             cluster.delete_webhook_configuration(kube, name)
-        pinhook.stop()
+
+
+@contextlib.contextmanager
+def registered_pinhook(
+    kube: Client,
+    setup: PinhookSetup,
+    name: str,
+    failure_policy: str = "Ignore",
+    *,
+    config: Path | None = None,
+) -> Iterator[Pinhook]:
+    """``pinhook serve`` registered as webhook configuration ``name``; both gone afterwards."""
+    with (
+        running_pinhook(setup, config) as pinhook,
+        webhook_installed(
+            kube,
+            setup,
+            name,
+            url=pinhook.url,
+            config=config,
+            ca=pinhook.tls.ca,
+            failure_policy=failure_policy,
+        ),
+    ):
+        yield pinhook
+
+
+@pytest.fixture(scope="session")
+def kubectl(kubeconfig: Path) -> Kubectl:
+    """The kubectl on PATH (scripts/test puts the one built with the control plane there)."""
+    try:
+        return Kubectl.find(kubeconfig)
+    except FileNotFoundError as reason:
+        _unavailable(str(reason))
+
+
+@pytest.fixture(scope="session")
+def hanging_registry(api_host: str) -> Iterator[HangingRegistry]:
+    """A registry on loopback that accepts connections and never answers."""
+    with HangingRegistry() as registry:
+        yield registry

@@ -15,9 +15,10 @@ import ssl
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from tests.harness.push import PushedImage
 
@@ -60,6 +61,16 @@ def url_host(host: str) -> str:
     return f"[{host}]" if is_ip(host) and ":" in host else host
 
 
+def mutate_url(host: str, port: int) -> str:
+    """Where the API server calls a pinhook listening on ``port``."""
+    return f"https://{url_host(host)}:{port}/mutate"
+
+
+def listen_port() -> int:
+    """The port for a pinhook: PINHOOK_E2E_PORT when set (for the first one), else a free one."""
+    return int(os.environ.get("PINHOOK_E2E_PORT") or free_port())
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("0.0.0.0", 0))  # the port pinhook will listen on, on every address
@@ -94,24 +105,40 @@ def generate_certs(out: Path, host: str) -> Path:
     return out / "ca.crt"
 
 
-def write_config(path: Path, registry_host: str) -> Path:
+def config_text(
+    registry_host: str,
+    *,
+    more_hosts: Sequence[str] = (),
+    timeout_seconds: float = 5,
+    enforce: bool = False,
+    more_rules: Sequence[tuple[str, str]] = (),
+) -> str:
     """Resolve at the loopback test registry; move MOVED_PREFIX there.
 
     ``excludedNamespaces: []`` so that pinhook itself would pin in pinhook-system: a tag kept
     there then proves that the API server never called it (the namespaceSelector), not that
-    pinhook chose to do nothing.
+    pinhook chose to do nothing. ``more_hosts`` are further loopback registries pinhook may
+    reach; ``enforce`` is the enforce overlay's policy (requireDigest, onFailure deny).
     """
-    path.write_text(
+    hosts = ", ".join(f'"{host}"' for host in (registry_host, *more_hosts))
+    rules = [(f"{MOVED_PREFIX}/", f"{registry_host}/e2e"), *more_rules]
+    policy = "requireDigest: true\nonFailure: deny\n" if enforce else ""
+    return (
         "resolver: registry\n"
         "excludedNamespaces: []\n"
+        f"{policy}"
         "registry:\n"
-        f'  insecure: ["{registry_host}"]\n'
-        f'  allowedHosts: ["{registry_host}"]\n'
-        "  timeoutSeconds: 5\n"
+        f"  insecure: [{hosts}]\n"
+        f"  allowedHosts: [{hosts}]\n"
+        f"  timeoutSeconds: {timeout_seconds}\n"
         "rewrites:\n"
-        f"  - from: {MOVED_PREFIX}/\n"
-        f"    to: {registry_host}/e2e\n"
+        + "".join(f"  - from: {source}\n    to: {target}\n" for source, target in rules)
     )
+
+
+def write_config(path: Path, registry_host: str, **options: Any) -> Path:
+    """``config_text(registry_host, **options)`` written to ``path``."""
+    path.write_text(config_text(registry_host, **options))
     return path
 
 
@@ -127,23 +154,67 @@ class Tls:
     cert: Path
     key: Path
 
+    @classmethod
+    def in_dir(cls, directory: Path) -> Tls:
+        """The files of a ``kubernetes.io/tls`` Secret, as pinhook writes them to a directory."""
+        return cls(directory / "ca.crt", directory / "tls.crt", directory / "tls.key")
+
+
+@dataclass(frozen=True)
+class SelfManaged:
+    """``pinhook serve --self-managed``: the certificate comes from a Secret pinhook keeps in
+    ``namespace`` and its CA goes into the caBundle of ``webhook_name``."""
+
+    namespace: str
+    webhook_name: str
+    kubeconfig: Path
+    cert_dir: Path
+
+    def serve_args(self, host: str) -> list[str]:
+        # The API server calls a URL with ``host`` in it, not the Service the certificate is
+        # made for: --cert-ip / --cert-dns-name add it.
+        san = ["--cert-ip" if is_ip(host) else "--cert-dns-name", host]
+        args = ["--self-managed", "--namespace", self.namespace]
+        return [*args, "--webhook-name", self.webhook_name, "--cert-dir", str(self.cert_dir), *san]
+
 
 class Pinhook:
-    """A ``pinhook serve`` subprocess on 0.0.0.0, checked reachable over TLS as ``host``."""
+    """A ``pinhook serve`` subprocess on 0.0.0.0, checked reachable over TLS as ``host``.
 
-    def __init__(self, *, host: str, config: Path, tls: Tls, workdir: Path) -> None:
+    ``tls`` names its certificate files; with ``self_managed`` instead, they are pinhook's own,
+    written to its cert dir. Stopped at the end of a ``with`` block.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        config: Path,
+        workdir: Path,
+        tls: Tls | None = None,
+        self_managed: SelfManaged | None = None,
+        port: int | None = None,
+    ) -> None:
         self.host = host
-        self.port = int(os.environ.get("PINHOOK_E2E_PORT") or free_port())
-        self.tls = tls
+        self.port = port or listen_port()
         self._lines: queue.Queue[str] = queue.Queue()
         self._log: list[str] = []
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        args = ["serve", "--config", str(config)]
+        if self_managed is None:
+            assert tls is not None, "a pinhook serves either tls or self_managed certificates"
+            self.tls = tls
+            args += ["--cert", str(tls.cert), "--key", str(tls.key)]
+        else:
+            self.tls = Tls.in_dir(self_managed.cert_dir)
+            args += self_managed.serve_args(host)
+            env["KUBECONFIG"] = str(self_managed.kubeconfig)
         # 0.0.0.0: the API server is not on this machine's loopback.
-        args = ["serve", "--config", str(config), "--cert", str(tls.cert), "--key", str(tls.key)]
         args += ["--host", "0.0.0.0", "--port", str(self.port), "--kube", "off"]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "webhook.cli", *args],
             cwd=workdir,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -157,9 +228,15 @@ class Pinhook:
             self.stop()
             raise
 
+    def __enter__(self) -> Pinhook:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
     @property
     def url(self) -> str:
-        return f"https://{url_host(self.host)}:{self.port}/mutate"
+        return mutate_url(self.host, self.port)
 
     def _pump(self) -> None:
         assert self.process.stderr is not None
@@ -182,19 +259,37 @@ class Pinhook:
         return "".join(self._log)
 
     def check_serves_as_host(self) -> None:
-        """The certificate is valid for ``host``, as the API server will check it.
+        """The certificate is valid for ``host``, as the API server will check it."""
+        status_line = self.get_over_tls("/healthz", self.tls.ca).split(b"\r\n", 1)[0]
+        assert status_line.startswith(b"HTTP/1.1 200"), status_line
+
+    def get_over_tls(self, path: str, ca: Path) -> bytes:
+        """``GET path``'s whole answer, the certificate verified for ``host`` against ``ca``.
 
         Connects on loopback (``host`` may be a name only containers resolve, such as
         host.docker.internal) but verifies the certificate against ``host``.
         """
-        context = ssl.create_default_context(cafile=str(self.tls.ca))
+        context = ssl.create_default_context(cafile=str(ca))
+        request = f"GET {path} HTTP/1.1\r\nHost: pinhook\r\nConnection: close\r\n\r\n"
         with (
             socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw,
             context.wrap_socket(raw, server_hostname=self.host) as tls,
         ):
-            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: pinhook\r\nConnection: close\r\n\r\n")
-            status_line = tls.recv(64).split(b"\r\n", 1)[0]
-        assert status_line.startswith(b"HTTP/1.1 200"), status_line
+            tls.sendall(request.encode())
+            return b"".join(iter(lambda: tls.recv(65536), b""))
+
+    def serving_certificate(self) -> bytes:
+        """The DER certificate pinhook presents now (unverified: compared by the caller)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with (
+            socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der
 
     def stop(self) -> None:
         if self.process.poll() is not None:
@@ -215,24 +310,14 @@ class Pinhook:
 
 
 def install(
-    pinhook: Pinhook, *, name: str, config: Path, kubeconfig: Path, failure_policy: str
+    *, url: str, ca: Path | None, name: str, config: Path, kubeconfig: Path, failure_policy: str
 ) -> str:
-    """``pinhook install`` pointing the API server at ``pinhook``; returns its output."""
-    args = [
-        "install",
-        "--url",
-        pinhook.url,
-        "--ca",
-        str(pinhook.tls.ca),
-        "--config",
-        str(config),
-        "--name",
-        name,
-        "--failure-policy",
-        failure_policy,
-        "--kubeconfig",
-        str(kubeconfig),
-    ]
+    """``pinhook install`` pointing the API server at ``url``; returns its output. Without
+    ``ca`` the configuration gets no caBundle: a self-managed pinhook sets it."""
+    args = ["install", "--url", url, "--config", str(config), "--name", name]
+    args += ["--failure-policy", failure_policy, "--kubeconfig", str(kubeconfig)]
+    if ca is not None:
+        args += ["--ca", str(ca)]
     if os.environ.get(NO_MATCH_CONDITIONS_ENV) == "1":
         args.append("--no-match-conditions")
     return _ok(pinhook_cli(*args), "pinhook install")

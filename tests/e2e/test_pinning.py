@@ -83,14 +83,21 @@ def test_dry_run_is_answered_like_a_real_create(live: Live) -> None:
     assert missing.value.status.code == 404
 
 
-def test_inference_service_model_image_is_pinned(live: Live) -> None:
-    stored = cluster.create_and_read_back(
-        live.kube,
-        cluster.inference_service("sklearn", live.registry.app.tag_ref, live.namespace),
+@pytest.mark.parametrize("predictor", ["model", "sklearn"])
+def test_inference_service_predictor_image_is_pinned_in_both_shapes(
+    live: Live, predictor: str
+) -> None:
+    # model: the current shape; sklearn: a framework key, the older one, still stored as is
+    # (the CRDs keep unknown fields under spec, as KServe's minimal CRD does).
+    sent = cluster.inference_service(
+        f"isvc-{predictor}", live.registry.app.tag_ref, live.namespace, predictor
     )
-    assert stored["spec"]["predictor"]["model"]["image"] == live.registry.pinned
+    stored = cluster.create_and_read_back(live.kube, sent)
+    implementation = stored["spec"]["predictor"][predictor]
+    assert implementation["image"] == live.registry.pinned
     # Nothing else of the spec is touched.
-    assert stored["spec"]["predictor"]["model"]["modelFormat"] == {"name": "sklearn"}
+    expected = {**sent["spec"]["predictor"][predictor], "image": live.registry.pinned}
+    assert stored["spec"]["predictor"] == {predictor: expected}
 
 
 def test_serving_runtimes_are_rewritten_keeping_the_tag_without_a_digest(live: Live) -> None:
