@@ -14,7 +14,6 @@ from lightkube import AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 
 from tests.fake_apiserver import FakeApiServer, secret, service_account
-from webhook.keychain import DockerKeyring
 from webhook.kube import (
     DOCKERCFG_TYPE,
     KubePullSecrets,
@@ -22,8 +21,9 @@ from webhook.kube import (
     PullSecretSource,
     StaticPullSecrets,
 )
-from webhook.locate import PullContext
-from webhook.reference import ImageRef
+from webhook.oci.credential import PullContext
+from webhook.oci.keychain import DockerKeyring
+from webhook.oci.reference import ImageRef
 
 REGISTRY = "registry.example.com"
 APP = ImageRef.parse(f"{REGISTRY}/team/app:1.0")

@@ -16,11 +16,11 @@ from webhook.locate import (
     NO_PULL,
     ImageField,
     Located,
-    PullContext,
     escape_pointer_token,
     kind_info,
     locate_images,
 )
+from webhook.oci.credential import PullContext
 
 OBJECTS = Path(__file__).parent / "data" / "objects"
 KSERVE = "serving.kserve.io"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from webhook.errors import InvalidReference, PinhookError
-from webhook.reference import (
+from webhook.oci.reference import (
     MAX_REFERENCE_LENGTH,
     ImageRef,
     is_valid_digest,

@@ -6,7 +6,7 @@ import pytest
 
 from webhook.config import Mode, OnFailure, load_settings
 from webhook.errors import ConfigError, InvalidReference
-from webhook.reference import ImageRef
+from webhook.oci.reference import ImageRef
 from webhook.rewrite import NamePattern, RewriteMap, RewriteRule
 
 

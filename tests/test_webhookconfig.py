@@ -26,7 +26,7 @@ from webhook.config import KIND_KEYS, Mode, Settings, default_settings, load_set
 from webhook.errors import ConfigError
 from webhook.locate import KINDS, KindInfo, kind_info, locate_images
 from webhook.mutate import Action, plan_image
-from webhook.reference import ImageRef
+from webhook.oci.reference import ImageRef
 from webhook.webhookconfig import (
     MAX_MATCH_CONDITIONS,
     MAX_RULE_REGEX_LENGTH,

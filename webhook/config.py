@@ -25,7 +25,7 @@ from pydantic.alias_generators import to_camel
 
 from .errors import ConfigError, InvalidReference
 from .locate import KINDS
-from .reference import ImageRef, is_valid_digest
+from .oci.reference import ImageRef, is_valid_digest
 from .rewrite import DEFAULT_RULES, NamePattern, RewriteMap, RewriteRule
 
 SKIP_ANNOTATION = "pinhook.dev/skip"

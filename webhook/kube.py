@@ -29,8 +29,8 @@ from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Secret, ServiceAccount
 
 from webhook.errors import ConfigError
-from webhook.keychain import DockerKeyring
-from webhook.locate import PullContext
+from webhook.oci.credential import PullContext
+from webhook.oci.keychain import DockerKeyring
 
 __all__ = [
     "DEFAULT_SERVICE_ACCOUNT",

@@ -16,13 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-
-@dataclass(frozen=True, slots=True)
-class PullContext:
-    """Where pull credentials for an image come from: the enclosing pod-spec-like object."""
-
-    image_pull_secrets: tuple[str, ...] = ()  # names from imagePullSecrets[*].name
-    service_account: str | None = None  # serviceAccountName, else deprecated serviceAccount
+from .oci.credential import PullContext
 
 
 @dataclass(frozen=True, slots=True)

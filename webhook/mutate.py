@@ -18,9 +18,10 @@ import orjson
 from .admission import AdmissionOutcome, AdmissionRequest
 from .config import SKIP_ANNOTATION, FailurePolicy, Mode, OnFailure, OutputForm, Settings
 from .errors import InvalidReference, ResolveError
-from .locate import KINDS, ImageField, PullContext, kind_info, locate_images
+from .locate import KINDS, ImageField, kind_info, locate_images
 from .metrics import Metrics
-from .reference import ImageRef
+from .oci.credential import PullContext
+from .oci.reference import ImageRef
 from .resolve import DigestResolver, PullScope
 from .rewrite import RewriteMap
 

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from .config import CacheSettings
 from .errors import DeadlineExceeded, NotFound, ResolveError, Unauthorized
-from .locate import PullContext
-from .reference import ImageRef
+from .oci.credential import PullContext
+from .oci.reference import ImageRef
 
 if TYPE_CHECKING:
-    from .credential import Credential
-    from .keychain import DockerKeyring
     from .kube import PullSecretSource
-    from .registry import RegistryClient
+    from .oci.credential import Credential
+    from .oci.keychain import DockerKeyring
+    from .oci.registry import RegistryClient
 
 
 @dataclass(frozen=True, slots=True)

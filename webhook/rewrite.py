@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .errors import InvalidReference
-from .reference import ImageRef, is_valid_tag, parse_name
+from .oci.reference import ImageRef, is_valid_tag, parse_name
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,11 +17,11 @@ from types import TracebackType
 from .conditionsync import MatchConditionsSync
 from .config import Settings, load_settings_file
 from .errors import ConfigError
-from .keychain import DockerKeyring
 from .kube import KubePullSecrets, NoPullSecrets, PullSecretSource
 from .metrics import Metrics
 from .mutate import Mutator
-from .registry import RegistryClient, RegistryOptions
+from .oci.keychain import DockerKeyring
+from .oci.registry import RegistryClient, RegistryOptions
 from .resolve import CachingResolver, DigestResolver, RegistryDigestResolver, StaticDigestResolver
 
 log = logging.getLogger(__name__)

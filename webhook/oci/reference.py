@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
 
-from .errors import InvalidReference
+from ..errors import InvalidReference
 
 __all__ = [
     "DEFAULT_REGISTRY",

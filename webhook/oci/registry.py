@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from webhook import errors
-from webhook.credential import Credential
-from webhook.hostguard import HostGuard, split_host_port
+from .. import errors
+from .credential import Credential
+from .hostguard import HostGuard, split_host_port
 
 if TYPE_CHECKING:
-    from webhook.reference import ImageRef
+    from .reference import ImageRef
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ _PARAM_RE = re.compile(rf'[\s,]*({_TCHARS})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]
 @dataclass(frozen=True, slots=True)
 class RegistryOptions:
     insecure_registries: frozenset[str] = frozenset()  # host[:port] contacted over plain http
-    allowed_hosts: frozenset[str] = frozenset()  # SSRF allow-list, see webhook.hostguard
+    allowed_hosts: frozenset[str] = frozenset()  # SSRF allow-list, see .hostguard
     max_attempts: int = 3  # per HTTP exchange, for 5xx, 429 and connection errors
     backoff_base: float = 0.1  # seconds, jittered exponential
     user_agent: str = "pinhook/0.1"

@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 
-from webhook import errors
+from .. import errors
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

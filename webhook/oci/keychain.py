@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from webhook.credential import Credential
-from webhook.errors import ConfigError
+from ..errors import ConfigError
+from .credential import Credential
 
 if TYPE_CHECKING:
-    from webhook.reference import ImageRef
+    from .reference import ImageRef
 
 __all__ = ["DEFAULT_REGISTRY_KEY", "DockerKeyring", "normalise_key"]
 
