@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .errors import InvalidReference
-from .oci.reference import ImageRef, is_valid_tag, parse_name
+from .oci.reference import DOCKER_HUB, DOCKER_HUB_LEGACY, ImageRef, is_valid_tag, parse_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,7 @@ class NamePattern:
         if _is_registry_only(name):
             _validate_registry(name)
             # The same alias the reference grammar resolves: images never say index.docker.io.
-            return cls(prefix="docker.io" if name == "index.docker.io" else name, tag=tag)
+            return cls(prefix=DOCKER_HUB if name == DOCKER_HUB_LEGACY else name, tag=tag)
         if namespace:
             # "docker.io/kserve/" names the kserve namespace; without the slash docker.io would
             # read "docker.io/kserve" as the image docker.io/library/kserve.

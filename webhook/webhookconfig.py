@@ -33,6 +33,7 @@ from .locate import (
     PREDICTOR_IMPLEMENTATIONS,
     KindInfo,
 )
+from .oci.reference import DIGEST_HEX_LENGTHS, DOCKER_HUB, DOCKER_HUB_LEGACY
 from .rewrite import NamePattern
 
 __all__ = [
@@ -56,16 +57,26 @@ MAX_MATCH_CONDITIONS: Final = 64  # the API server's limit per webhook
 REPLICASET_ANNOTATION: Final = "pinhook.dev/replicasets"
 
 _KSERVE: Final = "serving.kserve.io"
-_DOCKER_HUB: Final = "docker.io"
-# Every spelling of the Docker Hub registry that normalises to docker.io, optional.
-_HUB_OPTIONAL: Final = "(?:(?:docker[.]io|index[.]docker[.]io)/)?"
-_HUB_EXPLICIT: Final = "(?:docker[.]io|index[.]docker[.]io)/"
+_RE2_SPECIAL: Final = frozenset("\\^$|?*+()[]{}")
+
+
+def _re2(text: str) -> str:
+    """Escape literal text for RE2; a dot as ``[.]`` keeps the CEL string free of backslashes."""
+    return "".join("[.]" if ch == "." else f"\\{ch}" if ch in _RE2_SPECIAL else ch for ch in text)
+
+
+# Both spellings of the Docker Hub registry, which normalise to docker.io.
+_HUB_EXPLICIT: Final = f"(?:{_re2(DOCKER_HUB)}|{_re2(DOCKER_HUB_LEGACY)})/"
+_HUB_OPTIONAL: Final = f"(?:{_HUB_EXPLICIT})?"
 # After a name prefix: the end of the name (a tag, a digest or nothing), or a deeper path.
 _NAME_BOUNDARY: Final = "(?:[/:@]|$)"
 _TAG_OR_END: Final = "(?:[:@]|$)"
-# A valid digest at the end: what pinhook treats as pinned (mutate.plan_image: KEEP).
-_PINNED: Final = "@(?:sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})$"
-_RE2_SPECIAL: Final = frozenset("\\^$|?*+()[]{}")
+# A valid digest at the end: what pinhook treats as pinned (plan.plan_image: KEEP).
+_PINNED: Final = (
+    "@(?:"
+    + "|".join(f"{algorithm}:[0-9a-f]{{{n}}}" for algorithm, n in DIGEST_HEX_LENGTHS.items())
+    + ")$"
+)
 
 ImageTest = Callable[[str], str]  # CEL expression of a string -> CEL bool "pinhook needed"
 
@@ -300,14 +311,14 @@ def _spell(
 ) -> None:
     """Add the written spellings of one normalised rule prefix to the three groups."""
     registry, slash, path = prefix.partition("/")
-    if not slash and registry == _DOCKER_HUB:
+    if not slash and registry == DOCKER_HUB:
         # Anything on Docker Hub: the host written out, a first component that is no host, or
         # a name of one component.
         hub_explicit[""] = None
         hosts["[^/.:]+/"] = hosts["[^/]+$"] = None
     elif not slash:
         hosts[_re2(registry) + "/"] = None
-    elif registry != _DOCKER_HUB:
+    elif registry != DOCKER_HUB:
         hosts[_re2(prefix) + _NAME_BOUNDARY] = None
     elif path == "library":
         hub_optional["library/"] = hub_optional["[^/]+$"] = None
@@ -322,11 +333,6 @@ def _spell(
         # "my.org/x" written without a host would be read as the registry my.org.
         explicit = "." in first or ":" in first or first == "localhost"
         (hub_explicit if explicit else hub_optional)[_re2(path) + _NAME_BOUNDARY] = None
-
-
-def _re2(text: str) -> str:
-    """Escape literal text for RE2; a dot as ``[.]`` keeps the CEL string free of backslashes."""
-    return "".join("[.]" if ch == "." else f"\\{ch}" if ch in _RE2_SPECIAL else ch for ch in text)
 
 
 def _cel(text: str) -> str:

@@ -60,20 +60,6 @@ def parse_ip_literal(host: str) -> IPAddress | None:
         return None
 
 
-def split_host_port(hostport: str) -> tuple[str, int | None]:
-    """Split ``host[:port]`` (``[v6]:port`` for IPv6) into a bare host and an optional port."""
-    if hostport.startswith("["):
-        end = hostport.find("]")
-        if end < 0:
-            return hostport, None
-        host, rest = hostport[1:end], hostport[end + 1 :]
-        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
-    if hostport.count(":") == 1:
-        host, _, port = hostport.partition(":")
-        return host, int(port) if port.isdigit() else None
-    return hostport, None
-
-
 def _allow_keys(host: str, port: int | None) -> set[str]:
     bare = host.lower().strip("[]")
     written = f"[{bare}]" if ":" in bare else bare  # IPv6 entries are written with brackets

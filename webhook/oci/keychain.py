@@ -34,18 +34,16 @@ from urllib.parse import unquote
 
 from ..errors import ConfigError
 from .credential import Credential
+from .reference import DOCKER_HUB, DOCKER_HUB_LEGACY, split_host_port
 
 if TYPE_CHECKING:
     from .reference import ImageRef
 
-__all__ = ["DEFAULT_REGISTRY_KEY", "DockerKeyring", "normalise_key"]
+__all__ = ["DockerKeyring", "normalise_key"]
 
 _log = logging.getLogger(__name__)
 
-# The key ``https://index.docker.io/v1/`` normalises to; used when nothing else matched a
-# Docker Hub image (kubelet's ``defaultRegistryHost``).
-DEFAULT_REGISTRY_KEY = "index.docker.io"
-_DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io"})
+_DOCKER_HUB_HOSTS = frozenset({DOCKER_HUB, DOCKER_HUB_LEGACY})
 
 
 def normalise_key(raw: str) -> str | None:
@@ -100,7 +98,7 @@ class _Location:
     """A schemeless URL split the way the kubelet's ``URLsMatch`` compares it."""
 
     labels: tuple[str, ...]
-    port: str
+    port: int | None
     path: str
 
     @classmethod
@@ -108,21 +106,8 @@ class _Location:
         parts = _split_url(schemeless)
         if parts is None:
             return None
-        host, port = _split_host_port(parts[0])
+        host, port = split_host_port(parts[0])
         return cls(tuple(host.split(".")), port, parts[1])
-
-
-def _split_host_port(netloc: str) -> tuple[str, str]:
-    """Go's ``net.SplitHostPort``, falling back to (netloc, "") where Go reports an error."""
-    if netloc.startswith("["):
-        end = netloc.find("]")
-        if end != -1 and netloc[end + 1 : end + 2] == ":":
-            return netloc[1:end], netloc[end + 2 :]
-        return netloc, ""
-    if netloc.count(":") == 1:
-        host, _, port = netloc.partition(":")
-        return host, port
-    return netloc, ""
 
 
 class _Glob:
@@ -210,7 +195,7 @@ class _Key:
 
     text: str
     globs: tuple[_Glob, ...]
-    port: str
+    port: int | None
     path: str
 
     @classmethod
@@ -335,7 +320,9 @@ class DockerKeyring:
                 if key.matches(target):
                     found.extend(self._creds[key.text])
         if not found and is_default_registry_match(name):
-            found.extend(self._creds.get(DEFAULT_REGISTRY_KEY, ()))
+            # ``https://index.docker.io/v1/`` normalises to this key (the kubelet's
+            # ``defaultRegistryHost``): Docker Hub's credentials of last resort.
+            found.extend(self._creds.get(DOCKER_HUB_LEGACY, ()))
         return found
 
     # -- introspection -----------------------------------------------------------------

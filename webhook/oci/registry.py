@@ -21,16 +21,19 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 import httpx
 
 from .. import errors
 from .credential import Credential
-from .hostguard import HostGuard, split_host_port
-
-if TYPE_CHECKING:
-    from .reference import ImageRef
+from .hostguard import HostGuard
+from .reference import (
+    DOCKER_HUB,
+    DOCKER_HUB_API_HOST,
+    ImageRef,
+    is_valid_digest,
+    split_host_port,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +53,11 @@ SCHEMA1_MEDIA_TYPES = frozenset(
     }
 )
 
-DOCKER_HUB_NAMES = frozenset({"docker.io", "index.docker.io"})
-DOCKER_HUB_API_HOST = "registry-1.docker.io"
-
 MANIFEST_SIZE_LIMIT = 4 * 1024 * 1024  # distribution's own limit for manifests
 MAX_REDIRECTS = 5
 TOKEN_DEFAULT_LIFETIME = 60.0
 TOKEN_CACHE_LIMIT = 4096
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_DIGEST_RE = re.compile(r"^(?:sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128})$")
 _TCHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _SCHEME_RE = re.compile(rf"\s*({_TCHARS})(?:\s+|$)")
 _PARAM_RE = re.compile(rf'[\s,]*({_TCHARS})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*(?:,|$)')
@@ -130,10 +129,6 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def is_valid_digest(digest: str) -> bool:
-    return _DIGEST_RE.match(digest) is not None
-
-
 def digest_matches(body: bytes, digest: str) -> bool:
     algorithm, _, expected = digest.partition(":")
     return hashlib.new(algorithm, body).hexdigest() == expected
@@ -141,7 +136,7 @@ def digest_matches(body: bytes, digest: str) -> bool:
 
 def api_host(registry: str) -> str:
     """The host that serves the distribution API for a registry name."""
-    return DOCKER_HUB_API_HOST if registry in DOCKER_HUB_NAMES else registry
+    return DOCKER_HUB_API_HOST if registry == DOCKER_HUB else registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,15 +219,6 @@ def _describe(reply: _Reply) -> str:
     return text
 
 
-def _shown(ref: ImageRef) -> str:
-    text = f"{ref.registry}/{ref.repository}"
-    if ref.tag:
-        text += f":{ref.tag}"
-    if ref.digest:
-        text += f"@{ref.digest}"
-    return text
-
-
 class RegistryClient:
     """One pooled ``httpx.AsyncClient`` (keep-alive) for the process; an async context manager.
 
@@ -295,7 +281,7 @@ class RegistryClient:
     ) -> bool:
         """Whether the registry has the manifest ``ref`` names by digest."""
         if ref.digest is None:
-            raise ValueError(f"manifest_exists needs a reference with a digest, got {_shown(ref)}")
+            raise ValueError(f"manifest_exists needs a reference with a digest, got {ref}")
         try:
             await self.resolve_digest(ref, credentials, deadline=deadline)
         except errors.NotFound:
@@ -312,7 +298,7 @@ class RegistryClient:
         operation: Callable[[_Target], Awaitable[str]],
     ) -> str:
         if asyncio.get_running_loop().time() >= deadline:
-            raise errors.DeadlineExceeded(f"no time left to resolve {_shown(ref)}")
+            raise errors.DeadlineExceeded(f"no time left to resolve {ref}")
         base = await self._target(ref, deadline)
         # Every matching credential, then anonymous: a public image must still resolve when a
         # stale credential for its registry is lying around.
@@ -336,8 +322,8 @@ class RegistryClient:
             tried += ", then anonymous access"
         else:
             tried = "anonymous access, no credentials configured"
-        message = f"registry {ref.registry} refused {_shown(ref)}: {tried}; {refusals[-1]}"
-        if ref.registry in DOCKER_HUB_NAMES:
+        message = f"registry {ref.registry} refused {ref}: {tried}; {refusals[-1]}"
+        if ref.registry == DOCKER_HUB:
             message += (
                 "; note that Docker Hub also answers 401 for repositories that do not exist, "
                 "so check the image name"
@@ -372,7 +358,7 @@ class RegistryClient:
             head = None
         if head is not None:
             if head.status == 404:
-                raise errors.NotFound(f"{_shown(ref)} not found ({_describe(head)})")
+                raise errors.NotFound(f"{ref} not found ({_describe(head)})")
             if head.status == 200:
                 _refuse_schema1(head)
                 digest = _trusted_head_digest(head)
@@ -382,7 +368,7 @@ class RegistryClient:
                 raise errors.ProtocolError(f"HEAD {url} answered {_describe(head)}")
         reply = await self._authorized(target, "GET", url)
         if reply.status == 404:
-            raise errors.NotFound(f"{_shown(ref)} not found ({_describe(reply)})")
+            raise errors.NotFound(f"{ref} not found ({_describe(reply)})")
         if reply.status != 200:
             raise errors.ProtocolError(f"GET {url} answered {_describe(reply)}")
         _refuse_schema1(reply)
@@ -714,9 +700,7 @@ def _verified_body_digest(reply: _Reply, expected: str | None) -> str:
 
 def _expect(ref: ImageRef, digest: str) -> str:
     if ref.digest is not None and digest != ref.digest:
-        raise errors.DigestMismatch(
-            f"{_shown(ref)}: registry serves {digest}, not the requested digest"
-        )
+        raise errors.DigestMismatch(f"{ref}: registry serves {digest}, not the requested digest")
     return digest
 
 
