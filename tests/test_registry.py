@@ -27,15 +27,11 @@ from tests.faults import (
 from tests.harness.fixtures import RegistryEnv
 from tests.harness.push import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from webhook import certs, errors
+from webhook.oci.auth import parse_challenge
 from webhook.oci.credential import Credential
 from webhook.oci.reference import ImageRef
-from webhook.oci.registry import (
-    MANIFEST_MEDIA_TYPES,
-    RegistryClient,
-    RegistryOptions,
-    parse_challenge,
-    parse_retry_after,
-)
+from webhook.oci.registry import MANIFEST_MEDIA_TYPES, RegistryClient
+from webhook.oci.transport import RegistryOptions, parse_retry_after
 
 ALICE = Credential("alice", "wonderland", source="test alice")
 BOB = Credential("bob", "builder", source="test bob")

@@ -21,7 +21,8 @@ from .kube import KubePullSecrets, NoPullSecrets, PullSecretSource
 from .metrics import Metrics
 from .mutate import Mutator
 from .oci.keychain import DockerKeyring
-from .oci.registry import RegistryClient, RegistryOptions
+from .oci.registry import RegistryClient
+from .oci.transport import RegistryOptions
 from .resolve import CachingResolver, DigestResolver, RegistryDigestResolver, StaticDigestResolver
 
 log = logging.getLogger(__name__)
