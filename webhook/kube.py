@@ -25,10 +25,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from lightkube import ApiError, AsyncClient
+from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Secret, ServiceAccount
 
 from webhook.errors import ConfigError
+from webhook.kubeerrors import KubeExpired, KubeRefused, as_kube_error
 from webhook.oci.credential import PullContext
 from webhook.oci.keychain import DockerKeyring
 
@@ -188,20 +189,6 @@ class _Backoff:
         return delay
 
 
-def _status_code(exc: BaseException) -> int | None:
-    if isinstance(exc, ApiError) and exc.status is not None:
-        code = exc.status.code
-        return int(code) if code is not None else None
-    response = getattr(exc, "response", None)
-    code = getattr(response, "status_code", None)
-    return code if isinstance(code, int) else None
-
-
-def _is_expired(exc: BaseException) -> bool:
-    """410 Gone: the resourceVersion we watch from was compacted away; a relist is due."""
-    return _status_code(exc) == 410
-
-
 class _Reflector(Generic[V]):
     """One cluster-wide list+watch cache of a resource, reduced to ``convert(obj)`` per object.
 
@@ -238,7 +225,9 @@ class _Reflector(Generic[V]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if _is_expired(exc):
+                error = as_kube_error(exc, f"list/watch of {self.label}")
+                if isinstance(error, KubeExpired):
+                    # The resourceVersion we watch from was compacted away: a relist is due.
                     _log.info("watch of %s expired (410 Gone); relisting", self.label)
                     # Relist at once, unless the last watch also expired before any event.
                     if self._expired_in_a_row:
@@ -246,7 +235,7 @@ class _Reflector(Generic[V]):
                     self._expired_in_a_row += 1
                     continue
                 delay = self._backoff.next_delay()
-                if _status_code(exc) in (401, 403) and not self.synced.is_set():
+                if isinstance(error, KubeRefused) and not self.synced.is_set():
                     # RBAC withholds this resource (perhaps on purpose, see rbac.yaml): resolve
                     # without it rather than keep every replica unready; keep asking.
                     _log.error(

@@ -39,11 +39,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from lightkube import ApiError, AsyncClient
+from lightkube import AsyncClient
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfiguration
 from lightkube.resources.core_v1 import Secret
@@ -52,6 +51,15 @@ from lightkube.types import PatchType
 from webhook import certs
 from webhook.certs import CertPaths
 from webhook.errors import CertificateError
+from webhook.kubeerrors import (
+    KubeConflict,
+    KubeError,
+    KubeInvalid,
+    KubeNotFound,
+    KubeRefused,
+    KubeUnreachable,
+    kube_errors,
+)
 
 __all__ = [
     "TLS_SECRET_TYPE",
@@ -311,11 +319,14 @@ class SelfManagedCertificates:
     async def _read_secret(self) -> Secret | None:
         options = self._options
         try:
-            return await self._client.get(Secret, options.secret_name, namespace=options.namespace)
-        except httpx2.HTTPError as exc:
-            if _status_code(exc) == 404:
-                return None
-            raise self._failure(f"reading {self._secret_label}", exc) from exc
+            with kube_errors(f"reading {self._secret_label}"):
+                return await self._client.get(
+                    Secret, options.secret_name, namespace=options.namespace
+                )
+        except KubeNotFound:
+            return None
+        except KubeError as exc:
+            raise _failure(exc) from exc
 
     async def _secret_version(self) -> str | None:
         current = await self._read_secret()
@@ -331,11 +342,12 @@ class SelfManagedCertificates:
             data=material.secret_data(),
         )
         try:
-            return await self._client.create(secret)
-        except httpx2.HTTPError as exc:
-            if _status_code(exc) == 409:  # AlreadyExists: another replica created it
-                return None
-            raise self._failure(f"creating {self._secret_label}", exc) from exc
+            with kube_errors(f"creating {self._secret_label}"):
+                return await self._client.create(secret)
+        except KubeConflict:  # AlreadyExists: another replica created it
+            return None
+        except KubeError as exc:
+            raise _failure(exc) from exc
 
     async def _replace_secret(self, current: Secret, material: ServingMaterial) -> Secret | None:
         meta = current.metadata or ObjectMeta()
@@ -353,51 +365,40 @@ class SelfManagedCertificates:
             data={**(current.data or {}), **material.secret_data()},
         )
         try:
-            return await self._client.replace(updated)
-        except httpx2.HTTPError as exc:
-            if _status_code(exc) in (404, 409):  # deleted or rewritten since it was read
-                return None
-            raise self._failure(f"updating {self._secret_label}", exc) from exc
+            with kube_errors(f"updating {self._secret_label}"):
+                return await self._client.replace(updated)
+        except (KubeNotFound, KubeConflict):  # deleted or rewritten since it was read
+            return None
+        except KubeError as exc:
+            raise _failure(exc) from exc
 
     async def _read_webhook(self) -> MutatingWebhookConfiguration | None:
         try:
-            return await self._client.get(MutatingWebhookConfiguration, self._options.webhook_name)
-        except httpx2.HTTPError as exc:
-            if _status_code(exc) == 404:
-                return None
-            raise self._failure(f"reading {self._webhook_label}", exc) from exc
+            with kube_errors(f"reading {self._webhook_label}"):
+                return await self._client.get(
+                    MutatingWebhookConfiguration, self._options.webhook_name
+                )
+        except KubeNotFound:
+            return None
+        except KubeError as exc:
+            raise _failure(exc) from exc
 
     async def _patch_webhook(self, ops: list[dict[str, Any]]) -> bool:
         try:
-            await self._client.patch(
-                MutatingWebhookConfiguration,
-                self._options.webhook_name,
-                ops,
-                patch_type=PatchType.JSON,
-            )
-        except httpx2.HTTPError as exc:
-            # 422: a `test` op failed (the webhooks moved); 409: changed concurrently;
-            # 404: deleted since it was read. A fresh read sorts out each.
-            if _status_code(exc) in (404, 409, 422):
-                return False
-            raise self._failure(f"patching the caBundle of {self._webhook_label}", exc) from exc
+            with kube_errors(f"patching the caBundle of {self._webhook_label}"):
+                await self._client.patch(
+                    MutatingWebhookConfiguration,
+                    self._options.webhook_name,
+                    ops,
+                    patch_type=PatchType.JSON,
+                )
+        # 422: a `test` op failed (the webhooks moved); 409: changed concurrently;
+        # 404: deleted since it was read. A fresh read sorts out each.
+        except (KubeInvalid, KubeConflict, KubeNotFound):
+            return False
+        except KubeError as exc:
+            raise _failure(exc) from exc
         return True
-
-    def _failure(self, action: str, exc: httpx2.HTTPError) -> CertificateError:
-        code = _status_code(exc)
-        if code is None:
-            return CertificateError(
-                f"{action} failed: cannot reach the Kubernetes API server "
-                f"({type(exc).__name__}: {exc})"
-            )
-        detail = _status_message(exc)
-        if code in (401, 403):
-            return CertificateError(
-                f"{action} was refused (HTTP {code}: {detail}); self-managed TLS needs the Role "
-                "pinhook-tls and the ClusterRole pinhook-webhook-ca of manifests/base/rbac.yaml "
-                "bound to pinhook's ServiceAccount"
-            )
-        return CertificateError(f"{action} failed: HTTP {code}: {detail}")
 
 
 def ca_bundle_patch(config: MutatingWebhookConfiguration, bundle: str) -> list[dict[str, Any]]:
@@ -447,18 +448,18 @@ def _version(obj: Secret) -> str | None:
     return obj.metadata.resourceVersion if obj.metadata is not None else None
 
 
-def _status_code(exc: httpx2.HTTPError) -> int | None:
-    if isinstance(exc, ApiError) and exc.status.code is not None:
-        return int(exc.status.code)
-    if isinstance(exc, httpx2.HTTPStatusError):
-        return exc.response.status_code
-    return None
-
-
-def _status_message(exc: httpx2.HTTPError) -> str:
-    if isinstance(exc, ApiError):
-        return str(exc.status.message or exc.status.reason or "no message")
-    return str(exc)
+def _failure(exc: KubeError) -> CertificateError:
+    if isinstance(exc, KubeUnreachable):
+        return CertificateError(
+            f"{exc.what} failed: cannot reach the Kubernetes API server ({exc.detail})"
+        )
+    if isinstance(exc, KubeRefused):
+        return CertificateError(
+            f"{exc.what} was refused ({exc.detail}); self-managed TLS needs the Role "
+            "pinhook-tls and the ClusterRole pinhook-webhook-ca of manifests/base/rbac.yaml "
+            "bound to pinhook's ServiceAccount"
+        )
+    return CertificateError(f"{exc.what} failed: {exc.detail}")
 
 
 def _b64(data: bytes) -> str:
