@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from webhook.config import Mode, OnFailure, load_settings
+from webhook.config import OnFailure, load_settings
 from webhook.errors import ConfigError, InvalidReference
+from webhook.kinds import Mode
 from webhook.oci.reference import ImageRef
 from webhook.rewrite import NamePattern, RewriteMap, RewriteRule
 

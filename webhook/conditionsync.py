@@ -20,13 +20,13 @@ from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfigur
 from lightkube.types import PatchType
 
 from .config import Settings
+from .kinds import KINDS, KindInfo
 from .kubeerrors import kube_errors
-from .locate import KINDS, KindInfo
-from .webhookconfig import match_conditions_for, webhook_name
+from .webhookconfig import match_conditions_for
 
 log = logging.getLogger(__name__)
 
-_KIND_BY_WEBHOOK: Mapping[str, KindInfo] = {webhook_name(info): info for info in KINDS}
+_KIND_BY_WEBHOOK: Mapping[str, KindInfo] = {info.webhook_name: info for info in KINDS}
 
 
 def conditions_patch(

@@ -24,18 +24,11 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from .errors import ConfigError, InvalidReference
-from .locate import KINDS
+from .kinds import DEFAULT_MODES, KIND_KEYS, Mode
 from .oci.reference import ImageRef, is_valid_digest
 from .rewrite import DEFAULT_RULES, NamePattern, RewriteMap, RewriteRule
 
 SKIP_ANNOTATION = "pinhook.dev/skip"
-KIND_KEYS = frozenset(info.key for info in KINDS)
-
-
-class Mode(StrEnum):
-    PIN = "pin"
-    REWRITE = "rewrite"
-    OFF = "off"
 
 
 class OnFailure(StrEnum):
@@ -164,7 +157,7 @@ class Settings(_Model):
             self._rewrite_map = RewriteMap(rule.compile() for rule in self.rewrites)
         except InvalidReference as exc:
             raise ValueError(str(exc)) from None
-        self._modes = {info.key: Mode(info.default_mode) for info in KINDS} | dict(self.kinds)
+        self._modes = dict(DEFAULT_MODES) | dict(self.kinds)
         self._digest_table = {
             _parse_for_table(image): digest for image, digest in self.digests.items()
         }

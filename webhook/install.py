@@ -51,7 +51,9 @@ _NOTES: Final = """\
 # One webhook per kind pinhook acts on, each with its own matchConditions (Kubernetes 1.28+):
 # the API server skips pinhook for an object whose images are all pinned to a digest and match
 # no rewrite rule, or that is annotated pinhook.dev/skip: "true". They are computed from the
-# rewrite rules at generation time: regenerate after changing `rewrites` or `kinds`.
+# rewrite rules; a self-managed pinhook (the base) rewrites them in its own configuration at
+# start and whenever it accepts a new config. Otherwise, regenerate after changing `rewrites`,
+# and in any case after changing `kinds`: which webhooks exist is fixed here.
 # Workload templates (Deployments, Jobs, ...) are left out unless `kinds` turns them on, and
 # ReplicaSets above all: the Deployment controller finds its ReplicaSet by comparing pod
 # templates, so one whose template pinhook changed is replaced by a new one, forever.

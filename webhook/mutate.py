@@ -16,9 +16,10 @@ from typing import Any
 import orjson
 
 from .admission import AdmissionOutcome, AdmissionRequest
-from .config import SKIP_ANNOTATION, FailurePolicy, Mode, OnFailure, OutputForm, Settings
+from .config import SKIP_ANNOTATION, FailurePolicy, OnFailure, OutputForm, Settings
 from .errors import InvalidReference, ResolveError
-from .locate import KINDS, ImageField, kind_info, locate_images
+from .kinds import KINDS, Mode, kind_info
+from .locate import ImageField, locate_images
 from .metrics import Metrics
 from .oci.credential import PullContext
 from .oci.reference import ImageRef
