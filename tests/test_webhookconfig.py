@@ -26,8 +26,8 @@ from webhook.config import Settings, default_settings, load_settings
 from webhook.errors import ConfigError
 from webhook.kinds import KIND_KEYS, KINDS, KindInfo, Mode, kind_info
 from webhook.locate import locate_images
-from webhook.mutate import Action, plan_image
 from webhook.oci.reference import ImageRef
+from webhook.plan import Action, plan_image
 from webhook.webhookconfig import (
     MAX_MATCH_CONDITIONS,
     MAX_RULE_REGEX_LENGTH,

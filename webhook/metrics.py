@@ -67,9 +67,6 @@ class Metrics:
             child = self._children[key] = counter.labels(*labels)
         child.inc(amount)
 
-    def image(self, outcome: str) -> None:
-        self._inc(self.images, outcome)
-
     def images_seen(self, tally: Mapping[str, int]) -> None:
         """One increment per outcome per request, not per image: each costs a lock."""
         for outcome, count in tally.items():
