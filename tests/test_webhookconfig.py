@@ -2,7 +2,7 @@
 
 The matchConditions are evaluated for real with cel-python (``celpy``, RE2 regexes through
 google-re2) against the realistic objects in tests/data/objects, and compared with what pinhook
-itself would do with each image (``mutate.plan_image``): an object the conditions skip must be
+itself would do with each image (``plan.plan_image``): an object the conditions skip must be
 one pinhook would leave unchanged.
 """
 

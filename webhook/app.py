@@ -15,10 +15,11 @@ from typing import Protocol
 
 import orjson
 from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .admission import MAX_BODY_BYTES, parse_review, render_response
 from .errors import InvalidReview
-from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .metrics import Metrics
 from .mutate import TIMEOUT_MARGIN, Mutator
 
 log = logging.getLogger(__name__)

@@ -26,18 +26,6 @@ from .errors import ConfigError, PinhookError
 from .kubeerrors import KubeError, KubeNotFound, KubeUnconfigured, KubeUnreachable, kube_errors
 from .webhookconfig import FAILURE_POLICIES, WebhookTarget, build_webhook_configuration
 
-__all__ = [
-    "COMMANDS",
-    "FIELD_MANAGER",
-    "InstallError",
-    "add_commands",
-    "install",
-    "load_settings_or_configmap",
-    "render",
-    "run",
-    "uninstall",
-]
-
 COMMANDS: Final = ("webhook-config", "install", "uninstall")
 FIELD_MANAGER: Final = "pinhook"
 DEFAULT_NAME: Final = "pinhook"
@@ -45,8 +33,9 @@ SERVICE_PORT: Final = 443
 SERVICE_PATH: Final = "/mutate"
 
 _NOTES: Final = """\
-# Do not edit by hand: change the configuration or webhook/webhookconfig.py and run the command
-# above again (tests/test_webhookconfig.py fails when a checked-in copy and the generator differ).
+# Do not edit by hand: change the configuration, webhook/kinds.py or webhook/webhookconfig.py and
+# run the command above again (tests/test_webhookconfig.py fails when a checked-in copy and the
+# generator differ).
 #
 # One webhook per kind pinhook acts on, each with its own matchConditions (Kubernetes 1.28+):
 # the API server skips pinhook for an object whose images are all pinned to a digest and match

@@ -9,7 +9,6 @@ registry, all of a request concurrently under one deadline, with failures kept a
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -34,8 +33,6 @@ from .plan import (
     render,
 )
 from .resolve import DigestResolver, PullScope
-
-log = logging.getLogger(__name__)
 
 OPERATIONS = frozenset({"CREATE", "UPDATE"})
 # Leave this much of the API server's timeout for answering and the network.

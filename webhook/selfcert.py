@@ -48,10 +48,10 @@ from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfigur
 from lightkube.resources.core_v1 import Secret
 from lightkube.types import PatchType
 
-from webhook import certs
-from webhook.certs import CertPaths
-from webhook.errors import CertificateError
-from webhook.kubeerrors import (
+from . import certs
+from .certs import CertPaths
+from .errors import CertificateError
+from .kubeerrors import (
     KubeConflict,
     KubeError,
     KubeInvalid,
@@ -61,16 +61,7 @@ from webhook.kubeerrors import (
     kube_errors,
 )
 
-__all__ = [
-    "TLS_SECRET_TYPE",
-    "SelfManagedCertificates",
-    "SelfManagedOptions",
-    "ServingMaterial",
-    "ca_bundle_patch",
-    "check_material",
-]
-
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TLS_SECRET_TYPE = "kubernetes.io/tls"  # noqa: S105 - a Secret type, not a password
 # Each race lost costs one re-read; more losses in a row than this means something keeps
@@ -207,10 +198,10 @@ class SelfManagedCertificates:
                 await self.ensure()
             except CertificateError as exc:
                 self._retry_soon = True
-                _log.warning("self-managed certificate check failed: %s", exc)
+                log.warning("self-managed certificate check failed: %s", exc)
             except Exception:
                 self._retry_soon = True
-                _log.exception("self-managed certificate check failed unexpectedly")
+                log.exception("self-managed certificate check failed unexpectedly")
 
     # -- one pass ------------------------------------------------------------------------
 
@@ -222,7 +213,7 @@ class SelfManagedCertificates:
             # Only our own patch can have put a stale CA over a newer one; see the module doc.
             if state is not _Bundle.PATCHED or await self._secret_version() == version:
                 return material
-            _log.info(
+            log.info(
                 "%s changed while the caBundle was patched; patching again", self._secret_label
             )
         raise CertificateError(
@@ -240,7 +231,7 @@ class SelfManagedCertificates:
             )
             if current is not None and stored is not None and problem is None:
                 return stored, _version(current)
-            _log.info(
+            log.info(
                 "%s is not usable (%s); generating a new certificate", self._secret_label, problem
             )
             fresh = await asyncio.to_thread(self._generate, stored)
@@ -250,13 +241,13 @@ class SelfManagedCertificates:
                 else self._replace_secret(current, fresh)
             )
             if written is not None:
-                _log.info(
+                log.info(
                     "%s stored with a new certificate for %s",
                     self._secret_label,
                     ", ".join(self._dns_names),
                 )
                 return fresh, _version(written)
-            _log.info("another writer changed %s first; reading it again", self._secret_label)
+            log.info("another writer changed %s first; reading it again", self._secret_label)
         raise CertificateError(
             f"{self._secret_label} kept changing under concurrent writers; "
             f"gave up after {_MAX_ATTEMPTS} attempts"
@@ -278,7 +269,7 @@ class SelfManagedCertificates:
         for _ in range(_MAX_ATTEMPTS):
             config = await self._read_webhook()
             if config is None:
-                _log.warning(
+                log.warning(
                     "%s not found; its caBundle will be set on a later check",
                     self._webhook_label,
                 )
@@ -287,9 +278,9 @@ class SelfManagedCertificates:
             if not ops:
                 return _Bundle.UNCHANGED
             if await self._patch_webhook(ops):
-                _log.info("%s: caBundle set on %d webhook(s)", self._webhook_label, len(ops) // 2)
+                log.info("%s: caBundle set on %d webhook(s)", self._webhook_label, len(ops) // 2)
                 return _Bundle.PATCHED
-            _log.info("%s changed while it was patched; retrying", self._webhook_label)
+            log.info("%s changed while it was patched; retrying", self._webhook_label)
         raise CertificateError(
             f"{self._webhook_label} kept changing; could not set its caBundle "
             f"after {_MAX_ATTEMPTS} attempts"
@@ -311,7 +302,7 @@ class SelfManagedCertificates:
             ),
             out,
         )
-        _log.info("serving certificate from %s written to %s", self._secret_label, out)
+        log.info("serving certificate from %s written to %s", self._secret_label, out)
         return paths
 
     # -- API calls: each returns None/False for the outcomes a pass handles, else raises ----

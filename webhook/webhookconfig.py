@@ -31,18 +31,6 @@ from .kinds import KINDS, KSERVE, KindInfo, Mode
 from .oci.reference import DIGEST_HEX_LENGTHS, DOCKER_HUB, DOCKER_HUB_LEGACY
 from .rewrite import NamePattern
 
-__all__ = [
-    "FAILURE_POLICIES",
-    "IGNORE_LABEL",
-    "MAX_MATCH_CONDITIONS",
-    "MAX_RULE_REGEX_LENGTH",
-    "WebhookTarget",
-    "build_webhook_configuration",
-    "image_test",
-    "match_conditions_for",
-    "rule_pattern",
-]
-
 FAILURE_POLICIES: Final = ("Ignore", "Fail")
 IGNORE_LABEL: Final = "pinhook.dev/ignore"
 NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"

@@ -39,9 +39,8 @@ from .reference import DOCKER_HUB, DOCKER_HUB_LEGACY, split_host_port
 if TYPE_CHECKING:
     from .reference import ImageRef
 
-__all__ = ["DockerKeyring", "normalise_key"]
 
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _DOCKER_HUB_HOSTS = frozenset({DOCKER_HUB, DOCKER_HUB_LEGACY})
 
@@ -243,7 +242,7 @@ class DockerKeyring:
         for raw, credential in entries:
             key = normalise_key(raw)
             if key is None:
-                _log.warning("skipping registry key %r from %s: not a URL", raw, credential.source)
+                log.warning("skipping registry key %r from %s: not a URL", raw, credential.source)
                 continue
             creds.setdefault(key, []).append(credential)
         self._creds: dict[str, tuple[Credential, ...]] = {k: tuple(v) for k, v in creds.items()}
@@ -299,7 +298,7 @@ class DockerKeyring:
             raise ConfigError(f"{source}: a docker config must be a JSON object")
         auths = document.get("auths")
         if auths is None:
-            _log.warning('%s has no "auths"; it gives no credentials', source)
+            log.warning('%s has no "auths"; it gives no credentials', source)
             return cls()
         if not isinstance(auths, dict):
             raise ConfigError(f'{source}: "auths" must be a JSON object')
@@ -330,11 +329,6 @@ class DockerKeyring:
     def keys(self) -> list[str]:
         """The normalised keys in the order they are tried."""
         return [key.text for key in self._index]
-
-    def __iter__(self) -> Iterator[tuple[str, Credential]]:
-        for key in self.keys():
-            for credential in self._creds[key]:
-                yield key, credential
 
     def __len__(self) -> int:
         return sum(len(values) for values in self._creds.values())
@@ -367,7 +361,7 @@ def _credentials(entries: Mapping[str, object], source: str) -> Iterator[tuple[s
 
 def _credential(key: str, entry: object, source: str) -> Credential | None:
     if not isinstance(entry, dict):
-        _log.warning("skipping registry %r in %s: the entry is not a JSON object", key, source)
+        log.warning("skipping registry %r in %s: the entry is not a JSON object", key, source)
         return None
     # Go's encoding/json matches field names case-insensitively ("Username" works too).
     fields = {str(name).lower(): value for name, value in entry.items()}
@@ -376,26 +370,26 @@ def _credential(key: str, entry: object, source: str) -> Credential | None:
         return _credential_from_auth(key, auth, source)
     username, password = fields.get("username", ""), fields.get("password", "")
     if not isinstance(username, str) or not isinstance(password, str):
-        _log.warning("skipping registry %r in %s: username/password not strings", key, source)
+        log.warning("skipping registry %r in %s: username/password not strings", key, source)
         return None
     if not username and not password:
         # docker login with a credential store writes such placeholder entries.
-        _log.debug("skipping registry %r in %s: the entry holds no credential", key, source)
+        log.debug("skipping registry %r in %s: the entry holds no credential", key, source)
         return None
     return Credential(username, password, source)
 
 
 def _credential_from_auth(key: str, auth: object, source: str) -> Credential | None:
     if not isinstance(auth, str):
-        _log.warning('skipping registry %r in %s: "auth" is not a string', key, source)
+        log.warning('skipping registry %r in %s: "auth" is not a string', key, source)
         return None
     try:
         decoded = base64.b64decode(auth, validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
-        _log.warning('skipping registry %r in %s: "auth" is not base64 text', key, source)
+        log.warning('skipping registry %r in %s: "auth" is not base64 text', key, source)
         return None
     username, colon, password = decoded.partition(":")
     if not colon:
-        _log.warning('skipping registry %r in %s: "auth" is not user:password', key, source)
+        log.warning('skipping registry %r in %s: "auth" is not user:password', key, source)
         return None
     return Credential(username, password, source)

@@ -29,21 +29,6 @@ from typing import Final
 
 from ..errors import InvalidReference
 
-__all__ = [
-    "DEFAULT_TAG",
-    "DIGEST_HEX_LENGTHS",
-    "DOCKER_HUB",
-    "DOCKER_HUB_API_HOST",
-    "DOCKER_HUB_LEGACY",
-    "MAX_REFERENCE_LENGTH",
-    "MAX_REPOSITORY_LENGTH",
-    "ImageRef",
-    "is_valid_digest",
-    "is_valid_tag",
-    "parse_name",
-    "split_host_port",
-]
-
 # Docker Hub's names: ``docker.io`` is the normalised one, ``index.docker.io`` its legacy alias
 # (which the kubelet also uses as the docker config key of last resort), and the distribution
 # API itself is served at ``registry-1.docker.io``.
