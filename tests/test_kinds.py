@@ -6,27 +6,18 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import celpy
 import jsonpointer
 import pytest
-import yaml
 
+from tests.reviews import OBJECTS, load_object
 from webhook.cel import cel_images
 from webhook.kinds import EXPLAINERS, KINDS, PREDICTOR_FRAMEWORKS, KindInfo, Mode, kind_info
 from webhook.locate import locate
 
-OBJECTS = Path(__file__).parent / "data" / "objects"
-
 Obj = dict[str, Any]
-
-
-def _load(name: str) -> Obj:
-    loaded = yaml.safe_load((OBJECTS / name).read_text())
-    assert isinstance(loaded, dict)
-    return loaded
 
 
 def _info(obj: Obj) -> KindInfo:
@@ -36,8 +27,8 @@ def _info(obj: Obj) -> KindInfo:
 
 
 def _fixtures() -> list[Obj]:
-    objects = [_load(path.name) for path in sorted(OBJECTS.glob("*.yaml"))]
-    deployment = _load("deployment.yaml")
+    objects = [load_object(path.name) for path in sorted(OBJECTS.glob("*.yaml"))]
+    deployment = load_object("deployment.yaml")
     for api_version, kind in (
         ("apps/v1", "StatefulSet"),
         ("apps/v1", "DaemonSet"),

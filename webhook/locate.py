@@ -201,57 +201,39 @@ def _each(key: str, then: _Walk) -> _Walk:
 
 
 def _containers(key: str) -> _Walk:
-    token = escape_pointer_token(key)
+    """A list of containers: each element's ``image``."""
 
-    def walk(node: Mapping[str, Any], pointer: str, pull: PullContext, found: _Found) -> None:
-        items = _list_at(node, key, token, pointer, found)
-        if not items:
-            return
-        base = f"{pointer}/{token}"
-        for index, item in enumerate(items):
-            if isinstance(item, dict):
-                _image_at(item, "image", f"{base}/{index}", pull, found)
-            else:
-                found.wrong_type(f"{base}/{index}", "an object", item)
+    def image(node: Mapping[str, Any], pointer: str, pull: PullContext, found: _Found) -> None:
+        _image_at(node, "image", pointer, pull, found)
 
-    return walk
+    return _each(key, image)
 
 
 def _container(*keys: str) -> _Walk:
     """Embedded containers, one under each of ``keys``."""
+    return _image_holders(keys, "image")
+
+
+def _image_holders(keys: tuple[str, ...], image_key: str) -> _Walk:
+    """The objects under ``keys`` (those present), each holding an image at ``image_key``."""
     tokens = tuple((key, escape_pointer_token(key)) for key in keys)
 
     def walk(node: Mapping[str, Any], pointer: str, pull: PullContext, found: _Found) -> None:
         for key, token in tokens:
-            container = node.get(key)
-            if container is None:
+            holder = node.get(key)
+            if holder is None:
                 continue
-            if isinstance(container, dict):
-                _image_at(container, "image", f"{pointer}/{token}", pull, found)
+            if isinstance(holder, dict):
+                _image_at(holder, image_key, f"{pointer}/{token}", pull, found)
             else:
-                found.wrong_type(f"{pointer}/{token}", "an object", container)
+                found.wrong_type(f"{pointer}/{token}", "an object", holder)
 
     return walk
 
 
-def _image_volumes(node: Mapping[str, Any], pointer: str, pull: PullContext, found: _Found) -> None:
-    volumes = _list_at(node, "volumes", "volumes", pointer, found)
-    if not volumes:
-        return
-    base = f"{pointer}/volumes"
-    for index, volume in enumerate(volumes):
-        if not isinstance(volume, dict):
-            found.wrong_type(f"{base}/{index}", "an object", volume)
-            continue
-        # Only the image volume source holds a container image; rbd.image is a Ceph block
-        # device name and must never be touched.
-        source = volume.get("image")
-        if source is None:
-            continue
-        if isinstance(source, dict):
-            _image_at(source, "reference", f"{base}/{index}/image", pull, found)
-        else:
-            found.wrong_type(f"{base}/{index}/image", "an object", source)
+# Only the image volume source holds a container image; rbd.image is a Ceph block device name
+# and must never be touched.
+_image_volumes: Final = _each("volumes", _image_holders(("image",), "reference"))
 
 
 def _list_at(

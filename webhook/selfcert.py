@@ -33,7 +33,8 @@ import base64
 import binascii
 import enum
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -309,15 +310,9 @@ class SelfManagedCertificates:
 
     async def _read_secret(self) -> Secret | None:
         options = self._options
-        try:
-            with kube_errors(f"reading {self._secret_label}"):
-                return await self._client.get(
-                    Secret, options.secret_name, namespace=options.namespace
-                )
-        except KubeNotFound:
-            return None
-        except KubeError as exc:
-            raise _failure(exc) from exc
+        with _api_call(f"reading {self._secret_label}", expected=(KubeNotFound,)):
+            return await self._client.get(Secret, options.secret_name, namespace=options.namespace)
+        return None
 
     async def _secret_version(self) -> str | None:
         current = await self._read_secret()
@@ -332,13 +327,10 @@ class SelfManagedCertificates:
             type=TLS_SECRET_TYPE,
             data=material.secret_data(),
         )
-        try:
-            with kube_errors(f"creating {self._secret_label}"):
-                return await self._client.create(secret)
-        except KubeConflict:  # AlreadyExists: another replica created it
-            return None
-        except KubeError as exc:
-            raise _failure(exc) from exc
+        # AlreadyExists: another replica created it.
+        with _api_call(f"creating {self._secret_label}", expected=(KubeConflict,)):
+            return await self._client.create(secret)
+        return None
 
     async def _replace_secret(self, current: Secret, material: ServingMaterial) -> Secret | None:
         meta = current.metadata or ObjectMeta()
@@ -355,41 +347,44 @@ class SelfManagedCertificates:
             type=current.type or TLS_SECRET_TYPE,
             data={**(current.data or {}), **material.secret_data()},
         )
-        try:
-            with kube_errors(f"updating {self._secret_label}"):
-                return await self._client.replace(updated)
-        except (KubeNotFound, KubeConflict):  # deleted or rewritten since it was read
-            return None
-        except KubeError as exc:
-            raise _failure(exc) from exc
+        # Deleted or rewritten since it was read.
+        with _api_call(f"updating {self._secret_label}", expected=(KubeNotFound, KubeConflict)):
+            return await self._client.replace(updated)
+        return None
 
     async def _read_webhook(self) -> MutatingWebhookConfiguration | None:
-        try:
-            with kube_errors(f"reading {self._webhook_label}"):
-                return await self._client.get(
-                    MutatingWebhookConfiguration, self._options.webhook_name
-                )
-        except KubeNotFound:
-            return None
-        except KubeError as exc:
-            raise _failure(exc) from exc
+        with _api_call(f"reading {self._webhook_label}", expected=(KubeNotFound,)):
+            return await self._client.get(MutatingWebhookConfiguration, self._options.webhook_name)
+        return None
 
     async def _patch_webhook(self, ops: list[dict[str, Any]]) -> bool:
-        try:
-            with kube_errors(f"patching the caBundle of {self._webhook_label}"):
-                await self._client.patch(
-                    MutatingWebhookConfiguration,
-                    self._options.webhook_name,
-                    ops,
-                    patch_type=PatchType.JSON,
-                )
         # 422: a `test` op failed (the webhooks moved); 409: changed concurrently;
         # 404: deleted since it was read. A fresh read sorts out each.
-        except (KubeInvalid, KubeConflict, KubeNotFound):
-            return False
-        except KubeError as exc:
-            raise _failure(exc) from exc
-        return True
+        with _api_call(
+            f"patching the caBundle of {self._webhook_label}",
+            expected=(KubeInvalid, KubeConflict, KubeNotFound),
+        ):
+            await self._client.patch(
+                MutatingWebhookConfiguration,
+                self._options.webhook_name,
+                ops,
+                patch_type=PatchType.JSON,
+            )
+            return True
+        return False
+
+
+@contextmanager
+def _api_call(what: str, *, expected: tuple[type[KubeError], ...]) -> Iterator[None]:
+    """One API call: an ``expected`` outcome ends the block quietly (the code after it
+    handles it), any other failure is a CertificateError that says what to do."""
+    try:
+        with kube_errors(what):
+            yield
+    except expected:
+        pass
+    except KubeError as exc:
+        raise _failure(exc) from exc
 
 
 def ca_bundle_patch(config: MutatingWebhookConfiguration, bundle: str) -> list[dict[str, Any]]:
