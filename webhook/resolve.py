@@ -17,18 +17,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from .config import CacheSettings
 from .errors import DeadlineExceeded, NotFound, ResolveError, Unauthorized
-from .oci.credential import PullContext
+from .kube import PullSecretSource
+from .oci.credential import Credential, PullContext
+from .oci.keychain import DockerKeyring
 from .oci.reference import ImageRef
-
-if TYPE_CHECKING:
-    from .kube import PullSecretSource
-    from .oci.credential import Credential
-    from .oci.keychain import DockerKeyring
-    from .oci.registry import RegistryClient
+from .oci.registry import RegistryClient
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 
-from .. import errors
+from ..errors import DeadlineExceeded, ForbiddenHost, RegistryUnavailable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -94,16 +94,16 @@ class HostGuard:
     async def check(
         self, host: str, port: int | None = None, *, deadline: float | None = None
     ) -> None:
-        """Return if ``host`` may be contacted; raise :class:`errors.ForbiddenHost` if not.
+        """Return if ``host`` may be contacted; raise :class:`ForbiddenHost` if not.
 
         ``deadline`` (an absolute ``loop.time()``) bounds the name resolution; past it,
-        :class:`errors.DeadlineExceeded`.
+        :class:`DeadlineExceeded`.
         """
         if self.is_allow_listed(host, port):
             return
         shown = f"{host}:{port}" if port is not None else host
         if parse_ip_literal(host) is not None:
-            raise errors.ForbiddenHost(
+            raise ForbiddenHost(
                 f"registry host {shown} is an IP address; only allow-listed hosts may be "
                 "addressed by IP"
             )
@@ -113,7 +113,7 @@ class HostGuard:
         addresses = await self._resolve(host, port, deadline)
         forbidden = sorted({str(ip) for ip in addresses if is_forbidden_address(ip)})
         if forbidden:
-            raise errors.ForbiddenHost(
+            raise ForbiddenHost(
                 f"registry host {shown} resolves to non-public address(es) "
                 f"{', '.join(forbidden)}; add it to the allowed hosts if this is intended"
             )
@@ -128,16 +128,16 @@ class HostGuard:
             async with asyncio.timeout_at(deadline):
                 infos = await loop.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
         except TimeoutError as exc:
-            raise errors.DeadlineExceeded(f"resolving registry host {host} timed out") from exc
+            raise DeadlineExceeded(f"resolving registry host {host} timed out") from exc
         except OSError as exc:
-            raise errors.RegistryUnavailable(f"cannot resolve registry host {host}: {exc}") from exc
+            raise RegistryUnavailable(f"cannot resolve registry host {host}: {exc}") from exc
         addresses: list[IPAddress] = []
         for info in infos:
             literal = parse_ip_literal(str(info[4][0]))
             if literal is not None:
                 addresses.append(literal)
         if not addresses:
-            raise errors.RegistryUnavailable(f"registry host {host} resolves to no IP address")
+            raise RegistryUnavailable(f"registry host {host} resolves to no IP address")
         return addresses
 
     def _forget_expired(self) -> None:

@@ -29,16 +29,12 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
 from ..errors import ConfigError
 from .credential import Credential
-from .reference import DOCKER_HUB, DOCKER_HUB_LEGACY, split_host_port
-
-if TYPE_CHECKING:
-    from .reference import ImageRef
-
+from .reference import DOCKER_HUB, DOCKER_HUB_LEGACY, ImageRef, split_host_port
 
 log = logging.getLogger(__name__)
 
