@@ -3,8 +3,9 @@
 Pure, and the only place that denies. Under ``requireDigest`` (in a kind that is pinned), an
 object is denied when any image would end up without a digest: an invalid reference, one in a
 registry never resolved, one whose resolution failed. Under ``onFailure: deny`` a failed
-resolution denies in any case, and so does a review that ran out of time. Everything else is
-admitted, patched where an image changed, with a warning for what was not pinned.
+resolution denies in any kind. A review that ran out of time in a pinned kind is denied under
+either. Everything else is admitted, patched where an image changed, with a warning for what
+was not pinned.
 """
 
 from __future__ import annotations
