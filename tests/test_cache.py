@@ -18,7 +18,7 @@ from webhook.errors import (
     ResolveError,
     Unauthorized,
 )
-from webhook.reference import ImageRef
+from webhook.oci.reference import ImageRef
 from webhook.resolve import CachingResolver, PullScope, Resolution
 
 SCOPE = PullScope("default")

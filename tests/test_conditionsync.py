@@ -7,7 +7,7 @@ from lightkube import AsyncClient
 from webhook.conditionsync import MatchConditionsSync, conditions_patch
 from webhook.config import load_settings
 from webhook.errors import ConfigError
-from webhook.locate import kind_info
+from webhook.kinds import kind_info
 from webhook.webhookconfig import match_conditions_for
 
 

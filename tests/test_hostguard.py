@@ -6,7 +6,8 @@ import ipaddress
 import pytest
 
 from webhook import errors
-from webhook.hostguard import HostGuard, is_forbidden_address, parse_ip_literal, split_host_port
+from webhook.oci.hostguard import HostGuard, is_forbidden_address, parse_ip_literal
+from webhook.oci.reference import split_host_port
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from webhook.credential import Credential
 from webhook.errors import ConfigError
-from webhook.keychain import DockerKeyring, is_default_registry_match, normalise_key
-from webhook.reference import ImageRef
+from webhook.oci.credential import Credential
+from webhook.oci.keychain import DockerKeyring, is_default_registry_match, normalise_key
+from webhook.oci.reference import ImageRef
 
 
 def _auth(username: str, password: str) -> str:
@@ -67,7 +67,7 @@ def test_normalise_key(raw: str, key: str | None) -> None:
 
 
 def test_unparseable_keys_are_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="webhook.keychain")
+    caplog.set_level(logging.WARNING, logger="webhook.oci.keychain")
     doc = {"https://[::1": {"auth": _auth("a", "secret-1")}, "ok.io": {"auth": _auth("b", "p")}}
     keyring = DockerKeyring.from_dockercfg(json.dumps(doc).encode(), source="test")
     assert keyring.keys() == ["ok.io"]
@@ -348,7 +348,7 @@ def test_password_may_contain_colons_and_username_may_be_empty() -> None:
 def test_malformed_entries_are_skipped_and_secrets_not_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="webhook.keychain")
+    caplog.set_level(logging.DEBUG, logger="webhook.oci.keychain")
     no_colon = base64.b64encode(b"onlyusernameSECRET3").decode()
     doc = {
         "bad-base64.io": {"auth": "!!!SECRET1!!!"},

@@ -11,16 +11,9 @@ import orjson
 import pytest
 import yaml
 
-from webhook.locate import (
-    KINDS,
-    NO_PULL,
-    ImageField,
-    Located,
-    PullContext,
-    escape_pointer_token,
-    kind_info,
-    locate_images,
-)
+from webhook.kinds import KINDS, PREDICTOR_FRAMEWORKS, kind_info
+from webhook.locate import NO_PULL, ImageField, Located, escape_pointer_token, locate_images
+from webhook.oci.credential import PullContext
 
 OBJECTS = Path(__file__).parent / "data" / "objects"
 KSERVE = "serving.kserve.io"
@@ -115,22 +108,7 @@ def test_inference_service_after_defaulting_uses_model_key() -> None:
     }
 
 
-@pytest.mark.parametrize(
-    "framework",
-    [
-        "sklearn",
-        "xgboost",
-        "tensorflow",
-        "pytorch",
-        "triton",
-        "onnx",
-        "huggingface",
-        "pmml",
-        "lightgbm",
-        "paddle",
-        "model",
-    ],
-)
+@pytest.mark.parametrize("framework", PREDICTOR_FRAMEWORKS)
 def test_every_predictor_framework_key(framework: str) -> None:
     isvc = {"spec": {"predictor": {framework: {"storageUri": "s3://m", "image": "repo/x:1"}}}}
     assert found(isvc | {"apiVersion": f"{KSERVE}/v1beta1", "kind": "InferenceService"}) == {

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from webhook.certs import service_dns_names
-from webhook.config import Mode, OnFailure, load_settings
+from webhook.config import OnFailure, load_settings
+from webhook.kinds import Mode
 from webhook.webhookconfig import WebhookTarget, build_webhook_configuration
 
 KUBECTL = shutil.which("kubectl")

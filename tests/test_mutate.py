@@ -331,6 +331,50 @@ async def test_require_digest_per_namespace(webhook_for: WebhookFactory) -> None
     assert "requireDigest" in denied["status"]["message"]
 
 
+async def test_require_digest_denies_an_invalid_reference(webhook_for: WebhookFactory) -> None:
+    # README: under requireDigest, an invalid reference in a pinned kind is denied, since it
+    # cannot end up with a digest.
+    hook = webhook_for("requireDigest: true\n")
+    denied = await hook.send(review(pod_with("nginx:1.27", "Nginx:1.27")))
+    assert denied["allowed"] is False
+    assert denied["status"]["code"] == 403
+    assert denied["status"]["message"] == (
+        "pinhook: 'Nginx:1.27' at /spec/containers/1/image is not a valid reference"
+    )
+    assert "patch" not in denied
+    # In a kind that is only rewritten, it is left as it is, with a warning.
+    hook = webhook_for("requireDigest: true\nkinds:\n  pods: rewrite\n")
+    allowed = await hook.send(review(pod_with("Nginx:1.27")))
+    assert allowed["allowed"] is True
+    assert any("lowercase" in warning for warning in allowed["warnings"])
+
+
+async def test_require_digest_denies_an_image_in_a_skipped_registry(
+    webhook_for: WebhookFactory,
+) -> None:
+    hook = webhook_for("requireDigest: true\n")
+    denied = await hook.send(review(pod_with("nginx:1.27", "kind.local/app:dev")))
+    assert denied["allowed"] is False
+    assert denied["status"]["message"] == (
+        "pinhook: kind.local/app:dev (/spec/containers/1/image) would not be pinned to a"
+        " digest and requireDigest is set"
+    )
+    # A digest written in a skipped registry is kept, and satisfies requireDigest.
+    digest = "sha256:" + "7" * 64
+    allowed = await hook.send(review(pod_with(f"kind.local/app:dev@{digest}")))
+    assert allowed["allowed"] is True
+
+
+@pytest.mark.parametrize(
+    ("timeout", "budget"),
+    [(None, 8.0), ("", 8.0), ("10s", 8.0), ("5s", 3.5), ("4000ms", 2.5), ("1s", 0.5), ("x", 8.0)],
+)
+def test_budget_leaves_room_in_the_api_servers_timeout(timeout: str | None, budget: float) -> None:
+    settings = load_settings("")
+    mutator = Mutator(settings, StaticDigestResolver(settings.digest_table))
+    assert mutator.budget(timeout) == budget
+
+
 async def test_skip_registries_are_rewritten_not_resolved(webhook_for: WebhookFactory) -> None:
     hook = webhook_for("rewrites:\n  - from: ko.local/old\n    to: kind.local/new\n")
     pod = pod_with("ko.local/old/app:dev")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from webhook.errors import InvalidReference, PinhookError
-from webhook.reference import (
+from webhook.config import load_settings
+from webhook.errors import ConfigError, InvalidReference, PinhookError
+from webhook.oci import registry
+from webhook.oci.reference import (
     MAX_REFERENCE_LENGTH,
     ImageRef,
     is_valid_digest,
@@ -529,3 +531,11 @@ def test_is_valid_tag(tag: str, valid: bool) -> None:
 )
 def test_is_valid_digest(digest: str, valid: bool) -> None:
     assert is_valid_digest(digest) is valid
+
+
+def test_one_digest_validator_for_references_registries_and_the_config() -> None:
+    # The registry client had a regex of its own, whose `^...$` let a trailing newline through.
+    assert registry.is_valid_digest is is_valid_digest
+    assert not registry.is_valid_digest(SHA256 + "\n")
+    with pytest.raises(ConfigError, match="not a valid digest"):
+        load_settings(f'digests:\n  "nginx:1": "{SHA256}\\n"\n')

@@ -27,15 +27,11 @@ from tests.faults import (
 from tests.harness.fixtures import RegistryEnv
 from tests.harness.push import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from webhook import certs, errors
-from webhook.credential import Credential
-from webhook.reference import ImageRef
-from webhook.registry import (
-    MANIFEST_MEDIA_TYPES,
-    RegistryClient,
-    RegistryOptions,
-    parse_challenge,
-    parse_retry_after,
-)
+from webhook.oci.auth import parse_challenge
+from webhook.oci.credential import Credential
+from webhook.oci.reference import ImageRef
+from webhook.oci.registry import MANIFEST_MEDIA_TYPES, RegistryClient
+from webhook.oci.transport import RegistryOptions, parse_retry_after
 
 ALICE = Credential("alice", "wonderland", source="test alice")
 BOB = Credential("bob", "builder", source="test bob")
@@ -227,7 +223,7 @@ async def test_debug_logs_never_carry_secrets(
         for pushed, credential in ((basic, ALICE), (token, BOB)):
             ref = ImageRef.parse(pushed.tag_ref)
             await client.resolve_digest(ref, [WRONG, credential], deadline=deadline_in(10))
-    ours = [r.getMessage() for r in caplog.records if r.name == "webhook.registry"]
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("webhook.oci.")]
     assert any(message.startswith("HEAD ") for message in ours)  # exchanges are logged
     # httpx and httpcore log too, at the same level: nothing anywhere may carry a secret.
     logged = caplog.text

@@ -23,11 +23,11 @@ from tests.harness.proxy import CountingProxy
 from tests.reviews import apply_response, review
 from webhook.admission import AdmissionOutcome, parse_review
 from webhook.config import Settings, load_settings
-from webhook.keychain import DockerKeyring
 from webhook.kube import NoPullSecrets, PullSecretSource, StaticPullSecrets
 from webhook.metrics import Metrics
 from webhook.mutate import Mutator
-from webhook.registry import RegistryClient
+from webhook.oci.keychain import DockerKeyring
+from webhook.oci.registry import RegistryClient
 from webhook.resolve import CachingResolver, RegistryDigestResolver
 from webhook.runtime import registry_options
 

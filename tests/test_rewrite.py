@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from webhook.config import Mode, OnFailure, load_settings
+from webhook.config import OnFailure, load_settings
 from webhook.errors import ConfigError, InvalidReference
-from webhook.reference import ImageRef
+from webhook.kinds import Mode
+from webhook.oci.reference import ImageRef
 from webhook.rewrite import NamePattern, RewriteMap, RewriteRule
 
 
@@ -196,3 +197,18 @@ def test_index_docker_io_is_docker_io_in_rules() -> None:
         RewriteMap(
             [rule("gcr.io/", "index.docker.io"), rule("docker.io/library/", "mirror.example.com/l")]
         )
+
+
+def test_each_rule_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    parse = NamePattern.parse
+    parsed: list[str] = []
+
+    def counting(text: str) -> NamePattern:
+        parsed.append(text)
+        return parse(text)
+
+    monkeypatch.setattr(NamePattern, "parse", counting)
+    settings = load_settings("rewrites:\n  - from: gcr.io/a\n    to: quay.io/a\n")
+    assert parsed == ["gcr.io/a", "quay.io/a"]
+    assert [(rule.source, rule.target) for rule in settings.rewrites] == [("gcr.io/a", "quay.io/a")]
+    assert str(settings.rewrite_map.rules[0]) == "gcr.io/a -> quay.io/a"

@@ -81,6 +81,8 @@ async def test_replaced_registry_clients_are_closed_on_exit(
         write_config(config, registry.host, registry="  maxAttempts: 2\n")
         assert await runtime.reload_config()
         assert runtime._client is not first
-        assert first is not None and not first._http.is_closed  # in-flight requests may use it
-    assert first._http.is_closed
-    assert runtime._client is not None and runtime._client._http.is_closed
+        assert (
+            first is not None and not first._transport.http.is_closed
+        )  # in-flight requests may use it
+    assert first._transport.http.is_closed
+    assert runtime._client is not None and runtime._client._transport.http.is_closed

@@ -21,7 +21,7 @@ import yaml
 
 from tests.fake_apiserver import FakeApiServer
 from webhook.config import load_settings
-from webhook.locate import kind_info
+from webhook.kinds import kind_info
 from webhook.webhookconfig import match_conditions_for
 
 NAMESPACE = "pinhook-system"

@@ -2,7 +2,7 @@
 
 The matchConditions are evaluated for real with cel-python (``celpy``, RE2 regexes through
 google-re2) against the realistic objects in tests/data/objects, and compared with what pinhook
-itself would do with each image (``mutate.plan_image``): an object the conditions skip must be
+itself would do with each image (``plan.plan_image``): an object the conditions skip must be
 one pinhook would leave unchanged.
 """
 
@@ -22,11 +22,12 @@ import pytest
 import yaml
 
 from webhook import install
-from webhook.config import KIND_KEYS, Mode, Settings, default_settings, load_settings
+from webhook.config import Settings, default_settings, load_settings
 from webhook.errors import ConfigError
-from webhook.locate import KINDS, KindInfo, kind_info, locate_images
-from webhook.mutate import Action, plan_image
-from webhook.reference import ImageRef
+from webhook.kinds import KIND_KEYS, KINDS, KindInfo, Mode, kind_info
+from webhook.locate import locate_images
+from webhook.oci.reference import ImageRef
+from webhook.plan import Action, plan_image
 from webhook.webhookconfig import (
     MAX_MATCH_CONDITIONS,
     MAX_RULE_REGEX_LENGTH,
@@ -34,7 +35,6 @@ from webhook.webhookconfig import (
     build_webhook_configuration,
     match_conditions_for,
     rule_pattern,
-    webhook_name,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -416,9 +416,9 @@ def test_default_configuration_has_one_webhook_per_active_kind() -> None:
 
 
 def test_webhook_names_are_unique_for_every_kind() -> None:
-    names = [webhook_name(info) for info in KINDS]
+    names = [info.webhook_name for info in KINDS]
     assert len(set(names)) == len(names)
-    assert webhook_name(KINDS[0]) == "pods.pinhook.dev"
+    assert KINDS[0].webhook_name == "pods.pinhook.dev"
 
 
 def test_rules_per_kind() -> None:

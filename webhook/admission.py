@@ -21,17 +21,16 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class AdmissionRequest:
+    """The fields pinhook reads. Not ``dryRun``: a dry run is answered like a real request."""
+
     api_version: str
     uid: str
     group: str
     kind: str
     operation: str
     namespace: str | None
-    name: str | None
-    sub_resource: str | None
     obj: Any
     old_obj: Any
-    dry_run: bool
 
 
 @dataclass(slots=True)
@@ -75,11 +74,8 @@ def parse_review(body: bytes) -> AdmissionRequest:
         kind=_text(kind.get("kind")) or "",
         operation=_text(request.get("operation")) or "",
         namespace=_text(request.get("namespace")) or None,
-        name=_text(request.get("name")) or None,
-        sub_resource=_text(request.get("subResource")) or None,
         obj=request.get("object"),
         old_obj=request.get("oldObject"),
-        dry_run=request.get("dryRun") is True,
     )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -16,19 +15,16 @@ from typing import Protocol
 
 import orjson
 from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .admission import MAX_BODY_BYTES, parse_review, render_response
 from .errors import InvalidReview
-from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .mutate import Mutator
+from .metrics import Metrics
+from .mutate import TIMEOUT_MARGIN, Mutator
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
-# The API server appends ?timeout=10s (its webhook timeout) to the URL it calls.
-_TIMEOUT = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
-# Leave this much of the API server's timeout for answering and the network.
-_TIMEOUT_MARGIN = 1.5
 
 
 class Service(Protocol):
@@ -66,10 +62,10 @@ def create_app(
             service.metrics.admission("", "", "invalid")
             return _error(400, str(exc))
         mutator = service.mutator
-        budget = _budget(request.query_params.get("timeout"), mutator)
+        budget = mutator.budget(request.query_params.get("timeout"))
         try:
             # asyncio.timeout, not wait_for: no extra task per request on the hot path.
-            async with asyncio.timeout(budget + _TIMEOUT_MARGIN / 2):
+            async with asyncio.timeout(budget + TIMEOUT_MARGIN / 2):
                 outcome = await mutator.review(review, budget=budget)
         except TimeoutError:
             # The resolver keeps its own deadline; this is the guard of last resort.
@@ -116,19 +112,6 @@ async def _read_limited(request: Request) -> bytes | Response:
             return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _budget(timeout: str | None, mutator: Mutator) -> float:
-    """How long resolving may take: the configured deadline, or less when the API server's
-    timeout for this call leaves less."""
-    ceiling = mutator.settings.registry.timeout_seconds
-    if not timeout:
-        return ceiling
-    match = _TIMEOUT.match(timeout)
-    if match is None:
-        return ceiling
-    value = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[match.group(2) or "s"]
-    return max(0.5, min(ceiling, value - _TIMEOUT_MARGIN))
 
 
 def _error(status: int, reason: str) -> Response:

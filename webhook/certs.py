@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from webhook.errors import CertificateError
+from .errors import CertificateError
 
 CA_CERT_FILE = "ca.crt"
 CERT_FILE = "tls.crt"

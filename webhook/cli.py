@@ -25,7 +25,7 @@ from .kube import KubePullSecrets, PullSecretSource, StaticPullSecrets
 from .runtime import Runtime
 from .selfcert import SelfManagedCertificates, SelfManagedOptions
 
-log = logging.getLogger("pinhook")
+log = logging.getLogger(__name__)
 
 
 def _env(name: str, default: str | None = None) -> str | None:

@@ -20,12 +20,13 @@ from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfigur
 from lightkube.types import PatchType
 
 from .config import Settings
-from .locate import KINDS, KindInfo
-from .webhookconfig import match_conditions_for, webhook_name
+from .kinds import KINDS, KindInfo
+from .kubeerrors import kube_errors
+from .webhookconfig import match_conditions_for
 
 log = logging.getLogger(__name__)
 
-_KIND_BY_WEBHOOK: Mapping[str, KindInfo] = {webhook_name(info): info for info in KINDS}
+_KIND_BY_WEBHOOK: Mapping[str, KindInfo] = {info.webhook_name: info for info in KINDS}
 
 
 def conditions_patch(
@@ -62,17 +63,18 @@ class MatchConditionsSync:
         """True when a patch was applied. Failures are logged, never raised: the webhook
         serves on with the conditions it has."""
         try:
-            if self._client is None:
-                self._client = self._client_factory()
-            live = await self._client.get(MutatingWebhookConfiguration, self._name)
-            webhooks = [webhook.to_dict() for webhook in live.webhooks or ()]
-            ops = conditions_patch(webhooks, settings)
-            if not ops:
-                return False
-            await self._client.patch(
-                MutatingWebhookConfiguration, self._name, ops, patch_type=PatchType.JSON
-            )
-        except Exception as exc:  # lightkube raises config and auth errors of its own too
+            with kube_errors(f"MutatingWebhookConfiguration {self._name}"):
+                if self._client is None:
+                    self._client = self._client_factory()
+                live = await self._client.get(MutatingWebhookConfiguration, self._name)
+                webhooks = [webhook.to_dict() for webhook in live.webhooks or ()]
+                ops = conditions_patch(webhooks, settings)
+                if not ops:
+                    return False
+                await self._client.patch(
+                    MutatingWebhookConfiguration, self._name, ops, patch_type=PatchType.JSON
+                )
+        except Exception as exc:  # whatever the client raises: it must not stop serving
             log.warning(
                 "matchConditions of %s not updated (objects the new rules match may not reach"
                 " pinhook until the next config change or restart): %s",

@@ -16,26 +16,21 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import core_schema
 
-from .errors import ConfigError, InvalidReference
-from .locate import KINDS
-from .reference import ImageRef, is_valid_digest
+from .errors import ConfigError
+from .kinds import DEFAULT_MODES, KIND_KEYS, Mode
+from .oci.reference import ImageRef, is_valid_digest
 from .rewrite import DEFAULT_RULES, NamePattern, RewriteMap, RewriteRule
 
 SKIP_ANNOTATION = "pinhook.dev/skip"
-KIND_KEYS = frozenset(info.key for info in KINDS)
-
-
-class Mode(StrEnum):
-    PIN = "pin"
-    REWRITE = "rewrite"
-    OFF = "off"
 
 
 class OnFailure(StrEnum):
@@ -54,29 +49,41 @@ class _Model(BaseModel):
     )
 
 
-class RuleSettings(_Model):
-    source: str = Field(alias="from")
-    target: str = Field(alias="to")
+class RulePattern(str):
+    """A rule's ``from`` or ``to`` as written, with the pattern parsed from it, once.
 
-    @field_validator("source", "target")
+    An invalid one raises InvalidReference, a ValueError: pydantic reports it at the field.
+    """
+
+    pattern: NamePattern
+
     @classmethod
-    def _pattern(cls, value: str) -> str:
-        try:
-            NamePattern.parse(value)
-        except InvalidReference as exc:
-            raise ValueError(str(exc)) from None
-        return value
+    def __get_pydantic_core_schema__(
+        cls, source: type[Any], handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(cls._parse, core_schema.str_schema())
+
+    @classmethod
+    def _parse(cls, text: str) -> RulePattern:
+        parsed = cls(text)
+        parsed.pattern = NamePattern.parse(text)
+        return parsed
+
+
+class RuleSettings(_Model):
+    source: RulePattern = Field(alias="from")
+    target: RulePattern = Field(alias="to")
+    _rule: RewriteRule = PrivateAttr()
 
     @model_validator(mode="after")
-    def _consistent(self) -> RuleSettings:
-        try:
-            self.compile()
-        except InvalidReference as exc:
-            raise ValueError(str(exc)) from None
+    def _compile(self) -> RuleSettings:
+        # An inconsistent pair raises InvalidReference: pydantic reports it at the rule.
+        self._rule = RewriteRule(self.source.pattern, self.target.pattern)
         return self
 
-    def compile(self) -> RewriteRule:
-        return RewriteRule(NamePattern.parse(self.source), NamePattern.parse(self.target))
+    @property
+    def rule(self) -> RewriteRule:
+        return self._rule
 
 
 class FailurePolicy(_Model):
@@ -160,11 +167,9 @@ class Settings(_Model):
 
     @model_validator(mode="after")
     def _compile(self) -> Settings:
-        try:
-            self._rewrite_map = RewriteMap(rule.compile() for rule in self.rewrites)
-        except InvalidReference as exc:
-            raise ValueError(str(exc)) from None
-        self._modes = {info.key: Mode(info.default_mode) for info in KINDS} | dict(self.kinds)
+        # A chain or a duplicate raises InvalidReference: pydantic reports it for the document.
+        self._rewrite_map = RewriteMap(rule.rule for rule in self.rewrites)
+        self._modes = dict(DEFAULT_MODES) | dict(self.kinds)
         self._digest_table = {
             _parse_for_table(image): digest for image, digest in self.digests.items()
         }
@@ -195,10 +200,7 @@ class Settings(_Model):
 
 
 def _parse_for_table(image: str) -> ImageRef:
-    try:
-        ref = ImageRef.parse(image)
-    except InvalidReference as exc:
-        raise ValueError(str(exc)) from None
+    ref = ImageRef.parse(image)  # InvalidReference is a ValueError: reported at the field
     return ref.with_tag(ref.tag_or_latest()) if ref.digest is None else ref
 
 

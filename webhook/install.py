@@ -11,31 +11,20 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-import httpx2
 import yaml
-from lightkube import ApiError, Client, KubeConfig, codecs
-from lightkube.core.exceptions import ConfigError as KubeConfigError
+from lightkube import Client, KubeConfig, codecs
 from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfiguration
 
 from . import certs
 from .config import Settings, default_settings, load_settings
 from .errors import ConfigError, PinhookError
+from .kubeerrors import KubeError, KubeNotFound, KubeUnconfigured, KubeUnreachable, kube_errors
 from .webhookconfig import FAILURE_POLICIES, WebhookTarget, build_webhook_configuration
-
-__all__ = [
-    "COMMANDS",
-    "FIELD_MANAGER",
-    "InstallError",
-    "add_commands",
-    "install",
-    "load_settings_or_configmap",
-    "render",
-    "run",
-    "uninstall",
-]
 
 COMMANDS: Final = ("webhook-config", "install", "uninstall")
 FIELD_MANAGER: Final = "pinhook"
@@ -44,13 +33,16 @@ SERVICE_PORT: Final = 443
 SERVICE_PATH: Final = "/mutate"
 
 _NOTES: Final = """\
-# Do not edit by hand: change the configuration or webhook/webhookconfig.py and run the command
-# above again (tests/test_webhookconfig.py fails when a checked-in copy and the generator differ).
+# Do not edit by hand: change the configuration, webhook/kinds.py or webhook/webhookconfig.py and
+# run the command above again (tests/test_webhookconfig.py fails when a checked-in copy and the
+# generator differ).
 #
 # One webhook per kind pinhook acts on, each with its own matchConditions (Kubernetes 1.28+):
 # the API server skips pinhook for an object whose images are all pinned to a digest and match
 # no rewrite rule, or that is annotated pinhook.dev/skip: "true". They are computed from the
-# rewrite rules at generation time: regenerate after changing `rewrites` or `kinds`.
+# rewrite rules; a self-managed pinhook (the base) rewrites them in its own configuration at
+# start and whenever it accepts a new config. Otherwise, regenerate after changing `rewrites`,
+# and in any case after changing `kinds`: which webhooks exist is fixed here.
 # Workload templates (Deployments, Jobs, ...) are left out unless `kinds` turns them on, and
 # ReplicaSets above all: the Deployment controller finds its ReplicaSet by comparing pod
 # templates, so one whose template pinhook changed is replaced by a new one, forever.
@@ -260,59 +252,41 @@ _Dumper.add_representer(str, _represent_str)
 def install(configuration: dict[str, Any], *, kubeconfig: Path | None = None) -> None:
     """Server-side apply of the configuration, owning every field it sets (force)."""
     resource = codecs.from_dict(configuration)
-    with _Cluster(kubeconfig) as client:
-        try:
-            client.apply(resource, field_manager=FIELD_MANAGER, force=True)
-        except ApiError as exc:
-            raise InstallError(
-                f"cannot apply {_describe(configuration)}: {_api_message(exc)}"
-            ) from None
+    name = configuration["metadata"]["name"]
+    with _cluster(kubeconfig, f"cannot apply MutatingWebhookConfiguration {name}") as client:
+        client.apply(resource, field_manager=FIELD_MANAGER, force=True)
 
 
 def uninstall(name: str, *, kubeconfig: Path | None = None) -> bool:
     """Delete the configuration; False when there was none."""
-    with _Cluster(kubeconfig) as client:
+    what = f"cannot delete MutatingWebhookConfiguration {name}"
+    with _cluster(kubeconfig, what) as client:
         try:
-            client.delete(MutatingWebhookConfiguration, name)
-        except ApiError as exc:
-            if exc.status.code == 404:
-                return False
-            raise InstallError(
-                f"cannot delete MutatingWebhookConfiguration {name}: {_api_message(exc)}"
-            ) from None
+            with kube_errors(what):
+                client.delete(MutatingWebhookConfiguration, name)
+        except KubeNotFound:
+            return False
     return True
 
 
-class _Cluster:
-    """A lightkube Client for the kubeconfig, closed afterwards; clear errors when it fails."""
-
-    def __init__(self, kubeconfig: Path | None) -> None:
-        try:
+@contextmanager
+def _cluster(kubeconfig: Path | None, what: str) -> Iterator[Client]:
+    """A lightkube Client for the kubeconfig, closed afterwards; an InstallError saying what
+    went wrong when it fails (lightkube reads parts of the kubeconfig only when it first sends
+    a request, so a missing one may show at any call)."""
+    try:
+        with kube_errors(what):
             config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
-            self._client = Client(config=config, field_manager=FIELD_MANAGER)
-        except KubeConfigError as exc:
-            raise _no_kubeconfig(exc) from None
-
-    def __enter__(self) -> Client:
-        return self._client
-
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        self._client.close()
-        # lightkube reads parts of the kubeconfig only when it first sends a request.
-        if isinstance(exc, KubeConfigError):
-            raise _no_kubeconfig(exc) from None
-        if isinstance(exc, httpx2.TransportError):
-            raise InstallError(f"cannot reach the API server: {exc}") from None
-
-
-def _no_kubeconfig(exc: KubeConfigError) -> InstallError:
-    return InstallError(f"no usable kubeconfig ({exc}): set KUBECONFIG or pass --kubeconfig")
-
-
-def _describe(configuration: dict[str, Any]) -> str:
-    return f"MutatingWebhookConfiguration {configuration['metadata']['name']}"
-
-
-def _api_message(exc: ApiError) -> str:
-    status = exc.status
-    return f"{status.code} {status.reason}: {status.message}"
+            client = Client(config=config, field_manager=FIELD_MANAGER)
+            try:
+                yield client
+            finally:
+                client.close()
+    except KubeUnconfigured as exc:
+        raise InstallError(
+            f"no usable kubeconfig ({exc.detail}): set KUBECONFIG or pass --kubeconfig"
+        ) from None
+    except KubeUnreachable as exc:
+        raise InstallError(f"cannot reach the API server: {exc.detail}") from None
+    except KubeError as exc:
+        raise InstallError(str(exc)) from None

@@ -25,25 +25,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from lightkube import ApiError, AsyncClient
+from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Secret, ServiceAccount
 
-from webhook.errors import ConfigError
-from webhook.keychain import DockerKeyring
-from webhook.locate import PullContext
+from .errors import ConfigError
+from .kubeerrors import KubeExpired, KubeRefused, as_kube_error
+from .oci.credential import PullContext
+from .oci.keychain import DockerKeyring
 
-__all__ = [
-    "DEFAULT_SERVICE_ACCOUNT",
-    "DOCKERCFG_TYPE",
-    "DOCKERCONFIGJSON_TYPE",
-    "KubePullSecrets",
-    "NoPullSecrets",
-    "PullSecretSource",
-    "StaticPullSecrets",
-    "keyring_from_secret",
-]
-
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DOCKERCONFIGJSON_TYPE = "kubernetes.io/dockerconfigjson"
 DOCKERCFG_TYPE = "kubernetes.io/dockercfg"
@@ -79,17 +69,17 @@ def keyring_from_secret(
     source = f"secret {namespace}/{name}"
     encoded = (data or {}).get(data_key)
     if not encoded:
-        _log.warning("%s has no %s data; it gives no credentials", source, data_key)
+        log.warning("%s has no %s data; it gives no credentials", source, data_key)
         return None
     try:
         document = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        _log.warning("%s: %s is not base64; skipped", source, data_key)
+        log.warning("%s: %s is not base64; skipped", source, data_key)
         return None
     try:
         return parse(document, source=source)
     except ConfigError as exc:
-        _log.warning("%s; skipped", exc)
+        log.warning("%s; skipped", exc)
         return None
 
 
@@ -103,13 +93,13 @@ def _keyring_for(
     service_account = pull.service_account or DEFAULT_SERVICE_ACCOUNT
     from_account = service_account_secrets((namespace, service_account))
     if from_account is None:
-        _log.debug("service account %s/%s not found", namespace, service_account)
+        log.debug("service account %s/%s not found", namespace, service_account)
     names = dict.fromkeys([*pull.image_pull_secrets, *(from_account or ())])
     keyrings: list[DockerKeyring] = []
     for name in names:
         keyring = secret_keyring((namespace, name))
         if keyring is None:
-            _log.debug("pull secret %s/%s not found or not usable; skipped", namespace, name)
+            log.debug("pull secret %s/%s not found or not usable; skipped", namespace, name)
         else:
             keyrings.append(keyring)
     return DockerKeyring.merge(keyrings)
@@ -188,20 +178,6 @@ class _Backoff:
         return delay
 
 
-def _status_code(exc: BaseException) -> int | None:
-    if isinstance(exc, ApiError) and exc.status is not None:
-        code = exc.status.code
-        return int(code) if code is not None else None
-    response = getattr(exc, "response", None)
-    code = getattr(response, "status_code", None)
-    return code if isinstance(code, int) else None
-
-
-def _is_expired(exc: BaseException) -> bool:
-    """410 Gone: the resourceVersion we watch from was compacted away; a relist is due."""
-    return _status_code(exc) == 410
-
-
 class _Reflector(Generic[V]):
     """One cluster-wide list+watch cache of a resource, reduced to ``convert(obj)`` per object.
 
@@ -238,24 +214,26 @@ class _Reflector(Generic[V]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if _is_expired(exc):
-                    _log.info("watch of %s expired (410 Gone); relisting", self.label)
+                error = as_kube_error(exc, f"list/watch of {self.label}")
+                if isinstance(error, KubeExpired):
+                    # The resourceVersion we watch from was compacted away: a relist is due.
+                    log.info("watch of %s expired (410 Gone); relisting", self.label)
                     # Relist at once, unless the last watch also expired before any event.
                     if self._expired_in_a_row:
                         await asyncio.sleep(self._backoff.next_delay())
                     self._expired_in_a_row += 1
                     continue
                 delay = self._backoff.next_delay()
-                if _status_code(exc) in (401, 403) and not self.synced.is_set():
+                if isinstance(error, KubeRefused) and not self.synced.is_set():
                     # RBAC withholds this resource (perhaps on purpose, see rbac.yaml): resolve
                     # without it rather than keep every replica unready; keep asking.
-                    _log.error(
+                    log.error(
                         "not allowed to list %s; pull secrets from it are not used: %s",
                         self.label,
                         exc,
                     )
                     self.synced.set()
-                _log.warning(
+                log.warning(
                     "list/watch of %s failed (%s: %s); relisting in %.1fs",
                     self.label,
                     type(exc).__name__,
@@ -274,7 +252,7 @@ class _Reflector(Generic[V]):
         self.store = store
         self.synced.set()
         resource_version = str(listing.resourceVersion)
-        _log.debug("listed %d %s at %s", len(store), self.label, resource_version)
+        log.debug("listed %d %s at %s", len(store), self.label, resource_version)
         return resource_version
 
     async def _watch(self, resource_version: str) -> None:
@@ -289,7 +267,7 @@ class _Reflector(Generic[V]):
                     self._backoff.reset()
                     self._expired_in_a_row = 0
         except TimeoutError:
-            _log.debug("resyncing %s", self.label)
+            log.debug("resyncing %s", self.label)
             self._expired_in_a_row = 0
         finally:
             aclose = getattr(events, "aclose", None)
@@ -385,16 +363,6 @@ class KubePullSecrets:
     def ready(self) -> bool:
         """Whether every cache has completed its initial list."""
         return all(r.synced.is_set() for r in self._reflectors())
-
-    async def wait_ready(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bounded probe
-        """Wait up to ``timeout`` seconds for :meth:`ready`; return whether it became so."""
-        try:
-            async with asyncio.timeout(timeout):
-                for reflector in self._reflectors():
-                    await reflector.synced.wait()
-        except TimeoutError:
-            return False
-        return True
 
     async def keyring_for(self, namespace: str, pull: PullContext) -> DockerKeyring:
         return _keyring_for(namespace, pull, self._service_accounts.store.get, self._secret)

@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 
 class Metrics:
@@ -66,9 +63,6 @@ class Metrics:
         if child is None:
             child = self._children[key] = counter.labels(*labels)
         child.inc(amount)
-
-    def image(self, outcome: str) -> None:
-        self._inc(self.images, outcome)
 
     def images_seen(self, tally: Mapping[str, int]) -> None:
         """One increment per outcome per request, not per image: each costs a lock."""

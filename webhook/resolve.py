@@ -17,18 +17,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from .config import CacheSettings
 from .errors import DeadlineExceeded, NotFound, ResolveError, Unauthorized
-from .locate import PullContext
-from .reference import ImageRef
-
-if TYPE_CHECKING:
-    from .credential import Credential
-    from .keychain import DockerKeyring
-    from .kube import PullSecretSource
-    from .registry import RegistryClient
+from .kube import PullSecretSource
+from .oci.credential import Credential, PullContext
+from .oci.keychain import DockerKeyring
+from .oci.reference import ImageRef
+from .oci.registry import RegistryClient
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .errors import InvalidReference
-from .reference import ImageRef, is_valid_tag, parse_name
+from .oci.reference import (
+    DOCKER_HUB,
+    DOCKER_HUB_LEGACY,
+    ImageRef,
+    is_valid_tag,
+    parse_name,
+    split_host_port,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +47,7 @@ class NamePattern:
         if _is_registry_only(name):
             _validate_registry(name)
             # The same alias the reference grammar resolves: images never say index.docker.io.
-            return cls(prefix="docker.io" if name == "index.docker.io" else name, tag=tag)
+            return cls(prefix=DOCKER_HUB if name == DOCKER_HUB_LEGACY else name, tag=tag)
         if namespace:
             # "docker.io/kserve/" names the kserve namespace; without the slash docker.io would
             # read "docker.io/kserve" as the image docker.io/library/kserve.
@@ -71,15 +78,15 @@ def _is_registry_only(name: str) -> bool:
     """
     if "/" in name:
         return False
-    host = name.partition(":")[0]
+    host, _ = split_host_port(name)
     return "." in host or host == "localhost"
 
 
 def _validate_registry(name: str) -> None:
-    host, sep, port = name.partition(":")
+    host, port = split_host_port(name)
     if name != name.lower():
         raise InvalidReference(f"{name!r}: registry host must be lowercase")
-    if sep and not port.isdigit():
+    if ":" in name and port is None:
         raise InvalidReference(f"{name!r}: registry port must be a number")
     if not host or any(not label for label in host.split(".")):
         raise InvalidReference(f"{name!r}: invalid registry host")

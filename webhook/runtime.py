@@ -17,11 +17,13 @@ from types import TracebackType
 from .conditionsync import MatchConditionsSync
 from .config import Settings, load_settings_file
 from .errors import ConfigError
-from .keychain import DockerKeyring
+from .files import FileStamp, file_stamp
 from .kube import KubePullSecrets, NoPullSecrets, PullSecretSource
 from .metrics import Metrics
 from .mutate import Mutator
-from .registry import RegistryClient, RegistryOptions
+from .oci.keychain import DockerKeyring
+from .oci.registry import RegistryClient
+from .oci.transport import RegistryOptions
 from .resolve import CachingResolver, DigestResolver, RegistryDigestResolver, StaticDigestResolver
 
 log = logging.getLogger(__name__)
@@ -66,10 +68,10 @@ class Runtime:
         self._client: RegistryClient | None = None
         self._registry_resolver: RegistryDigestResolver | None = None
         self._retiring: dict[RegistryClient, asyncio.Task[None]] = {}
-        self._docker_stamp: tuple[float, int] | None = None
+        self._docker_stamp: FileStamp | None = None
         self._mutator: Mutator | None = None
         self._config_error: str | None = None
-        self._config_stamp: tuple[float, int] | None = None
+        self._config_stamp: FileStamp | None = None
 
     async def __aenter__(self) -> Runtime:
         try:
@@ -172,7 +174,7 @@ class Runtime:
         path = self._docker_config_file(settings)
         if path is None:
             return None
-        stamp = _stamp(path)
+        stamp = file_stamp(path)
         keyring = DockerKeyring.from_file(path)
         self._docker_stamp = stamp
         return keyring
@@ -181,7 +183,7 @@ class Runtime:
         """Mounted credentials rotate (ECR tokens last 12 hours): follow the file."""
         path = self._docker_config_file(self._settings)
         resolver = self._registry_resolver
-        if path is None or resolver is None or _stamp(path) == self._docker_stamp:
+        if path is None or resolver is None or file_stamp(path) == self._docker_stamp:
             return
         try:
             resolver.docker_config = self._load_docker_config(self._settings)
@@ -190,8 +192,8 @@ class Runtime:
             return
         log.info("docker config reloaded from %s", path)
 
-    def _stamp(self) -> tuple[float, int] | None:
-        return None if self.config_path is None else _stamp(self.config_path)
+    def _stamp(self) -> FileStamp | None:
+        return None if self.config_path is None else file_stamp(self.config_path)
 
     async def reload_config(self) -> bool:
         """Load the config file again if it changed. Returns True when a new config applies."""
@@ -225,12 +227,3 @@ class Runtime:
                 self.reload_docker_config()
             except Exception:  # a bug here must not stop future reloads
                 log.exception("configuration reload failed")
-
-
-def _stamp(path: Path) -> tuple[float, int] | None:
-    try:
-        # Secret and ConfigMap volumes change by swapping a symlink: stat follows it.
-        stat = path.stat()
-    except OSError:
-        return None
-    return (stat.st_mtime, stat.st_ino)

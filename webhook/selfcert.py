@@ -34,36 +34,36 @@ import binascii
 import enum
 import ipaddress
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from lightkube import ApiError, AsyncClient
+from lightkube import AsyncClient
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfiguration
 from lightkube.resources.core_v1 import Secret
 from lightkube.types import PatchType
 
-from webhook import certs
-from webhook.certs import CertPaths
-from webhook.errors import CertificateError
+from . import certs
+from .certs import CertPaths
+from .errors import CertificateError
+from .kubeerrors import (
+    KubeConflict,
+    KubeError,
+    KubeInvalid,
+    KubeNotFound,
+    KubeRefused,
+    KubeUnreachable,
+    kube_errors,
+)
 
-__all__ = [
-    "TLS_SECRET_TYPE",
-    "SelfManagedCertificates",
-    "SelfManagedOptions",
-    "ServingMaterial",
-    "ca_bundle_patch",
-    "check_material",
-]
-
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TLS_SECRET_TYPE = "kubernetes.io/tls"  # noqa: S105 - a Secret type, not a password
 # Each race lost costs one re-read; more losses in a row than this means something keeps
@@ -214,10 +214,10 @@ class SelfManagedCertificates:
                 await self.ensure()
             except CertificateError as exc:
                 self._retry_soon = True
-                _log.warning("self-managed certificate check failed: %s", exc)
+                log.warning("self-managed certificate check failed: %s", exc)
             except Exception:
                 self._retry_soon = True
-                _log.exception("self-managed certificate check failed unexpectedly")
+                log.exception("self-managed certificate check failed unexpectedly")
 
     # -- one pass ------------------------------------------------------------------------
 
@@ -229,7 +229,7 @@ class SelfManagedCertificates:
             # Only our own patch can have put a stale CA over a newer one; see the module doc.
             if state is not _Bundle.PATCHED or await self._secret_version() == version:
                 return material
-            _log.info(
+            log.info(
                 "%s changed while the caBundle was patched; patching again", self._secret_label
             )
         raise CertificateError(
@@ -249,7 +249,7 @@ class SelfManagedCertificates:
             )
             if current is not None and stored is not None and problem is None:
                 return stored, _version(current)
-            _log.info(
+            log.info(
                 "%s is not usable (%s); generating a new certificate", self._secret_label, problem
             )
             fresh = await asyncio.to_thread(self._generate, stored)
@@ -259,13 +259,13 @@ class SelfManagedCertificates:
                 else self._replace_secret(current, fresh)
             )
             if written is not None:
-                _log.info(
+                log.info(
                     "%s stored with a new certificate for %s",
                     self._secret_label,
                     ", ".join([*self._dns_names, *self._ips]),
                 )
                 return fresh, _version(written)
-            _log.info("another writer changed %s first; reading it again", self._secret_label)
+            log.info("another writer changed %s first; reading it again", self._secret_label)
         raise CertificateError(
             f"{self._secret_label} kept changing under concurrent writers; "
             f"gave up after {_MAX_ATTEMPTS} attempts"
@@ -290,7 +290,7 @@ class SelfManagedCertificates:
         for _ in range(_MAX_ATTEMPTS):
             config = await self._read_webhook()
             if config is None:
-                _log.warning(
+                log.warning(
                     "%s not found; its caBundle will be set on a later check",
                     self._webhook_label,
                 )
@@ -299,9 +299,9 @@ class SelfManagedCertificates:
             if not ops:
                 return _Bundle.UNCHANGED
             if await self._patch_webhook(ops):
-                _log.info("%s: caBundle set on %d webhook(s)", self._webhook_label, len(ops) // 2)
+                log.info("%s: caBundle set on %d webhook(s)", self._webhook_label, len(ops) // 2)
                 return _Bundle.PATCHED
-            _log.info("%s changed while it was patched; retrying", self._webhook_label)
+            log.info("%s changed while it was patched; retrying", self._webhook_label)
         raise CertificateError(
             f"{self._webhook_label} kept changing; could not set its caBundle "
             f"after {_MAX_ATTEMPTS} attempts"
@@ -323,19 +323,16 @@ class SelfManagedCertificates:
             ),
             out,
         )
-        _log.info("serving certificate from %s written to %s", self._secret_label, out)
+        log.info("serving certificate from %s written to %s", self._secret_label, out)
         return paths
 
     # -- API calls: each returns None/False for the outcomes a pass handles, else raises ----
 
     async def _read_secret(self) -> Secret | None:
         options = self._options
-        try:
+        with _api_call(f"reading {self._secret_label}", expected=(KubeNotFound,)):
             return await self._client.get(Secret, options.secret_name, namespace=options.namespace)
-        except httpx2.HTTPError as exc:
-            if _status_code(exc) == 404:
-                return None
-            raise self._failure(f"reading {self._secret_label}", exc) from exc
+        return None
 
     async def _secret_version(self) -> str | None:
         current = await self._read_secret()
@@ -350,12 +347,10 @@ class SelfManagedCertificates:
             type=TLS_SECRET_TYPE,
             data=material.secret_data(),
         )
-        try:
+        # AlreadyExists: another replica created it.
+        with _api_call(f"creating {self._secret_label}", expected=(KubeConflict,)):
             return await self._client.create(secret)
-        except httpx2.HTTPError as exc:
-            if _status_code(exc) == 409:  # AlreadyExists: another replica created it
-                return None
-            raise self._failure(f"creating {self._secret_label}", exc) from exc
+        return None
 
     async def _replace_secret(self, current: Secret, material: ServingMaterial) -> Secret | None:
         meta = current.metadata or ObjectMeta()
@@ -372,52 +367,44 @@ class SelfManagedCertificates:
             type=current.type or TLS_SECRET_TYPE,
             data={**(current.data or {}), **material.secret_data()},
         )
-        try:
+        # Deleted or rewritten since it was read.
+        with _api_call(f"updating {self._secret_label}", expected=(KubeNotFound, KubeConflict)):
             return await self._client.replace(updated)
-        except httpx2.HTTPError as exc:
-            if _status_code(exc) in (404, 409):  # deleted or rewritten since it was read
-                return None
-            raise self._failure(f"updating {self._secret_label}", exc) from exc
+        return None
 
     async def _read_webhook(self) -> MutatingWebhookConfiguration | None:
-        try:
+        with _api_call(f"reading {self._webhook_label}", expected=(KubeNotFound,)):
             return await self._client.get(MutatingWebhookConfiguration, self._options.webhook_name)
-        except httpx2.HTTPError as exc:
-            if _status_code(exc) == 404:
-                return None
-            raise self._failure(f"reading {self._webhook_label}", exc) from exc
+        return None
 
     async def _patch_webhook(self, ops: list[dict[str, Any]]) -> bool:
-        try:
+        # 422: a `test` op failed (the webhooks moved); 409: changed concurrently;
+        # 404: deleted since it was read. A fresh read sorts out each.
+        with _api_call(
+            f"patching the caBundle of {self._webhook_label}",
+            expected=(KubeInvalid, KubeConflict, KubeNotFound),
+        ):
             await self._client.patch(
                 MutatingWebhookConfiguration,
                 self._options.webhook_name,
                 ops,
                 patch_type=PatchType.JSON,
             )
-        except httpx2.HTTPError as exc:
-            # 422: a `test` op failed (the webhooks moved); 409: changed concurrently;
-            # 404: deleted since it was read. A fresh read sorts out each.
-            if _status_code(exc) in (404, 409, 422):
-                return False
-            raise self._failure(f"patching the caBundle of {self._webhook_label}", exc) from exc
-        return True
+            return True
+        return False
 
-    def _failure(self, action: str, exc: httpx2.HTTPError) -> CertificateError:
-        code = _status_code(exc)
-        if code is None:
-            return CertificateError(
-                f"{action} failed: cannot reach the Kubernetes API server "
-                f"({type(exc).__name__}: {exc})"
-            )
-        detail = _status_message(exc)
-        if code in (401, 403):
-            return CertificateError(
-                f"{action} was refused (HTTP {code}: {detail}); self-managed TLS needs the Role "
-                "pinhook-tls and the ClusterRole pinhook-webhook-ca of manifests/base/rbac.yaml "
-                "bound to pinhook's ServiceAccount"
-            )
-        return CertificateError(f"{action} failed: HTTP {code}: {detail}")
+
+@contextmanager
+def _api_call(what: str, *, expected: tuple[type[KubeError], ...]) -> Iterator[None]:
+    """One API call: an ``expected`` outcome ends the block quietly (the code after it
+    handles it), any other failure is a CertificateError that says what to do."""
+    try:
+        with kube_errors(what):
+            yield
+    except expected:
+        pass
+    except KubeError as exc:
+        raise _failure(exc) from exc
 
 
 def ca_bundle_patch(config: MutatingWebhookConfiguration, bundle: str) -> list[dict[str, Any]]:
@@ -472,18 +459,18 @@ def _version(obj: Secret) -> str | None:
     return obj.metadata.resourceVersion if obj.metadata is not None else None
 
 
-def _status_code(exc: httpx2.HTTPError) -> int | None:
-    if isinstance(exc, ApiError) and exc.status.code is not None:
-        return int(exc.status.code)
-    if isinstance(exc, httpx2.HTTPStatusError):
-        return exc.response.status_code
-    return None
-
-
-def _status_message(exc: httpx2.HTTPError) -> str:
-    if isinstance(exc, ApiError):
-        return str(exc.status.message or exc.status.reason or "no message")
-    return str(exc)
+def _failure(exc: KubeError) -> CertificateError:
+    if isinstance(exc, KubeUnreachable):
+        return CertificateError(
+            f"{exc.what} failed: cannot reach the Kubernetes API server ({exc.detail})"
+        )
+    if isinstance(exc, KubeRefused):
+        return CertificateError(
+            f"{exc.what} was refused ({exc.detail}); self-managed TLS needs the Role "
+            "pinhook-tls and the ClusterRole pinhook-webhook-ca of manifests/base/rbac.yaml "
+            "bound to pinhook's ServiceAccount"
+        )
+    return CertificateError(f"{exc.what} failed: {exc.detail}")
 
 
 def _b64(data: bytes) -> str:

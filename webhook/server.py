@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -18,8 +17,6 @@ from fastapi import FastAPI
 from .app import create_app
 from .runtime import Runtime
 from .tls import ReloadingTLS
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

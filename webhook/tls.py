@@ -9,12 +9,12 @@ in-flight request is dropped.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CertificateError
+from .files import FileStamp, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class _Loaded:
     context: ssl.SSLContext
-    stamp: tuple[float, float, int, int]
+    stamp: tuple[FileStamp | None, FileStamp | None]
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -41,27 +41,21 @@ class ReloadingTLS:
     def __init__(self, cert: Path, key: Path) -> None:
         self.cert = cert
         self.key = key
-        self._current = _Loaded(server_context(cert, key), self._stamp())
         self.context = server_context(cert, key)
         self.context.sni_callback = self._pick
+        self._current = _Loaded(self.context, self._stamp())
 
-    @property
-    def current(self) -> ssl.SSLContext:
-        return self._current.context
-
-    def _stamp(self) -> tuple[float, float, int, int]:
-        cert, key = os.stat(self.cert), os.stat(self.key)
-        return (cert.st_mtime, key.st_mtime, cert.st_ino, key.st_ino)
+    def _stamp(self) -> tuple[FileStamp | None, FileStamp | None]:
+        return (file_stamp(self.cert), file_stamp(self.key))
 
     def reload_if_changed(self) -> bool:
         """Load the files again when they changed; keep the old certificate if they are bad.
 
         Called from a periodic task (and cheap: two ``stat`` calls); returns True on a swap.
         """
-        try:
-            stamp = self._stamp()
-        except OSError as exc:
-            log.warning("certificate files unreadable, keeping the loaded one: %s", exc)
+        stamp = self._stamp()
+        if None in stamp:
+            log.warning("certificate files unreadable, keeping the loaded one: %s", self.cert)
             return False
         if stamp == self._current.stamp:
             return False

@@ -8,45 +8,28 @@ is most requests in a cluster that pins in git.
 The conditions are a conservative filter, never the decision: when in doubt they send the
 object, and pinhook itself decides. Two consequences worth knowing:
 
-* They are generated from the settings at generation time. A rewrite rule added to the
-  ConfigMap later reaches only objects that are sent anyway (unpinned images) until the
-  configuration is regenerated (``pinhook webhook-config`` / ``pinhook install``).
-* Every step into the object is guarded by ``has()`` and ``type()`` checks, so no object,
-  however malformed, makes an expression fail. An evaluation error would otherwise skip
-  pinhook under ``failurePolicy: Ignore`` and reject the request under ``Fail``. An image
-  field of the wrong type sends the object (pinhook answers with a warning); a wrong-typed
-  parent (``spec: "x"``) does not, since pinhook finds no image there either.
+* They follow the rewrite rules. A self-managed pinhook keeps those of its own configuration
+  in step with the live config (``conditionsync``); a configuration applied otherwise (the
+  cert-manager overlay, ``pinhook install``) keeps the ones it was generated with, so a rule
+  added to the ConfigMap later reaches only objects that are sent anyway (unpinned images)
+  until it is regenerated.
+* They never fail (see ``cel``): an image value of the wrong type sends the object (pinhook
+  answers with a warning); a wrong-typed parent (``spec: "x"``) does not, since pinhook finds
+  no image there either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .config import SKIP_ANNOTATION, Mode, Settings
+from .cel import CelTest, cel_images
+from .config import SKIP_ANNOTATION, Settings
 from .errors import ConfigError
-from .locate import (
-    EXPLAINER_IMPLEMENTATIONS,
-    KINDS,
-    LLM_POD_SPECS,
-    PREDICTOR_IMPLEMENTATIONS,
-    KindInfo,
-)
+from .kinds import KINDS, KSERVE, KindInfo, Mode
+from .oci.reference import DIGEST_HEX_LENGTHS, DOCKER_HUB, DOCKER_HUB_LEGACY
 from .rewrite import NamePattern
-
-__all__ = [
-    "FAILURE_POLICIES",
-    "IGNORE_LABEL",
-    "MAX_MATCH_CONDITIONS",
-    "MAX_RULE_REGEX_LENGTH",
-    "WebhookTarget",
-    "build_webhook_configuration",
-    "image_test",
-    "match_conditions_for",
-    "rule_pattern",
-    "webhook_name",
-]
 
 FAILURE_POLICIES: Final = ("Ignore", "Fail")
 IGNORE_LABEL: Final = "pinhook.dev/ignore"
@@ -55,19 +38,26 @@ ALWAYS_EXCLUDED: Final = ("kube-system", "pinhook-system")
 MAX_MATCH_CONDITIONS: Final = 64  # the API server's limit per webhook
 REPLICASET_ANNOTATION: Final = "pinhook.dev/replicasets"
 
-_KSERVE: Final = "serving.kserve.io"
-_DOCKER_HUB: Final = "docker.io"
-# Every spelling of the Docker Hub registry that normalises to docker.io, optional.
-_HUB_OPTIONAL: Final = "(?:(?:docker[.]io|index[.]docker[.]io)/)?"
-_HUB_EXPLICIT: Final = "(?:docker[.]io|index[.]docker[.]io)/"
+_RE2_SPECIAL: Final = frozenset("\\^$|?*+()[]{}")
+
+
+def _re2(text: str) -> str:
+    """Escape literal text for RE2; a dot as ``[.]`` keeps the CEL string free of backslashes."""
+    return "".join("[.]" if ch == "." else f"\\{ch}" if ch in _RE2_SPECIAL else ch for ch in text)
+
+
+# Both spellings of the Docker Hub registry, which normalise to docker.io.
+_HUB_EXPLICIT: Final = f"(?:{_re2(DOCKER_HUB)}|{_re2(DOCKER_HUB_LEGACY)})/"
+_HUB_OPTIONAL: Final = f"(?:{_HUB_EXPLICIT})?"
 # After a name prefix: the end of the name (a tag, a digest or nothing), or a deeper path.
 _NAME_BOUNDARY: Final = "(?:[/:@]|$)"
 _TAG_OR_END: Final = "(?:[:@]|$)"
-# A valid digest at the end: what pinhook treats as pinned (mutate.plan_image: KEEP).
-_PINNED: Final = "@(?:sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})$"
-_RE2_SPECIAL: Final = frozenset("\\^$|?*+()[]{}")
-
-ImageTest = Callable[[str], str]  # CEL expression of a string -> CEL bool "pinhook needed"
+# A valid digest at the end: what pinhook treats as pinned (plan.plan_image: KEEP).
+_PINNED: Final = (
+    "@(?:"
+    + "|".join(f"{algorithm}:[0-9a-f]{{{n}}}" for algorithm, n in DIGEST_HEX_LENGTHS.items())
+    + ")$"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,15 +129,6 @@ def build_webhook_configuration(
     }
 
 
-def webhook_name(info: KindInfo) -> str:
-    """`pods.pinhook.dev`, `inferenceservices.kserve.pinhook.dev`, `jobs.batch.pinhook.dev`."""
-    if not info.group:
-        return f"{info.resource}.pinhook.dev"
-    labels = info.group.split(".")
-    short = labels[-2] if len(labels) >= 2 else labels[0]
-    return f"{info.resource}.{short}.pinhook.dev"
-
-
 def _webhook(
     settings: Settings,
     info: KindInfo,
@@ -157,7 +138,7 @@ def _webhook(
     match_conditions: bool,
 ) -> dict[str, Any]:
     webhook: dict[str, Any] = {
-        "name": webhook_name(info),
+        "name": info.webhook_name,
         "clientConfig": target.client_config(),
         "rules": _rules(info),
     }
@@ -188,7 +169,7 @@ def _rules(info: KindInfo) -> list[dict[str, Any]]:
         "operations": operations,
         "resources": [info.resource],
         # ClusterServingRuntime and ClusterStorageContainer are cluster-scoped.
-        "scope": "*" if info.group == _KSERVE else "Namespaced",
+        "scope": "*" if info.group == KSERVE else "Namespaced",
     }
     rules = [rule]
     if info.key == "pods":
@@ -232,7 +213,9 @@ def match_conditions_for(settings: Settings, kind: KindInfo) -> list[dict[str, s
         # Too costly to evaluate for every image of every request: send every object.
         return conditions
     verb = "pin" if mode is Mode.PIN else "rewrite"
-    expression = _SHAPES[kind.key](image_test(mode, regex))
+    test = image_test(mode, regex)
+    # A value that is not a string is sent too, so that pinhook can warn about it.
+    expression = cel_images(kind).exists(lambda s: f"type({s}) != string || {test(s)}")
     conditions.append({"name": f"has-image-to-{verb}", "expression": expression})
     return conditions
 
@@ -255,7 +238,7 @@ _NOT_OWNED: Final = (
 )
 
 
-def image_test(mode: Mode, rules_regex: str | None) -> ImageTest:
+def image_test(mode: Mode, rules_regex: str | None) -> CelTest:
     """CEL for "pinhook may change this image string": unpinned (pin mode) or a rule matches."""
 
     def rule_test(s: str) -> str:
@@ -300,14 +283,14 @@ def _spell(
 ) -> None:
     """Add the written spellings of one normalised rule prefix to the three groups."""
     registry, slash, path = prefix.partition("/")
-    if not slash and registry == _DOCKER_HUB:
+    if not slash and registry == DOCKER_HUB:
         # Anything on Docker Hub: the host written out, a first component that is no host, or
         # a name of one component.
         hub_explicit[""] = None
         hosts["[^/.:]+/"] = hosts["[^/]+$"] = None
     elif not slash:
         hosts[_re2(registry) + "/"] = None
-    elif registry != _DOCKER_HUB:
+    elif registry != DOCKER_HUB:
         hosts[_re2(prefix) + _NAME_BOUNDARY] = None
     elif path == "library":
         hub_optional["library/"] = hub_optional["[^/]+$"] = None
@@ -324,168 +307,6 @@ def _spell(
         (hub_explicit if explicit else hub_optional)[_re2(path) + _NAME_BOUNDARY] = None
 
 
-def _re2(text: str) -> str:
-    """Escape literal text for RE2; a dot as ``[.]`` keeps the CEL string free of backslashes."""
-    return "".join("[.]" if ch == "." else f"\\{ch}" if ch in _RE2_SPECIAL else ch for ch in text)
-
-
 def _cel(text: str) -> str:
     """A CEL single-quoted string literal."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-# --- where each kind keeps its images, as CEL (mirrors webhook/locate.py) -----------------
-#
-# A kind's shape is a CEL list of every image value found at its paths (a string, or anything
-# else when the object is malformed), so the rewrite regex appears once per expression rather
-# than once per path. Each step into the object is guarded, and a missing or wrong-typed part
-# contributes the empty list. A macro (filter, map, exists) on a value that may not be a list
-# sits behind a ternary rather than `&&`: the same in CEL, and lazier in every evaluator.
-
-_Walk = Callable[[ImageTest], str]
-_Images = Callable[[str], str]  # CEL map expression -> CEL list of image values under it
-
-
-def _if(guard: str, then: str) -> str:
-    return f"({guard} ? {then} : [])"
-
-
-def _concat(parts: Iterable[str]) -> str:
-    return "(" + " +\n".join(parts) + ")"
-
-
-def _images_need(images: str, test: ImageTest) -> str:
-    """Some value in the list needs pinhook; a non-string is sent so pinhook can warn."""
-    return f"{images}.exists(s, type(s) != string || {test('s')})"
-
-
-def _container_at(key: str) -> _Images:
-    def images(node: str) -> str:
-        child = f"{node}.{key}"
-        return _if(
-            f"has({child}) && type({child}) == map && has({child}.image)", f"[{child}.image]"
-        )
-
-    return images
-
-
-def _container_list(node: str, key: str) -> str:
-    child = f"{node}.{key}"
-    return _if(
-        f"has({child}) && type({child}) == list",
-        f"{child}.filter(c, type(c) == map && has(c.image)).map(c, c.image)",
-    )
-
-
-def _image_volumes(node: str) -> str:
-    # Only the image volume source holds an image; rbd.image is a Ceph device name. A
-    # wrong-typed image source is kept as it is: a non-string sends the object.
-    child = f"{node}.volumes"
-    return _if(
-        f"has({child}) && type({child}) == list",
-        f"{child}.filter(v, type(v) == map && has(v.image) &&"
-        " (type(v.image) != map || has(v.image.reference)))"
-        ".map(v, type(v.image) == map ? v.image.reference : v.image)",
-    )
-
-
-def _pod_spec(node: str) -> str:
-    return _concat(
-        [*(_container_list(node, key) for key in _CONTAINER_LISTS), _image_volumes(node)]
-    )
-
-
-_CONTAINER_LISTS: Final = ("containers", "initContainers", "ephemeralContainers")
-
-
-def _path_guard(node: str, path: Iterable[str]) -> tuple[str, str]:
-    """The guard that every step of ``path`` from ``node`` (a map) is a map, and the end node."""
-    guards: list[str] = []
-    for key in path:
-        node = f"{node}.{key}"
-        guards += [f"has({node})", f"type({node}) == map"]
-    return " && ".join(guards), node
-
-
-def _at(*path: str, then: _Images) -> _Images:
-    def images(node: str) -> str:
-        guard, end = _path_guard(node, path)
-        return _if(guard, then(end))
-
-    return images
-
-
-def _component(implementations: tuple[str, ...]) -> _Images:
-    """An InferenceService predictor, transformer or explainer (locate._walk_component)."""
-
-    def images(node: str) -> str:
-        return _concat(
-            [
-                *(_container_at(key)(node) for key in implementations),
-                _at("custom", then=_container_at("container"))(node),
-                _pod_spec(node),
-            ]
-        )
-
-    return images
-
-
-def _predictor(node: str) -> str:
-    return _concat(
-        [_component(PREDICTOR_IMPLEMENTATIONS)(node), _at("workerSpec", then=_pod_spec)(node)]
-    )
-
-
-def _inference_service(test: ImageTest) -> str:
-    spec = _concat(
-        [
-            _at("predictor", then=_predictor)("object.spec"),
-            _at("transformer", then=_component(()))("object.spec"),
-            _at("explainer", then=_component(EXPLAINER_IMPLEMENTATIONS))("object.spec"),
-        ]
-    )
-    # Canary predictors form a list of lists, and CEL has no flatten: test each on its own.
-    canary = "object.spec.canary"
-    guard, predictor = _path_guard("k", ("predictor",))
-    canaries = (
-        f"(has({canary}) && type({canary}) == list ? {canary}.exists(k, type(k) == map &&"
-        f" {guard} && {_images_need(_predictor(predictor), test)}) : false)"
-    )
-    return (
-        "has(object.spec) && type(object.spec) == map &&\n"
-        f"({_images_need(spec, test)} ||\n{canaries})"
-    )
-
-
-def _pod_specs_at(*paths: tuple[str, ...]) -> _Walk:
-    def walk(test: ImageTest) -> str:
-        return _images_need(_concat(_at(*path, then=_pod_spec)("object") for path in paths), test)
-
-    return walk
-
-
-def _storage_container(test: ImageTest) -> str:
-    return _images_need(_at("spec", then=_container_at("container"))("object"), test)
-
-
-_TEMPLATE: Final = _pod_specs_at(("spec", "template", "spec"))
-_RUNTIME: Final = _pod_specs_at(("spec",), ("spec", "workerSpec"))
-_LLM: Final = _pod_specs_at(*LLM_POD_SPECS)
-
-_SHAPES: Final[Mapping[str, _Walk]] = {
-    "pods": _pod_specs_at(("spec",)),
-    f"inferenceservices.{_KSERVE}": _inference_service,
-    f"servingruntimes.{_KSERVE}": _RUNTIME,
-    f"clusterservingruntimes.{_KSERVE}": _RUNTIME,
-    f"clusterstoragecontainers.{_KSERVE}": _storage_container,
-    f"llminferenceservices.{_KSERVE}": _LLM,
-    f"llminferenceserviceconfigs.{_KSERVE}": _LLM,
-    "services.serving.knative.dev": _TEMPLATE,
-    "configurations.serving.knative.dev": _TEMPLATE,
-    "deployments.apps": _TEMPLATE,
-    "statefulsets.apps": _TEMPLATE,
-    "daemonsets.apps": _TEMPLATE,
-    "replicasets.apps": _TEMPLATE,
-    "jobs.batch": _TEMPLATE,
-    "cronjobs.batch": _pod_specs_at(("spec", "jobTemplate", "spec", "template", "spec")),
-}

@@ -1,5 +1,5 @@
-"""The registry credential value shared by the keychain (where credentials come from) and the
-registry client (where they are used)."""
+"""Credentials: the values shared by the keychain (where credentials come from), the registry
+client (where they are used), and the locator and pull-secret sources (whose they are)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,11 @@ class Credential:
         """A key that tells credentials apart in caches without holding the secret in clear."""
         digest = hashlib.sha256(f"{self.username}\0{self.password}".encode()).hexdigest()
         return f"{self.username}:{digest[:16]}"
+
+
+@dataclass(frozen=True, slots=True)
+class PullContext:
+    """Where pull credentials for an image come from: the enclosing pod-spec-like object."""
+
+    image_pull_secrets: tuple[str, ...] = ()  # names from imagePullSecrets[*].name
+    service_account: str | None = None  # serviceAccountName, else deprecated serviceAccount

@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 
-from webhook import errors
+from ..errors import DeadlineExceeded, ForbiddenHost, RegistryUnavailable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -60,20 +60,6 @@ def parse_ip_literal(host: str) -> IPAddress | None:
         return None
 
 
-def split_host_port(hostport: str) -> tuple[str, int | None]:
-    """Split ``host[:port]`` (``[v6]:port`` for IPv6) into a bare host and an optional port."""
-    if hostport.startswith("["):
-        end = hostport.find("]")
-        if end < 0:
-            return hostport, None
-        host, rest = hostport[1:end], hostport[end + 1 :]
-        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
-    if hostport.count(":") == 1:
-        host, _, port = hostport.partition(":")
-        return host, int(port) if port.isdigit() else None
-    return hostport, None
-
-
 def _allow_keys(host: str, port: int | None) -> set[str]:
     bare = host.lower().strip("[]")
     written = f"[{bare}]" if ":" in bare else bare  # IPv6 entries are written with brackets
@@ -108,16 +94,16 @@ class HostGuard:
     async def check(
         self, host: str, port: int | None = None, *, deadline: float | None = None
     ) -> None:
-        """Return if ``host`` may be contacted; raise :class:`errors.ForbiddenHost` if not.
+        """Return if ``host`` may be contacted; raise :class:`ForbiddenHost` if not.
 
         ``deadline`` (an absolute ``loop.time()``) bounds the name resolution; past it,
-        :class:`errors.DeadlineExceeded`.
+        :class:`DeadlineExceeded`.
         """
         if self.is_allow_listed(host, port):
             return
         shown = f"{host}:{port}" if port is not None else host
         if parse_ip_literal(host) is not None:
-            raise errors.ForbiddenHost(
+            raise ForbiddenHost(
                 f"registry host {shown} is an IP address; only allow-listed hosts may be "
                 "addressed by IP"
             )
@@ -127,7 +113,7 @@ class HostGuard:
         addresses = await self._resolve(host, port, deadline)
         forbidden = sorted({str(ip) for ip in addresses if is_forbidden_address(ip)})
         if forbidden:
-            raise errors.ForbiddenHost(
+            raise ForbiddenHost(
                 f"registry host {shown} resolves to non-public address(es) "
                 f"{', '.join(forbidden)}; add it to the allowed hosts if this is intended"
             )
@@ -142,16 +128,16 @@ class HostGuard:
             async with asyncio.timeout_at(deadline):
                 infos = await loop.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
         except TimeoutError as exc:
-            raise errors.DeadlineExceeded(f"resolving registry host {host} timed out") from exc
+            raise DeadlineExceeded(f"resolving registry host {host} timed out") from exc
         except OSError as exc:
-            raise errors.RegistryUnavailable(f"cannot resolve registry host {host}: {exc}") from exc
+            raise RegistryUnavailable(f"cannot resolve registry host {host}: {exc}") from exc
         addresses: list[IPAddress] = []
         for info in infos:
             literal = parse_ip_literal(str(info[4][0]))
             if literal is not None:
                 addresses.append(literal)
         if not addresses:
-            raise errors.RegistryUnavailable(f"registry host {host} resolves to no IP address")
+            raise RegistryUnavailable(f"registry host {host} resolves to no IP address")
         return addresses
 
     def _forget_expired(self) -> None:

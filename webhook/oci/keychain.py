@@ -29,23 +29,16 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
-from webhook.credential import Credential
-from webhook.errors import ConfigError
+from ..errors import ConfigError
+from .credential import Credential
+from .reference import DOCKER_HUB, DOCKER_HUB_LEGACY, ImageRef, split_host_port
 
-if TYPE_CHECKING:
-    from webhook.reference import ImageRef
+log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_REGISTRY_KEY", "DockerKeyring", "normalise_key"]
-
-_log = logging.getLogger(__name__)
-
-# The key ``https://index.docker.io/v1/`` normalises to; used when nothing else matched a
-# Docker Hub image (kubelet's ``defaultRegistryHost``).
-DEFAULT_REGISTRY_KEY = "index.docker.io"
-_DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io"})
+_DOCKER_HUB_HOSTS = frozenset({DOCKER_HUB, DOCKER_HUB_LEGACY})
 
 
 def normalise_key(raw: str) -> str | None:
@@ -100,7 +93,7 @@ class _Location:
     """A schemeless URL split the way the kubelet's ``URLsMatch`` compares it."""
 
     labels: tuple[str, ...]
-    port: str
+    port: int | None
     path: str
 
     @classmethod
@@ -108,21 +101,8 @@ class _Location:
         parts = _split_url(schemeless)
         if parts is None:
             return None
-        host, port = _split_host_port(parts[0])
+        host, port = split_host_port(parts[0])
         return cls(tuple(host.split(".")), port, parts[1])
-
-
-def _split_host_port(netloc: str) -> tuple[str, str]:
-    """Go's ``net.SplitHostPort``, falling back to (netloc, "") where Go reports an error."""
-    if netloc.startswith("["):
-        end = netloc.find("]")
-        if end != -1 and netloc[end + 1 : end + 2] == ":":
-            return netloc[1:end], netloc[end + 2 :]
-        return netloc, ""
-    if netloc.count(":") == 1:
-        host, _, port = netloc.partition(":")
-        return host, port
-    return netloc, ""
 
 
 class _Glob:
@@ -210,7 +190,7 @@ class _Key:
 
     text: str
     globs: tuple[_Glob, ...]
-    port: str
+    port: int | None
     path: str
 
     @classmethod
@@ -258,7 +238,7 @@ class DockerKeyring:
         for raw, credential in entries:
             key = normalise_key(raw)
             if key is None:
-                _log.warning("skipping registry key %r from %s: not a URL", raw, credential.source)
+                log.warning("skipping registry key %r from %s: not a URL", raw, credential.source)
                 continue
             creds.setdefault(key, []).append(credential)
         self._creds: dict[str, tuple[Credential, ...]] = {k: tuple(v) for k, v in creds.items()}
@@ -314,7 +294,7 @@ class DockerKeyring:
             raise ConfigError(f"{source}: a docker config must be a JSON object")
         auths = document.get("auths")
         if auths is None:
-            _log.warning('%s has no "auths"; it gives no credentials', source)
+            log.warning('%s has no "auths"; it gives no credentials', source)
             return cls()
         if not isinstance(auths, dict):
             raise ConfigError(f'{source}: "auths" must be a JSON object')
@@ -335,7 +315,9 @@ class DockerKeyring:
                 if key.matches(target):
                     found.extend(self._creds[key.text])
         if not found and is_default_registry_match(name):
-            found.extend(self._creds.get(DEFAULT_REGISTRY_KEY, ()))
+            # ``https://index.docker.io/v1/`` normalises to this key (the kubelet's
+            # ``defaultRegistryHost``): Docker Hub's credentials of last resort.
+            found.extend(self._creds.get(DOCKER_HUB_LEGACY, ()))
         return found
 
     # -- introspection -----------------------------------------------------------------
@@ -343,11 +325,6 @@ class DockerKeyring:
     def keys(self) -> list[str]:
         """The normalised keys in the order they are tried."""
         return [key.text for key in self._index]
-
-    def __iter__(self) -> Iterator[tuple[str, Credential]]:
-        for key in self.keys():
-            for credential in self._creds[key]:
-                yield key, credential
 
     def __len__(self) -> int:
         return sum(len(values) for values in self._creds.values())
@@ -380,7 +357,7 @@ def _credentials(entries: Mapping[str, object], source: str) -> Iterator[tuple[s
 
 def _credential(key: str, entry: object, source: str) -> Credential | None:
     if not isinstance(entry, dict):
-        _log.warning("skipping registry %r in %s: the entry is not a JSON object", key, source)
+        log.warning("skipping registry %r in %s: the entry is not a JSON object", key, source)
         return None
     # Go's encoding/json matches field names case-insensitively ("Username" works too).
     fields = {str(name).lower(): value for name, value in entry.items()}
@@ -389,26 +366,26 @@ def _credential(key: str, entry: object, source: str) -> Credential | None:
         return _credential_from_auth(key, auth, source)
     username, password = fields.get("username", ""), fields.get("password", "")
     if not isinstance(username, str) or not isinstance(password, str):
-        _log.warning("skipping registry %r in %s: username/password not strings", key, source)
+        log.warning("skipping registry %r in %s: username/password not strings", key, source)
         return None
     if not username and not password:
         # docker login with a credential store writes such placeholder entries.
-        _log.debug("skipping registry %r in %s: the entry holds no credential", key, source)
+        log.debug("skipping registry %r in %s: the entry holds no credential", key, source)
         return None
     return Credential(username, password, source)
 
 
 def _credential_from_auth(key: str, auth: object, source: str) -> Credential | None:
     if not isinstance(auth, str):
-        _log.warning('skipping registry %r in %s: "auth" is not a string', key, source)
+        log.warning('skipping registry %r in %s: "auth" is not a string', key, source)
         return None
     try:
         decoded = base64.b64decode(auth, validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
-        _log.warning('skipping registry %r in %s: "auth" is not base64 text', key, source)
+        log.warning('skipping registry %r in %s: "auth" is not base64 text', key, source)
         return None
     username, colon, password = decoded.partition(":")
     if not colon:
-        _log.warning('skipping registry %r in %s: "auth" is not user:password', key, source)
+        log.warning('skipping registry %r in %s: "auth" is not user:password', key, source)
         return None
     return Credential(username, password, source)

@@ -27,26 +27,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
 
-from .errors import InvalidReference
+from ..errors import InvalidReference
 
-__all__ = [
-    "DEFAULT_REGISTRY",
-    "DEFAULT_TAG",
-    "MAX_REFERENCE_LENGTH",
-    "MAX_REPOSITORY_LENGTH",
-    "ImageRef",
-    "is_valid_digest",
-    "is_valid_tag",
-    "parse_name",
-]
-
-DEFAULT_REGISTRY: Final = "docker.io"
+# Docker Hub's names: ``docker.io`` is the normalised one, ``index.docker.io`` its legacy alias
+# (which the kubelet also uses as the docker config key of last resort), and the distribution
+# API itself is served at ``registry-1.docker.io``.
+DOCKER_HUB: Final = "docker.io"
+DOCKER_HUB_LEGACY: Final = "index.docker.io"
+DOCKER_HUB_API_HOST: Final = "registry-1.docker.io"
 DEFAULT_TAG: Final = "latest"
 # distribution v0.6 counts the path only (the registry is not included), after normalisation,
 # so "nginx" counts as "library/nginx".
 MAX_REPOSITORY_LENGTH: Final = 255
 
-_LEGACY_DEFAULT_REGISTRY: Final = "index.docker.io"
 _OFFICIAL_PREFIX: Final = "library/"
 _LOCALHOST: Final = "localhost"
 
@@ -70,7 +63,7 @@ _DIGEST_SHAPE: Final = re.compile(
 _IMAGE_ID: Final = re.compile(r"[a-f0-9]{64}")
 
 # go-digest's registered algorithms and the exact number of lowercase hex characters of each.
-_DIGEST_HEX_LENGTH: Final = {"sha256": 64, "sha384": 96, "sha512": 128}
+DIGEST_HEX_LENGTHS: Final = {"sha256": 64, "sha384": 96, "sha512": 128}
 _LOWER_HEX: Final = frozenset("0123456789abcdef")
 _HEX: Final = frozenset("0123456789abcdefABCDEF")
 
@@ -141,7 +134,7 @@ class ImageRef:
 
     def familiar_name(self) -> str:
         """The name as Docker shows it: ``nginx``, ``foo/bar``, ``quay.io/foo/bar``."""
-        if self.registry != DEFAULT_REGISTRY:
+        if self.registry != DOCKER_HUB:
             return self.name
         if self.repository.startswith(_OFFICIAL_PREFIX):
             official = self.repository[len(_OFFICIAL_PREFIX) :]
@@ -194,8 +187,29 @@ def is_valid_tag(tag: str) -> bool:
 
 
 def is_valid_digest(digest: str) -> bool:
-    """Whether ``digest`` is ``sha256``/``sha384``/``sha512`` with the exact lowercase hex."""
+    """Whether ``digest`` is ``sha256``/``sha384``/``sha512`` with the exact lowercase hex.
+
+    The one digest check in pinhook: for references, registry headers and the static table.
+    """
     return _digest_problem(digest) is None
+
+
+def split_host_port(hostport: str) -> tuple[str, int | None]:
+    """Split a registry ``host[:port]`` (``[v6]:port`` for IPv6) into a bare host and a port.
+
+    The port is None when there is none or it is not a number; a name that cannot be split
+    (``a:b:c``) is returned whole.
+    """
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            return hostport, None
+        host, rest = hostport[1:end], hostport[end + 1 :]
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    if hostport.count(":") == 1:
+        host, _, port = hostport.partition(":")
+        return host, int(port) if port.isdigit() else None
+    return hostport, None
 
 
 @lru_cache(maxsize=_PARSE_CACHE_SIZE)
@@ -239,14 +253,14 @@ def _split_registry(name: str) -> tuple[str, str]:
     """distribution's ``splitDockerDomain``: where the registry ends and the path begins."""
     first, slash, remainder = name.partition("/")
     if not slash:
-        return DEFAULT_REGISTRY, _OFFICIAL_PREFIX + name
-    if first == _LEGACY_DEFAULT_REGISTRY:
-        registry, repository = DEFAULT_REGISTRY, remainder
+        return DOCKER_HUB, _OFFICIAL_PREFIX + name
+    if first == DOCKER_HUB_LEGACY:
+        registry, repository = DOCKER_HUB, remainder
     elif _is_registry_component(first):
         registry, repository = first, remainder
     else:
-        registry, repository = DEFAULT_REGISTRY, name
-    if registry == DEFAULT_REGISTRY and "/" not in repository:
+        registry, repository = DOCKER_HUB, name
+    if registry == DOCKER_HUB and "/" not in repository:
         repository = _OFFICIAL_PREFIX + repository
     return registry, repository
 
@@ -300,8 +314,8 @@ def _registry_field_problem(registry: str) -> str | None:
         return "registry is empty"
     if problem := _registry_problem(registry):
         return problem
-    if registry == _LEGACY_DEFAULT_REGISTRY:
-        return f"registry {registry!r} is not normalised: use {DEFAULT_REGISTRY!r}"
+    if registry == DOCKER_HUB_LEGACY:
+        return f"registry {registry!r} is not normalised: use {DOCKER_HUB!r}"
     if not _is_registry_component(registry):
         return (
             f"registry {registry!r} would be read as a Docker Hub namespace: a registry needs a"
@@ -311,7 +325,7 @@ def _registry_field_problem(registry: str) -> str | None:
 
 
 def _docker_hub_problem(registry: str, repository: str) -> str | None:
-    if registry == DEFAULT_REGISTRY and "/" not in repository:
+    if registry == DOCKER_HUB and "/" not in repository:
         return (
             f"Docker Hub repository {repository!r} is not normalised:"
             f" use {_OFFICIAL_PREFIX + repository!r}"
@@ -334,7 +348,7 @@ def _tag_problem(tag: str) -> str | None:
 
 def _digest_problem(digest: str) -> str | None:
     algorithm, colon, encoded = digest.partition(":")
-    expected_length = _DIGEST_HEX_LENGTH.get(algorithm)
+    expected_length = DIGEST_HEX_LENGTHS.get(algorithm)
     if (
         expected_length is not None
         and len(encoded) == expected_length
@@ -343,7 +357,7 @@ def _digest_problem(digest: str) -> str | None:
         return None
     if expected_length is None:
         if colon and _DIGEST_SHAPE.fullmatch(digest) is not None:
-            supported = ", ".join(_DIGEST_HEX_LENGTH)
+            supported = ", ".join(DIGEST_HEX_LENGTHS)
             return f"unsupported digest algorithm {_shown(algorithm)} (supported: {supported})"
         return f"invalid digest {_shown(digest)}: expected 'algorithm:hex'"
     if not _HEX.issuperset(encoded):

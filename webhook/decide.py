@@ -1,0 +1,103 @@
+"""The last step of an admission: allow, deny or patch, from what became of each image.
+
+Pure, and the only place that denies. Under ``requireDigest`` (in a kind that is pinned), an
+object is denied when any image would end up without a digest: an invalid reference, one in a
+registry never resolved, one whose resolution failed. Under ``onFailure: deny`` a failed
+resolution denies in any kind. A review that ran out of time in a pinned kind is denied under
+either. Everything else is admitted, patched where an image changed, with a warning for what
+was not pinned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from .admission import AdmissionOutcome
+from .config import FailurePolicy, OnFailure
+from .kinds import Mode
+from .plan import ImageResult, InvalidImage, RequestPlan
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: AdmissionOutcome
+    # Images by outcome (pinned, rewritten, unchanged, unpinned, invalid) and resolve
+    # failures by reason, for the metrics: every image of the request counted once.
+    images: Mapping[str, int]
+    failures: Mapping[str, int]
+
+
+def decide(plan: RequestPlan, results: Sequence[ImageResult] | None) -> Decision:
+    """The answer to a request planned as ``plan`` whose images became ``results``; None when
+    the review ran out of time before they were known.
+
+    One pass over the results, in field order: the first deny rule an image meets decides
+    the message; the tally counts every image either way.
+    """
+    policy = plan.policy
+    if results is None:
+        return Decision(_timed_out(policy, plan.mode), {}, {})
+    require_digest = policy.require_digest and plan.mode is Mode.PIN
+    invalid = [entry for entry in plan.images if isinstance(entry, InvalidImage)]
+    denial: str | None = None
+    if invalid and require_digest:
+        field = invalid[0].field
+        denial = f"{field.image!r} at {field.pointer} is not a valid reference"
+    images: dict[str, int] = {"invalid": len(invalid)} if invalid else {}
+    failures: dict[str, int] = {}
+    outcome = AdmissionOutcome(warnings=list(plan.warnings), audit=dict(plan.audit))
+    outcome.warnings += [f"pinhook: {e.field.pointer}: {e.error}; left as is" for e in invalid]
+    changed: list[str] = []
+    unpinned: list[str] = []
+    for result in results:
+        field, failure = result.plan.field, result.failure
+        if result.warning:
+            outcome.warnings.append(result.warning)
+        if failure is not None:
+            kind = "unpinned"
+            failures[failure.reason] = failures.get(failure.reason, 0) + 1
+            if denial is None and policy.on_failure is OnFailure.DENY:
+                denial = f"cannot pin {field.image} ({field.pointer}): {failure}"
+            outcome.warnings.append(f"pinhook: {field.image} not pinned: {failure}")
+            unpinned.append(f"{field.image} ({failure.reason})")
+        else:
+            kind = _image_outcome(result)
+            if denial is None and require_digest and "@" not in result.final:
+                # In a registry never resolved (registry.skip), or rewritten without a digest.
+                denial = (
+                    f"{field.image} ({field.pointer}) would not be pinned to a digest"
+                    " and requireDigest is set"
+                )
+        images[kind] = images.get(kind, 0) + 1
+        if result.final != field.image:
+            outcome.patch.append({"op": "replace", "path": field.pointer, "value": result.final})
+            changed.append(f"{field.image} -> {result.final}")
+    if denial is None and unpinned and require_digest:
+        denial = f"cannot pin {', '.join(unpinned)} and requireDigest is set"
+    if denial is not None:
+        return Decision(_deny(denial), images, failures)
+    if changed:
+        outcome.audit["images"] = orjson.dumps(changed).decode()
+    if unpinned:
+        outcome.audit["unpinned"] = orjson.dumps(unpinned).decode()
+    return Decision(outcome, images, failures)
+
+
+def _timed_out(policy: FailurePolicy, mode: Mode) -> AdmissionOutcome:
+    """A review that overran its budget: the same policy as a failed resolution."""
+    if mode is Mode.PIN and (policy.require_digest or policy.on_failure is OnFailure.DENY):
+        return _deny("timed out resolving images")
+    return AdmissionOutcome(warnings=["pinhook: timed out; object left as is"])
+
+
+def _image_outcome(result: ImageResult) -> str:
+    if result.final == result.plan.field.image:
+        return "unchanged"
+    return "pinned" if result.digest is not None else "rewritten"
+
+
+def _deny(message: str) -> AdmissionOutcome:
+    return AdmissionOutcome(allowed=False, code=403, message=f"pinhook: {message}")

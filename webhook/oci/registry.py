@@ -1,0 +1,207 @@
+"""An OCI distribution client that resolves image tags to manifest digests.
+
+After go-containerregistry's ``remote.Head``/``remote.Get``, with the registry quirks collected
+in ``shared/notes/registry-protocol.md``. This module holds the request logic only: which
+manifest to ask for, with which credential, and which digest to trust; ``auth`` answers the
+registry's challenges, ``transport`` retries, follows redirects and keeps the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from types import TracebackType
+
+from ..errors import DeadlineExceeded, DigestMismatch, NotFound, ProtocolError, Unauthorized
+from .auth import Authenticator, Rejected, Target
+from .credential import Credential
+from .hostguard import HostGuard
+from .reference import DOCKER_HUB, DOCKER_HUB_API_HOST, ImageRef, is_valid_digest, split_host_port
+from .transport import MalformedAnswer, RegistryOptions, Reply, Transport, describe
+
+log = logging.getLogger(__name__)
+
+# Index and list types first: asking for all four keeps multi-arch digests intact. Never
+# schema1: registries convert to it with a different, ephemeral digest.
+MANIFEST_MEDIA_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+MANIFEST_ACCEPT = {"Accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+SCHEMA1_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
+
+
+def api_host(registry: str) -> str:
+    """The host that serves the distribution API for a registry name."""
+    return DOCKER_HUB_API_HOST if registry == DOCKER_HUB else registry
+
+
+class RegistryClient:
+    """One per process (an async context manager): it holds the pooled connections and the
+    challenge and token caches."""
+
+    def __init__(self, options: RegistryOptions, *, guard: HostGuard | None = None) -> None:
+        self._transport = Transport(options, guard=guard)
+        self._auth = Authenticator(self._transport)
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    async def resolve_digest(
+        self, ref: ImageRef, credentials: Sequence[Credential], *, deadline: float
+    ) -> str:
+        """The digest of the manifest the registry serves for ``ref``'s tag (or digest).
+
+        A reference with both a tag and a digest is looked up by digest (the digest is what
+        a runtime pulls); with neither, by ``latest``. Every credential is tried in order, then
+        anonymous access: a public image must still resolve when a stale credential for its
+        registry is lying around.
+        """
+        if asyncio.get_running_loop().time() >= deadline:
+            raise DeadlineExceeded(f"no time left to resolve {ref}")
+        base = await self._target(ref, deadline)
+        refusals: list[str] = []
+        for credential in (*credentials, None):
+            try:
+                return await self._digest_of(replace(base, credential=credential), ref)
+            except Rejected as rejected:
+                refusals.append(str(rejected))
+                log.debug("%s refused a credential for %s: %s", base.host, ref.repository, rejected)
+        raise Unauthorized(_unauthorized_message(ref, credentials, refusals))
+
+    async def manifest_exists(
+        self, ref: ImageRef, credentials: Sequence[Credential], *, deadline: float
+    ) -> bool:
+        """Whether the registry has the manifest ``ref`` names by digest."""
+        if ref.digest is None:
+            raise ValueError(f"manifest_exists needs a reference with a digest, got {ref}")
+        try:
+            await self.resolve_digest(ref, credentials, deadline=deadline)
+        except NotFound:
+            return False
+        return True
+
+    async def _target(self, ref: ImageRef, deadline: float) -> Target:
+        host = api_host(ref.registry)
+        bare, port = split_host_port(host)
+        await self._transport.guard.check(bare, port, deadline=deadline)
+        insecure = self._transport.is_insecure(ref.registry) or self._transport.is_insecure(host)
+        return Target(
+            registry=ref.registry,
+            host=host,
+            base_url=f"{'http' if insecure else 'https'}://{host}",
+            repository=ref.repository,
+            credential=None,
+            deadline=deadline,
+        )
+
+    async def _digest_of(self, target: Target, ref: ImageRef) -> str:
+        """HEAD the manifest and trust its digest header; GET and hash the body otherwise."""
+        reference = ref.digest or ref.tag_or_latest()
+        url = f"{target.base_url}/v2/{target.repository}/manifests/{reference}"
+        try:
+            head: Reply | None = await self._auth.exchange(target, "HEAD", url, MANIFEST_ACCEPT)
+        except MalformedAnswer as exc:  # e.g. an unparseable Content-Length
+            log.debug("HEAD %s was malformed (%s); falling back to GET", url, exc)
+            head = None
+        if head is not None:
+            if head.status == 404:
+                raise NotFound(f"{ref} not found ({describe(head)})")
+            if head.status == 200:
+                _refuse_schema1(head)
+                digest = _trusted_head_digest(head)
+                if digest is not None:
+                    return _expect(ref, digest)
+            elif head.status != 405:
+                raise ProtocolError(f"HEAD {url} answered {describe(head)}")
+        reply = await self._auth.exchange(target, "GET", url, MANIFEST_ACCEPT)
+        if reply.status == 404:
+            raise NotFound(f"{ref} not found ({describe(reply)})")
+        if reply.status != 200:
+            raise ProtocolError(f"GET {url} answered {describe(reply)}")
+        _refuse_schema1(reply)
+        return _expect(ref, _verified_body_digest(reply, ref.digest))
+
+
+def _unauthorized_message(
+    ref: ImageRef, credentials: Sequence[Credential], refusals: list[str]
+) -> str:
+    if credentials:
+        sources = ", ".join(c.source for c in credentials if c.source)
+        tried = f"{len(credentials)} credential(s) tried" + (f" ({sources})" if sources else "")
+        tried += ", then anonymous access"
+    else:
+        tried = "anonymous access, no credentials configured"
+    message = f"registry {ref.registry} refused {ref}: {tried}; {refusals[-1]}"
+    if ref.registry == DOCKER_HUB:
+        message += (
+            "; note that Docker Hub also answers 401 for repositories that do not exist, "
+            "so check the image name"
+        )
+    return message
+
+
+def digest_matches(body: bytes, digest: str) -> bool:
+    algorithm, _, expected = digest.partition(":")
+    return hashlib.new(algorithm, body).hexdigest() == expected
+
+
+def _trusted_head_digest(reply: Reply) -> str | None:
+    """The HEAD answer's digest if it can be trusted without fetching the body."""
+    digest = str(reply.headers.get("docker-content-digest", "")).strip()
+    length = str(reply.headers.get("content-length", "")).strip()
+    if not is_valid_digest(digest) or not length.isdigit():
+        return None
+    return digest
+
+
+def _verified_body_digest(reply: Reply, expected: str | None) -> str:
+    header = reply.headers.get("docker-content-digest", "").strip()
+    if header:
+        if not is_valid_digest(header):
+            raise ProtocolError(f"{reply.url}: invalid Docker-Content-Digest {header!r}")
+        if not digest_matches(reply.body, header):
+            raise DigestMismatch(
+                f"{reply.url}: body does not match its Docker-Content-Digest {header}"
+            )
+    if expected is not None and is_valid_digest(expected):
+        if not digest_matches(reply.body, expected):
+            raise DigestMismatch(f"{reply.url}: body does not match {expected}")
+        return expected
+    return header or "sha256:" + hashlib.sha256(reply.body).hexdigest()
+
+
+def _expect(ref: ImageRef, digest: str) -> str:
+    if ref.digest is not None and digest != ref.digest:
+        raise DigestMismatch(f"{ref}: registry serves {digest}, not the requested digest")
+    return digest
+
+
+def _refuse_schema1(reply: Reply) -> None:
+    media_type = reply.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type in SCHEMA1_MEDIA_TYPES:
+        raise ProtocolError(
+            f"{reply.url} serves a schema1 manifest, whose digest is not stable; "
+            "push the image with a current client"
+        )

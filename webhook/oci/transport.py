@@ -1,0 +1,245 @@
+"""The transport under the registry client: one pooled HTTP client and the rules every request
+to a registry or token service follows.
+
+After go-containerregistry's ``remote/transport`` retry and redirect handling: 5xx, 429
+(honouring ``Retry-After``) and connection failures are retried with jittered backoff while the
+deadline allows; redirects are followed by hand, each target checked by the host guard, plain
+HTTP only to an insecure host, and never with the Authorization header to another host. Every
+wait is bounded by an absolute deadline on the running loop's clock, every body by a size limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC
+
+import httpx
+
+from ..errors import DeadlineExceeded, ProtocolError, RegistryUnavailable
+from .hostguard import HostGuard
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SIZE_LIMIT = 4 * 1024 * 1024  # distribution's own limit for manifests, for any body
+MAX_REDIRECTS = 5
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryOptions:
+    insecure_registries: frozenset[str] = frozenset()  # host[:port] contacted over plain http
+    allowed_hosts: frozenset[str] = frozenset()  # SSRF allow-list, see .hostguard
+    max_attempts: int = 3  # per HTTP exchange, for 5xx, 429 and connection errors
+    backoff_base: float = 0.1  # seconds, jittered exponential
+    user_agent: str = "pinhook/0.1"
+    max_connections: int = 100
+    ca_bundle: str | None = None  # extra PEM roots for registries with a private CA
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    method: str
+    url: httpx.URL
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+
+class MalformedAnswer(ProtocolError):
+    """The HTTP answer itself could not be parsed (e.g. ``Content-Length: -1``)."""
+
+
+class _Transient(Exception):
+    """A connection-level failure worth retrying."""
+
+
+class Transport:
+    """One pooled ``httpx.AsyncClient`` (keep-alive) for the process, with the host guard."""
+
+    def __init__(self, options: RegistryOptions, *, guard: HostGuard | None = None) -> None:
+        self._options = options
+        self._insecure = frozenset(host.strip().lower() for host in options.insecure_registries)
+        self.guard = guard if guard is not None else HostGuard(options.allowed_hosts)
+        verify: ssl.SSLContext | bool = True
+        if options.ca_bundle is not None:
+            verify = ssl.create_default_context(cafile=options.ca_bundle)
+        self.http = httpx.AsyncClient(
+            headers={"User-Agent": options.user_agent, "Accept-Encoding": "identity"},
+            follow_redirects=False,
+            verify=verify,
+            # The asyncio deadline is the real bound; this only caps a single read or connect.
+            timeout=httpx.Timeout(30.0),
+            limits=httpx.Limits(
+                max_connections=options.max_connections,
+                max_keepalive_connections=options.max_connections,
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def is_insecure(self, host: str) -> bool:
+        """Whether ``host`` (``host[:port]``) is listed to be reached over plain HTTP."""
+        return host.lower() in self._insecure
+
+    async def exchange(
+        self, method: str, url: str | httpx.URL, headers: Mapping[str, str], deadline: float
+    ) -> Reply:
+        """One logical request, retried on 5xx, 429 and connection failures."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            reply: Reply | None = None
+            try:
+                reply = await self._follow_redirects(method, httpx.URL(url), headers, deadline)
+            except _Transient as exc:
+                problem = str(exc)
+            else:
+                if not _is_retryable(reply.status):
+                    return reply
+                problem = describe(reply)
+            shown = httpx.URL(url).copy_with(query=None)
+            if attempt >= self._options.max_attempts:
+                raise RegistryUnavailable(f"{method} {shown}: {problem} (after {attempt} attempts)")
+            delay = parse_retry_after(reply.headers.get("retry-after")) if reply else None
+            if delay is None:
+                delay = self._options.backoff_base * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            if loop.time() + delay >= deadline:
+                raise RegistryUnavailable(
+                    f"{method} {shown}: {problem}; no time left before the deadline to retry"
+                )
+            log.debug("%s %s: %s; retrying in %.2fs", method, shown, problem, delay)
+            await asyncio.sleep(delay)
+
+    async def _follow_redirects(
+        self, method: str, url: httpx.URL, headers: Mapping[str, str], deadline: float
+    ) -> Reply:
+        current, current_headers = url, dict(headers)
+        for _ in range(MAX_REDIRECTS + 1):
+            reply = await self._send(method, current, current_headers, deadline)
+            location = reply.headers.get("location")
+            if reply.status not in _REDIRECT_STATUSES or not location:
+                return reply
+            following = current.join(location)
+            await self._check_redirect(following, deadline)
+            if (following.scheme, following.host, following.port) != (
+                current.scheme,
+                current.host,
+                current.port,
+            ):
+                current_headers.pop("Authorization", None)  # never hand a secret to another host
+            current = following
+        raise ProtocolError(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
+
+    async def _check_redirect(self, url: httpx.URL, deadline: float) -> None:
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ProtocolError(f"redirect to unsupported URL {url}")
+        await self.guard.check(url.host, url.port, deadline=deadline)
+        hostport = url.netloc.decode("ascii")
+        if url.scheme == "http" and not (self.is_insecure(hostport) or self.is_insecure(url.host)):
+            raise ProtocolError(f"refusing a redirect to plain http {url}")
+
+    async def _send(
+        self, method: str, url: httpx.URL, headers: Mapping[str, str], deadline: float
+    ) -> Reply:
+        loop = asyncio.get_running_loop()
+        shown = url.copy_with(query=None)
+        try:
+            async with asyncio.timeout_at(deadline):
+                request = self.http.build_request(method, url, headers=headers)
+                response = await self.http.send(request, stream=True)
+                try:
+                    body = await _read_limited(response, MANIFEST_SIZE_LIMIT)
+                finally:
+                    await response.aclose()
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"{method} {shown}: deadline exceeded") from exc
+        except httpx.TimeoutException as exc:
+            if loop.time() >= deadline:
+                raise DeadlineExceeded(f"{method} {shown}: deadline exceeded") from exc
+            raise _Transient(f"{type(exc).__name__}") from exc
+        except httpx.TransportError as exc:
+            raise _classify_transport_error(method, shown, exc) from exc
+        except httpx.DecodingError as exc:
+            raise ProtocolError(f"{method} {shown}: undecodable body") from exc
+        log.debug("%s %s -> %d", method, url, response.status_code)
+        return Reply(method, url, response.status_code, response.headers, body)
+
+
+def describe(reply: Reply) -> str:
+    """A short account of an error reply, with the distribution error code when there is one."""
+    text = f"HTTP {reply.status}"
+    try:
+        document = json.loads(reply.body) if reply.body else None
+    except ValueError:
+        return text
+    if isinstance(document, dict) and isinstance(document.get("errors"), list):
+        first = document["errors"][0] if document["errors"] else None
+        if isinstance(first, dict):
+            return f"{text} {first.get('code', '')}: {first.get('message', '')}".rstrip(": ")
+    return text
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or an HTTP date)."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _classify_transport_error(method: str, url: httpx.URL, exc: httpx.TransportError) -> Exception:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError) and _is_certificate_error(exc):
+        return RegistryUnavailable(f"{method} {url}: TLS certificate not trusted: {text}")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        lowered = text.lower()
+        if "disconnect" in lowered or "peer closed" in lowered:
+            return _Transient(f"connection closed: {text}")
+        return MalformedAnswer(f"{method} {url}: malformed HTTP answer: {text}")
+    if isinstance(exc, httpx.NetworkError | httpx.ProxyError):
+        return _Transient(f"{type(exc).__name__}: {text}")
+    return ProtocolError(f"{method} {url}: {text}")
+
+
+def _is_certificate_error(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _is_retryable(status: int) -> bool:
+    return status == 429 or (status >= 500 and status not in (501, 505))
+
+
+async def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"{response.url}: body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
