@@ -12,11 +12,23 @@ import orjson
 import pytest
 
 from tests.reviews import apply_response, body, fake_digest, load_object, review, with_images
+from webhook.admission import AdmissionRequest
 from webhook.app import create_app
 from webhook.config import Settings, load_settings
+from webhook.kube import NoPullSecrets
 from webhook.metrics import Metrics
 from webhook.mutate import Mutator
-from webhook.resolve import StaticDigestResolver
+from webhook.oci.reference import ImageRef
+from webhook.oci.registry import RegistryClient
+from webhook.oci.transport import RegistryOptions
+from webhook.plan import RequestPlan
+from webhook.resolve import (
+    DigestResolver,
+    PullScope,
+    RegistryDigestResolver,
+    Resolution,
+    StaticDigestResolver,
+)
 
 PINNED_TAGS = [
     "kserve/storage-initializer:v0.15.2",
@@ -54,9 +66,15 @@ def settings_yaml(extra: str = "") -> str:
 class Webhook:
     """The FastAPI app in-process, reached through httpx like the API server would."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: DigestResolver | None = None,
+        mutator: type[Mutator] = Mutator,
+    ) -> None:
         self.metrics = Metrics()
-        self._mutator = Mutator(settings, StaticDigestResolver(settings.digest_table), self.metrics)
+        resolver = resolver or StaticDigestResolver(settings.digest_table)
+        self._mutator = mutator(settings, resolver, self.metrics)
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=create_app(self)), base_url="http://webhook"
         )
@@ -532,3 +550,73 @@ async def test_last_resort_timeout_follows_the_policy(policy: str, allowed: bool
     response = answer.json()["response"]
     assert response["allowed"] is allowed
     assert "patch" not in response
+
+
+# --- unexpected errors are policy decisions, never a 500 --------------------------------------
+
+HUGE_PORT = "host:99999999999999999999/x:1"
+
+
+def inference_service_with_legacy(image: str) -> dict[str, Any]:
+    isvc = load_object("isvc-sklearn-full.yaml")
+    isvc["spec"]["predictor"]["custom"] = {"container": {"name": "legacy", "image": image}}
+    return isvc
+
+
+async def test_out_of_range_port_is_invalid_and_denied_under_require_digest() -> None:
+    # Before: the port reached name resolution, OverflowError escaped as HTTP 500, and under
+    # failurePolicy Ignore the API server admitted what requireDigest should have denied.
+    settings = load_settings("resolver: registry\nrequireDigest: true\nonFailure: deny\n")
+    async with RegistryClient(RegistryOptions()) as client:
+        hook = Webhook(settings, RegistryDigestResolver(client, NoPullSecrets()))
+        denied = await hook.send(review(inference_service_with_legacy(HUGE_PORT)))
+        await hook.client.aclose()
+    assert denied["allowed"] is False
+    assert (
+        "/spec/predictor/custom/container/image is not a valid reference"
+        in (denied["status"]["message"])
+    )
+
+
+class ExplodingResolver:
+    """A resolver with a bug: every registry lookup raises something unforeseen."""
+
+    def peek(self, ref: ImageRef) -> str | None:
+        return None
+
+    async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
+        raise OverflowError("int too large to convert to C int")
+
+    async def exists(self, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
+        raise OverflowError("int too large to convert to C int")
+
+
+async def test_an_unexpected_resolver_error_is_a_failure_like_any_other() -> None:
+    settings = load_settings(settings_yaml("namespaces:\n  prod:\n    requireDigest: true\n"))
+    hook = Webhook(settings, ExplodingResolver())
+    allowed = await hook.send(review(pod_with("nginx:1.27"), namespace="dev"))
+    assert allowed["allowed"] is True and "patch" not in allowed
+    assert any("not pinned: internal error (OverflowError)" in w for w in allowed["warnings"])
+    denied = await hook.send(review(pod_with("nginx:1.27"), namespace="prod"))
+    assert denied["allowed"] is False
+    assert 'pinhook_resolve_failures_total{reason="internal"} 2.0' in hook.metrics.render().decode()
+    await hook.client.aclose()
+
+
+class BrokenMutator(Mutator):
+    """A bug in the pipeline itself, before any registry is asked."""
+
+    def plan(self, request: AdmissionRequest) -> RequestPlan:
+        raise KeyError("a bug")
+
+
+async def test_a_bug_in_the_pipeline_is_answered_by_policy_not_500() -> None:
+    settings = load_settings(settings_yaml("namespaces:\n  prod:\n    requireDigest: true\n"))
+    hook = Webhook(settings, mutator=BrokenMutator)
+    allowed = await hook.send(review(pod_with("nginx:1.27"), namespace="dev"))
+    assert allowed["allowed"] is True
+    assert allowed["warnings"] == ["pinhook: internal error; see pinhook's log; object left as is"]
+    denied = await hook.send(review(pod_with("nginx:1.27"), namespace="prod"))
+    assert denied["allowed"] is False
+    assert denied["status"]["message"] == "pinhook: internal error; see pinhook's log"
+    await hook.client.aclose()

@@ -56,6 +56,7 @@ VALID: list[tuple[str, tuple[str, str, str | None, str | None]]] = [
     ("test-com:8080/foo", ("test-com:8080", "foo", None, None)),
     ("localhost/foo", ("localhost", "foo", None, None)),
     ("localhost:5000/a/b:t", ("localhost:5000", "a/b", "t", None)),
+    ("host:65535/x", ("host:65535", "x", None, None)),
     ("127.0.0.1:5000/debian", ("127.0.0.1:5000", "debian", None, None)),
     ("192.168.1.1/repo", ("192.168.1.1", "repo", None, None)),
     ("192.168.1.1:5000/repo:5050", ("192.168.1.1:5000", "repo", "5050", None)),
@@ -186,6 +187,11 @@ INVALID: list[tuple[str, str]] = [
     ("[2001:db8::1]:tag", "invalid"),
     ("[fc00::1]", "invalid"),
     ("foo.com:port/bar", "invalid registry 'foo.com:port'"),
+    # distribution takes any digits as a port; a TCP port ends at 65535 (pinhook's divergence)
+    ("host:65536/x", "port '65536' is above 65535"),
+    ("host:99999999999999999999/x:1", "port '99999999999999999999' is above 65535"),
+    ("[::1]:70000/x", "port '70000' is above 65535"),
+    ("localhost:" + "9" * 4000 + "/x", "is above 65535"),
     # tags
     ("nginx:", "tag is empty"),
     (":justtag", "repository name is missing"),

@@ -71,6 +71,11 @@ def create_app(
             # The resolver keeps its own deadline; this is the guard of last resort.
             log.error("review %s of %s timed out after %.1fs", review.uid, review.kind, budget)
             outcome = mutator.timed_out(review)
+        except Exception:
+            # Whatever went wrong, the API server gets an answer its policy allows, never a
+            # 500: under failurePolicy Ignore a 500 would admit what requireDigest denies.
+            log.exception("review %s of %s failed; answered by policy", review.uid, review.kind)
+            outcome = mutator.failed(review)
         result = "allowed" if outcome.allowed else "denied"
         if outcome.allowed and outcome.patch:
             result = "patched"

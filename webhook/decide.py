@@ -30,16 +30,22 @@ class Decision:
     failures: Mapping[str, int]
 
 
-def decide(plan: RequestPlan, results: Sequence[ImageResult] | None) -> Decision:
+def decide(
+    plan: RequestPlan,
+    results: Sequence[ImageResult] | None,
+    *,
+    unknown: str = "timed out resolving images",
+) -> Decision:
     """The answer to a request planned as ``plan`` whose images became ``results``; None when
-    the review ran out of time before they were known.
+    they are not known (the review ran out of time, or failed in pinhook itself: ``unknown``
+    says which).
 
     One pass over the results, in field order: the first deny rule an image meets decides
     the message; the tally counts every image either way.
     """
     policy = plan.policy
     if results is None:
-        return Decision(_timed_out(policy, plan.mode), {}, {})
+        return Decision(_unresolved(policy, plan.mode, unknown), {}, {})
     require_digest = policy.require_digest and plan.mode is Mode.PIN
     invalid = [entry for entry in plan.images if isinstance(entry, InvalidImage)]
     denial: str | None = None
@@ -86,11 +92,11 @@ def decide(plan: RequestPlan, results: Sequence[ImageResult] | None) -> Decision
     return Decision(outcome, images, failures)
 
 
-def _timed_out(policy: FailurePolicy, mode: Mode) -> AdmissionOutcome:
-    """A review that overran its budget: the same policy as a failed resolution."""
+def _unresolved(policy: FailurePolicy, mode: Mode, reason: str) -> AdmissionOutcome:
+    """A review whose images are not known: the same policy as a failed resolution."""
     if mode is Mode.PIN and (policy.require_digest or policy.on_failure is OnFailure.DENY):
-        return _deny("timed out resolving images")
-    return AdmissionOutcome(warnings=["pinhook: timed out; object left as is"])
+        return _deny(reason)
+    return AdmissionOutcome(warnings=[f"pinhook: {reason}; object left as is"])
 
 
 def _image_outcome(result: ImageResult) -> str:

@@ -9,6 +9,7 @@ registry, all of a request concurrently under one deadline, with failures kept a
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -33,6 +34,8 @@ from .plan import (
     render,
 )
 from .resolve import DigestResolver, PullScope
+
+log = logging.getLogger(__name__)
 
 OPERATIONS = frozenset({"CREATE", "UPDATE"})
 # Leave this much of the API server's timeout for answering and the network.
@@ -85,6 +88,21 @@ class Mutator:
     def timed_out(self, request: AdmissionRequest) -> AdmissionOutcome:
         """The answer when a review overran its budget."""
         return self._record(decide(self.plan(request), None))
+
+    def failed(self, request: AdmissionRequest) -> AdmissionOutcome:
+        """The answer when a review failed in pinhook itself: by policy, never an error.
+
+        Needs only the kind's mode and the namespace's policy; when even those cannot be
+        had, the global policy and pin mode, the strictest reading.
+        """
+        try:
+            info = kind_info(request.group, request.kind)
+            mode = Mode.OFF if info is None else self._modes[info.key]
+            policy = self._policy(request.namespace)
+        except Exception:  # a bug in the very steps that failed: fall back to the global rule
+            mode, policy = Mode.PIN, self.settings.policy_for(None)
+        plan = RequestPlan(mode, policy)
+        return self._record(decide(plan, None, unknown="internal error; see pinhook's log"))
 
     # -- plan ----------------------------------------------------------------------------------
 
@@ -223,6 +241,9 @@ class Mutator:
                     warning = f"pinhook: {stale}" if warning is None else f"{warning}; {stale}"
         except ResolveError as exc:
             failure = exc
+        except Exception as exc:  # a bug must become a policy decision, like any failure
+            log.exception("resolving %s failed unexpectedly", target)
+            failure = ResolveError(f"internal error ({type(exc).__name__})", reason="internal")
         return ImageResult(plan, render(plan, digest, self._output), digest, warning, failure)
 
     # -- decide --------------------------------------------------------------------------------

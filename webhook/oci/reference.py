@@ -71,6 +71,7 @@ _HEX: Final = frozenset("0123456789abcdefABCDEF")
 # characters, a repository 255, a tag 128, a digest 135), and refusing early bounds the regex
 # work a hostile Pod spec can ask for.
 MAX_REFERENCE_LENGTH: Final = 4096
+MAX_PORT: Final = 65535
 
 _SHOWN_INPUT_MAX = 120
 _PARSE_CACHE_SIZE = 4096
@@ -300,12 +301,17 @@ def _explain_bad_repository(repository: str) -> str:
 
 
 def _registry_problem(registry: str) -> str | None:
-    if _REGISTRY.fullmatch(registry) is not None:
-        return None
-    return (
-        f"invalid registry {_shown(registry)}: expected a host name, an IPv4 address or a"
-        " bracketed IPv6 address, optionally with ':port'"
-    )
+    if _REGISTRY.fullmatch(registry) is None:
+        return (
+            f"invalid registry {_shown(registry)}: expected a host name, an IPv4 address or a"
+            " bracketed IPv6 address, optionally with ':port'"
+        )
+    port = registry.rpartition(":")[2] if registry.rfind(":") > registry.rfind("]") else ""
+    # distribution's grammar takes any digits; a TCP port cannot be above 65535, and a
+    # larger number would only fail later, deep in name resolution.
+    if port and (len(port) > len(str(MAX_PORT)) or int(port) > MAX_PORT):
+        return f"invalid registry {_shown(registry)}: port {_shown(port)} is above {MAX_PORT}"
+    return None
 
 
 def _registry_field_problem(registry: str) -> str | None:
