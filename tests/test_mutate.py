@@ -620,3 +620,23 @@ async def test_a_bug_in_the_pipeline_is_answered_by_policy_not_500() -> None:
     assert denied["allowed"] is False
     assert denied["status"]["message"] == "pinhook: internal error; see pinhook's log"
     await hook.client.aclose()
+
+
+async def test_metric_labels_from_requests_are_bounded(webhook: Webhook) -> None:
+    # Before: each random kind and operation became a series of its own; 20,000 of them grew
+    # /metrics to 14 MB and every scrape blocked the loop.
+    for index in range(50):
+        document = review({"apiVersion": "x.example/v1", "kind": f"Kind{index}"})
+        document["request"]["operation"] = f"OP{index}"
+        response = await webhook.send(document)
+        assert response["allowed"] is True
+    await webhook.send(review(pod_with("nginx:1.27")))
+    series = [
+        line
+        for line in webhook.metrics.render().decode().splitlines()
+        if line.startswith("pinhook_admission_requests_total{")
+    ]
+    assert sorted(series) == [
+        'pinhook_admission_requests_total{kind="Pod",operation="CREATE",result="patched"} 1.0',
+        'pinhook_admission_requests_total{kind="other",operation="other",result="allowed"} 50.0',
+    ]

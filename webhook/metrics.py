@@ -6,6 +6,14 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .kinds import KINDS
+
+# Label values come from requests, which anyone who can create an object shapes: only known
+# values get a series of their own, so no request can grow /metrics without bound.
+KNOWN_KINDS = frozenset(info.kind for info in KINDS)
+KNOWN_OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "CONNECT"})
+OTHER = "other"
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -70,6 +78,8 @@ class Metrics:
             self._inc(self.images, outcome, amount=count)
 
     def admission(self, kind: str, operation: str, result: str) -> None:
+        kind = kind if kind in KNOWN_KINDS or not kind else OTHER
+        operation = operation if operation in KNOWN_OPERATIONS or not operation else OTHER
         self._inc(self.admissions, kind, operation, result)
 
     def cache_event(self, event: str, count: int = 1) -> None:
