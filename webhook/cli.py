@@ -19,7 +19,7 @@ from lightkube import AsyncClient
 from . import certs, install
 from .admission import AdmissionRequest, parse_review, render_response
 from .conditionsync import MatchConditionsSync
-from .config import Settings, default_settings, load_settings_file
+from .config import Settings, default_settings, load_settings_file, warnings_for
 from .errors import ConfigError, PinhookError
 from .kube import KubePullSecrets, PullSecretSource, StaticPullSecrets
 from .runtime import Runtime
@@ -175,6 +175,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "check-config":
             settings = load_settings_file(args.file)
             print(f"{args.file}: ok ({len(settings.rewrite_map)} rewrite rules)")
+            for warning in warnings_for(settings):
+                print(f"warning: {warning}", file=sys.stderr)
             return 0
         case "certs":
             return _certs(args)

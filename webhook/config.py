@@ -31,6 +31,7 @@ from .oci.reference import ImageRef, is_valid_digest
 from .rewrite import DEFAULT_RULES, NamePattern, RewriteMap, RewriteRule
 
 SKIP_ANNOTATION = "pinhook.dev/skip"
+CONFIG_KEY = "config.yaml"  # the ConfigMap's data key
 
 
 class OnFailure(StrEnum):
@@ -45,7 +46,12 @@ class OutputForm(StrEnum):
 
 class _Model(BaseModel):
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        # .inf and .nan are valid YAML floats; as a TTL or a timeout they mean "for ever".
+        allow_inf_nan=False,
     )
 
 
@@ -100,13 +106,17 @@ class NamespacePolicy(_Model):
     require_digest: bool | None = None
 
 
+_DAY = 86_400.0
+
+
 class CacheSettings(_Model):
-    ttl_seconds: float = Field(default=300.0, gt=0)
-    negative_ttl_seconds: float = Field(default=30.0, ge=0)
-    max_entries: int = Field(default=10_000, ge=1)
+    ttl_seconds: float = Field(default=300.0, gt=0, le=30 * _DAY)
+    negative_ttl_seconds: float = Field(default=30.0, ge=0, le=_DAY)
+    # Each entry costs a few hundred bytes; the bound keeps the cache inside the Pod's memory.
+    max_entries: int = Field(default=10_000, ge=1, le=1_000_000)
     stale_on_error: bool = True
     # How long past its TTL an entry may still be served when the registry is failing.
-    stale_max_seconds: float = Field(default=86_400.0, ge=0)
+    stale_max_seconds: float = Field(default=_DAY, ge=0, le=30 * _DAY)
 
 
 class RegistrySettings(_Model):
@@ -204,12 +214,46 @@ def _parse_for_table(image: str) -> ImageRef:
     return ref.with_tag(ref.tag_or_latest()) if ref.digest is None else ref
 
 
-def load_settings(text: str, *, source: str = "config") -> Settings:
-    """Parse and validate one YAML document; raises ConfigError naming every bad field."""
+# libyaml's parser when PyYAML has it: the pure-Python one takes seconds for a map of
+# thousands of rules.
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_SafeLoader):  # type: ignore[misc]
+    """SafeLoader that refuses a key given twice in one mapping, where YAML lets the last win
+    silently: two `rewrites:` or two `requireDigest:` are a mistake to report, not to guess."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"key {key!r} is given twice",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+def _read_yaml(text: str, source: str) -> Any:
     try:
-        data: Any = yaml.safe_load(text) if text.strip() else {}
+        return yaml.load(text, Loader=_StrictLoader) if text.strip() else {}  # noqa: S506
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML", [str(exc)]) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML", ["nested too deeply"]) from None
+
+
+def load_settings(text: str, *, source: str = "config") -> Settings:
+    """Parse and validate one YAML document; raises ConfigError naming every bad field."""
+    return _validated(_read_yaml(text, source), source)
+
+
+def _validated(data: Any, source: str) -> Settings:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -221,11 +265,40 @@ def load_settings(text: str, *, source: str = "config") -> Settings:
 
 
 def load_settings_file(path: Path) -> Settings:
+    """Settings from a config file: the bare document, or a ConfigMap manifest holding it
+    under ``config.yaml`` (as kept in git next to the rest of the install)."""
+    document = _read_yaml(read_text(path), str(path))
+    if isinstance(document, dict) and document.get("kind") == "ConfigMap":
+        data = document.get("data") or {}
+        if not isinstance(data, dict) or not isinstance(data.get(CONFIG_KEY), str):
+            raise ConfigError(f"{path}: ConfigMap has no data key {CONFIG_KEY}")
+        return load_settings(data[CONFIG_KEY], source=f"{path} ({CONFIG_KEY})")
+    return _validated(document, str(path))
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a ConfigMap key always is); ConfigError saying why it is not."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read", [str(exc)]) from None
-    return load_settings(text, source=str(path))
+        raise ConfigError(f"{path}: cannot read", [exc.strerror or str(exc)]) from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{path}: UTF-16 text", ["save it as UTF-8"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text", [f"byte {exc.start} is not valid UTF-8"]
+        ) from None
+
+
+def warnings_for(settings: Settings) -> list[str]:
+    """What a valid configuration still gets wrong on this machine (``check-config``)."""
+    found = []
+    path = settings.registry.docker_config
+    if path is not None and not path.is_file():
+        found.append(f"registry.dockerConfig: {path} does not exist (here)")
+    return found
 
 
 def default_settings() -> Settings:

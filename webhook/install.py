@@ -21,7 +21,7 @@ from lightkube import Client, KubeConfig, codecs
 from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfiguration
 
 from . import certs
-from .config import Settings, default_settings, load_settings
+from .config import default_settings, load_settings_file
 from .errors import ConfigError, PinhookError
 from .kubeerrors import KubeError, KubeNotFound, KubeUnconfigured, KubeUnreachable, kube_errors
 from .webhookconfig import FAILURE_POLICIES, WebhookTarget, build_webhook_configuration
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _configuration(args: argparse.Namespace) -> dict[str, Any]:
-    settings = load_settings_or_configmap(args.config) if args.config else default_settings()
+    settings = load_settings_file(args.config) if args.config else default_settings()
     ca_bundle = certs.ca_bundle_b64(_read(args.ca)) if args.ca else None
     if args.url is not None:
         target = WebhookTarget(url=args.url, service=None, ca_bundle=ca_bundle)
@@ -183,21 +183,6 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read", [str(exc)]) from None
-
-
-def load_settings_or_configmap(path: Path) -> Settings:
-    """Settings from a config.yaml, or from the ``config.yaml`` key of a ConfigMap manifest."""
-    text = _read(path).decode("utf-8", errors="replace")
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError:
-        document = None  # load_settings reports it
-    if isinstance(document, dict) and document.get("kind") == "ConfigMap":
-        data = document.get("data") or {}
-        if not isinstance(data, dict) or not isinstance(data.get("config.yaml"), str):
-            raise ConfigError(f"{path}: ConfigMap has no data key config.yaml")
-        return load_settings(data["config.yaml"], source=f"{path} (config.yaml)")
-    return load_settings(text, source=str(path))
 
 
 def _command_line(args: argparse.Namespace) -> str:

@@ -196,19 +196,33 @@ class Runtime:
         return None if self.config_path is None else file_stamp(self.config_path)
 
     async def reload_config(self) -> bool:
-        """Load the config file again if it changed. Returns True when a new config applies."""
+        """Load the config file again if it changed. Returns True when a new config applies.
+
+        Every outcome is counted and logged: applied, rejected (the last good config keeps
+        serving, visibly in the metrics and /readyz), and a file that disappeared.
+        """
         stamp = self._stamp()
-        if self.config_path is None or stamp is None or stamp == self._config_stamp:
+        if self.config_path is None or stamp == self._config_stamp:
             return False
-        self._config_stamp = stamp
+        previous, self._config_stamp = self._config_stamp, stamp
+        if stamp is None:
+            if previous is not None:
+                log.warning(
+                    "configuration file %s is gone; the last good config keeps serving",
+                    self.config_path,
+                )
+            return False
         try:
-            settings = load_settings_file(self.config_path)
+            # Off the event loop: a map of thousands of rules takes a while to validate, and
+            # admissions must not wait for it.
+            settings = await asyncio.to_thread(load_settings_file, self.config_path)
             await self._apply(settings)
         except ConfigError as exc:
-            self._config_error = str(exc)
-            self.metrics.config_reloads.labels("rejected").inc()
-            self.metrics.config_valid.set(0)
-            log.error("configuration rejected, the last good one keeps serving: %s", exc)
+            self._reject(str(exc))
+            return False
+        except Exception as exc:  # a bug in validation is still a rejection, counted
+            log.exception("validating %s failed unexpectedly", self.config_path)
+            self._reject(f"{self.config_path}: {type(exc).__name__}: {exc}")
             return False
         self._config_error = None
         if self._conditions_sync is not None:
@@ -217,6 +231,12 @@ class Runtime:
         self.metrics.config_valid.set(1)
         log.info("configuration reloaded from %s", self.config_path)
         return True
+
+    def _reject(self, reason: str) -> None:
+        self._config_error = reason
+        self.metrics.config_reloads.labels("rejected").inc()
+        self.metrics.config_valid.set(0)
+        log.error("configuration rejected, the last good one keeps serving: %s", reason)
 
     async def watch_config(self, interval: float = 2.0) -> None:
         """Poll the config file; runs until cancelled."""

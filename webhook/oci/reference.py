@@ -182,6 +182,14 @@ def parse_name(text: str) -> tuple[str, str]:
     return ref.registry, ref.repository
 
 
+def check_registry(text: str) -> None:
+    """Raise InvalidReference unless ``text`` is a registry ``host[:port]`` as the grammar
+    reads one, in normalised form (what a rewrite rule may name as a whole registry)."""
+    problem = _registry_field_problem(text)
+    if problem is not None:
+        raise _invalid(text, problem)
+
+
 def is_valid_tag(tag: str) -> bool:
     """Whether ``tag`` is a valid tag: ``[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}``."""
     return _TAG.fullmatch(tag) is not None
@@ -206,11 +214,16 @@ def split_host_port(hostport: str) -> tuple[str, int | None]:
         if end < 0:
             return hostport, None
         host, rest = hostport[1:end], hostport[end + 1 :]
-        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+        return host, _port(rest[1:]) if rest.startswith(":") else None
     if hostport.count(":") == 1:
         host, _, port = hostport.partition(":")
-        return host, int(port) if port.isdigit() else None
+        return host, _port(port)
     return hostport, None
+
+
+def _port(text: str) -> int | None:
+    # isdigit alone takes fullwidth and other Unicode digits, which int() then accepts too.
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 5 else None
 
 
 @lru_cache(maxsize=_PARSE_CACHE_SIZE)
