@@ -621,9 +621,103 @@ async def test_cross_origin_redirect_drops_the_authorization_header(
         other.route("/m", manifest_reply(body))
         options = loopback_options(faults.host, other.host)
         async with RegistryClient(options) as client:
-            digest = await client.resolve_digest(
-                fault_ref(faults), [ALICE], deadline=deadline_in(5)
-            )
-        assert digest == sha256_digest(body)
+            # The manifest came from the redirect target: a digest is only taken from the
+            # registry itself (see test_a_manifest_from_a_redirect_target_is_not_pinned).
+            with pytest.raises(errors.ProtocolError, match="only taken from the registry"):
+                await client.resolve_digest(fault_ref(faults), [ALICE], deadline=deadline_in(5))
         assert faults.requests_to(MANIFEST_PATH)[1].headers["authorization"].startswith("Basic ")
-        assert "authorization" not in other.requests_to("/m")[0].headers
+        assert all("authorization" not in r.headers for r in other.requests_to("/m"))
+
+
+# -- credentials go only where they belong; one repository cannot poison another ------------
+
+
+async def test_a_redirect_targets_challenge_is_never_answered_with_the_registrys_credential(
+    faults: FaultServer,
+) -> None:
+    # Before: B's 401 was taken for A's challenge, A's Basic credential went to B's realm,
+    # and B's token came back to A.
+    async with FaultServer() as other:
+        faults.route(MANIFEST_PATH, Reply(307, {"Location": f"{other.url}/m"}))
+        realm = f'Bearer realm="{other.url}/token",service="b"'
+        other.route("/m", error_reply(401, headers={"WWW-Authenticate": realm}))
+        other.route("/token", Reply(200, {"Content-Type": "application/json"}, b'{"token":"b"}'))
+        async with RegistryClient(loopback_options(faults.host, other.host)) as client:
+            with pytest.raises(errors.ProtocolError, match="never sent to another host"):
+                await client.resolve_digest(fault_ref(faults), [ALICE], deadline=deadline_in(5))
+        assert other.requests_to("/token") == []
+        assert all("authorization" not in r.headers for r in other.requests)
+        assert all("authorization" not in r.headers for r in faults.requests)
+
+
+async def test_one_repositorys_unusable_challenge_does_not_fail_another(
+    faults: FaultServer,
+) -> None:
+    # Before: repository x's challenge (a realm on a private address) was cached for the whole
+    # host, and every later lookup on it failed with no request sent, until restart.
+    body = sample_index()
+    poisoned = 'Bearer realm="http://10.0.0.1/token",service="s"'
+    faults.route(
+        "/v2/team/x/manifests/1.0", error_reply(401, headers={"WWW-Authenticate": poisoned})
+    )
+    good = f'Bearer realm="{faults.url}/token",service="s"'
+    token = Reply(200, {"Content-Type": "application/json"}, b'{"token":"t","expires_in":300}')
+    faults.route("/token", token)
+    faults.route(
+        "/v2/team/y/manifests/1.0",
+        error_reply(401, headers={"WWW-Authenticate": good}),
+        manifest_reply(body),
+    )
+    async with RegistryClient(loopback_options(faults.host)) as client:
+        for _ in range(2):
+            with pytest.raises(errors.ForbiddenHost):
+                await client.resolve_digest(
+                    ImageRef.parse(f"{faults.host}/team/x:1.0"), [], deadline=deadline_in(5)
+                )
+        digest = await client.resolve_digest(
+            ImageRef.parse(f"{faults.host}/team/y:1.0"), [], deadline=deadline_in(5)
+        )
+    assert digest == sha256_digest(body)
+    assert len(faults.requests_to("/v2/team/x/manifests/1.0")) == 2
+
+
+# -- only a manifest is ever pinned --------------------------------------------------------
+
+
+async def test_a_page_is_not_pinned_as_a_manifest(
+    faults: FaultServer, fault_client: RegistryClient
+) -> None:
+    # Before: HEAD without a digest, then GET 200 text/html, and the page's sha256 was written
+    # as the image digest, with no warning, even under deny + requireDigest.
+    page = Reply(200, {"Content-Type": "text/html; charset=utf-8"}, b"<html>login</html>")
+    faults.route(MANIFEST_PATH, page)
+    with pytest.raises(errors.ProtocolError, match="answered text/html, not a manifest"):
+        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+
+
+async def test_json_that_is_not_a_manifest_is_not_pinned(
+    faults: FaultServer, fault_client: RegistryClient
+) -> None:
+    faults.route(MANIFEST_PATH, manifest_reply(b'{"hello": "world"}', digest=None))
+    with pytest.raises(errors.ProtocolError, match="is not a manifest"):
+        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+
+
+async def test_a_head_digest_with_a_page_content_type_is_not_trusted(
+    faults: FaultServer, fault_client: RegistryClient
+) -> None:
+    digest = sha256_digest(b"anything")
+    head = Reply(200, {"Content-Type": "text/html", "Docker-Content-Digest": digest}, b"x")
+    faults.route(MANIFEST_PATH, head, method="HEAD")
+    faults.route(MANIFEST_PATH, Reply(200, {"Content-Type": "text/html"}, b"x"), method="GET")
+    with pytest.raises(errors.ProtocolError, match="not a manifest"):
+        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+
+
+async def test_a_manifest_from_a_redirect_target_is_not_pinned(faults: FaultServer) -> None:
+    async with FaultServer() as other:
+        faults.route(MANIFEST_PATH, Reply(302, {"Location": f"{other.url}/m"}))
+        other.route("/m", manifest_reply(sample_index(), digest=None))
+        async with RegistryClient(loopback_options(faults.host, other.host)) as client:
+            with pytest.raises(errors.ProtocolError, match="only taken from the registry itself"):
+                await client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))

@@ -1,11 +1,17 @@
 """Registry authorisation: the 401 → challenge → token flow, and its caches.
 
 After go-containerregistry's ``remote/transport`` (``ping.go``, ``bearer.go``, ``basic.go``): a
-registry's ``WWW-Authenticate`` challenge is remembered per host, so later requests carry the
-right ``Authorization`` up front; bearer tokens are fetched from the challenge's realm (with the
+registry's ``WWW-Authenticate`` challenge is remembered, so later requests carry the right
+``Authorization`` up front; bearer tokens are fetched from the challenge's realm (with the
 credential as Basic auth, if any) and cached per host, repository scope and credential until
 shortly before they expire. :meth:`Authenticator.exchange` decides, from what was sent and the
 401 that came back, the one retry worth making, or that the credential is refused.
+
+Credentials go only to the registry they are for and to the token realm that registry's own
+challenge names: a 401 from a host a request was redirected to is not the registry's
+challenge, and is never answered. A challenge is remembered per repository, and for the whole
+host only once it has worked, so one repository's unusable challenge (a realm on a private
+address, a token service answering garbage) can never fail another repository's lookups.
 """
 
 from __future__ import annotations
@@ -13,20 +19,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import httpx
 
-from ..errors import DeadlineExceeded, ProtocolError
+from ..errors import DeadlineExceeded, ForbiddenHost, ProtocolError
 from .credential import Credential
-from .transport import Reply, Transport, describe
+from .transport import Reply, Transport, describe, same_origin
+
+log = logging.getLogger(__name__)
 
 TOKEN_DEFAULT_LIFETIME = 60.0
 TOKEN_CACHE_LIMIT = 4096
+CHALLENGE_SECONDS = 3600.0  # a registry may move its token service; look again hourly
 _TCHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _SCHEME_RE = re.compile(rf"\s*({_TCHARS})(?:\s+|$)")
 _PARAM_RE = re.compile(rf'[\s,]*({_TCHARS})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*(?:,|$)')
@@ -109,6 +119,7 @@ class _Sent:
 
     headers: Mapping[str, str] = field(default_factory=dict)
     scheme: str | None = None
+    challenge: Challenge | None = None  # the one answered
     token: _Token | None = None
     token_was_cached: bool = False
 
@@ -119,9 +130,14 @@ _TokenKey = tuple[str, str, str]  # host, scope, credential identity
 class Authenticator:
     """The challenge and token caches of one registry client; one per process."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(
+        self, transport: Transport, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._transport = transport
-        self._challenges: dict[str, Challenge] = {}
+        self._clock = clock
+        # (host, repository) -> the challenge last seen for it; host -> one that worked.
+        self._challenges: dict[tuple[str, str], tuple[Challenge, float]] = {}
+        self._proven: dict[str, tuple[Challenge, float]] = {}
         self._tokens: dict[_TokenKey, _Token] = {}
         self._token_locks: dict[_TokenKey, asyncio.Lock] = {}
 
@@ -130,17 +146,53 @@ class Authenticator:
     ) -> Reply:
         """One request with the authorization its registry asks for: up front when the
         challenge is known, else after the 401, once. Raises :class:`Rejected` on 401/403."""
-        challenge = self._challenges.get(target.host)
-        sent = _Sent() if challenge is None else await self._authorization(target, challenge)
+        sent = await self._upfront(target)
         reply = await self._send(target, method, url, headers, sent)
         if reply.status == 401:
+            _refuse_foreign_challenge(target, reply)
             retry = await self._answer(target, sent, reply)
             reply = await self._send(target, method, url, headers, retry)
             if reply.status == 401:
+                _refuse_foreign_challenge(target, reply)
                 raise Rejected(401, target.host)
+            if retry.challenge is not None:
+                self._remember(target, retry.challenge)
+        elif sent.challenge is not None and reply.status != 403:
+            self._remember(target, sent.challenge)
         if reply.status == 403:
             raise Rejected(403, target.host)
         return reply
+
+    async def _upfront(self, target: Target) -> _Sent:
+        """The authorization to send before any 401, from a challenge known to apply."""
+        challenge = self._known(target)
+        if challenge is None:
+            return _Sent()
+        try:
+            return await self._authorization(target, challenge)
+        except (ProtocolError, ForbiddenHost, Rejected) as exc:
+            # A challenge that worked elsewhere on this host does not work here: ask the
+            # registry for this repository's own, rather than failing on another's.
+            log.debug("up-front authorization for %s failed (%s); asking afresh", target.host, exc)
+            self._forget(target)
+            return _Sent()
+
+    def _known(self, target: Target) -> Challenge | None:
+        now = self._clock()
+        for entry in (self._challenges.get(_repo_key(target)), self._proven.get(target.host)):
+            if entry is not None and entry[1] > now:
+                return entry[0]
+        return None
+
+    def _remember(self, target: Target, challenge: Challenge) -> None:
+        expires = self._clock() + CHALLENGE_SECONDS
+        if len(self._challenges) >= TOKEN_CACHE_LIMIT:
+            self._challenges.clear()
+        self._challenges[_repo_key(target)] = (challenge, expires)
+        self._proven[target.host] = (challenge, expires)
+
+    def _forget(self, target: Target) -> None:
+        self._challenges.pop(_repo_key(target), None)
 
     async def _send(
         self, target: Target, method: str, url: str, headers: Mapping[str, str], sent: _Sent
@@ -153,12 +205,11 @@ class Authenticator:
         """What to retry a 401 with; :class:`Rejected` when nothing is worth sending."""
         challenge = (
             pick_challenge(reply.headers)
-            or self._challenges.get(target.host)
+            or self._known(target)
             or await self._ping_challenge(target)
         )
         if challenge is None:
             raise Rejected(401, f"{target.host} (no usable WWW-Authenticate challenge)")
-        self._challenges[target.host] = challenge
         if sent.token is not None:
             self._drop_token(target, sent.token)
         if sent.scheme == challenge.scheme and not sent.token_was_cached:
@@ -174,12 +225,13 @@ class Authenticator:
         if challenge.scheme == "basic":
             if target.credential is None:
                 return _Sent()
-            return _Sent(_basic_header(target.credential), scheme="basic")
+            return _Sent(_basic_header(target.credential), "basic", challenge)
         if challenge.scheme == "bearer":
             token, was_cached = await self._bearer_token(challenge, target, stale)
             return _Sent(
                 {"Authorization": f"Bearer {token.value}"},
-                scheme="bearer",
+                "bearer",
+                challenge,
                 token=token,
                 token_was_cached=was_cached,
             )
@@ -188,7 +240,10 @@ class Authenticator:
     async def _ping_challenge(self, target: Target) -> Challenge | None:
         """gcr.io may send 401 without a challenge; the ``/v2/`` ping carries it."""
         reply = await self._transport.exchange("GET", f"{target.base_url}/v2/", {}, target.deadline)
-        return pick_challenge(reply.headers) if reply.status == 401 else None
+        if reply.status != 401:
+            return None
+        _refuse_foreign_challenge(target, reply)
+        return pick_challenge(reply.headers)
 
     # -- bearer tokens -----------------------------------------------------------------------
 
@@ -269,6 +324,20 @@ class Authenticator:
 
 def _token_key(target: Target) -> _TokenKey:
     return (target.host, target.scope, target.identity)
+
+
+def _repo_key(target: Target) -> tuple[str, str]:
+    return (target.host, target.repository)
+
+
+def _refuse_foreign_challenge(target: Target, reply: Reply) -> None:
+    """A 401 from a host the request was redirected to is not the registry's challenge:
+    answering it would send the registry's credentials, or a token, where they do not belong."""
+    if not same_origin(reply.url, httpx.URL(target.base_url)):
+        raise ProtocolError(
+            f"{target.host} redirected to {reply.url.host}, which asks for authentication;"
+            f" credentials for {target.host} are never sent to another host"
+        )
 
 
 def _basic_header(credential: Credential) -> dict[str, str]:

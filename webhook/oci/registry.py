@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from types import TracebackType
+
+import httpx
 
 from ..errors import DeadlineExceeded, DigestMismatch, NotFound, ProtocolError, Unauthorized
 from .auth import Authenticator, Rejected, Target
 from .credential import Credential
 from .hostguard import HostGuard
 from .reference import DOCKER_HUB, DOCKER_HUB_API_HOST, ImageRef, is_valid_digest, split_host_port
-from .transport import MalformedAnswer, RegistryOptions, Reply, Transport, describe
+from .transport import (
+    MalformedAnswer,
+    RegistryOptions,
+    Reply,
+    Transport,
+    describe,
+    same_origin,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +140,7 @@ class RegistryClient:
                 raise NotFound(f"{ref} not found ({describe(head)})")
             if head.status == 200:
                 _refuse_schema1(head)
-                digest = _trusted_head_digest(head)
+                digest = _trusted_head_digest(head, target)
                 if digest is not None:
                     return _expect(ref, digest)
             elif head.status != 405:
@@ -141,6 +151,7 @@ class RegistryClient:
         if reply.status != 200:
             raise ProtocolError(f"GET {url} answered {describe(reply)}")
         _refuse_schema1(reply)
+        _check_manifest(reply, target, ref)
         return _expect(ref, _verified_body_digest(reply, ref.digest))
 
 
@@ -167,13 +178,50 @@ def digest_matches(body: bytes, digest: str) -> bool:
     return hashlib.new(algorithm, body).hexdigest() == expected
 
 
-def _trusted_head_digest(reply: Reply) -> str | None:
-    """The HEAD answer's digest if it can be trusted without fetching the body."""
+def _trusted_head_digest(reply: Reply, target: Target) -> str | None:
+    """The HEAD answer's digest if it can be trusted without fetching the body: a valid
+    digest of one of the manifest types asked for, from the registry itself."""
     digest = str(reply.headers.get("docker-content-digest", "")).strip()
     length = str(reply.headers.get("content-length", "")).strip()
     if not is_valid_digest(digest) or not length.isdigit():
         return None
+    if _media_type(reply) not in MANIFEST_MEDIA_TYPES:
+        return None
+    if not same_origin(reply.url, httpx.URL(target.base_url)):
+        return None
     return digest
+
+
+def _check_manifest(reply: Reply, target: Target, ref: ImageRef) -> None:
+    """Only a manifest is ever pinned: one of the types asked for, whose body parses as one.
+
+    A body hashed here (the registry sent no usable digest) must come from the registry
+    itself; a page from a login proxy or a redirect target is not an image.
+    """
+    media_type = _media_type(reply)
+    if media_type not in MANIFEST_MEDIA_TYPES:
+        shown = media_type or "no Content-Type"
+        raise ProtocolError(
+            f"GET {reply.url.copy_with(query=None)} answered {shown}, not a manifest"
+        )
+    try:
+        document = json.loads(reply.body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict) or document.get("schemaVersion") != 2:
+        raise ProtocolError(f"{ref}: the registry's {media_type} answer is not a manifest")
+    declared = document.get("mediaType")
+    if declared is not None and declared != media_type:
+        raise ProtocolError(f"{ref}: a {declared} manifest served as {media_type}")
+    if ref.digest is None and not same_origin(reply.url, httpx.URL(target.base_url)):
+        raise ProtocolError(
+            f"{ref}: the manifest came from {reply.url.host}, not {target.host}; a digest is"
+            " only taken from the registry itself"
+        )
+
+
+def _media_type(reply: Reply) -> str:
+    return str(reply.headers.get("content-type", "")).split(";")[0].strip().lower()
 
 
 def _verified_body_digest(reply: Reply, expected: str | None) -> str:
@@ -199,8 +247,7 @@ def _expect(ref: ImageRef, digest: str) -> str:
 
 
 def _refuse_schema1(reply: Reply) -> None:
-    media_type = reply.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type in SCHEMA1_MEDIA_TYPES:
+    if _media_type(reply) in SCHEMA1_MEDIA_TYPES:
         raise ProtocolError(
             f"{reply.url} serves a schema1 manifest, whose digest is not stable; "
             "push the image with a current client"

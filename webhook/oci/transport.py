@@ -131,11 +131,7 @@ class Transport:
                 return reply
             following = current.join(location)
             await self._check_redirect(following, deadline)
-            if (following.scheme, following.host, following.port) != (
-                current.scheme,
-                current.host,
-                current.port,
-            ):
+            if not same_origin(following, current):
                 current_headers.pop("Authorization", None)  # never hand a secret to another host
             current = following
         raise ProtocolError(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
@@ -173,6 +169,10 @@ class Transport:
             raise ProtocolError(f"{method} {shown}: undecodable body") from exc
         log.debug("%s %s -> %d", method, url, response.status_code)
         return Reply(method, url, response.status_code, response.headers, body)
+
+
+def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 def describe(reply: Reply) -> str:
