@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from webhook import errors
+from webhook.oci.dns import HostResolver
 from webhook.oci.hostguard import HostGuard, is_forbidden_address, parse_ip_literal
 from webhook.oci.reference import split_host_port
 
@@ -57,6 +59,19 @@ def test_split_host_port(text: str, expected: tuple[str, int | None]) -> None:
     assert split_host_port(text) == expected
 
 
+@pytest.fixture
+def guard() -> Iterator[Callable[..., HostGuard]]:
+    resolvers: list[HostResolver] = []
+
+    def make(*allowed: str) -> HostGuard:
+        resolvers.append(HostResolver())
+        return HostGuard(allowed, resolver=resolvers[-1])
+
+    yield make
+    for resolver in resolvers:
+        resolver.close()
+
+
 def test_ip_literal_recognises_bracketed_and_zoned_ipv6() -> None:
     assert parse_ip_literal("[::1]") == ipaddress.ip_address("::1")
     assert parse_ip_literal("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
@@ -78,14 +93,18 @@ def test_ip_literal_recognises_bracketed_and_zoned_ipv6() -> None:
         ("8.8.8.8", None),  # public, but still an IP literal
     ],
 )
-async def test_ip_literals_are_refused(host: str, port: int | None) -> None:
+async def test_ip_literals_are_refused(
+    guard: Callable[..., HostGuard], host: str, port: int | None
+) -> None:
     with pytest.raises(errors.ForbiddenHost, match="IP address"):
-        await HostGuard().check(host, port)
+        await guard().check(host, port)
 
 
-async def test_localhost_is_refused_because_it_resolves_to_loopback() -> None:
+async def test_localhost_is_refused_because_it_resolves_to_loopback(
+    guard: Callable[..., HostGuard],
+) -> None:
     with pytest.raises(errors.ForbiddenHost, match="non-public"):
-        await HostGuard().check("localhost", 5000)
+        await guard().check("localhost", 5000)
 
 
 @pytest.mark.parametrize(
@@ -100,18 +119,22 @@ async def test_localhost_is_refused_because_it_resolves_to_loopback() -> None:
         ("registry.internal", "Registry.Internal", 443),
     ],
 )
-async def test_allow_listed_hosts_pass(allowed: str, host: str, port: int | None) -> None:
-    await HostGuard([allowed]).check(host, port)
+async def test_allow_listed_hosts_pass(
+    guard: Callable[..., HostGuard], allowed: str, host: str, port: int | None
+) -> None:
+    await guard(allowed).check(host, port)
 
 
-async def test_allow_listing_a_port_does_not_allow_other_ports() -> None:
-    guard = HostGuard(["127.0.0.1:5000"])
-    await guard.check("127.0.0.1", 5000)
+async def test_allow_listing_a_port_does_not_allow_other_ports(
+    guard: Callable[..., HostGuard],
+) -> None:
+    allowed = guard("127.0.0.1:5000")
+    await allowed.check("127.0.0.1", 5000)
     with pytest.raises(errors.ForbiddenHost):
-        await guard.check("127.0.0.1", 5001)
+        await allowed.check("127.0.0.1", 5001)
 
 
-async def test_passed_deadline_bounds_resolution() -> None:
+async def test_passed_deadline_bounds_resolution(guard: Callable[..., HostGuard]) -> None:
     deadline = asyncio.get_running_loop().time() - 1
     with pytest.raises(errors.DeadlineExceeded):
-        await HostGuard().check("localhost", 5000, deadline=deadline)
+        await guard().check("localhost", 5000, deadline=deadline)

@@ -126,6 +126,18 @@ class RegistrySettings(_Model):
     max_attempts: int = Field(default=3, ge=1, le=10)
     docker_config: Path | None = None
     skip: tuple[str, ...] = ("kind.local", "ko.local", "dev.local")
+    # Lookups at once: in all, and to one registry host.
+    concurrency: int = Field(default=64, ge=1, le=1024)
+    concurrency_per_registry: int = Field(default=16, ge=1, le=1024)
+
+
+class LimitSettings(_Model):
+    """What one object may ask of pinhook; beyond, the images are left to the policy."""
+
+    images_per_object: int = Field(default=1000, ge=1, le=100_000)
+    lookups_per_object: int = Field(default=64, ge=1, le=10_000)  # distinct new tags
+    warnings_per_response: int = Field(default=20, ge=1, le=1000)
+    audit_annotation_bytes: int = Field(default=4096, ge=256, le=65_536)
 
 
 class Settings(_Model):
@@ -139,6 +151,7 @@ class Settings(_Model):
     digests: dict[str, str] = Field(default_factory=dict)
     registry: RegistrySettings = RegistrySettings()
     cache: CacheSettings = CacheSettings()
+    limits: LimitSettings = LimitSettings()
     on_failure: OnFailure = OnFailure.ALLOW
     require_digest: bool = False
     namespaces: dict[str, NamespacePolicy] = Field(default_factory=dict)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final, NamedTuple
 
 import orjson
 
 from .admission import AdmissionOutcome
 from .config import FailurePolicy, OnFailure
 from .kinds import Mode
-from .plan import ImageResult, InvalidImage, RequestPlan
+from .plan import LIMIT, ImageResult, InvalidImage, RequestPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +31,24 @@ class Decision:
     failures: Mapping[str, int]
 
 
+class Unknown(NamedTuple):
+    """Why a review's images are not known: the denial, and the warning when admitted."""
+
+    denial: str
+    warning: str
+
+
+TIMED_OUT: Final = Unknown("timed out resolving images", "timed out")
+INTERNAL_ERROR: Final = Unknown(
+    "internal error; see pinhook's log", "internal error; see pinhook's log"
+)
+
+
 def decide(
     plan: RequestPlan,
     results: Sequence[ImageResult] | None,
     *,
-    unknown: str = "timed out resolving images",
+    unknown: Unknown = TIMED_OUT,
 ) -> Decision:
     """The answer to a request planned as ``plan`` whose images became ``results``; None when
     they are not known (the review ran out of time, or failed in pinhook itself: ``unknown``
@@ -49,7 +63,12 @@ def decide(
     require_digest = policy.require_digest and plan.mode is Mode.PIN
     invalid = [entry for entry in plan.images if isinstance(entry, InvalidImage)]
     denial: str | None = None
-    if invalid and require_digest:
+    if plan.images_over_limit and require_digest:
+        denial = (
+            f"the object has more than {plan.limits.images_per_object} image fields, the most"
+            " pinhook handles in one object, and requireDigest is set"
+        )
+    elif invalid and require_digest:
         field = invalid[0].field
         denial = f"{field.image!r} at {field.pointer} is not a valid reference"
     images: dict[str, int] = {"invalid": len(invalid)} if invalid else {}
@@ -58,6 +77,7 @@ def decide(
     outcome.warnings += [f"pinhook: {e.field.pointer}: {e.error}; left as is" for e in invalid]
     changed: list[str] = []
     unpinned: list[str] = []
+    not_looked_up: list[str] = []
     for result in results:
         field, failure = result.plan.field, result.failure
         if result.warning:
@@ -67,7 +87,11 @@ def decide(
             failures[failure.reason] = failures.get(failure.reason, 0) + 1
             if denial is None and policy.on_failure is OnFailure.DENY:
                 denial = f"cannot pin {field.image} ({field.pointer}): {failure}"
-            outcome.warnings.append(f"pinhook: {field.image} not pinned: {failure}")
+            if failure.reason == LIMIT:
+                # One warning for all of them: they fail alike, and may be thousands.
+                not_looked_up.append(str(failure))
+            else:
+                outcome.warnings.append(f"pinhook: {field.image} not pinned: {failure}")
             unpinned.append(f"{field.image} ({failure.reason})")
         else:
             kind = _image_outcome(result)
@@ -82,21 +106,63 @@ def decide(
             outcome.patch.append({"op": "replace", "path": field.pointer, "value": result.final})
             changed.append(f"{field.image} -> {result.final}")
     if denial is None and unpinned and require_digest:
-        denial = f"cannot pin {', '.join(unpinned)} and requireDigest is set"
+        denial = f"cannot pin {_some(unpinned)} and requireDigest is set"
     if denial is not None:
         return Decision(_deny(denial), images, failures)
+    # What was left undone by pinhook's own limits comes first: a cap on warnings must not
+    # hide it behind a thousand alike.
+    summary: list[str] = []
+    if plan.images_over_limit:
+        images["over-limit"] = plan.images_over_limit
+        summary.append(
+            f"pinhook: {plan.images_over_limit} image fields past the first"
+            f" {plan.limits.images_per_object} were left as they are"
+        )
+    if not_looked_up:
+        summary.append(f"pinhook: {len(not_looked_up)} images {not_looked_up[0]}")
+    limits = plan.limits
+    outcome.warnings = _capped(summary + outcome.warnings, limits.warnings_per_response)
     if changed:
-        outcome.audit["images"] = orjson.dumps(changed).decode()
+        outcome.audit["images"] = _bounded_json(changed, limits.audit_annotation_bytes)
     if unpinned:
-        outcome.audit["unpinned"] = orjson.dumps(unpinned).decode()
+        outcome.audit["unpinned"] = _bounded_json(unpinned, limits.audit_annotation_bytes)
     return Decision(outcome, images, failures)
 
 
-def _unresolved(policy: FailurePolicy, mode: Mode, reason: str) -> AdmissionOutcome:
+def _some(items: list[str], shown: int = 5) -> str:
+    text = ", ".join(items[:shown])
+    return text if len(items) <= shown else f"{text} and {len(items) - shown} more"
+
+
+def _capped(warnings: list[str], cap: int) -> list[str]:
+    """At most ``cap`` warnings, the last one saying how many more there were: a huge object
+    must not get a huge answer."""
+    if len(warnings) <= cap:
+        return warnings
+    more = len(warnings) - (cap - 1)
+    return [*warnings[: cap - 1], f"pinhook: {more} more warnings like these not shown"]
+
+
+def _bounded_json(items: list[str], limit: int) -> str:
+    """A JSON list of ``items`` no longer than ``limit`` bytes, the rest counted at its end."""
+    text = orjson.dumps(items).decode()
+    if len(text.encode()) <= limit:
+        return text
+    kept: list[str] = []
+    size = 2  # []
+    for item in items:
+        size += len(orjson.dumps(item)) + 1
+        if size + 32 > limit:  # room for the count
+            break
+        kept.append(item)
+    return orjson.dumps([*kept, f"... and {len(items) - len(kept)} more"]).decode()
+
+
+def _unresolved(policy: FailurePolicy, mode: Mode, reason: Unknown) -> AdmissionOutcome:
     """A review whose images are not known: the same policy as a failed resolution."""
     if mode is Mode.PIN and (policy.require_digest or policy.on_failure is OnFailure.DENY):
-        return _deny(reason)
-    return AdmissionOutcome(warnings=[f"pinhook: {reason}; object left as is"])
+        return _deny(reason.denial)
+    return AdmissionOutcome(warnings=[f"pinhook: {reason.warning}; object left as is"])
 
 
 def _image_outcome(result: ImageResult) -> str:

@@ -45,9 +45,13 @@ class ImageField:
 class Located:
     fields: tuple[ImageField, ...]
     problems: tuple[str, ...]  # e.g. "/spec/containers/0/image: expected a string, got int"
+    # Image fields, and problems, past the limit: counted, not kept.
+    fields_over_limit: int = 0
+    problems_over_limit: int = 0
 
 
 NO_PULL: Final = PullContext()
+UNLIMITED: Final = 1 << 62
 
 
 def escape_pointer_token(token: str) -> str:
@@ -57,37 +61,64 @@ def escape_pointer_token(token: str) -> str:
     return token
 
 
-def locate(info: KindInfo, obj: Any) -> Located:
-    """Every image field of ``obj``, an object of kind ``info``, with its pull context."""
-    found = _Found(obj)
+def locate(info: KindInfo, obj: Any, limit: int = UNLIMITED) -> Located:
+    """Every image field of ``obj``, an object of kind ``info``, with its pull context; past
+    ``limit`` fields (and as many problems) they are only counted, so that a hostile object
+    costs a walk, not an answer of its size."""
+    found = _Found(obj, limit)
     if isinstance(obj, dict):
         _LOCATORS[info.key](obj, "", NO_PULL, found)
     else:
         found.wrong_type("", "an object", obj)
     # Paths that share a prefix (LLM pod specs, runtime workerSpec) meet the same malformed
     # parent more than once; report it once.
-    return Located(tuple(found.fields), tuple(dict.fromkeys(found.problems)))
+    return Located(
+        tuple(found.fields),
+        tuple(dict.fromkeys(found.problems)),
+        found.fields_over_limit,
+        found.problems_over_limit,
+    )
 
 
-def locate_images(group: str, kind: str, obj: Any) -> Located | None:
+def locate_images(group: str, kind: str, obj: Any, limit: int = UNLIMITED) -> Located | None:
     """Every image field of ``obj`` with its pull context; None for an unknown kind."""
     info = kind_info(group, kind)
-    return None if info is None else locate(info, obj)
+    return None if info is None else locate(info, obj, limit)
 
 
 class _Found:
-    """Accumulates fields and problems for one object."""
+    """Accumulates fields and problems for one object, up to a limit of each."""
 
-    __slots__ = ("fields", "inherited", "problems", "root")
+    __slots__ = (
+        "fields",
+        "fields_over_limit",
+        "inherited",
+        "limit",
+        "problems",
+        "problems_over_limit",
+        "root",
+    )
 
-    def __init__(self, root: Any) -> None:
+    def __init__(self, root: Any, limit: int) -> None:
         self.root = root
+        self.limit = limit
         self.fields: list[ImageField] = []
+        self.fields_over_limit = 0
         self.problems: list[str] = []
+        self.problems_over_limit = 0
         self.inherited: dict[tuple[str, ...], PullContext] | None = None
 
+    def field(self, pointer: str, image: str, pull: PullContext) -> None:
+        if len(self.fields) < self.limit:
+            self.fields.append(ImageField(pointer, image, pull))
+        else:
+            self.fields_over_limit += 1
+
     def problem(self, pointer: str, message: str) -> None:
-        self.problems.append(f"{pointer or '(root)'}: {message}")
+        if len(self.problems) < self.limit:
+            self.problems.append(f"{pointer or '(root)'}: {message}")
+        else:
+            self.problems_over_limit += 1
 
     def wrong_type(self, pointer: str, expected: str, value: object) -> None:
         self.problem(pointer, f"expected {expected}, got {type(value).__name__}")
@@ -258,7 +289,7 @@ def _image_at(
     elif not value:
         found.problem(f"{pointer}/{key}", "empty image")
     else:
-        found.fields.append(ImageField(f"{pointer}/{key}", value, pull))
+        found.field(f"{pointer}/{key}", value, pull)
 
 
 # --- pull contexts ------------------------------------------------------------------------
@@ -301,7 +332,7 @@ def _pull_secret_names(node: Mapping[str, Any], pointer: str, found: _Found) -> 
     if not items:
         return ()
     base = f"{pointer}/imagePullSecrets"
-    names: list[str] = []
+    names: dict[str, None] = {}  # ordered, and no quadratic membership test on a long list
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             found.wrong_type(f"{base}/{index}", "an object", item)
@@ -311,8 +342,8 @@ def _pull_secret_names(node: Mapping[str, Any], pointer: str, found: _Found) -> 
             continue
         if not isinstance(name, str):
             found.wrong_type(f"{base}/{index}/name", "a string", name)
-        elif name not in names:
-            names.append(name)
+        else:
+            names[name] = None
     return tuple(names)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from .admission import AdmissionOutcome, AdmissionRequest
 from .config import SKIP_ANNOTATION, FailurePolicy, Settings
-from .decide import Decision, decide
+from .decide import INTERNAL_ERROR, Decision, decide
 from .errors import InvalidReference, ResolveError
 from .kinds import DEFAULT_MODES, Mode, kind_info
 from .locate import ImageField, locate
@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .oci.credential import PullContext
 from .oci.reference import ImageRef
 from .plan import (
+    LIMIT,
     Action,
     ImagePlan,
     ImageResult,
@@ -60,6 +61,7 @@ class Mutator:
         self._skip = frozenset(settings.registry.skip)
         self._excluded = frozenset(settings.excluded_namespaces)
         self._output = settings.output
+        self._limits = settings.limits
         self._budget = settings.registry.timeout_seconds
         self._modes = {key: settings.mode_for(key) for key in DEFAULT_MODES}
         self._policies: dict[str | None, FailurePolicy] = {}
@@ -102,7 +104,7 @@ class Mutator:
         except Exception:  # a bug in the very steps that failed: fall back to the global rule
             mode, policy = Mode.PIN, self.settings.policy_for(None)
         plan = RequestPlan(mode, policy)
-        return self._record(decide(plan, None, unknown="internal error; see pinhook's log"))
+        return self._record(decide(plan, None, unknown=INTERNAL_ERROR))
 
     # -- plan ----------------------------------------------------------------------------------
 
@@ -125,16 +127,21 @@ class Mutator:
             return RequestPlan(mode, policy, warnings=(warning,))
         if _skip_requested(obj):
             return RequestPlan(mode, policy, audit={"skipped": f"annotation {SKIP_ANNOTATION}"})
-        located = locate(info, obj)
+        located = locate(info, obj, self._limits.images_per_object)
         fields = located.fields
         if request.operation == "UPDATE":
             fields = tuple(field for field in fields if not _unchanged(field, request.old_obj))
+        problems = [f"pinhook: {problem}; left as is" for problem in located.problems]
+        if located.problems_over_limit:
+            problems.append(f"pinhook: {located.problems_over_limit} more fields were unreadable")
         return RequestPlan(
             mode,
             policy,
             request.namespace,
             tuple([self._plan_image(field, mode) for field in fields]),
-            tuple([f"pinhook: {problem}; left as is" for problem in located.problems]),
+            tuple(problems),
+            limits=self._limits,
+            images_over_limit=located.fields_over_limit,
         )
 
     def _plan_image(self, field: ImageField, mode: Mode) -> ImagePlan | InvalidImage:
@@ -192,6 +199,8 @@ class Mutator:
         if hits:
             self.metrics.cache_event("hit", hits)
         if pending:
+            pending = self._within_lookup_limit(plans, pending, results)
+        if pending:
             # Only cache misses cost a task each; the common all-cached request creates none.
             deadline = asyncio.get_running_loop().time() + budget
             resolved = await asyncio.gather(
@@ -200,6 +209,28 @@ class Mutator:
             for i, result in zip(pending, resolved, strict=True):
                 results[i] = result
         return [result for result in results if result is not None]
+
+    def _within_lookup_limit(
+        self, plans: list[ImagePlan], pending: list[int], results: list[ImageResult | None]
+    ) -> list[int]:
+        """The pending images whose targets are among the first ``lookups_per_object``
+        distinct ones; the others fail with reason ``limit``, for the policy to decide."""
+        limit = self._limits.lookups_per_object
+        targets: dict[ImageRef, None] = {}
+        kept: list[int] = []
+        for i in pending:
+            target = plans[i].target
+            if target in targets or len(targets) < limit:
+                targets[target] = None
+                kept.append(i)
+                continue
+            failure = ResolveError(
+                f"not looked up: the object names more than {limit} new images", reason=LIMIT
+            )
+            results[i] = ImageResult(
+                plans[i], render(plans[i], None, self._output), None, None, failure
+            )
+        return kept
 
     def _settle(self, plan: ImagePlan) -> ImageResult | None:
         """The result without waiting, when no registry is needed or the cache knows it."""

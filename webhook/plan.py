@@ -12,12 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .config import FailurePolicy, OutputForm
+from .config import FailurePolicy, LimitSettings, OutputForm
 from .errors import InvalidReference, ResolveError
 from .kinds import Mode
 from .locate import ImageField
 from .oci.reference import ImageRef
 from .rewrite import RewriteMap
+
+# The reason of a failure that is pinhook's own limit, not the registry's answer.
+LIMIT = "limit"
 
 
 class Action(Enum):
@@ -56,6 +59,8 @@ class RequestPlan:
     images: tuple[ImagePlan | InvalidImage, ...] = ()  # in field order
     warnings: tuple[str, ...] = ()  # what could not be read
     audit: Mapping[str, str] = field(default_factory=dict)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    images_over_limit: int = 0  # image fields past limits.images_per_object, not handled
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,8 @@ def registry_options(settings: Settings) -> RegistryOptions:
         insecure_registries=frozenset(registry.insecure),
         allowed_hosts=frozenset(registry.allowed_hosts),
         max_attempts=registry.max_attempts,
+        concurrency=registry.concurrency,
+        concurrency_per_registry=registry.concurrency_per_registry,
     )
 
 

@@ -6,30 +6,27 @@ would make the webhook probe cloud metadata services and cluster-internal endpoi
 inside the control plane. The guard refuses, unless allow-listed, hosts that are IP literals
 or that resolve to non-public addresses.
 
-Limits, stated honestly: the check resolves the name, and the HTTP client resolves it again
-when it connects. A DNS server under an attacker's control can answer a public address to
-the guard and a private one to the connection (DNS rebinding); positive caching here narrows
-that window only for repeat lookups. Closing it fully needs connecting to the exact address
-that was checked (pinning the resolved IP in the transport, with SNI/Host kept on the name),
-or an egress NetworkPolicy for the webhook's Pods, which is the recommended deployment.
+It is applied twice: before a request (so the error names the host plainly), and when the
+connection is made (:class:`GuardedBackend`), which connects only to addresses the guard
+checked, from the same lookup. A DNS server that answers a public address to the check and a
+private one to the connection (DNS rebinding) has nothing to exploit; the egress
+NetworkPolicy stays the second line of defence.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from ..errors import DeadlineExceeded, ForbiddenHost, RegistryUnavailable
+import httpcore
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from .. import errors
+from .dns import HostResolver, IPAddress
 
+DEFAULT_LOOKUP_SECONDS = 10.0
 # Not covered by the ipaddress module's is_private in every Python version.
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
-
-POSITIVE_CACHE_SECONDS = 30.0
 
 
 def is_forbidden_address(ip: IPAddress) -> bool:
@@ -70,23 +67,15 @@ def _allow_keys(host: str, port: int | None) -> set[str]:
 
 
 class HostGuard:
-    """Decides whether pinhook may send requests to a host.
+    """Decides whether pinhook may send requests to a host, and at which addresses.
 
     ``allowed_hosts`` holds ``host`` or ``host:port`` entries (``[::1]:5000`` for IPv6) that
     skip every check: in-cluster registries, mirrors on private addresses, test registries.
     """
 
-    def __init__(
-        self,
-        allowed_hosts: Iterable[str] = (),
-        *,
-        cache_seconds: float = POSITIVE_CACHE_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, allowed_hosts: Iterable[str] = (), *, resolver: HostResolver) -> None:
         self._allowed = frozenset(entry.strip().lower() for entry in allowed_hosts)
-        self._cache_seconds = cache_seconds
-        self._clock = clock
-        self._allowed_until: dict[tuple[str, int | None], float] = {}
+        self._resolver = resolver
 
     def is_allow_listed(self, host: str, port: int | None = None) -> bool:
         return not _allow_keys(host, port).isdisjoint(self._allowed)
@@ -94,53 +83,90 @@ class HostGuard:
     async def check(
         self, host: str, port: int | None = None, *, deadline: float | None = None
     ) -> None:
-        """Return if ``host`` may be contacted; raise :class:`ForbiddenHost` if not.
+        """Return if ``host`` may be contacted; raise :class:`errors.ForbiddenHost` if not.
 
         ``deadline`` (an absolute ``loop.time()``) bounds the name resolution; past it,
-        :class:`DeadlineExceeded`.
+        :class:`errors.DeadlineExceeded`. An allow-listed host passes without a lookup: the
+        connection resolves it.
         """
-        if self.is_allow_listed(host, port):
-            return
-        shown = f"{host}:{port}" if port is not None else host
-        if parse_ip_literal(host) is not None:
-            raise ForbiddenHost(
-                f"registry host {shown} is an IP address; only allow-listed hosts may be "
-                "addressed by IP"
+        if not self.is_allow_listed(host, port):
+            await self.addresses(host, port, deadline=deadline)
+
+    async def addresses(
+        self, host: str, port: int | None = None, *, deadline: float | None = None
+    ) -> tuple[IPAddress, ...]:
+        """The addresses pinhook may connect to for ``host``; ForbiddenHost when none."""
+        literal = parse_ip_literal(host)
+        allowed = self.is_allow_listed(host, port)
+        if literal is not None:
+            if allowed:
+                return (literal,)
+            raise errors.ForbiddenHost(
+                f"registry host {_shown(host, port)} is an IP address; only allow-listed hosts"
+                " may be addressed by IP"
             )
-        key = (host.lower(), port)
-        if self._allowed_until.get(key, 0.0) > self._clock():
-            return
-        addresses = await self._resolve(host, port, deadline)
-        forbidden = sorted({str(ip) for ip in addresses if is_forbidden_address(ip)})
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + DEFAULT_LOOKUP_SECONDS
+        found = await self._resolver.resolve(host, port or 443, deadline)
+        if allowed:
+            return found
+        forbidden = sorted({str(ip) for ip in found if is_forbidden_address(ip)})
         if forbidden:
-            raise ForbiddenHost(
-                f"registry host {shown} resolves to non-public address(es) "
+            raise errors.ForbiddenHost(
+                f"registry host {_shown(host, port)} resolves to non-public address(es) "
                 f"{', '.join(forbidden)}; add it to the allowed hosts if this is intended"
             )
-        self._forget_expired()
-        self._allowed_until[key] = self._clock() + self._cache_seconds
+        return found
 
-    async def _resolve(
-        self, host: str, port: int | None, deadline: float | None
-    ) -> list[IPAddress]:
+
+def _shown(host: str, port: int | None) -> str:
+    return f"{host}:{port}" if port is not None else host
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, connecting only to addresses the guard allows.
+
+    TLS still verifies the certificate against the name (httpcore passes the URL's host as
+    the server name), so connecting by address changes nothing for the registry.
+    """
+
+    def __init__(self, guard: HostGuard, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._guard = guard
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout_at(deadline):
-                infos = await loop.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
-        except TimeoutError as exc:
-            raise DeadlineExceeded(f"resolving registry host {host} timed out") from exc
-        except OSError as exc:
-            raise RegistryUnavailable(f"cannot resolve registry host {host}: {exc}") from exc
-        addresses: list[IPAddress] = []
-        for info in infos:
-            literal = parse_ip_literal(str(info[4][0]))
-            if literal is not None:
-                addresses.append(literal)
-        if not addresses:
-            raise RegistryUnavailable(f"registry host {host} resolves to no IP address")
-        return addresses
+        deadline = loop.time() + (timeout if timeout is not None else DEFAULT_LOOKUP_SECONDS)
+        addresses = await self._guard.addresses(host, port, deadline=deadline)
+        failure: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    str(address),
+                    port,
+                    timeout=max(deadline - loop.time(), 0.001),
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc  # try the next address, as getaddrinfo-based connects do
+        assert failure is not None  # the resolver never returns an empty answer
+        raise failure
 
-    def _forget_expired(self) -> None:
-        now = self._clock()
-        for key in [key for key, until in self._allowed_until.items() if until <= now]:
-            del self._allowed_until[key]
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("registries are reached over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)

@@ -12,7 +12,8 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from types import TracebackType
 
@@ -21,13 +22,14 @@ import httpx
 from ..errors import DeadlineExceeded, DigestMismatch, NotFound, ProtocolError, Unauthorized
 from .auth import Authenticator, Rejected, Target
 from .credential import Credential
-from .hostguard import HostGuard
+from .dns import HostResolver
 from .reference import DOCKER_HUB, DOCKER_HUB_API_HOST, ImageRef, is_valid_digest, split_host_port
 from .transport import (
     MalformedAnswer,
     RegistryOptions,
     Reply,
     Transport,
+    TransportEvents,
     describe,
     same_origin,
 )
@@ -60,9 +62,16 @@ class RegistryClient:
     """One per process (an async context manager): it holds the pooled connections and the
     challenge and token caches."""
 
-    def __init__(self, options: RegistryOptions, *, guard: HostGuard | None = None) -> None:
-        self._transport = Transport(options, guard=guard)
+    def __init__(
+        self,
+        options: RegistryOptions,
+        *,
+        resolver: HostResolver | None = None,
+        events: TransportEvents | None = None,
+    ) -> None:
+        self._transport = Transport(options, resolver=resolver, events=events)
         self._auth = Authenticator(self._transport)
+        self._permits = _Permits(options.concurrency, options.concurrency_per_registry)
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -91,13 +100,16 @@ class RegistryClient:
         if asyncio.get_running_loop().time() >= deadline:
             raise DeadlineExceeded(f"no time left to resolve {ref}")
         base = await self._target(ref, deadline)
-        refusals: list[str] = []
-        for credential in (*credentials, None):
-            try:
-                return await self._digest_of(replace(base, credential=credential), ref)
-            except Rejected as rejected:
-                refusals.append(str(rejected))
-                log.debug("%s refused a credential for %s: %s", base.host, ref.repository, rejected)
+        async with self._permits.take(base.host, deadline, str(ref)):
+            refusals: list[str] = []
+            for credential in (*credentials, None):
+                try:
+                    return await self._digest_of(replace(base, credential=credential), ref)
+                except Rejected as rejected:
+                    refusals.append(str(rejected))
+                    log.debug(
+                        "%s refused a credential for %s: %s", base.host, ref.repository, rejected
+                    )
         raise Unauthorized(_unauthorized_message(ref, credentials, refusals))
 
     async def manifest_exists(
@@ -153,6 +165,50 @@ class RegistryClient:
         _refuse_schema1(reply)
         _check_manifest(reply, target, ref)
         return _expect(ref, _verified_body_digest(reply, ref.digest))
+
+
+class _Permits:
+    """At most ``total`` lookups at once, and ``per_registry`` of them to one registry host.
+
+    Waiting for a permit is bounded by the caller's deadline (and safe to cancel: no
+    connection is held yet). A host's semaphore is dropped when nobody holds or awaits it, so
+    a hostile object naming thousands of hosts leaves nothing behind.
+    """
+
+    def __init__(self, total: int, per_registry: int) -> None:
+        self._total = asyncio.Semaphore(total)
+        self._per_registry = per_registry
+        self._hosts: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @asynccontextmanager
+    async def take(self, host: str, deadline: float, what: str) -> AsyncIterator[None]:
+        semaphore, users = self._hosts.get(host) or (asyncio.Semaphore(self._per_registry), 0)
+        self._hosts[host] = (semaphore, users + 1)
+        try:
+            await self._acquire(semaphore, deadline, f"{what}: too many lookups under way")
+            try:
+                yield
+            finally:
+                self._total.release()
+                semaphore.release()
+        finally:
+            semaphore, users = self._hosts[host]
+            if users == 1:
+                del self._hosts[host]
+            else:
+                self._hosts[host] = (semaphore, users - 1)
+
+    async def _acquire(self, semaphore: asyncio.Semaphore, deadline: float, problem: str) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await semaphore.acquire()
+                try:
+                    await self._total.acquire()
+                except BaseException:
+                    semaphore.release()
+                    raise
+        except TimeoutError:
+            raise DeadlineExceeded(problem) from None
 
 
 def _unauthorized_message(

@@ -6,6 +6,14 @@ After go-containerregistry's ``remote/transport`` retry and redirect handling: 5
 deadline allows; redirects are followed by hand, each target checked by the host guard, plain
 HTTP only to an insecure host, and never with the Authorization header to another host. Every
 wait is bounded by an absolute deadline on the running loop's clock, every body by a size limit.
+
+A caller's deadline never cancels a request inside the connection pool: cancellation landing
+in httpcore while it assigns connections is where pool slots leak (encode/httpcore). Each send
+runs in a task of its own, with httpx's own timeouts set to the time that is left; a caller
+that gives up stops waiting for it, and the task ends on those timeouts, returning its
+connection. Should the pool wedge anyway (only pool timeouts, nothing answered), the client is
+replaced by a fresh one. Connections go through :class:`~.hostguard.GuardedBackend`, so only
+to addresses the host guard checked.
 """
 
 from __future__ import annotations
@@ -20,11 +28,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
+from typing import Protocol
 
+import httpcore
 import httpx
 
 from ..errors import DeadlineExceeded, ProtocolError, RegistryUnavailable
-from .hostguard import HostGuard
+from .dns import HostResolver
+from .hostguard import GuardedBackend, HostGuard
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,34 @@ class RegistryOptions:
     user_agent: str = "pinhook/0.1"
     max_connections: int = 100
     ca_bundle: str | None = None  # extra PEM roots for registries with a private CA
+    # Lookups at once, in all and per registry: one object or one slow registry cannot take
+    # every connection (see registry.RegistryClient).
+    concurrency: int = 64
+    concurrency_per_registry: int = 16
+
+
+class TransportEvents(Protocol):
+    """What the transport reports (the metrics): each response, and a replaced client."""
+
+    def registry_request(self, host: str, method: str, status: str, seconds: float) -> None: ...
+
+    def registry_client_rebuilt(self) -> None: ...
+
+
+class _Silent:
+    def registry_request(self, host: str, method: str, status: str, seconds: float) -> None:
+        pass
+
+    def registry_client_rebuilt(self) -> None:
+        pass
+
+
+# Consecutive pool timeouts, with no answer in between, after which the pool is taken to be
+# wedged and the client is replaced; the old one is closed once its requests are past.
+POOL_TIMEOUTS_BEFORE_REBUILD = 5
+RETIRED_CLIENT_GRACE_SECONDS = 35.0
+# A body still arriving this long after the deadline is cut off (a trickling server).
+BODY_GRACE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,27 +103,52 @@ class _Transient(Exception):
 class Transport:
     """One pooled ``httpx.AsyncClient`` (keep-alive) for the process, with the host guard."""
 
-    def __init__(self, options: RegistryOptions, *, guard: HostGuard | None = None) -> None:
+    def __init__(
+        self,
+        options: RegistryOptions,
+        *,
+        resolver: HostResolver | None = None,
+        events: TransportEvents | None = None,
+    ) -> None:
         self._options = options
         self._insecure = frozenset(host.strip().lower() for host in options.insecure_registries)
-        self.guard = guard if guard is not None else HostGuard(options.allowed_hosts)
-        verify: ssl.SSLContext | bool = True
+        self._resolver = resolver or HostResolver()
+        self.guard = HostGuard(options.allowed_hosts, resolver=self._resolver)
+        self._events: TransportEvents = events or _Silent()
+        self._verify: ssl.SSLContext | bool = True
         if options.ca_bundle is not None:
-            verify = ssl.create_default_context(cafile=options.ca_bundle)
-        self.http = httpx.AsyncClient(
-            headers={"User-Agent": options.user_agent, "Accept-Encoding": "identity"},
+            self._verify = ssl.create_default_context(cafile=options.ca_bundle)
+        self.http = self._new_client()
+        self._pool_timeouts = 0
+        self._background: set[asyncio.Task[object]] = set()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(
+            max_connections=self._options.max_connections,
+            max_keepalive_connections=self._options.max_connections,
+        )
+        transport = httpx.AsyncHTTPTransport(verify=self._verify, limits=limits)
+        # The same pool httpx builds, connecting through the guard (httpx has no parameter
+        # for a network backend; its pool is the documented httpcore one).
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(verify=self._verify),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedBackend(self.guard),
+        )
+        return httpx.AsyncClient(
+            headers={"User-Agent": self._options.user_agent, "Accept-Encoding": "identity"},
             follow_redirects=False,
-            verify=verify,
-            # The asyncio deadline is the real bound; this only caps a single read or connect.
-            timeout=httpx.Timeout(30.0),
-            limits=httpx.Limits(
-                max_connections=options.max_connections,
-                max_keepalive_connections=options.max_connections,
-            ),
+            transport=transport,
         )
 
     async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.http.aclose()
+        self._resolver.close()
 
     def is_insecure(self, host: str) -> bool:
         """Whether ``host`` (``host[:port]``) is listed to be reached over plain HTTP."""
@@ -149,16 +213,50 @@ class Transport:
     ) -> Reply:
         loop = asyncio.get_running_loop()
         shown = url.copy_with(query=None)
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"{method} {shown}: deadline exceeded")
+        request = self.http.build_request(
+            method, url, headers=headers, timeout=httpx.Timeout(remaining)
+        )
+        task = loop.create_task(self._fetch(self.http, request, deadline))
+        self._background.add(task)
+        task.add_done_callback(self._settled)
         try:
-            async with asyncio.timeout_at(deadline):
-                request = self.http.build_request(method, url, headers=headers)
-                response = await self.http.send(request, stream=True)
-                try:
+            # shield: the deadline ends this wait, never the request inside the pool.
+            return await asyncio.wait_for(asyncio.shield(task), remaining)
+        except TimeoutError:
+            raise DeadlineExceeded(f"{method} {shown}: deadline exceeded") from None
+
+    def _settled(self, task: asyncio.Task[object]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that gave up already has its answer
+
+    async def _fetch(
+        self, client: httpx.AsyncClient, request: httpx.Request, deadline: float
+    ) -> Reply:
+        """One request and its body, in its own task; errors classified for the caller."""
+        loop = asyncio.get_running_loop()
+        method, url = request.method, request.url
+        shown = url.copy_with(query=None)
+        started = time.monotonic()
+        try:
+            response = await client.send(request, stream=True)
+            try:
+                async with asyncio.timeout_at(deadline + BODY_GRACE_SECONDS):
                     body = await _read_limited(response, MANIFEST_SIZE_LIMIT)
-                finally:
-                    await response.aclose()
+            finally:
+                await response.aclose()
         except TimeoutError as exc:
-            raise DeadlineExceeded(f"{method} {shown}: deadline exceeded") from exc
+            raise DeadlineExceeded(
+                f"{method} {shown}: body still arriving at the deadline"
+            ) from exc
+        except httpx.PoolTimeout as exc:
+            self._pool_timed_out(client)
+            raise DeadlineExceeded(
+                f"{method} {shown}: no connection free before the deadline"
+            ) from exc
         except httpx.TimeoutException as exc:
             if loop.time() >= deadline:
                 raise DeadlineExceeded(f"{method} {shown}: deadline exceeded") from exc
@@ -167,8 +265,36 @@ class Transport:
             raise _classify_transport_error(method, shown, exc) from exc
         except httpx.DecodingError as exc:
             raise ProtocolError(f"{method} {shown}: undecodable body") from exc
-        log.debug("%s %s -> %d", method, url, response.status_code)
+        self._pool_timeouts = 0
+        host = url.netloc.decode("ascii", errors="replace")
+        self._events.registry_request(
+            host, method, str(response.status_code), time.monotonic() - started
+        )
+        log.debug("%s %s -> %d", method, shown, response.status_code)
         return Reply(method, url, response.status_code, response.headers, body)
+
+    def _pool_timed_out(self, client: httpx.AsyncClient) -> None:
+        if client is not self.http:
+            return  # a retired client's stragglers
+        self._pool_timeouts += 1
+        if self._pool_timeouts < POOL_TIMEOUTS_BEFORE_REBUILD:
+            return
+        log.warning(
+            "registry connection pool answered nothing but pool timeouts %d times in a row;"
+            " replacing the HTTP client",
+            self._pool_timeouts,
+        )
+        self._pool_timeouts = 0
+        self.http = self._new_client()
+        self._events.registry_client_rebuilt()
+        retire = asyncio.get_running_loop().create_task(_close_later(client))
+        self._background.add(retire)
+        retire.add_done_callback(self._settled)
+
+
+async def _close_later(client: httpx.AsyncClient) -> None:
+    await asyncio.sleep(RETIRED_CLIENT_GRACE_SECONDS)
+    await client.aclose()
 
 
 def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
