@@ -6,6 +6,8 @@ catch one type at an edge (the CLI, the HTTP handler) and turn it into a clear m
 
 from __future__ import annotations
 
+from .redact import scrub
+
 
 class PinhookError(Exception):
     """Base class of every error pinhook raises on purpose."""
@@ -42,7 +44,9 @@ class ResolveError(PinhookError):
     reason = "error"
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
+        # The message often quotes a registry's answer: scrubbed here, once for every path it
+        # takes (warnings, audit annotations, logs).
+        super().__init__(scrub(message))
         if reason is not None:
             self.reason = reason
 

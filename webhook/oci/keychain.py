@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from ..errors import ConfigError
+from ..redact import scrub
 from .credential import Credential
 from .reference import DOCKER_HUB, DOCKER_HUB_LEGACY, ImageRef, split_host_port
 
@@ -238,7 +239,9 @@ class DockerKeyring:
         for raw, credential in entries:
             key = normalise_key(raw)
             if key is None:
-                log.warning("skipping registry key %r from %s: not a URL", raw, credential.source)
+                log.warning(
+                    "skipping registry key %r from %s: not a URL", scrub(raw), credential.source
+                )
                 continue
             creds.setdefault(key, []).append(credential)
         self._creds: dict[str, tuple[Credential, ...]] = {k: tuple(v) for k, v in creds.items()}

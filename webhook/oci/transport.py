@@ -34,6 +34,7 @@ import httpcore
 import httpx
 
 from ..errors import DeadlineExceeded, ProtocolError, RegistryUnavailable
+from ..redact import scrub
 from .dns import HostResolver
 from .hostguard import GuardedBackend, HostGuard
 
@@ -302,7 +303,11 @@ def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
 
 
 def describe(reply: Reply) -> str:
-    """A short account of an error reply, with the distribution error code when there is one."""
+    """A short account of an error reply, with the distribution error code when there is one.
+
+    The code and message are the registry's text: scrubbed of anything like a credential (a
+    token service may echo the Authorization header) and cut short.
+    """
     text = f"HTTP {reply.status}"
     try:
         document = json.loads(reply.body) if reply.body else None
@@ -311,7 +316,8 @@ def describe(reply: Reply) -> str:
     if isinstance(document, dict) and isinstance(document.get("errors"), list):
         first = document["errors"][0] if document["errors"] else None
         if isinstance(first, dict):
-            return f"{text} {first.get('code', '')}: {first.get('message', '')}".rstrip(": ")
+            said = f"{first.get('code', '')}: {first.get('message', '')}".rstrip(": ")
+            return f"{text} {scrub(said, limit=200)}"
     return text
 
 
