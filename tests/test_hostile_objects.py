@@ -273,3 +273,51 @@ async def test_a_huge_object_is_denied_under_require_digest() -> None:
     response = answer.json()["response"]
     assert response["allowed"] is False
     assert "more than 1000 image fields" in response["status"]["message"]
+
+
+# --- a request that waited too long is answered by policy at once -------------------------
+
+
+def arrived_long_ago(app: Any, seconds: float) -> Any:
+    """The app, seeing every request as having begun to arrive ``seconds`` ago (as the
+    listener stamps it), like one that waited behind a saturated CPU."""
+    from webhook.listener import ARRIVED
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope[ARRIVED] = asyncio.get_running_loop().time() - seconds
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+@pytest.mark.parametrize(("extra", "allowed"), [("", True), ("requireDigest: true\n", False)])
+async def test_a_request_with_no_time_left_is_answered_by_policy_without_a_lookup(
+    faults: FaultServer, extra: str, allowed: bool
+) -> None:
+    settings = config_for(faults.host, extra=extra)
+    async with RegistryClient(registry_options(settings)) as client:
+        cache = CachingResolver(RegistryDigestResolver(client, NoPullSecrets()), settings.cache)
+
+        class Late:
+            metrics = Metrics()
+            mutator = Mutator(settings, cache, metrics)
+
+            def readiness(self) -> tuple[bool, str]:
+                return True, "ok"
+
+        app = arrived_long_ago(create_app(Late()), seconds=9.0)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            answer = await http.post(
+                "/mutate?timeout=10s", content=body(review(pod(f"{faults.host}/late/app:1")))
+            )
+    response = answer.json()["response"]
+    assert response["allowed"] is allowed
+    if allowed:
+        assert response["warnings"] == [
+            "pinhook: overloaded; images not resolved; object left as is"
+        ]
+    else:
+        assert "overloaded" in response["status"]["message"]
+    assert faults.requests == []  # no registry was asked

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from tests.reviews import apply_response, body, fake_digest, load_object, review, with_images
-from webhook.admission import AdmissionRequest
+from webhook.admission import AdmissionRequest, parse_review
 from webhook.app import create_app
 from webhook.config import Settings, load_settings
 from webhook.kube import NoPullSecrets
@@ -640,3 +640,18 @@ async def test_metric_labels_from_requests_are_bounded(webhook: Webhook) -> None
         'pinhook_admission_requests_total{kind="Pod",operation="CREATE",result="patched"} 1.0',
         'pinhook_admission_requests_total{kind="other",operation="other",result="allowed"} 50.0',
     ]
+
+
+async def test_a_request_whose_digests_are_all_cached_needs_no_registry(
+    webhook: Webhook,
+) -> None:
+    mutator = webhook.mutator
+    plan = mutator.plan(parse_review(body(review(pod_with("nginx:1.27", "nginx:latest")))))
+    results = mutator.settled(plan)
+    assert results is not None and [r.digest for r in results] == [
+        D("nginx:1.27"),
+        D("nginx:latest"),
+    ]
+    # One image the static table does not know: the request has to go to a registry.
+    plan = mutator.plan(parse_review(body(review(pod_with("nginx:1.27", "example.com/x:1")))))
+    assert mutator.settled(plan) is None

@@ -117,7 +117,7 @@ async def test_self_managed_certificate_and_pull_secret_watch(
     )  # fmt: skip
     try:
         assert process.stderr is not None
-        await wait_for_line(process.stderr, "Uvicorn running on")
+        await wait_for_line(process.stderr, "pinhook listening on")
         secret = api.get("secrets", NAMESPACE, "pinhook-tls")
         assert secret is not None and secret["type"] == "kubernetes.io/tls"
         ca_b64 = secret["data"]["ca.crt"]

@@ -50,7 +50,7 @@ class Served:
             text=True,
         )
         threading.Thread(target=self._pump, daemon=True).start()
-        self.wait_for("Uvicorn running on")
+        self.wait_for("pinhook listening on")
 
     def _pump(self) -> None:
         assert self.process.stderr is not None

@@ -186,7 +186,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import ServeOptions, build_server
+    from .server import ServeOptions, serve
 
     settings = _settings(args.config)
     cert, key = args.cert, args.key
@@ -224,10 +224,9 @@ def _serve(args: argparse.Namespace) -> int:
         ),
     )
     options = ServeOptions(
-        host=args.host, port=args.port, cert=cert, key=key, log_level=args.log_level.lower()
+        host=args.host, port=args.port, cert=cert, key=key, server=settings.server
     )
-    log.info("pinhook listening on https://%s:%d/mutate", args.host, args.port)
-    build_server(runtime, options, background).run()
+    serve(runtime, options, background)
     return 0
 
 

@@ -131,6 +131,18 @@ class RegistrySettings(_Model):
     concurrency_per_registry: int = Field(default=16, ge=1, le=1024)
 
 
+class ServerSettings(_Model):
+    """The webhook's own connections: slow, silent or too many clients are cut off."""
+
+    handshake_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    request_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Longer than the 90 s Go's HTTP client (the API server's) keeps an idle connection, so
+    # pinhook never closes one the client is about to reuse.
+    idle_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    # Each open TLS connection holds a 256 KiB buffer: this bounds that memory.
+    max_connections: int = Field(default=256, ge=1, le=65_536)
+
+
 class LimitSettings(_Model):
     """What one object may ask of pinhook; beyond, the images are left to the policy."""
 
@@ -152,6 +164,7 @@ class Settings(_Model):
     registry: RegistrySettings = RegistrySettings()
     cache: CacheSettings = CacheSettings()
     limits: LimitSettings = LimitSettings()
+    server: ServerSettings = ServerSettings()
     on_failure: OnFailure = OnFailure.ALLOW
     require_digest: bool = False
     namespaces: dict[str, NamespacePolicy] = Field(default_factory=dict)

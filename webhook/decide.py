@@ -39,6 +39,10 @@ class Unknown(NamedTuple):
 
 
 TIMED_OUT: Final = Unknown("timed out resolving images", "timed out")
+OVERLOADED: Final = Unknown(
+    "overloaded: no time left before the API server's timeout to resolve images",
+    "overloaded; images not resolved",
+)
 INTERNAL_ERROR: Final = Unknown(
     "internal error; see pinhook's log", "internal error; see pinhook's log"
 )

@@ -20,11 +20,13 @@ client keeps an idle connection, so the server never closes one the client is ab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -34,6 +36,9 @@ except ImportError:  # httptools is optional: the pure-Python parser serves too,
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
+
+# The ASGI scope key holding when a request began to arrive (the loop's clock).
+ARRIVED: Final = "pinhook.arrived"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,7 @@ class GuardedConnection(asyncio.Protocol):
             "_loop": _loop,
         }
         self._counted = False
+        self._accepted = 0.0
         self._handshake: asyncio.Task[None] | None = None
         self._early: list[bytes] = []  # read before start_tls took the transport over
 
@@ -109,7 +115,10 @@ class GuardedConnection(asyncio.Protocol):
             return
         state.open_connections += 1
         self._counted = True
-        self._handshake = asyncio.get_running_loop().create_task(self._start_tls(transport))
+        loop = asyncio.get_running_loop()
+        self._accepted = loop.time()
+        _no_delay(transport)
+        self._handshake = loop.create_task(self._start_tls(transport))
 
     def data_received(self, data: bytes) -> None:
         # uvloop reads the ClientHello before start_tls can pause the transport (asyncio does
@@ -148,6 +157,7 @@ class GuardedConnection(asyncio.Protocol):
             return
         http = self.http_class(**self._http_arguments)
         http.listener = self.listener
+        http.arrived = self._accepted
         # From here the TLS transport talks to `http`, whose connection_lost frees the slot.
         http.on_lost = self._release
         tls.set_protocol(http)
@@ -202,6 +212,18 @@ class _Pending(asyncio.Protocol):
             http.transport.close()
 
 
+def _no_delay(transport: asyncio.Transport) -> None:
+    """Answers go out at once: a response written in two parts must not wait for an ACK.
+
+    Both loops set TCP_NODELAY on accepted sockets themselves; setting it here makes it hold
+    whatever loop or version runs pinhook.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
     """Deliver ``data`` as the transport would: TLS protocols take it into their own buffer."""
     if isinstance(protocol, asyncio.Protocol):
@@ -229,6 +251,10 @@ class _RequestDeadline(asyncio.Protocol):
     Armed when the connection is established (the first request must follow at once) and at
     the first byte of each later request; disarmed once the request's body is complete.
     Between requests, uvicorn's keep-alive timer (``idle_seconds``) applies.
+
+    It also tells the app when each request began to arrive (``ARRIVED`` in the ASGI scope,
+    on the loop's clock; for a connection's first request, when it was accepted): a request
+    that waited behind others has that much less of the API server's timeout left.
     """
 
     transport: asyncio.Transport
@@ -236,8 +262,10 @@ class _RequestDeadline(asyncio.Protocol):
     loop: asyncio.AbstractEventLoop
     listener: ListenerState
     on_lost: Callable[[], None] | None = None
+    arrived: float = 0.0
     _deadline: asyncio.TimerHandle | None = None
     _received: Any = None  # the cycle whose request arrived whole
+    _stamped: Any = None  # the cycle whose scope has its arrival time
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -245,9 +273,13 @@ class _RequestDeadline(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._deadline is None and (self.cycle is None or self.cycle is self._received):
+            self.arrived = self.loop.time()
             self._arm()
         super().data_received(data)
         cycle = self.cycle
+        if cycle is not None and cycle is not self._stamped:
+            self._stamped = cycle
+            cycle.scope[ARRIVED] = self.arrived
         if cycle is not None and cycle is not self._received and not cycle.more_body:
             self._received = cycle
             self._disarm()

@@ -13,6 +13,10 @@ from .kinds import KINDS
 KNOWN_KINDS = frozenset(info.kind for info in KINDS)
 KNOWN_OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "CONNECT"})
 OTHER = "other"
+# Registry hosts come from image names: the first ones seen get a series each, the rest share
+# "other". A cluster pulls from a handful of registries.
+MAX_REGISTRY_HOSTS = 50
+_REGISTRY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
 
 
 class Metrics:
@@ -60,6 +64,32 @@ class Metrics:
             registry=self.registry,
         )
         self.config_valid.set(1)
+        self.registry_requests = Counter(
+            "pinhook_registry_requests",
+            "HTTP requests to registries and token services, by host, method and status",
+            ["host", "method", "status"],
+            registry=self.registry,
+        )
+        self.registry_seconds = Histogram(
+            "pinhook_registry_request_duration_seconds",
+            "Time for one registry request, headers and body",
+            ["host"],
+            buckets=_REGISTRY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry_rebuilds = Counter(
+            "pinhook_registry_client_rebuilds",
+            "Times the registry HTTP client was replaced because its pool wedged",
+            registry=self.registry,
+        )
+        self.connections_closed = Counter(
+            "pinhook_connections_closed",
+            "Client connections cut off: over-limit, handshake-timeout, handshake-failed,"
+            " request-timeout",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._registry_hosts: set[str] = set()
 
         self._children: dict[tuple[object, ...], Counter] = {}
 
@@ -84,6 +114,21 @@ class Metrics:
 
     def cache_event(self, event: str, count: int = 1) -> None:
         self._inc(self.cache_events, event, amount=count)
+
+    def registry_request(self, host: str, method: str, status: str, seconds: float) -> None:
+        if host not in self._registry_hosts:
+            if len(self._registry_hosts) >= MAX_REGISTRY_HOSTS:
+                host = OTHER
+            else:
+                self._registry_hosts.add(host)
+        self._inc(self.registry_requests, host, method, status)
+        self.registry_seconds.labels(host).observe(seconds)
+
+    def registry_client_rebuilt(self) -> None:
+        self.registry_rebuilds.inc()
+
+    def connection_closed(self, reason: str) -> None:
+        self._inc(self.connections_closed, reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

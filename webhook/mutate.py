@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from .admission import AdmissionOutcome, AdmissionRequest
 from .config import SKIP_ANNOTATION, FailurePolicy, Settings
-from .decide import INTERNAL_ERROR, Decision, decide
+from .decide import INTERNAL_ERROR, TIMED_OUT, Decision, Unknown, decide
 from .errors import InvalidReference, ResolveError
 from .kinds import DEFAULT_MODES, Mode, kind_info
 from .locate import ImageField, locate
@@ -85,11 +85,23 @@ class Mutator:
     ) -> AdmissionOutcome:
         """Answer one request; registry work ends within ``budget`` seconds (default: config)."""
         plan = self.plan(request)
-        return self._record(decide(plan, await self.resolve(plan, budget)))
+        results = self.settled(plan)
+        if results is None:
+            results = await self.resolve(plan, budget)
+        return self.conclude(plan, results)
+
+    def conclude(
+        self,
+        plan: RequestPlan,
+        results: Sequence[ImageResult] | None,
+        unknown: Unknown = TIMED_OUT,
+    ) -> AdmissionOutcome:
+        """The answer for ``plan`` (``decide``), counted in the metrics."""
+        return self._record(decide(plan, results, unknown=unknown))
 
     def timed_out(self, request: AdmissionRequest) -> AdmissionOutcome:
         """The answer when a review overran its budget."""
-        return self._record(decide(self.plan(request), None))
+        return self.conclude(self.plan(request), None)
 
     def failed(self, request: AdmissionRequest) -> AdmissionOutcome:
         """The answer when a review failed in pinhook itself: by policy, never an error.
@@ -103,8 +115,7 @@ class Mutator:
             policy = self._policy(request.namespace)
         except Exception:  # a bug in the very steps that failed: fall back to the global rule
             mode, policy = Mode.PIN, self.settings.policy_for(None)
-        plan = RequestPlan(mode, policy)
-        return self._record(decide(plan, None, unknown=INTERNAL_ERROR))
+        return self.conclude(RequestPlan(mode, policy), None, INTERNAL_ERROR)
 
     # -- plan ----------------------------------------------------------------------------------
 
@@ -168,6 +179,23 @@ class Mutator:
         return policy
 
     # -- resolve -------------------------------------------------------------------------------
+
+    def settled(self, plan: RequestPlan) -> list[ImageResult] | None:
+        """Every image's result when none needs a registry (all digests cached), else None:
+        the common request is answered without awaiting anything."""
+        results: list[ImageResult] = []
+        hits = 0
+        for entry in plan.images:
+            if isinstance(entry, InvalidImage):
+                continue
+            result = self._settle(entry)
+            if result is None:
+                return None
+            hits += entry.action is Action.RESOLVE
+            results.append(result)
+        if hits:
+            self.metrics.cache_event("hit", hits)
+        return results
 
     async def resolve(self, plan: RequestPlan, budget: float | None = None) -> list[ImageResult]:
         """What became of each valid image of ``plan``, in order; a failure is a result too."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +74,7 @@ class Runtime:
         self._docker_stamp: FileStamp | None = None
         self._mutator: Mutator | None = None
         self._config_error: str | None = None
+        self._followers: list[Callable[[Settings], None]] = []
         self._config_stamp: FileStamp | None = None
 
     async def __aenter__(self) -> Runtime:
@@ -104,6 +106,10 @@ class Runtime:
         if self._client is not None:
             await self._client.aclose()
         await self._stack.aclose()
+
+    def on_settings(self, follow: Callable[[Settings], None]) -> None:
+        """Call ``follow`` with every configuration applied from now on."""
+        self._followers.append(follow)
 
     @property
     def mutator(self) -> Mutator:
@@ -138,6 +144,8 @@ class Runtime:
                 self._retire(previous, settings.registry.timeout_seconds + 5)
         self._settings = settings
         self._mutator = Mutator(settings, self._resolver, self.metrics)
+        for follow in self._followers:
+            follow(settings)
 
     def _retire(self, client: RegistryClient, grace: float) -> None:
         """Close a replaced client once requests that started on it are past their deadline."""
@@ -157,7 +165,7 @@ class Runtime:
             self._registry_resolver = None
             return StaticDigestResolver(settings.digest_table), None
         docker_config = self._load_docker_config(settings)
-        client = RegistryClient(registry_options(settings))
+        client = RegistryClient(registry_options(settings), events=self.metrics)
         await client.__aenter__()
         inner = RegistryDigestResolver(client, self._pull_secrets, docker_config)
         self._registry_resolver = inner

@@ -1,13 +1,20 @@
-"""The HTTPS server: uvicorn with a reloadable TLS context, config and certificate watchers."""
+"""The HTTPS server: uvicorn on uvloop and httptools where installed, behind the connection
+guard of ``listener``, with the config and certificate watchers.
+
+The listening socket is bound here, before uvicorn starts, so that a busy port or an address
+that cannot be bound is reported once, clearly, and the process exits non-zero; "listening" is
+logged only once the socket is bound and the app has started.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
+import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +22,17 @@ import uvicorn
 from fastapi import FastAPI
 
 from .app import create_app
+from .config import ServerSettings
+from .errors import PinhookError
+from .listener import ConnectionLimits, ListenerState, guarded_protocol
 from .runtime import Runtime
 from .tls import ReloadingTLS
+
+log = logging.getLogger(__name__)
+
+
+class ListenError(PinhookError):
+    """The address cannot be listened on (in use, not local, not permitted)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,29 +42,65 @@ class ServeOptions:
     cert: Path = Path("certs/tls.crt")
     key: Path = Path("certs/tls.key")
     watch_interval: float = 2.0
-    log_level: str = "info"
-
-
-class _TLSConfig(uvicorn.Config):
-    """uvicorn builds its SSLContext from file names in ``load``; give it ours instead."""
-
-    def __init__(self, app: Any, tls: ReloadingTLS, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._tls = tls
-
-    def load(self) -> None:
-        super().load()
-        self.ssl: ssl.SSLContext | None = self._tls.context
+    server: ServerSettings = field(default_factory=ServerSettings)
 
 
 Background = Callable[[], Coroutine[Any, Any, None]]
 
 
+def connection_limits(server: ServerSettings) -> ConnectionLimits:
+    return ConnectionLimits(
+        handshake_seconds=server.handshake_timeout_seconds,
+        request_seconds=server.request_timeout_seconds,
+        idle_seconds=server.idle_timeout_seconds,
+        max_connections=server.max_connections,
+    )
+
+
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The listening socket; ListenError saying why when it cannot be had."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying "listening" only once it is."""
+
+    def __init__(self, config: uvicorn.Config, where: str) -> None:
+        super().__init__(config)
+        self._where = where
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            log.info("pinhook listening on %s", self._where)
+
+
 def build_server(
-    runtime: Runtime, options: ServeOptions, background: Sequence[Background] = ()
-) -> uvicorn.Server:
-    """The server; ``background`` jobs (certificate renewal) run while it serves."""
+    runtime: Runtime,
+    options: ServeOptions,
+    background: Sequence[Background] = (),
+) -> tuple[uvicorn.Server, ListenerState]:
+    """The server and its listener state; ``background`` jobs (certificate renewal) run while
+    it serves. Raises CertificateError when the certificate cannot be loaded."""
     tls = ReloadingTLS(options.cert, options.key)
+    listener = ListenerState(tls.context, connection_limits(options.server), runtime.metrics)
+    runtime.on_settings(lambda settings: _follow_limits(listener, settings.server))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -68,21 +120,37 @@ def build_server(
                         await task
 
     app = create_app(runtime, lifespan)
-    config = _TLSConfig(
+    config = uvicorn.Config(
         app,
-        tls,
         host=options.host,
         port=options.port,
-        log_level=options.log_level,
+        # TLS is done by the listener's protocol, under its handshake deadline.
+        http=guarded_protocol(listener),
+        loop="auto",  # uvloop when installed
+        log_config=None,  # pinhook's logging, set up by the CLI
         access_log=False,
         lifespan="on",
         server_header=False,
-        # uvicorn checks that a TLS server has a cert file; ours comes from ReloadingTLS.
-        ssl_certfile=str(options.cert),
-        ssl_keyfile=str(options.key),
+        timeout_keep_alive=max(1, int(options.server.idle_timeout_seconds)),
         timeout_graceful_shutdown=10,
     )
-    return uvicorn.Server(config)
+    where = f"https://{_url_host(options.host)}:{options.port}/mutate"
+    return _Server(config, where), listener
+
+
+def serve(runtime: Runtime, options: ServeOptions, background: Sequence[Background] = ()) -> None:
+    """Bind, then serve until SIGTERM/SIGINT. Raises ListenError or CertificateError."""
+    server, _listener = build_server(runtime, options, background)
+    sock = bind(options.host, options.port)
+    server.run(sockets=[sock])
+
+
+def _follow_limits(listener: ListenerState, server: ServerSettings) -> None:
+    listener.limits = connection_limits(server)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 async def _watch_certificates(tls: ReloadingTLS, interval: float) -> None:

@@ -222,7 +222,7 @@ class Pinhook:
         )
         threading.Thread(target=self._pump, name="pinhook-log", daemon=True).start()
         try:
-            self.wait_for_log("Uvicorn running on", START_DEADLINE_S)
+            self.wait_for_log("pinhook listening on", START_DEADLINE_S)
             self.check_serves_as_host()
         except BaseException:
             self.stop()
