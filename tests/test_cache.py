@@ -18,6 +18,7 @@ from webhook.errors import (
     ResolveError,
     Unauthorized,
 )
+from webhook.oci.credential import ANONYMOUS, Credential, Credentials
 from webhook.oci.reference import ImageRef
 from webhook.resolve import CachingResolver, PullScope, Resolution
 
@@ -33,28 +34,37 @@ class Clock:
 
 
 class ScriptedRegistry:
-    """Answers from a dict; an asyncio.Event can hold answers back; counts calls."""
+    """Answers from a dict; an asyncio.Event can hold answers back; counts calls.
+
+    Each namespace in ``secrets`` pulls with a credential of its own; others anonymously."""
 
     def __init__(self) -> None:
         self.digests: dict[str, str] = {}
         self.failure: ResolveError | None = None
         self.failures_for: dict[str | None, ResolveError] = {}
+        self.secrets: set[str] = set()
         self.release = asyncio.Event()
         self.release.set()
         self.calls = 0
 
-    async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
+    async def credentials(self, ref: ImageRef, scope: PullScope) -> Credentials:
+        if scope.namespace in self.secrets:
+            return Credentials((Credential(str(scope.namespace), "secret"),))
+        return ANONYMOUS
+
+    async def digest(self, ref: ImageRef, credentials: Credentials, deadline: float) -> str:
         self.calls += 1
         await self.release.wait()
-        failure = self.failures_for.get(scope.namespace, self.failure)
+        namespace = credentials.items[0].username if credentials.items else None
+        failure = self.failures_for.get(namespace, self.failure)
         if failure is not None:
             raise failure
         try:
-            return Resolution(self.digests[str(ref)])
+            return self.digests[str(ref)]
         except KeyError:
             raise NotFound(f"{ref} not found") from None
 
-    async def exists(self, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
+    async def has(self, ref: ImageRef, credentials: Credentials, deadline: float) -> bool:
         self.calls += 1
         return ref.digest in self.digests.values()
 
@@ -186,6 +196,7 @@ async def test_failures_and_shared_lookups_are_per_pull_scope(registry: Scripted
     resolver = cache(registry, clock, negative_ttl_seconds=30)
     without = PullScope("team-a")
     with_secret = PullScope("team-b")
+    registry.secrets.add("team-b")
     registry.failure = Unauthorized("no credentials for team-a")
     with pytest.raises(Unauthorized):
         await resolver.resolve(NGINX, without, deadline())
@@ -247,6 +258,7 @@ async def test_a_failing_scope_does_not_mark_a_fresh_entry_stale(
     await resolver.resolve(NGINX, SCOPE, deadline())
     clock.now += 301
     registry.release.clear()
+    registry.secrets.add("broken")
     good = asyncio.create_task(resolver.resolve(NGINX, SCOPE, deadline()))
     broken = asyncio.create_task(resolver.resolve(NGINX, PullScope("broken"), deadline()))
     await asyncio.sleep(0)  # both lookups now wait on the registry, the good one first
@@ -281,3 +293,25 @@ async def test_cached_failures_are_raised_as_fresh_errors(registry: ScriptedRegi
         raised.append(caught.value)
     assert raised[1] is not raised[2]
     assert registry.calls == 1
+
+
+async def test_a_remembered_failure_keeps_its_message_not_its_exception(
+    registry: ScriptedRegistry,
+) -> None:
+    # Before: each negative entry kept the exception and its traceback, some 8.5 KB; 10,000
+    # of them held 80 MiB.
+    import tracemalloc
+
+    resolver = cache(registry, Clock(), negative_ttl_seconds=300, max_entries=20_000)
+    missing = [ImageRef.parse(f"nginx:gone-{i}") for i in range(2000)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for ref in missing:
+        with pytest.raises(NotFound):
+            await resolver.resolve(ref, SCOPE, deadline())
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown / len(missing) < 1500  # bytes per remembered failure
+    with pytest.raises(NotFound, match="gone-7 not found"):
+        await resolver.resolve(missing[7], SCOPE, deadline())
+    assert registry.calls == len(missing)

@@ -257,3 +257,56 @@ async def test_ssrf_guard_refuses_unlisted_private_hosts(
     assert image_of(stored) == pushed.tag_ref
     assert "forbidden-host" in outcome.audit["unpinned"]
     assert registry.count_requests("HEAD", "/v2/guarded/app/") == 0
+
+
+async def test_namespaces_with_the_same_credentials_share_one_lookup_and_one_token(
+    token_registry: RegistryEnv, build: Build, tmp_path: Path
+) -> None:
+    # Before: lookups were keyed by namespace, so 20 namespaces rolling out the same new tag
+    # made 20 registry requests (and fetched 20 tokens) where one would do.
+    pushed = token_registry.push.index("rollout/app", "2.0")
+    assert token_registry.issuer is not None
+    realm = token_registry.issuer.url.removeprefix("http://").rstrip("/")
+    config = docker_config(tmp_path, {token_registry.host: ("bob", "builder")})
+    mutator = await build(config_for(token_registry.host, realm), docker=config)
+    token_registry.issuer.reset_counts()
+    admissions = [
+        admit(mutator, pod(pushed.tag_ref), namespace=f"team-{i % 20}") for i in range(200)
+    ]
+    results = await asyncio.gather(*admissions)
+    assert {image_of(stored) for _, stored in results} == {f"{pushed.tag_ref}@{pushed.digest}"}
+    answered = [
+        entry
+        for entry in token_registry.registry.access_log()
+        if entry.uri == "/v2/rollout/app/manifests/2.0" and entry.status == 200
+    ]
+    assert len(answered) == 1  # one manifest lookup (after its 401 challenge)
+    assert token_registry.issuer.request_count == 1
+
+
+async def test_a_failure_is_shared_only_by_the_same_credentials(
+    basic_registry: RegistryEnv, build: Build
+) -> None:
+    pushed = basic_registry.push.index("shared/app", "1.0")
+    good = orjson.dumps(
+        {"auths": {basic_registry.host: {"auth": base64.b64encode(b"alice:wonderland").decode()}}}
+    )
+    bad = orjson.dumps(
+        {"auths": {basic_registry.host: {"auth": base64.b64encode(b"alice:nope").decode()}}}
+    )
+    secrets = StaticPullSecrets(
+        {
+            ("a", "regcred"): DockerKeyring.from_dockerconfigjson(good, source="secret a"),
+            ("b", "regcred"): DockerKeyring.from_dockerconfigjson(good, source="secret b"),
+            ("c", "regcred"): DockerKeyring.from_dockerconfigjson(bad, source="secret c"),
+        }
+    )
+    mutator = await build(config_for(basic_registry.host), secrets=secrets)
+    outcome, stored = await admit(mutator, pod(pushed.tag_ref, secrets=("regcred",)), namespace="c")
+    assert image_of(stored) == pushed.tag_ref and "unauthorized" in outcome.audit["unpinned"]
+    # a and b hold the same credential: they share its (good) answer, never c's refusal.
+    for namespace in ("a", "b"):
+        _, stored = await admit(
+            mutator, pod(pushed.tag_ref, secrets=("regcred",)), namespace=namespace
+        )
+        assert image_of(stored) == f"{pushed.tag_ref}@{pushed.digest}"

@@ -4,10 +4,13 @@
 
 - ``StaticDigestResolver`` answers from the config's ``digests:`` table (air-gapped clusters,
   tests of the pipeline);
-- ``RegistryDigestResolver`` asks the registry over the OCI distribution API with the pull
-  credentials that apply to the object;
-- ``CachingResolver`` wraps either with a TTL/LRU cache, a negative cache, singleflight (one
-  registry request per tag however many admissions ask at once) and stale-on-error.
+- ``CachingResolver`` puts a TTL/LRU cache, a negative cache, singleflight (one registry request
+  per tag however many admissions ask at once) and stale-on-error in front of a
+  ``DigestSource``: ``RegistryDigestResolver``, which asks the registry over the OCI
+  distribution API with the pull credentials that apply to the object, or the static table.
+
+Lookups and their failures are keyed by the credentials that apply, not by who asked:
+admissions in namespaces without pull secrets, or with the same ones, share one lookup.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Generic, Protocol, TypeVar
 from .config import CacheSettings
 from .errors import DeadlineExceeded, NotFound, ResolveError, Unauthorized
 from .kube import PullSecretSource
-from .oci.credential import Credential, PullContext
+from .oci.credential import ANONYMOUS, Credential, Credentials, PullContext
 from .oci.keychain import DockerKeyring
 from .oci.reference import ImageRef
 from .oci.registry import RegistryClient
@@ -59,8 +62,26 @@ class DigestResolver(Protocol):
         ...
 
 
+class DigestSource(Protocol):
+    """Where a cache gets what it does not know, asked with explicit credentials."""
+
+    async def credentials(self, ref: ImageRef, scope: PullScope) -> Credentials:
+        """The credentials that apply to ``ref`` for an object in ``scope``, in order."""
+        ...
+
+    async def digest(self, ref: ImageRef, credentials: Credentials, deadline: float) -> str:
+        """The digest for ``ref``'s tag (``latest`` when it has none); raises ResolveError."""
+        ...
+
+    async def has(self, ref: ImageRef, credentials: Credentials, deadline: float) -> bool:
+        """Whether ``ref``'s digest exists in its repository; raises ResolveError."""
+        ...
+
+
 class StaticDigestResolver:
-    """Answers from a fixed table of normalised ``registry/repo:tag`` → digest."""
+    """Answers from a fixed table of normalised ``registry/repo:tag`` → digest.
+
+    A resolver on its own, and a source for a cache in front of it (tests of the cache)."""
 
     def __init__(self, table: dict[ImageRef, str]) -> None:
         self._table = table
@@ -70,12 +91,21 @@ class StaticDigestResolver:
         return self._table.get(_tagged(ref))
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
+        return Resolution(await self.digest(ref, ANONYMOUS, deadline))
+
+    async def exists(self, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
+        return await self.has(ref, ANONYMOUS, deadline)
+
+    async def credentials(self, ref: ImageRef, scope: PullScope) -> Credentials:
+        return ANONYMOUS
+
+    async def digest(self, ref: ImageRef, credentials: Credentials, deadline: float) -> str:
         digest = self._table.get(_tagged(ref))
         if digest is None:
             raise NotFound(f"{ref.familiar()}: not in the static digests table")
-        return Resolution(digest)
+        return digest
 
-    async def exists(self, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
+    async def has(self, ref: ImageRef, credentials: Credentials, deadline: float) -> bool:
         return (ref.name, ref.digest) in self._known
 
 
@@ -97,22 +127,27 @@ class RegistryDigestResolver:
         return None
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
-        credentials = await self._credentials(ref, scope)
-        digest = await self._client.resolve_digest(_tagged(ref), credentials, deadline=deadline)
-        return Resolution(digest)
+        return Resolution(await self.digest(ref, await self.credentials(ref, scope), deadline))
 
     async def exists(self, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
-        credentials = await self._credentials(ref, scope)
-        return await self._client.manifest_exists(ref, credentials, deadline=deadline)
+        return await self.has(ref, await self.credentials(ref, scope), deadline)
 
-    async def _credentials(self, ref: ImageRef, scope: PullScope) -> list[Credential]:
+    async def credentials(self, ref: ImageRef, scope: PullScope) -> Credentials:
+        """The object's pull secrets (its own, then its ServiceAccount's), then the mounted
+        docker config, in the order the kubelet tries them."""
         found: list[Credential] = []
         if scope.namespace is not None:
             keyring = await self._secrets.keyring_for(scope.namespace, scope.pull)
             found.extend(keyring.lookup(ref))
         if self.docker_config is not None:
             found.extend(self.docker_config.lookup(ref))
-        return found
+        return Credentials(tuple(found)) if found else ANONYMOUS
+
+    async def digest(self, ref: ImageRef, credentials: Credentials, deadline: float) -> str:
+        return await self._client.resolve_digest(_tagged(ref), credentials.items, deadline=deadline)
+
+    async def has(self, ref: ImageRef, credentials: Credentials, deadline: float) -> bool:
+        return await self._client.manifest_exists(ref, credentials.items, deadline=deadline)
 
 
 def _tagged(ref: ImageRef) -> ImageRef:
@@ -163,22 +198,35 @@ class _SingleFlight(Generic[K, T]):
 
 
 _TagKey = tuple[str, str]
-_ScopedKey = tuple[str, str, PullScope]
+_ScopedKey = tuple[str, str, str]  # name, tag or digest, credentials key
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A remembered refusal: its kind and message, not the exception with its traceback."""
+
+    kind: type[ResolveError]
+    message: str
+    expires: float
+
+    def error(self) -> ResolveError:
+        return self.kind(self.message)
 
 
 class CachingResolver:
     """TTL + LRU digest cache with negative entries, singleflight and stale-on-error.
 
     Digests are shared by every namespace: a digest is not a secret, and the kubelet still
-    checks pull credentials when the Pod starts. Failures and in-flight requests are kept per
-    pull scope (namespace and pull secrets): one namespace without credentials must not make
-    another, with them, fail. Negative entries are kept only for answers that will not change
-    within seconds (not found, unauthorised).
+    checks pull credentials when the Pod starts. Failures and in-flight lookups are kept per
+    set of credentials that apply: one namespace without credentials must not make another,
+    with them, fail, while namespaces with the same credentials (or none) share one lookup.
+    Negative entries are kept only for answers that will not change within seconds (not
+    found, unauthorised), as their kind and message.
     """
 
     def __init__(
         self,
-        inner: DigestResolver,
+        inner: DigestSource,
         settings: CacheSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -193,7 +241,7 @@ class CachingResolver:
         self._clock = clock
         self._on_event = on_event or (lambda _event: None)
         self._entries: OrderedDict[_TagKey, _Entry] = OrderedDict()
-        self._failures: OrderedDict[_ScopedKey, tuple[ResolveError, float]] = OrderedDict()
+        self._failures: OrderedDict[_ScopedKey, _Failure] = OrderedDict()
         self._resolving: _SingleFlight[_ScopedKey, Resolution] = _SingleFlight()
         self._known_digests: OrderedDict[_TagKey, None] = OrderedDict()
         self._missing_digests: OrderedDict[_ScopedKey, float] = OrderedDict()
@@ -212,39 +260,40 @@ class CachingResolver:
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         key = (ref.name, ref.tag_or_latest())
-        now = self._clock()
         entry = self._entries.get(key)
-        if entry is not None and entry.expires > now:
+        if entry is not None and entry.expires > self._clock():
             self._entries.move_to_end(key)
             self._on_event("stale" if entry.stale else "hit")
             return Resolution(entry.digest, stale=entry.stale)
-        scoped = (*key, scope)
+        credentials = await self._inner.credentials(ref, scope)
+        scoped = (*key, credentials.key)
         failure = self._failures.get(scoped)
-        if failure is not None and failure[1] > now:
+        if failure is not None and failure.expires > self._clock():
             self._on_event("hit")
-            # A fresh copy: raising the cached object again would grow its traceback with
-            # every request's frames and keep them alive for the negative TTL.
-            raise _fresh(failure[0])
+            raise failure.error()
         self._on_event("shared" if scoped in self._resolving else "miss")
         return await self._resolving.run(
-            scoped, lambda: self._fetch(scoped, ref, scope), deadline, ref.familiar()
+            scoped, lambda: self._fetch(scoped, ref, credentials), deadline, ref.familiar()
         )
 
     def _lookup_deadline(self) -> float:
         return asyncio.get_running_loop().time() + self._lookup_seconds
 
-    async def _fetch(self, scoped: _ScopedKey, ref: ImageRef, scope: PullScope) -> Resolution:
+    async def _fetch(
+        self, scoped: _ScopedKey, ref: ImageRef, credentials: Credentials
+    ) -> Resolution:
         key = (scoped[0], scoped[1])
         try:
-            resolution = await self._inner.resolve(ref, scope, self._lookup_deadline())
+            digest = await self._inner.digest(ref, credentials, self._lookup_deadline())
         except (NotFound, Unauthorized) as exc:
             expires = self._clock() + self._settings.negative_ttl_seconds
-            _bounded_put(self._failures, scoped, (exc, expires), self._settings.max_entries)
+            failure = _Failure(type(exc), str(exc), expires)
+            _bounded_put(self._failures, scoped, failure, self._settings.max_entries)
             raise
         except ResolveError:
             current = self._entries.get(key)
             if current is not None and not current.stale and current.expires > self._clock():
-                # Another scope's lookup refreshed it meanwhile: fresh, not stale.
+                # Another lookup (other credentials) refreshed it meanwhile: fresh, not stale.
                 return Resolution(current.digest)
             stale = self._serve_stale(key)
             if stale is None:
@@ -252,10 +301,10 @@ class CachingResolver:
             self._on_event("stale")
             return Resolution(stale, stale=True)
         now = self._clock()
-        entry = _Entry(resolution.digest, now, now + self._settings.ttl_seconds)
+        entry = _Entry(digest, now, now + self._settings.ttl_seconds)
         _bounded_put(self._entries, key, entry, self._settings.max_entries)
         self._failures.pop(scoped, None)
-        return resolution
+        return Resolution(digest)
 
     def _serve_stale(self, key: _TagKey) -> str | None:
         """The last good digest while the registry fails, for a while, without asking again.
@@ -280,29 +329,26 @@ class CachingResolver:
             # A digest is immutable: once seen in a repository it stays valid to cache.
             self._known_digests.move_to_end(key)
             return True
-        scoped = (*key, scope)
+        credentials = await self._inner.credentials(ref, scope)
+        scoped = (*key, credentials.key)
         missing_until = self._missing_digests.get(scoped)
         if missing_until is not None and missing_until > self._clock():
             return False
         return await self._checking.run(
-            scoped, lambda: self._check(scoped, ref, scope), deadline, ref.familiar()
+            scoped, lambda: self._check(scoped, ref, credentials), deadline, ref.familiar()
         )
 
-    async def _check(self, scoped: _ScopedKey, ref: ImageRef, scope: PullScope) -> bool:
-        found = await self._inner.exists(ref, scope, self._lookup_deadline())
+    async def _check(self, scoped: _ScopedKey, ref: ImageRef, credentials: Credentials) -> bool:
+        found = await self._inner.has(ref, credentials, self._lookup_deadline())
         if found:
             key = (scoped[0], scoped[1])
             _bounded_put(self._known_digests, key, None, self._settings.max_entries)
         else:
             # The gcr.io kubebuilder digests will never appear on quay.io; ask again only after
-            # the negative TTL. Per scope: a registry may hide a repository from one caller.
+            # the negative TTL. Per credentials: a registry may hide a repository from some.
             expires = self._clock() + self._settings.negative_ttl_seconds
             _bounded_put(self._missing_digests, scoped, expires, self._settings.max_entries)
         return found
-
-
-def _fresh(error: ResolveError) -> ResolveError:
-    return type(error)(str(error), reason=error.reason)
 
 
 def _bounded_put(table: OrderedDict[K, V], key: K, value: V, limit: int) -> None:

@@ -31,3 +31,21 @@ class PullContext:
 
     image_pull_secrets: tuple[str, ...] = ()  # names from imagePullSecrets[*].name
     service_account: str | None = None  # serviceAccountName, else deprecated serviceAccount
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """The credentials that apply to one image for one object, in the order they are tried.
+
+    ``key`` tells sets apart in caches: objects whose credentials are the same (none at all,
+    most often) share lookups and their outcome; a different set never shares a failure.
+    """
+
+    items: tuple[Credential, ...] = ()
+    key: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", "|".join(c.identity() for c in self.items))
+
+
+ANONYMOUS = Credentials()
