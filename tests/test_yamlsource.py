@@ -99,6 +99,19 @@ def test_values_are_written_in_the_span_style_where_it_holds_them(
     assert render_scalar(value, style) == written
 
 
+def test_a_block_scalar_is_replaced_up_to_its_content_and_the_next_key_stays() -> None:
+    text = "spec:\n  image: >-\n    nginx:1.27\n\n  name: web  # kept\nnext: |\n  x\n"
+    [document] = load_documents(text)
+    value = string_at(document.data, "/spec/image")
+    assert value is not None and value.span.style == ">"
+    edited = replace_strings(text, {value.span: "nginx:1.27" + DIGEST})
+    assert edited == text.replace(">-\n    nginx:1.27", f'"nginx:1.27{DIGEST}"')
+    assert load_documents(edited)[0].data == {
+        "spec": {"image": "nginx:1.27" + DIGEST, "name": "web"},
+        "next": "x\n",
+    }
+
+
 def test_non_strings_and_missing_paths_are_not_editable() -> None:
     [document] = load_documents("spec: {replicas: 3, image: [x]}\n")
     assert string_at(document.data, "/spec/replicas") is None

@@ -16,7 +16,7 @@ import orjson
 import yaml
 from lightkube import AsyncClient
 
-from . import certs, install
+from . import certs, install, krm, pin
 from .admission import AdmissionRequest, parse_review, render_response
 from .conditionsync import MatchConditionsSync
 from .config import Settings, default_settings, load_settings_file, warnings_for
@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     resolve.add_argument("images", nargs="+", metavar="IMAGE")
 
     install.add_commands(commands)
+    pin.add_commands(commands)
+    krm.add_commands(commands)
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", type=Path)
@@ -182,6 +184,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _certs(args)
         case "webhook-config" | "install" | "uninstall":
             return install.run(args)
+        case "pin":
+            return pin.run(args)
+        case "fn":
+            return krm.run(args)
     raise AssertionError(args.command)
 
 

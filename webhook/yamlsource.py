@@ -63,7 +63,12 @@ def _construct_str(loader: _Loader, node: yaml.ScalarNode) -> SourceStr:
     index = _past_properties(start.buffer, start.index)
     line = start.line + start.buffer.count("\n", start.index, index)
     column = index - start.buffer.rfind("\n", 0, index)
-    span = Span(index, end.index, node.style, line + 1, column)
+    stop = end.index
+    if node.style in ("|", ">"):
+        # A block scalar's mark runs past its last line break into the next line's indentation;
+        # the edit must end where the content does, or it would join the next key to its line.
+        stop = index + len(start.buffer[index:stop].rstrip())
+    span = Span(index, stop, node.style, line + 1, column)
     return SourceStr(str(value), span)
 
 
