@@ -36,10 +36,9 @@ from typing import Any, Final, TextIO
 import yaml
 
 from .admission import AdmissionRequest
-from .config import Settings, default_settings
+from .config import Settings, default_settings, load_settings_file
 from .decide import decide
 from .errors import PinhookError
-from .install import load_settings_or_configmap
 from .kube import PullSecretSource, StaticPullSecrets
 from .locate import NO_PULL
 from .mutate import Mutator
@@ -568,7 +567,7 @@ def quiet_request_logs() -> None:
 
 
 def load_settings_flag(path: Path | None) -> Settings:
-    return load_settings_or_configmap(path) if path is not None else default_settings()
+    return load_settings_file(path) if path is not None else default_settings()
 
 
 def pull_secrets_flag(path: Path | None, namespace: str) -> StaticPullSecrets | None:
