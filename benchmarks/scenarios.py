@@ -32,6 +32,7 @@ from benchmarks.stack import (
     DirectLookup,
     Registry,
     Server,
+    accepted_connections,
     noop_command,
     peer_setup,
     pinhook_command,
@@ -39,7 +40,6 @@ from benchmarks.stack import (
     pinned_images,
     rss_mib,
     serving,
-    tcp_sockets,
 )
 from tests.reviews import load_object, review
 from webhook.certs import CertPaths
@@ -617,31 +617,28 @@ def idle_connections(ctx: Context) -> Outcome:
     n = ctx.settings.idle_connections
     outcome = Outcome()
     with _pinhook(ctx, "") as server:
-        base_sockets = tcp_sockets(server.pid)
         idle = rss_mib(server.pid)
-        opened, held_rss, held_sockets, after_rss, after_sockets = asyncio.run(
-            _hold_idle(server, ctx.certs, n, base_sockets)
-        )
+        opened, held, held_rss, after, after_rss = asyncio.run(_hold_idle(server, ctx.certs, n))
     outcome.figures = {
         "clients": n,
         "handshakes_completed": opened,
-        "server_connections_while_held": held_sockets - base_sockets,
+        "server_connections_while_held": held,
         "idle_rss_mib": round(idle, 1),
         "held_rss_mib": round(held_rss, 1),
         "after_close_rss_mib": round(after_rss, 1),
-        "server_connections_after_close": after_sockets - base_sockets,
+        "server_connections_after_close": after,
     }
     outcome.row(
         f"{n} idle TLS clients",
-        f"{opened} handshakes done, {held_sockets - base_sockets} held by the server;"
+        f"{opened} handshakes done, {held} held by the server;"
         f" RSS idle {idle:.1f} -> held {held_rss:.1f} -> closed {after_rss:.1f} MiB",
     )
     return outcome
 
 
 async def _hold_idle(
-    server: Server, certs: CertPaths, n: int, base_sockets: int
-) -> tuple[int, float, int, float, int]:
+    server: Server, certs: CertPaths, n: int
+) -> tuple[int, int, float, int, float]:
     tls = ssl.create_default_context(cafile=str(certs.ca_cert))
     gate = asyncio.Semaphore(50)  # handshakes in flight at once
 
@@ -655,14 +652,17 @@ async def _hold_idle(
                 return None
             return writer
 
+    def held() -> int:
+        return accepted_connections(server.pid, server.port)
+
     writers = [w for w in await asyncio.gather(*(connect() for _ in range(n))) if w is not None]
-    held_sockets = await _settled(lambda: tcp_sockets(server.pid))
+    held_while_open = await _settled(held)
     held_rss = rss_mib(server.pid)
     for writer in writers:
         writer.close()
     await asyncio.gather(*(_closed(w) for w in writers))
-    after_sockets = await _settled(lambda: tcp_sockets(server.pid), target=base_sockets)
-    return len(writers), held_rss, held_sockets, rss_mib(server.pid), after_sockets
+    held_after = await _settled(held, target=0)
+    return len(writers), held_while_open, held_rss, held_after, rss_mib(server.pid)
 
 
 async def _closed(writer: asyncio.StreamWriter) -> None:

@@ -93,9 +93,14 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def tcp_sockets(pid: int) -> int:
-    """Open TCP sockets of the process (listening ones included)."""
-    return len(socket_inodes(pid) & set(_tcp_table()))
+def accepted_connections(pid: int, port: int) -> int:
+    """Established connections the process accepted on ``port``."""
+    mine = socket_inodes(pid)
+    return sum(
+        1
+        for inode, (local, state) in _tcp_table().items()
+        if local == port and state == "01" and inode in mine
+    )
 
 
 def _tcp_table() -> dict[int, tuple[int, str]]:
