@@ -1,1 +1,1 @@
-"""pinhook\x27s benchmark (benchmarks/run.py) and the do-nothing webhook it is measured against."""
+"""pinhook's benchmark (benchmarks/run.py) and the do-nothing webhook it is measured against."""
