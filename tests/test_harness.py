@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import io
 import json
+import socket
+import socketserver
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -29,7 +35,7 @@ from tests.harness.registry import (
     TokenAuthSettings,
     bcrypt_hash,
 )
-from tests.harness.tokens import Access, parse_scope
+from tests.harness.tokens import Access, TokenIssuer, parse_scope
 
 
 def _repo() -> str:
@@ -356,3 +362,74 @@ def test_bcrypt_hash_is_accepted_format() -> None:
     hashed = bcrypt_hash("wonderland")
     assert hashed.startswith(("$2b$", "$2y$"))
     assert len(hashed) == 60
+
+
+class _Writes:
+    """Every write a harness server makes to its clients, with the socket's TCP_NODELAY."""
+
+    def __init__(self, server: socketserver.BaseServer) -> None:
+        self.seen: list[tuple[bytes, int]] = []
+        seen = self.seen
+        base = server.RequestHandlerClass
+
+        class Recording(base):  # type: ignore[valid-type,misc]
+            def setup(self) -> None:
+                super().setup()
+                nodelay = self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                real = self.wfile
+
+                class Writer(io.RawIOBase):
+                    def writable(self) -> bool:
+                        return True
+
+                    def write(self, data: Any) -> int:
+                        seen.append((bytes(data), nodelay))  # before the client can see it
+                        return int(real.write(data) or len(data))
+
+                self.wfile = Writer()
+
+        server.RequestHandlerClass = Recording
+
+
+def _exchange(url: str, method: str, path: str) -> tuple[int, bytes]:
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=5)
+    try:
+        connection.request(method, path, headers={"Accept": ACCEPT_ALL})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_token_issuer_sends_each_answer_in_one_write_without_nagle() -> None:
+    with TokenIssuer(allow_anonymous=True) as issuer:
+        # The harness's own server object: the handler class is what is under test.
+        writes = _Writes(issuer._server)  # type: ignore[arg-type]
+        status, body = _exchange(issuer.url, "GET", "/token?scope=repository:a/b:pull")
+        missing, _ = _exchange(issuer.url, "GET", "/nothing")
+
+    assert (status, missing) == (200, 404)
+    assert len(writes.seen) == 2
+    whole, nodelay = writes.seen[0]
+    assert whole.startswith(b"HTTP/1.1 200 ")
+    assert whole.endswith(b"\r\n\r\n" + body)
+    assert nodelay
+
+
+def test_counting_proxy_sends_each_answer_in_one_write_without_nagle(
+    registry: RegistryEnv,
+) -> None:
+    repo = _repo()
+    pushed = registry.push.image(repo, "v1")
+    with CountingProxy(registry.url) as proxy:
+        writes = _Writes(proxy._server)  # type: ignore[arg-type]
+        got = _exchange(proxy.url, "GET", f"/v2/{repo}/manifests/v1")
+        head = _exchange(proxy.url, "HEAD", f"/v2/{repo}/manifests/v1")
+
+    assert got == (200, pushed.manifest)
+    assert head == (200, b"")
+    assert [len(writes.seen), *(nodelay for _, nodelay in writes.seen)] == [2, 1, 1]
+    assert writes.seen[0][0].endswith(b"\r\n\r\n" + pushed.manifest)
+    assert writes.seen[1][0].endswith(b"\r\n\r\n")
+    assert f"content-length: {len(pushed.manifest)}".encode() in writes.seen[1][0].lower()

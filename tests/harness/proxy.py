@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from tests.harness.wire import OneWriteHandler
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -209,9 +211,7 @@ def _matching(seen: list[tuple[str, str]], method: str | None, path_substring: s
 
 
 def _handler_for(proxy: CountingProxy) -> type[BaseHTTPRequestHandler]:
-    class ProxyHandler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
+    class ProxyHandler(OneWriteHandler):
         def _proxy(self) -> None:
             request = ProxiedRequest(
                 self.command,
@@ -220,14 +220,7 @@ def _handler_for(proxy: CountingProxy) -> type[BaseHTTPRequestHandler]:
                 self._read_body(),
             )
             answer = proxy.forward(request)
-            self.send_response_only(answer.status)
-            for name, value in answer.headers.items():
-                self.send_header(name, value)
-            if self.command != "HEAD" and not _has(answer.headers, "content-length"):
-                self.send_header("Content-Length", str(len(answer.body)))
-            self.end_headers()
-            if self.command != "HEAD" and answer.status not in (204, 304):
-                self.wfile.write(answer.body)
+            self.answer(answer.status, answer.headers, answer.body)
 
         def _read_body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -250,7 +243,3 @@ def _handler_for(proxy: CountingProxy) -> type[BaseHTTPRequestHandler]:
             pass  # requests are recorded on the proxy
 
     return ProxyHandler
-
-
-def _has(headers: dict[str, str], name: str) -> bool:
-    return any(h.lower() == name for h in headers)

@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from tests.harness.wire import OneWriteHandler
+
 DEFAULT_SERVICE = "pinhook-test-registry"
 DEFAULT_ISSUER = "pinhook-test-issuer"
 
@@ -261,9 +263,7 @@ def _json(value: dict[str, Any]) -> bytes:
 
 
 def _handler_for(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
-    class TokenHandler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
+    class TokenHandler(OneWriteHandler):
         def do_GET(self) -> None:
             url = urlsplit(self.path)
             if url.path != "/token":
@@ -280,14 +280,8 @@ def _handler_for(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
         def _reply(
             self, status: int, body: dict[str, object], headers: dict[str, str] | None = None
         ) -> None:
-            payload = _json(body)
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload)
+            content = {"Content-Type": "application/json", **(headers or {})}
+            self.answer(status, content, _json(body))
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # pytest output stays readable; requests are recorded on the issuer
