@@ -165,7 +165,7 @@ async def _pin(
     async with runtime:
         mutator = runtime.mutator
         found = plan_documents(mutator, source, documents, args.namespace)
-        settled = await settle(mutator, found, scoped=secrets is not None)
+        settled = await settle(mutator, found)
     findings = [f for m, r in zip(found, settled, strict=True) for f in judge(m, r)]
     fail = options.on_failure is OnFailure.FAIL
     failed = [f for f in findings if f.outcome is Outcome.FAILED]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from .kinds import (
     KINDS,
@@ -34,8 +34,9 @@ from .kinds import (
 from .oci.credential import PullContext
 
 
-@dataclass(frozen=True, slots=True)
-class ImageField:
+class ImageField(NamedTuple):
+    # A NamedTuple, like the other values built per image per request: a frozen dataclass
+    # costs a setattr call per field, and there are thousands of these a second.
     pointer: str  # RFC 6901 JSON Pointer to the string, e.g. "/spec/containers/0/image"
     image: str  # the current value
     pull: PullContext

@@ -40,7 +40,6 @@ from .config import Settings, default_settings, load_settings_file
 from .decide import decide
 from .errors import PinhookError
 from .kube import PullSecretSource, StaticPullSecrets
-from .locate import NO_PULL
 from .mutate import Mutator
 from .plan import Action, ImagePlan, ImageResult, InvalidImage, RequestPlan, render
 from .resolve import StaticDigestResolver
@@ -250,38 +249,23 @@ async def settle(
     mutator: Mutator,
     found: Sequence[Manifest],
     *,
-    scoped: bool,
     advance: Callable[[], None] = lambda: None,
 ) -> list[list[ImageResult]]:
     """What became of each image of each manifest, in order; failures are results too.
 
     Every object resolves its images concurrently, ``CONCURRENT_OBJECTS`` objects at a time;
-    the caching resolver's singleflight makes one registry request per distinct tag and pull
-    scope. Without pull secrets (``scoped`` False) the scope is the same for every image, so
-    it is one request per distinct tag.
+    the caching resolver's singleflight makes one registry request per distinct tag and set
+    of credentials that apply (without pull secrets: one per distinct tag).
     """
     gate = asyncio.Semaphore(CONCURRENT_OBJECTS)
 
     async def one(manifest: Manifest) -> list[ImageResult]:
-        plan = manifest.plan if scoped else _unscoped(manifest.plan)
         async with gate:
-            results = await mutator.resolve(plan)
+            results = await mutator.resolve(manifest.plan)
         advance()
         return results
 
     return list(await asyncio.gather(*(one(manifest) for manifest in found)))
-
-
-def _unscoped(plan: RequestPlan) -> RequestPlan:
-    """The plan with no pull credentials context: with no pull secrets to read, the namespace
-    and service account only split the resolver's singleflight into needless requests."""
-    images = tuple(
-        dataclasses.replace(entry, field=dataclasses.replace(entry.field, pull=NO_PULL))
-        if isinstance(entry, ImagePlan)
-        else entry
-        for entry in plan.images
-    )
-    return dataclasses.replace(plan, namespace=None, images=images)
 
 
 # --- judging --------------------------------------------------------------------------------
@@ -613,7 +597,7 @@ async def _pin(
             mutator = runtime.mutator
             found = [m for source in sources for m in manifests(mutator, source, args.namespace)]
             with progress_bar(sources, found) as advance:
-                settled = await settle(mutator, found, scoped=secrets is not None, advance=advance)
+                settled = await settle(mutator, found, advance=advance)
         findings = [f for m, r in zip(found, settled, strict=True) for f in judge(m, r)]
     report = Report(sources, found, findings)
     report.print_warnings()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from .config import FailurePolicy, LimitSettings, OutputForm
 from .errors import InvalidReference, ResolveError
@@ -30,8 +31,7 @@ class Action(Enum):
     VERIFY = "verify"  # a digest moved to another repository: check it exists there
 
 
-@dataclass(frozen=True, slots=True)
-class ImagePlan:
+class ImagePlan(NamedTuple):
     field: ImageField
     original: ImageRef
     target: ImageRef
@@ -63,8 +63,7 @@ class RequestPlan:
     images_over_limit: int = 0  # image fields past limits.images_per_object, not handled
 
 
-@dataclass(frozen=True, slots=True)
-class ImageResult:
+class ImageResult(NamedTuple):
     """What became of one planned image (resolve's output, decide's input)."""
 
     plan: ImagePlan
