@@ -15,17 +15,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from .config import CacheSettings
-from .errors import DeadlineExceeded, NotFound, ResolveError, Unauthorized
+from .errors import NotFound, ResolveError, Unauthorized
 from .kube import PullSecretSource
 from .oci.credential import Credential, PullContext
 from .oci.keychain import DockerKeyring
 from .oci.reference import ImageRef
 from .oci.registry import RegistryClient
+from .singleflight import SingleFlight
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +121,6 @@ def _tagged(ref: ImageRef) -> ImageRef:
 
 
 K = TypeVar("K")
-T = TypeVar("T")
 V = TypeVar("V")
 
 
@@ -130,36 +130,6 @@ class _Entry:
     fetched: float  # when the registry last answered with this digest
     expires: float
     stale: bool = False  # served after a registry failure, until ``expires``
-
-
-class _SingleFlight(Generic[K, T]):
-    """Concurrent callers with the same key share one call; each waits under its own deadline."""
-
-    def __init__(self) -> None:
-        self._calls: dict[K, asyncio.Future[T]] = {}
-
-    def __contains__(self, key: K) -> bool:
-        return key in self._calls
-
-    async def run(self, key: K, call: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
-        future = self._calls.get(key)
-        if future is None:
-            future = asyncio.ensure_future(call())
-            self._calls[key] = future
-            future.add_done_callback(lambda f: self._settle(key, f))
-        remaining = deadline - asyncio.get_running_loop().time()
-        try:
-            # shield: one caller giving up must not cancel the call the others wait on.
-            return await asyncio.wait_for(asyncio.shield(future), remaining)
-        except TimeoutError:
-            raise DeadlineExceeded(f"{what}: no answer within the deadline") from None
-
-    def _settle(self, key: K, future: asyncio.Future[T]) -> None:
-        self._calls.pop(key, None)
-        if not future.cancelled():
-            # Retrieve it so an error nobody waited for (all callers timed out) is not reported
-            # as "never retrieved"; every waiter got its own copy already.
-            future.exception()
 
 
 _TagKey = tuple[str, str]
@@ -194,10 +164,10 @@ class CachingResolver:
         self._on_event = on_event or (lambda _event: None)
         self._entries: OrderedDict[_TagKey, _Entry] = OrderedDict()
         self._failures: OrderedDict[_ScopedKey, tuple[ResolveError, float]] = OrderedDict()
-        self._resolving: _SingleFlight[_ScopedKey, Resolution] = _SingleFlight()
+        self._resolving: SingleFlight[_ScopedKey, Resolution] = SingleFlight()
         self._known_digests: OrderedDict[_TagKey, None] = OrderedDict()
         self._missing_digests: OrderedDict[_ScopedKey, float] = OrderedDict()
-        self._checking: _SingleFlight[_ScopedKey, bool] = _SingleFlight()
+        self._checking: SingleFlight[_ScopedKey, bool] = SingleFlight()
 
     def __len__(self) -> int:
         return len(self._entries)
