@@ -116,6 +116,9 @@ class RegistrySettings(_Model):
     max_attempts: int = Field(default=3, ge=1, le=10)
     docker_config: Path | None = None
     skip: tuple[str, ...] = ("kind.local", "ko.local", "dev.local")
+    # How long a credential provider or docker credential helper may run. A request waits at
+    # most its own deadline; a slower answer is still cached for the requests that follow.
+    credential_exec_timeout_seconds: float = Field(default=30.0, gt=0, le=60)
 
 
 class Settings(_Model):

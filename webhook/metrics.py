@@ -52,6 +52,12 @@ class Metrics:
             registry=self.registry,
         )
         self.config_valid.set(1)
+        self.pull_secrets_unusable = Counter(
+            "pinhook_pull_secrets_unusable",
+            "Pull secrets the kubelet would refuse (reported once per content), by namespace",
+            ["namespace"],
+            registry=self.registry,
+        )
 
         self._children: dict[tuple[object, ...], Counter] = {}
 
@@ -74,6 +80,9 @@ class Metrics:
 
     def cache_event(self, event: str, count: int = 1) -> None:
         self._inc(self.cache_events, event, amount=count)
+
+    def pull_secret_unusable(self, namespace: str) -> None:
+        self.pull_secrets_unusable.labels(namespace).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -23,7 +23,7 @@ from .config import CacheSettings
 from .errors import NotFound, ResolveError, Unauthorized
 from .kube import PullSecretSource
 from .oci.credential import Credential, PullContext
-from .oci.keychain import DockerKeyring
+from .oci.credhelper import DockerConfig
 from .oci.reference import ImageRef
 from .oci.registry import RegistryClient
 from .singleflight import SingleFlight
@@ -81,13 +81,14 @@ class StaticDigestResolver:
 
 
 class RegistryDigestResolver:
-    """Asks the registry, with the pull secrets of the object and the mounted docker config."""
+    """Asks the registry with the credentials the kubelet would pull with, in its order: the
+    object's pull secrets, then the mounted docker config (the node's, for the kubelet)."""
 
     def __init__(
         self,
         client: RegistryClient,
         secrets: PullSecretSource,
-        docker_config: DockerKeyring | None = None,
+        docker_config: DockerConfig | None = None,
     ) -> None:
         self._client = client
         self._secrets = secrets
@@ -98,21 +99,23 @@ class RegistryDigestResolver:
         return None
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
-        credentials = await self._credentials(ref, scope)
+        credentials = await self._credentials(ref, scope, deadline)
         digest = await self._client.resolve_digest(_tagged(ref), credentials, deadline=deadline)
         return Resolution(digest)
 
     async def exists(self, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
-        credentials = await self._credentials(ref, scope)
+        credentials = await self._credentials(ref, scope, deadline)
         return await self._client.manifest_exists(ref, credentials, deadline=deadline)
 
-    async def _credentials(self, ref: ImageRef, scope: PullScope) -> list[Credential]:
+    async def _credentials(
+        self, ref: ImageRef, scope: PullScope, deadline: float
+    ) -> list[Credential]:
         found: list[Credential] = []
         if scope.namespace is not None:
             keyring = await self._secrets.keyring_for(scope.namespace, scope.pull)
             found.extend(keyring.lookup(ref))
         if self.docker_config is not None:
-            found.extend(self.docker_config.lookup(ref))
+            found.extend(await self.docker_config.lookup(ref, deadline))
         return found
 
 

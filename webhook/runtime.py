@@ -21,7 +21,7 @@ from .files import FileStamp, file_stamp
 from .kube import KubePullSecrets, NoPullSecrets, PullSecretSource
 from .metrics import Metrics
 from .mutate import Mutator
-from .oci.keychain import DockerKeyring
+from .oci.credhelper import DockerConfig
 from .oci.registry import RegistryClient
 from .oci.transport import RegistryOptions
 from .resolve import CachingResolver, DigestResolver, RegistryDigestResolver, StaticDigestResolver
@@ -170,14 +170,16 @@ class Runtime:
     def _docker_config_file(self, settings: Settings) -> Path | None:
         return settings.registry.docker_config or self._docker_config_path
 
-    def _load_docker_config(self, settings: Settings) -> DockerKeyring | None:
+    def _load_docker_config(self, settings: Settings) -> DockerConfig | None:
         path = self._docker_config_file(settings)
         if path is None:
             return None
         stamp = file_stamp(path)
-        keyring = DockerKeyring.from_file(path)
+        config = DockerConfig.from_file(
+            path, timeout=settings.registry.credential_exec_timeout_seconds
+        )
         self._docker_stamp = stamp
-        return keyring
+        return config
 
     def reload_docker_config(self) -> None:
         """Mounted credentials rotate (ECR tokens last 12 hours): follow the file."""
