@@ -58,6 +58,12 @@ class Metrics:
             ["namespace"],
             registry=self.registry,
         )
+        self.credential_provider_execs = Counter(
+            "pinhook_credential_provider_execs",
+            "Credential provider plugin runs, by provider and result (ok, error, timeout)",
+            ["provider", "result"],
+            registry=self.registry,
+        )
 
         self._children: dict[tuple[object, ...], Counter] = {}
 
@@ -83,6 +89,9 @@ class Metrics:
 
     def pull_secret_unusable(self, namespace: str) -> None:
         self.pull_secrets_unusable.labels(namespace).inc()
+
+    def credential_provider_exec(self, provider: str, result: str) -> None:
+        self.credential_provider_execs.labels(provider, result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,6 +24,7 @@ from .errors import NotFound, ResolveError, Unauthorized
 from .kube import PullSecretSource
 from .oci.credential import Credential, PullContext
 from .oci.credhelper import DockerConfig
+from .oci.credprovider import CredentialProviders
 from .oci.reference import ImageRef
 from .oci.registry import RegistryClient
 from .singleflight import SingleFlight
@@ -82,18 +83,21 @@ class StaticDigestResolver:
 
 class RegistryDigestResolver:
     """Asks the registry with the credentials the kubelet would pull with, in its order: the
-    object's pull secrets, then the mounted docker config (the node's, for the kubelet)."""
+    object's pull secrets, then the mounted docker config (the node's, for the kubelet), then
+    the credential provider plugins."""
 
     def __init__(
         self,
         client: RegistryClient,
         secrets: PullSecretSource,
         docker_config: DockerConfig | None = None,
+        providers: CredentialProviders | None = None,
     ) -> None:
         self._client = client
         self._secrets = secrets
         # Replaced whole when the mounted file changes; readers see the old or the new one.
         self.docker_config = docker_config
+        self._providers = providers
 
     def peek(self, ref: ImageRef) -> str | None:
         return None
@@ -116,6 +120,8 @@ class RegistryDigestResolver:
             found.extend(keyring.lookup(ref))
         if self.docker_config is not None:
             found.extend(await self.docker_config.lookup(ref, deadline))
+        if self._providers is not None:
+            found.extend(await self._providers.lookup(ref, deadline))
         return found
 
 

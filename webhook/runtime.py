@@ -22,6 +22,7 @@ from .kube import KubePullSecrets, NoPullSecrets, PullSecretSource
 from .metrics import Metrics
 from .mutate import Mutator
 from .oci.credhelper import DockerConfig
+from .oci.credprovider import CredentialProviders
 from .oci.registry import RegistryClient
 from .oci.transport import RegistryOptions
 from .resolve import CachingResolver, DigestResolver, RegistryDigestResolver, StaticDigestResolver
@@ -150,14 +151,16 @@ class Runtime:
     async def _build_resolver(
         self, settings: Settings
     ) -> tuple[DigestResolver, RegistryClient | None]:
-        """Raises ConfigError (an unreadable docker config) before anything is opened."""
+        """Raises ConfigError (an unreadable docker config or credential provider config)
+        before anything is opened."""
         if settings.resolver == "static":
             self._registry_resolver = None
             return StaticDigestResolver(settings.digest_table), None
         docker_config = self._load_docker_config(settings)
+        providers = self._credential_providers(settings)
         client = RegistryClient(registry_options(settings))
         await client.__aenter__()
-        inner = RegistryDigestResolver(client, self._pull_secrets, docker_config)
+        inner = RegistryDigestResolver(client, self._pull_secrets, docker_config, providers)
         self._registry_resolver = inner
         cache = CachingResolver(
             inner,
@@ -180,6 +183,25 @@ class Runtime:
         )
         self._docker_stamp = stamp
         return config
+
+    def _credential_providers(self, settings: Settings) -> CredentialProviders | None:
+        """The kubelet's credential provider plugins, read (like the kubelet) when the resolver
+        is built: at start and when the registry settings change."""
+        registry = settings.registry
+        config, bin_dir = (
+            registry.image_credential_provider_config,
+            registry.image_credential_provider_bin_dir,
+        )
+        if config is None or bin_dir is None:
+            return None
+        providers = CredentialProviders.from_config(
+            config,
+            bin_dir,
+            timeout=registry.credential_exec_timeout_seconds,
+            on_exec=self.metrics.credential_provider_exec,
+        )
+        log.info("credential providers from %s: %s", config, ", ".join(providers.names))
+        return providers
 
     def reload_docker_config(self) -> None:
         """Mounted credentials rotate (ECR tokens last 12 hours): follow the file."""
