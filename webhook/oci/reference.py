@@ -16,6 +16,11 @@ The first component of a name is a registry only when it is ``localhost``, conta
 ``:``, or contains an upper-case letter (distribution's rule); otherwise the name is on Docker
 Hub (``docker.io``), and a one-component Docker Hub name gets the ``library/`` namespace.
 
+A first component with a ``.`` that is no host name but is a path component (``foo_bar.com``)
+is accepted as the registry too: distribution then reads the whole name as a path without a
+domain (``foo_bar.com/x``), and the runtime pulls it from the host ``foo_bar.com`` all the same,
+so pinhook resolves it there. The 255-character limit then counts the whole name, as there.
+
 The module is pure (no I/O). ``ImageRef.parse`` sits on the admission hot path, so the regular
 expressions are compiled once and parsed references are built without validating twice.
 """
@@ -94,6 +99,7 @@ class ImageRef:
         problem = (
             _registry_field_problem(self.registry)
             or _repository_problem(self.repository)
+            or _domainless_length_problem(self.registry, self.repository)
             or _docker_hub_problem(self.registry, self.repository)
             or (None if self.tag is None else _tag_problem(self.tag))
             or (None if self.digest is None else _digest_problem(self.digest))
@@ -240,7 +246,11 @@ def _parse(text: str) -> ImageRef:
     if not familiar:
         raise _invalid(text, "repository name is missing")
     registry, repository = _split_registry(familiar)
-    problem = _repository_problem(repository) or _registry_problem(registry)
+    problem = (
+        _repository_problem(repository)
+        or _registry_problem(registry)
+        or _domainless_length_problem(registry, repository)
+    )
     if problem is not None:
         raise _invalid(text, problem)
 
@@ -300,12 +310,29 @@ def _explain_bad_repository(repository: str) -> str:
 
 
 def _registry_problem(registry: str) -> str | None:
-    if _REGISTRY.fullmatch(registry) is not None:
+    if _REGISTRY.fullmatch(registry) is not None or _is_domainless(registry):
         return None
     return (
         f"invalid registry {_shown(registry)}: expected a host name, an IPv4 address or a"
         " bracketed IPv6 address, optionally with ':port'"
     )
+
+
+def _is_domainless(registry: str) -> bool:
+    """A registry distribution reads as the first path component of a domain-less name."""
+    return "." in registry and _PATH_COMPONENT.fullmatch(registry) is not None
+
+
+def _domainless_length_problem(registry: str, repository: str) -> str | None:
+    if _REGISTRY.fullmatch(registry) is not None or not _is_domainless(registry):
+        return None
+    length = len(registry) + 1 + len(repository)
+    if length > MAX_REPOSITORY_LENGTH:
+        return (
+            f"repository name must not be more than {MAX_REPOSITORY_LENGTH} characters"
+            f" (it has {length}: {registry!r} is read as part of it)"
+        )
+    return None
 
 
 def _registry_field_problem(registry: str) -> str | None:
