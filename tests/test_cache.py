@@ -47,7 +47,7 @@ class ScriptedRegistry:
         self.release.set()
         self.calls = 0
 
-    async def credentials(self, ref: ImageRef, scope: PullScope) -> Credentials:
+    async def credentials(self, ref: ImageRef, scope: PullScope, deadline: float) -> Credentials:
         if scope.namespace in self.secrets:
             return Credentials((Credential(str(scope.namespace), "secret"),))
         return ANONYMOUS

@@ -20,7 +20,9 @@ from webhook.kube import (
     NoPullSecrets,
     PullSecretSource,
     StaticPullSecrets,
+    UnusableSecrets,
 )
+from webhook.metrics import Metrics
 from webhook.oci.credential import PullContext
 from webhook.oci.keychain import DockerKeyring
 from webhook.oci.reference import ImageRef
@@ -292,19 +294,75 @@ async def test_keyring_for_makes_no_api_requests(
     assert len(server.requests) == requests
 
 
-async def test_malformed_secret_is_skipped_without_logging_its_data(
-    server: FakeApiServer, cache: KubePullSecrets, caplog: pytest.LogCaptureFixture
+async def test_a_secret_the_kubelet_refuses_is_reported_once_and_resolved_without(
+    server: FakeApiServer, client: AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    bad = secret("apps", "bad", {"auths": {}})
-    bad["data"] = {".dockerconfigjson": base64.b64encode(b'{"auths": SECRETVALUE').decode()}
+    metrics = Metrics()
+    # One undecodable entry: the kubelet refuses the whole secret, its good entry too.
+    bad = secret(
+        "apps",
+        "bad",
+        {"auths": {REGISTRY: {"auth": _auth("bad-user", "SECRETPW")}, "x.io": {"auth": "SECRET!"}}},
+    )
     server.put(bad)
     server.put(_pull_secret("apps", "good", "good-user"))
     pull = PullContext(("bad", "good"))
-    await _users_eventually(cache, "apps", pull, ["good-user"])
+    unusable = UnusableSecrets(metrics.pull_secret_unusable)
+    async with KubePullSecrets(client, resync_seconds=0.1, unusable=unusable) as cache:
+        await _users_eventually(cache, "apps", pull, ["good-user"])
+        # Relists read it again and again; it is reported once.
+        lists = server.count("secrets", watch=False)
+        await _eventually(lambda: server.count("secrets", watch=False) >= lists + 4)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert sum("secret apps/bad" in r.getMessage() for r in warnings) == 1
+        assert _unusable_count(metrics, "apps") == 1.0
+        # Fixed, it is used; broken again (other content), it is reported again.
+        server.put(_pull_secret("apps", "bad", "fixed"))
+        await _users_eventually(cache, "apps", pull, ["fixed", "good-user"])
+        server.put(secret("apps", "bad", {"auths": {REGISTRY: {"username": 1}}}))
+        await _users_eventually(cache, "apps", pull, ["good-user"])
+        assert _unusable_count(metrics, "apps") == 2.0
+    assert "registry 'x.io': \"auth\" is not base64" in caplog.text
+    assert "the kubelet fails every pull" in caplog.text
+    for secret_text in ("SECRET", "bad-user", "good-user-pw", bad["data"][".dockerconfigjson"]):
+        assert secret_text not in caplog.text
+
+
+def _unusable_count(metrics: Metrics, namespace: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "pinhook_pull_secrets_unusable_total", {"namespace": namespace}
+    )
+    return value or 0.0
+
+
+async def test_a_secret_the_kubelet_reads_is_never_skipped(
+    server: FakeApiServer, cache: KubePullSecrets
+) -> None:
+    # Forms the kubelet tolerates: unpadded base64 with a newline, upper-case field names, a
+    # null entry, unknown fields, an "auth" that overrides username and password.
+    auth = base64.b64encode(b"tolerated:pw").decode().rstrip("=")
+    document = {
+        "Auths": {
+            REGISTRY: {"AUTH": auth[:4] + "\n" + auth[4:], "username": "x", "identitytoken": 1},
+            "null.io": None,
+        },
+        "credHelpers": {"r.io": "ignored"},
+    }
+    server.put(secret("apps", "tolerated", document))
+    await _users_eventually(cache, "apps", PullContext(("tolerated",)), ["tolerated"])
+
+
+async def test_static_pull_secrets_report_a_refused_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bad = secret("apps", "bad", {"auths": {REGISTRY: {"auth": "SECRETVALUE"}}})
+    reported: list[str] = []
+    source = StaticPullSecrets.from_manifests([bad], unusable=UnusableSecrets(reported.append))
+    assert _users(await source.keyring_for("apps", PullContext(("bad",)))) == []
+    assert reported == ["apps"]
     assert "secret apps/bad" in caplog.text
     assert "SECRETVALUE" not in caplog.text
-    assert "good-user-pw" not in caplog.text
 
 
 async def test_exit_cancels_the_watch_tasks(server: FakeApiServer, client: AsyncClient) -> None:

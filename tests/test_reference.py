@@ -130,6 +130,9 @@ VALID: list[tuple[str, tuple[str, str, str | None, str | None]]] = [
     (SHA256_B, ("docker.io", "library/sha256", SHA256_B.split(":")[1], None)),
     # the repository limit is 255 characters without the registry
     ("example.com/" + "a" * 255 + ":tag", ("example.com", "a" * 255, "tag", None)),
+    # not a host name but a path component: distribution reads a name without a domain, and
+    # the runtime pulls from the host foo_bar.com (tests/test_reference_parity.py)
+    ("foo_bar.com/x:1", ("foo_bar.com", "x", "1", None)),
     (
         "a/" * 127 + "a:tag-puts-this-over-max",
         ("docker.io", "a/" * 127 + "a", "tag-puts-this-over-max", None),
@@ -177,7 +180,9 @@ INVALID: list[tuple[str, str]] = [
     ("https://github.com/docker/docker", "invalid"),
     # bad registries
     ("-docker.io/docker/docker", "invalid registry '-docker.io'"),
-    ("foo_bar.com/x", "invalid registry 'foo_bar.com'"),
+    ("foo_bar.com:5000/x", "invalid registry 'foo_bar.com:5000'"),
+    ("Foo_bar.com/x", "invalid registry 'Foo_bar.com'"),
+    ("foo_bar.com/" + "x" * 244, "(it has 256: 'foo_bar.com' is read as part of it)"),
     ("fc00::1:5000/debian", "invalid registry"),
     ("[fe80::1%eth0]:5000/repo", "invalid registry"),
     ("[fe80::1%@invalidzone]:5000/repo", "invalid"),
@@ -422,7 +427,8 @@ def test_with_digest_rejects_invalid_digests(digest: str) -> None:
         (("quay.io", ""), "repository name is missing"),
         (("quay.io", "foo/"), "empty path component"),
         (("quay.io/x", "foo"), "invalid registry"),
-        (("foo_bar.com", "foo"), "invalid registry"),
+        (("foo_bar", "foo"), "invalid registry"),
+        (("Foo_bar.com", "foo"), "invalid registry"),
         (("index.docker.io", "library/foo"), "use 'docker.io'"),
         (("docker.io", "nginx"), "use 'library/nginx'"),
         (("myregistry", "foo"), "would be read as a Docker Hub namespace"),
@@ -448,6 +454,7 @@ def test_constructor_validates(fields: tuple[str, ...], fragment: str) -> None:
         (("127.0.0.1:5000", "x", "t", SHA384), "127.0.0.1:5000/x:t@" + SHA384),
         (("[::1]:5000", "repo"), "[::1]:5000/repo"),
         (("Foo", "bar"), "Foo/bar"),
+        (("foo_bar.com", "bar"), "foo_bar.com/bar"),
     ],
 )
 def test_constructor_accepts_normalised_fields(fields: tuple[str, ...], text: str) -> None:

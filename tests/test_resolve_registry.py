@@ -26,6 +26,7 @@ from webhook.config import Settings, load_settings
 from webhook.kube import NoPullSecrets, PullSecretSource, StaticPullSecrets
 from webhook.metrics import Metrics
 from webhook.mutate import Mutator
+from webhook.oci.credhelper import DockerConfig
 from webhook.oci.keychain import DockerKeyring
 from webhook.oci.registry import RegistryClient
 from webhook.resolve import CachingResolver, RegistryDigestResolver
@@ -64,8 +65,8 @@ async def build() -> AsyncIterator[Build]:
             clock: Clock | None = None,
         ) -> Mutator:
             client = await stack.enter_async_context(RegistryClient(registry_options(settings)))
-            keyring = DockerKeyring.from_file(docker) if docker else None
-            inner = RegistryDigestResolver(client, secrets or NoPullSecrets(), keyring)
+            config = DockerConfig.from_file(docker) if docker else None
+            inner = RegistryDigestResolver(client, secrets or NoPullSecrets(), config)
             metrics = Metrics()
             cache = CachingResolver(
                 inner, settings.cache, clock=clock or time.monotonic, on_event=metrics.cache_event

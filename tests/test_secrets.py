@@ -20,7 +20,7 @@ from webhook.config import load_settings
 from webhook.kube import NoPullSecrets
 from webhook.metrics import Metrics
 from webhook.mutate import Mutator
-from webhook.oci.keychain import DockerKeyring
+from webhook.oci.credhelper import DockerConfig
 from webhook.oci.registry import RegistryClient
 from webhook.redact import scrub
 from webhook.resolve import CachingResolver, RegistryDigestResolver
@@ -88,7 +88,7 @@ async def test_no_marker_secret_in_warnings_annotations_logs_or_metrics(
     )
     metrics = Metrics()
     async with RegistryClient(registry_options(settings)) as client:
-        keyring = DockerKeyring.from_file(config)
+        keyring = DockerConfig.from_file(config)
         inner = RegistryDigestResolver(client, NoPullSecrets(), keyring)
         mutator = Mutator(settings, CachingResolver(inner, settings.cache), metrics)
         pod = pod_of(f"{faults.host}/team/a:1", f"{faults.host}/team/b:1")

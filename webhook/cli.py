@@ -21,7 +21,8 @@ from .admission import AdmissionRequest, parse_review, render_response
 from .conditionsync import MatchConditionsSync
 from .config import Settings, default_settings, load_settings_file, warnings_for
 from .errors import ConfigError, PinhookError
-from .kube import KubePullSecrets, PullSecretSource, StaticPullSecrets
+from .kube import KubePullSecrets, PullSecretSource, StaticPullSecrets, UnusableSecrets
+from .metrics import Metrics
 from .runtime import Runtime
 from .selfcert import SelfManagedCertificates, SelfManagedOptions
 
@@ -218,11 +219,13 @@ def _serve(args: argparse.Namespace) -> int:
         paths = certs.ensure_self_signed(args.cert_dir)
         cert, key = paths.cert, paths.key
         log.info("TLS certificate %s (CA: %s)", cert, paths.ca_cert)
+    metrics = Metrics()
     runtime = Runtime(
         settings,
         config_path=args.config,
         docker_config=args.docker_config,
-        pull_secrets=_pull_secrets(args.kube),
+        pull_secrets=_pull_secrets(args.kube, metrics),
+        metrics=metrics,
         # A self-managed pinhook may patch its own webhook configuration: keep the CEL
         # matchConditions generated from the config it is serving.
         conditions_sync=(
@@ -259,10 +262,11 @@ def _kube_client() -> AsyncClient:
         raise ConfigError("no Kubernetes API configuration found", [str(exc)]) from exc
 
 
-def _pull_secrets(mode: str) -> PullSecretSource | None:
+def _pull_secrets(mode: str, metrics: Metrics) -> PullSecretSource | None:
     if mode == "off" or (mode == "auto" and not os.environ.get("KUBERNETES_SERVICE_HOST")):
         return None
-    return KubePullSecrets(_kube_client(), owns_client=True)
+    unusable = UnusableSecrets(metrics.pull_secret_unusable)
+    return KubePullSecrets(_kube_client(), owns_client=True, unusable=unusable)
 
 
 def _review(args: argparse.Namespace) -> int:

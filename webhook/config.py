@@ -130,6 +130,25 @@ class RegistrySettings(_Model):
     concurrency: int = Field(default=64, ge=1, le=1024)
     concurrency_per_registry: int = Field(default=16, ge=1, le=1024)
 
+    # The kubelet's --image-credential-provider-config and --image-credential-provider-bin-dir.
+    image_credential_provider_config: Path | None = None
+    image_credential_provider_bin_dir: Path | None = None
+    # How long a credential provider or docker credential helper may run. A request waits at
+    # most its own deadline; a slower answer is still cached for the requests that follow.
+    credential_exec_timeout_seconds: float = Field(default=30.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _provider_paths(self) -> RegistrySettings:
+        config, bin_dir = (
+            self.image_credential_provider_config,
+            self.image_credential_provider_bin_dir,
+        )
+        if (config is None) != (bin_dir is None):
+            raise ValueError(
+                "imageCredentialProviderConfig and imageCredentialProviderBinDir go together"
+            )
+        return self
+
 
 class ServerSettings(_Model):
     """The webhook's own connections: slow, silent or too many clients are cut off."""

@@ -10,7 +10,8 @@ resourceVersion, relist on 410 Gone or any watch failure, as client-go's reflect
 so that :meth:`keyring_for` answers from memory and the admission hot path makes no API
 request. The credentials for an object are its own ``imagePullSecrets`` followed by those of
 its ServiceAccount (``default`` when none is named), folded into one keyring the way the
-kubelet folds a pod's pull secrets. A missing secret is skipped, as the kubelet does.
+kubelet folds a pod's pull secrets. A missing secret is skipped, as the kubelet does; one the
+kubelet would refuse (:class:`UnusableSecrets`) is reported once and resolved without.
 
 Secret data is never logged: messages name the secret and the registry key only.
 """
@@ -20,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
@@ -54,13 +57,14 @@ class PullSecretSource(Protocol):
         ...
 
 
-def keyring_from_secret(
+def parse_pull_secret(
     namespace: str, name: str, secret_type: str | None, data: Mapping[str, str] | None
 ) -> DockerKeyring | None:
-    """Parse a pull secret from its type and base64 ``data``.
+    """Parse a pull secret from its type and base64 ``data``, as the kubelet reads it.
 
-    None when it is not a docker pull secret or cannot be used; the reason is logged, the
-    data never is.
+    None when it is not a docker pull secret or holds no document (the kubelet ignores those);
+    ConfigError when the kubelet would refuse it. Neither the data nor a credential is ever
+    part of a message.
     """
     fmt = _PULL_SECRET_FORMATS.get(secret_type or "")
     if fmt is None:
@@ -74,13 +78,57 @@ def keyring_from_secret(
     try:
         document = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        log.warning("%s: %s is not base64; skipped", source, data_key)
-        return None
-    try:
-        return parse(document, source=source)
-    except ConfigError as exc:
-        log.warning("%s; skipped", exc)
-        return None
+        raise ConfigError(f"{source}: {data_key} is not base64") from None
+    return parse(document, source=source)
+
+
+class UnusableSecrets:
+    """Reports each pull secret the kubelet would refuse: a warning naming the secret and the
+    problem, and the ``pinhook_pull_secrets_unusable_total`` count; once per content, so a
+    relist or a watch event that changes nothing says nothing new.
+
+    The kubelet fails every pull of a Pod that names such a secret; pinhook resolves without it
+    (digests are not per-namespace, so failing here would depend on what is cached).
+    """
+
+    def __init__(self, count: Callable[[str], None] | None = None, limit: int = 10_000) -> None:
+        self._count = count or (lambda _namespace: None)
+        self._limit = limit
+        self._reported: OrderedDict[ObjectKey, str] = OrderedDict()
+
+    def parse(
+        self, namespace: str, name: str, secret_type: str | None, data: Mapping[str, str] | None
+    ) -> DockerKeyring | None:
+        """:func:`parse_pull_secret`, reporting (not raising) a secret the kubelet refuses."""
+        key = (namespace, name)
+        try:
+            keyring = parse_pull_secret(namespace, name, secret_type, data)
+        except ConfigError as exc:
+            self._report(key, _fingerprint(secret_type, data), exc)
+            return None
+        self._reported.pop(key, None)
+        return keyring
+
+    def _report(self, key: ObjectKey, fingerprint: str, problem: ConfigError) -> None:
+        if self._reported.get(key) == fingerprint:
+            return
+        self._reported[key] = fingerprint
+        self._reported.move_to_end(key)
+        while len(self._reported) > self._limit:
+            self._reported.popitem(last=False)
+        log.warning(
+            "%s; the kubelet fails every pull of a Pod that uses this pull secret, and pinhook"
+            " resolves without it",
+            problem,
+        )
+        self._count(key[0])
+
+
+def _fingerprint(secret_type: str | None, data: Mapping[str, str] | None) -> str:
+    digest = hashlib.sha256((secret_type or "").encode())
+    for name, value in sorted((data or {}).items()):
+        digest.update(f"\0{name}\0{value}".encode())
+    return digest.hexdigest()
 
 
 def _keyring_for(
@@ -127,10 +175,15 @@ class StaticPullSecrets:
 
     @classmethod
     def from_manifests(
-        cls, objects: Iterable[Mapping[str, Any]], *, default_namespace: str = "default"
+        cls,
+        objects: Iterable[Mapping[str, Any]],
+        *,
+        default_namespace: str = "default",
+        unusable: UnusableSecrets | None = None,
     ) -> StaticPullSecrets:
         """Build from Secret and ServiceAccount manifests (as parsed from YAML); other kinds
         are ignored. Secrets may use ``data`` (base64) or ``stringData`` (plain text)."""
+        unusable = unusable or UnusableSecrets()
         secrets: dict[ObjectKey, DockerKeyring] = {}
         accounts: dict[ObjectKey, Sequence[str]] = {}
         for obj in objects:
@@ -142,7 +195,7 @@ class StaticPullSecrets:
                 refs = obj.get("imagePullSecrets") or []
                 accounts[key] = [str(ref["name"]) for ref in refs if ref.get("name")]
             elif obj.get("kind") == "Secret":
-                keyring = keyring_from_secret(*key, obj.get("type"), _manifest_data(obj))
+                keyring = unusable.parse(*key, obj.get("type"), _manifest_data(obj))
                 if keyring is not None:
                     secrets[key] = keyring
         return cls(secrets, accounts)
@@ -294,11 +347,6 @@ def _service_account_pull_secrets(obj: Any) -> tuple[str, ...]:
     return tuple(ref.name for ref in obj.imagePullSecrets or () if ref.name)
 
 
-def _secret_keyring(obj: Any) -> DockerKeyring | None:
-    namespace, name = _object_key(obj)
-    return keyring_from_secret(namespace, name, obj.type, obj.data)
-
-
 class KubePullSecrets:
     """Pull secrets from the Kubernetes API through watch-backed caches.
 
@@ -315,7 +363,10 @@ class KubePullSecrets:
         resync_seconds: float = 300,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        unusable: UnusableSecrets | None = None,
     ) -> None:
+        self._unusable = unusable or UnusableSecrets()
+
         def reflector(
             resource: Any, convert: Callable[[Any], V | None], label: str, secret_type: str | None
         ) -> _Reflector[V]:
@@ -334,7 +385,7 @@ class KubePullSecrets:
         )
         # Field selectors cannot OR two values, so each pull-secret type has its own watch.
         self._secret_caches = [
-            reflector(Secret, _secret_keyring, f"secrets of type {t}", t)
+            reflector(Secret, self._secret_keyring, f"secrets of type {t}", t)
             for t in (DOCKERCONFIGJSON_TYPE, DOCKERCFG_TYPE)
         ]
         self._tasks: list[asyncio.Task[None]] = []
@@ -366,6 +417,10 @@ class KubePullSecrets:
 
     async def keyring_for(self, namespace: str, pull: PullContext) -> DockerKeyring:
         return _keyring_for(namespace, pull, self._service_accounts.store.get, self._secret)
+
+    def _secret_keyring(self, obj: Any) -> DockerKeyring | None:
+        namespace, name = _object_key(obj)
+        return self._unusable.parse(namespace, name, obj.type, obj.data)
 
     def _secret(self, key: ObjectKey) -> DockerKeyring | None:
         for cache in self._secret_caches:

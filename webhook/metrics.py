@@ -90,6 +90,18 @@ class Metrics:
             registry=self.registry,
         )
         self._registry_hosts: set[str] = set()
+        self.pull_secrets_unusable = Counter(
+            "pinhook_pull_secrets_unusable",
+            "Pull secrets the kubelet would refuse (reported once per content), by namespace",
+            ["namespace"],
+            registry=self.registry,
+        )
+        self.credential_provider_execs = Counter(
+            "pinhook_credential_provider_execs",
+            "Credential provider plugin runs, by provider and result (ok, error, timeout)",
+            ["provider", "result"],
+            registry=self.registry,
+        )
 
         self._children: dict[tuple[object, ...], Counter] = {}
 
@@ -129,6 +141,12 @@ class Metrics:
 
     def connection_closed(self, reason: str) -> None:
         self._inc(self.connections_closed, reason)
+
+    def pull_secret_unusable(self, namespace: str) -> None:
+        self.pull_secrets_unusable.labels(namespace).inc()
+
+    def credential_provider_exec(self, provider: str, result: str) -> None:
+        self.credential_provider_execs.labels(provider, result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,17 +18,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from .config import CacheSettings
-from .errors import DeadlineExceeded, NotFound, ResolveError, Unauthorized
+from .errors import NotFound, ResolveError, Unauthorized
 from .kube import PullSecretSource
 from .oci.credential import ANONYMOUS, Credential, Credentials, PullContext
-from .oci.keychain import DockerKeyring
+from .oci.credhelper import DockerConfig
+from .oci.credprovider import CredentialProviders
 from .oci.reference import ImageRef
 from .oci.registry import RegistryClient
+from .singleflight import SingleFlight
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +67,7 @@ class DigestResolver(Protocol):
 class DigestSource(Protocol):
     """Where a cache gets what it does not know, asked with explicit credentials."""
 
-    async def credentials(self, ref: ImageRef, scope: PullScope) -> Credentials:
+    async def credentials(self, ref: ImageRef, scope: PullScope, deadline: float) -> Credentials:
         """The credentials that apply to ``ref`` for an object in ``scope``, in order."""
         ...
 
@@ -96,7 +98,7 @@ class StaticDigestResolver:
     async def exists(self, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
         return await self.has(ref, ANONYMOUS, deadline)
 
-    async def credentials(self, ref: ImageRef, scope: PullScope) -> Credentials:
+    async def credentials(self, ref: ImageRef, scope: PullScope, deadline: float) -> Credentials:
         return ANONYMOUS
 
     async def digest(self, ref: ImageRef, credentials: Credentials, deadline: float) -> str:
@@ -110,37 +112,45 @@ class StaticDigestResolver:
 
 
 class RegistryDigestResolver:
-    """Asks the registry, with the pull secrets of the object and the mounted docker config."""
+    """Asks the registry with the credentials the kubelet would pull with, in its order: the
+    object's pull secrets, then the mounted docker config (the node's, for the kubelet), then
+    the credential provider plugins."""
 
     def __init__(
         self,
         client: RegistryClient,
         secrets: PullSecretSource,
-        docker_config: DockerKeyring | None = None,
+        docker_config: DockerConfig | None = None,
+        providers: CredentialProviders | None = None,
     ) -> None:
         self._client = client
         self._secrets = secrets
         # Replaced whole when the mounted file changes; readers see the old or the new one.
         self.docker_config = docker_config
+        self._providers = providers
 
     def peek(self, ref: ImageRef) -> str | None:
         return None
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
-        return Resolution(await self.digest(ref, await self.credentials(ref, scope), deadline))
+        credentials = await self.credentials(ref, scope, deadline)
+        return Resolution(await self.digest(ref, credentials, deadline))
 
     async def exists(self, ref: ImageRef, scope: PullScope, deadline: float) -> bool:
-        return await self.has(ref, await self.credentials(ref, scope), deadline)
+        return await self.has(ref, await self.credentials(ref, scope, deadline), deadline)
 
-    async def credentials(self, ref: ImageRef, scope: PullScope) -> Credentials:
-        """The object's pull secrets (its own, then its ServiceAccount's), then the mounted
-        docker config, in the order the kubelet tries them."""
+    async def credentials(self, ref: ImageRef, scope: PullScope, deadline: float) -> Credentials:
+        """The credentials the kubelet would pull with, in its order: the object's pull
+        secrets (its own, then its ServiceAccount's), the mounted docker config, then the
+        credential provider plugins (which may run a program, within ``deadline``)."""
         found: list[Credential] = []
         if scope.namespace is not None:
             keyring = await self._secrets.keyring_for(scope.namespace, scope.pull)
             found.extend(keyring.lookup(ref))
         if self.docker_config is not None:
-            found.extend(self.docker_config.lookup(ref))
+            found.extend(await self.docker_config.lookup(ref, deadline))
+        if self._providers is not None:
+            found.extend(await self._providers.lookup(ref, deadline))
         return Credentials(tuple(found)) if found else ANONYMOUS
 
     async def digest(self, ref: ImageRef, credentials: Credentials, deadline: float) -> str:
@@ -155,7 +165,6 @@ def _tagged(ref: ImageRef) -> ImageRef:
 
 
 K = TypeVar("K")
-T = TypeVar("T")
 V = TypeVar("V")
 
 
@@ -165,36 +174,6 @@ class _Entry:
     fetched: float  # when the registry last answered with this digest
     expires: float
     stale: bool = False  # served after a registry failure, until ``expires``
-
-
-class _SingleFlight(Generic[K, T]):
-    """Concurrent callers with the same key share one call; each waits under its own deadline."""
-
-    def __init__(self) -> None:
-        self._calls: dict[K, asyncio.Future[T]] = {}
-
-    def __contains__(self, key: K) -> bool:
-        return key in self._calls
-
-    async def run(self, key: K, call: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
-        future = self._calls.get(key)
-        if future is None:
-            future = asyncio.ensure_future(call())
-            self._calls[key] = future
-            future.add_done_callback(lambda f: self._settle(key, f))
-        remaining = deadline - asyncio.get_running_loop().time()
-        try:
-            # shield: one caller giving up must not cancel the call the others wait on.
-            return await asyncio.wait_for(asyncio.shield(future), remaining)
-        except TimeoutError:
-            raise DeadlineExceeded(f"{what}: no answer within the deadline") from None
-
-    def _settle(self, key: K, future: asyncio.Future[T]) -> None:
-        self._calls.pop(key, None)
-        if not future.cancelled():
-            # Retrieve it so an error nobody waited for (all callers timed out) is not reported
-            # as "never retrieved"; every waiter got its own copy already.
-            future.exception()
 
 
 _TagKey = tuple[str, str]
@@ -242,10 +221,10 @@ class CachingResolver:
         self._on_event = on_event or (lambda _event: None)
         self._entries: OrderedDict[_TagKey, _Entry] = OrderedDict()
         self._failures: OrderedDict[_ScopedKey, _Failure] = OrderedDict()
-        self._resolving: _SingleFlight[_ScopedKey, Resolution] = _SingleFlight()
+        self._resolving: SingleFlight[_ScopedKey, Resolution] = SingleFlight()
         self._known_digests: OrderedDict[_TagKey, None] = OrderedDict()
         self._missing_digests: OrderedDict[_ScopedKey, float] = OrderedDict()
-        self._checking: _SingleFlight[_ScopedKey, bool] = _SingleFlight()
+        self._checking: SingleFlight[_ScopedKey, bool] = SingleFlight()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -265,7 +244,7 @@ class CachingResolver:
             self._entries.move_to_end(key)
             self._on_event("stale" if entry.stale else "hit")
             return Resolution(entry.digest, stale=entry.stale)
-        credentials = await self._inner.credentials(ref, scope)
+        credentials = await self._inner.credentials(ref, scope, deadline)
         scoped = (*key, credentials.key)
         failure = self._failures.get(scoped)
         if failure is not None and failure.expires > self._clock():
@@ -329,7 +308,7 @@ class CachingResolver:
             # A digest is immutable: once seen in a repository it stays valid to cache.
             self._known_digests.move_to_end(key)
             return True
-        credentials = await self._inner.credentials(ref, scope)
+        credentials = await self._inner.credentials(ref, scope, deadline)
         scoped = (*key, credentials.key)
         missing_until = self._missing_digests.get(scoped)
         if missing_until is not None and missing_until > self._clock():

@@ -54,8 +54,10 @@ class NamePattern:
             # "docker.io/kserve/" names the kserve namespace; without the slash docker.io would
             # read "docker.io/kserve" as the image docker.io/library/kserve.
             registry, repository = parse_name(name + "/x")
+            check_registry(registry)
             return cls(prefix=f"{registry}/{repository[:-2]}", tag=tag)
         registry, repository = parse_name(name)
+        check_registry(registry)
         return cls(prefix=f"{registry}/{repository}", tag=tag)
 
     def __str__(self) -> str:

@@ -22,7 +22,8 @@ from .files import FileStamp, file_stamp
 from .kube import KubePullSecrets, NoPullSecrets, PullSecretSource
 from .metrics import Metrics
 from .mutate import Mutator
-from .oci.keychain import DockerKeyring
+from .oci.credhelper import DockerConfig
+from .oci.credprovider import CredentialProviders
 from .oci.registry import RegistryClient
 from .oci.transport import RegistryOptions
 from .resolve import CachingResolver, DigestResolver, RegistryDigestResolver, StaticDigestResolver
@@ -160,14 +161,16 @@ class Runtime:
     async def _build_resolver(
         self, settings: Settings
     ) -> tuple[DigestResolver, RegistryClient | None]:
-        """Raises ConfigError (an unreadable docker config) before anything is opened."""
+        """Raises ConfigError (an unreadable docker config or credential provider config)
+        before anything is opened."""
         if settings.resolver == "static":
             self._registry_resolver = None
             return StaticDigestResolver(settings.digest_table), None
         docker_config = self._load_docker_config(settings)
+        providers = self._credential_providers(settings)
         client = RegistryClient(registry_options(settings), events=self.metrics)
         await client.__aenter__()
-        inner = RegistryDigestResolver(client, self._pull_secrets, docker_config)
+        inner = RegistryDigestResolver(client, self._pull_secrets, docker_config, providers)
         self._registry_resolver = inner
         cache = CachingResolver(
             inner,
@@ -180,14 +183,35 @@ class Runtime:
     def _docker_config_file(self, settings: Settings) -> Path | None:
         return settings.registry.docker_config or self._docker_config_path
 
-    def _load_docker_config(self, settings: Settings) -> DockerKeyring | None:
+    def _load_docker_config(self, settings: Settings) -> DockerConfig | None:
         path = self._docker_config_file(settings)
         if path is None:
             return None
         stamp = file_stamp(path)
-        keyring = DockerKeyring.from_file(path)
+        config = DockerConfig.from_file(
+            path, timeout=settings.registry.credential_exec_timeout_seconds
+        )
         self._docker_stamp = stamp
-        return keyring
+        return config
+
+    def _credential_providers(self, settings: Settings) -> CredentialProviders | None:
+        """The kubelet's credential provider plugins, read (like the kubelet) when the resolver
+        is built: at start and when the registry settings change."""
+        registry = settings.registry
+        config, bin_dir = (
+            registry.image_credential_provider_config,
+            registry.image_credential_provider_bin_dir,
+        )
+        if config is None or bin_dir is None:
+            return None
+        providers = CredentialProviders.from_config(
+            config,
+            bin_dir,
+            timeout=registry.credential_exec_timeout_seconds,
+            on_exec=self.metrics.credential_provider_exec,
+        )
+        log.info("credential providers from %s: %s", config, ", ".join(providers.names))
+        return providers
 
     def reload_docker_config(self) -> None:
         """Mounted credentials rotate (ECR tokens last 12 hours): follow the file."""

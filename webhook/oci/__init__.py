@@ -9,7 +9,11 @@ use, so that pinhook reads, authorises and resolves an image the way they would:
   auth, token exchange and caches) and ``transport`` (retries, guarded redirects, deadlines),
   after its ``pkg/v1/remote/transport``;
 - ``hostguard``: pinhook's own guard against private addresses, on every host they go to;
-- ``keychain``: docker config credentials matched to images as the kubelet's
-  ``pkg/credentialprovider`` matches them;
+- ``keychain``: docker config credentials read and matched to images as the kubelet's
+  ``pkg/credentialprovider`` reads and matches them, over ``urlmatch`` (Go's ``url.Parse``,
+  ``net.SplitHostPort`` and ``filepath.Match``, as the kubelet compares keys and images);
+- ``credhelper``: pinhook's docker config file as docker reads it (``credHelpers``,
+  ``credsStore``, tokens); ``credprovider``: the kubelet's credential provider plugins; both run
+  their programs through ``command``;
 - ``credential``: the credential and pull-context values they share.
 """

@@ -9,19 +9,35 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """A username and password (or identity token) for one registry.
+    """What one source offers for one registry.
 
-    ``source`` says where it came from (``secret ns/name``, ``docker config /path``) for
-    messages; the password never appears in ``repr`` so it cannot leak into a log.
+    Either a username and password, or one of docker's tokens:
+
+    * ``identity_token``: an OAuth2 refresh token (``identitytoken`` in a docker config, or a
+      credential helper's answer for the username ``<token>``), to be exchanged at the
+      registry's token endpoint with ``grant_type=refresh_token``;
+    * ``registry_token``: a bearer token sent to the registry as it is (``registrytoken``).
+
+    ``source`` says where it came from (``secret ns/name``, ``docker config /path``,
+    ``credential provider ecr``) for messages; no secret part appears in ``repr``, so none can
+    leak into a log.
     """
 
     username: str
     password: str = field(repr=False)
     source: str = ""
+    identity_token: str = field(default="", repr=False)
+    registry_token: str = field(default="", repr=False)
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to send: what containerd turns into an anonymous pull."""
+        return not (self.username or self.password or self.identity_token or self.registry_token)
 
     def identity(self) -> str:
         """A key that tells credentials apart in caches without holding the secret in clear."""
-        digest = hashlib.sha256(f"{self.username}\0{self.password}".encode()).hexdigest()
+        secret = "\0".join((self.password, self.identity_token, self.registry_token))
+        digest = hashlib.sha256(f"{self.username}\0{secret}".encode()).hexdigest()
         return f"{self.username}:{digest[:16]}"
 
 

@@ -16,6 +16,11 @@ The first component of a name is a registry only when it is ``localhost``, conta
 ``:``, or contains an upper-case letter (distribution's rule); otherwise the name is on Docker
 Hub (``docker.io``), and a one-component Docker Hub name gets the ``library/`` namespace.
 
+A first component with a ``.`` that is no host name but is a path component (``foo_bar.com``)
+is accepted as the registry too: distribution then reads the whole name as a path without a
+domain (``foo_bar.com/x``), and the runtime pulls it from the host ``foo_bar.com`` all the same,
+so pinhook resolves it there. The 255-character limit then counts the whole name, as there.
+
 The module is pure (no I/O). ``ImageRef.parse`` sits on the admission hot path, so the regular
 expressions are compiled once and parsed references are built without validating twice.
 """
@@ -95,6 +100,7 @@ class ImageRef:
         problem = (
             _registry_field_problem(self.registry)
             or _repository_problem(self.repository)
+            or _domainless_length_problem(self.registry, self.repository)
             or _docker_hub_problem(self.registry, self.repository)
             or (None if self.tag is None else _tag_problem(self.tag))
             or (None if self.digest is None else _digest_problem(self.digest))
@@ -183,9 +189,19 @@ def parse_name(text: str) -> tuple[str, str]:
 
 
 def check_registry(text: str) -> None:
-    """Raise InvalidReference unless ``text`` is a registry ``host[:port]`` as the grammar
-    reads one, in normalised form (what a rewrite rule may name as a whole registry)."""
+    """Raise InvalidReference unless ``text`` is a registry host name (or address) with an
+    optional port, in normalised form: what a rewrite rule may write.
+
+    Stricter than what an image may name: distribution reads ``a_b.c/x`` as a name without a
+    domain, which runtimes then pull from the host ``a_b.c``; a rule of pinhook's own must
+    name a real host.
+    """
     problem = _registry_field_problem(text)
+    if problem is None and _REGISTRY.fullmatch(text) is None:
+        problem = (
+            f"invalid registry {_shown(text)}: expected a host name, an IPv4 address or a"
+            " bracketed IPv6 address, optionally with ':port'"
+        )
     if problem is not None:
         raise _invalid(text, problem)
 
@@ -254,7 +270,11 @@ def _parse(text: str) -> ImageRef:
     if not familiar:
         raise _invalid(text, "repository name is missing")
     registry, repository = _split_registry(familiar)
-    problem = _repository_problem(repository) or _registry_problem(registry)
+    problem = (
+        _repository_problem(repository)
+        or _registry_problem(registry)
+        or _domainless_length_problem(registry, repository)
+    )
     if problem is not None:
         raise _invalid(text, problem)
 
@@ -314,7 +334,7 @@ def _explain_bad_repository(repository: str) -> str:
 
 
 def _registry_problem(registry: str) -> str | None:
-    if _REGISTRY.fullmatch(registry) is None:
+    if _REGISTRY.fullmatch(registry) is None and not _is_domainless(registry):
         return (
             f"invalid registry {_shown(registry)}: expected a host name, an IPv4 address or a"
             " bracketed IPv6 address, optionally with ':port'"
@@ -324,6 +344,23 @@ def _registry_problem(registry: str) -> str | None:
     # larger number would only fail later, deep in name resolution.
     if port and (len(port) > len(str(MAX_PORT)) or int(port) > MAX_PORT):
         return f"invalid registry {_shown(registry)}: port {_shown(port)} is above {MAX_PORT}"
+    return None
+
+
+def _is_domainless(registry: str) -> bool:
+    """A registry distribution reads as the first path component of a domain-less name."""
+    return "." in registry and _PATH_COMPONENT.fullmatch(registry) is not None
+
+
+def _domainless_length_problem(registry: str, repository: str) -> str | None:
+    if _REGISTRY.fullmatch(registry) is not None or not _is_domainless(registry):
+        return None
+    length = len(registry) + 1 + len(repository)
+    if length > MAX_REPOSITORY_LENGTH:
+        return (
+            f"repository name must not be more than {MAX_REPOSITORY_LENGTH} characters"
+            f" (it has {length}: {registry!r} is read as part of it)"
+        )
     return None
 
 
