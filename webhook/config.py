@@ -7,6 +7,7 @@ KServe and Knative objects, admit with a warning when a registry fails).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import core_schema
 
+from .configfiles import config_texts, merge_documents, sources
 from .errors import ConfigError
 from .kinds import DEFAULT_MODES, KIND_KEYS, Mode
 from .oci.reference import ImageRef, is_valid_digest
@@ -36,6 +38,19 @@ SKIP_ANNOTATION = "pinhook.dev/skip"
 class OnFailure(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
+
+
+class SkipAnnotation(StrEnum):
+    """Whether an object annotated ``pinhook.dev/skip: "true"`` is left alone.
+
+    Anyone who can create an object can annotate it, so under a digest-only policy the
+    annotation would be a way around it: ``auto`` ignores it wherever ``requireDigest``
+    applies (globally or in that object's namespace) and honours it elsewhere.
+    """
+
+    AUTO = "auto"
+    HONOURED = "honoured"
+    IGNORED = "ignored"
 
 
 class OutputForm(StrEnum):
@@ -133,6 +148,7 @@ class Settings(_Model):
     require_digest: bool = False
     namespaces: dict[str, NamespacePolicy] = Field(default_factory=dict)
     excluded_namespaces: tuple[str, ...] = ("kube-system", "pinhook-system")
+    skip_annotation: SkipAnnotation = SkipAnnotation.AUTO
 
     _rewrite_map: RewriteMap = PrivateAttr()
     _modes: dict[str, Mode] = PrivateAttr()
@@ -198,6 +214,12 @@ class Settings(_Model):
             ),
         )
 
+    def skip_honoured(self, policy: FailurePolicy) -> bool:
+        """Whether the skip annotation is honoured where ``policy`` applies."""
+        if self.skip_annotation is SkipAnnotation.AUTO:
+            return not policy.require_digest
+        return self.skip_annotation is SkipAnnotation.HONOURED
+
 
 def _parse_for_table(image: str) -> ImageRef:
     ref = ImageRef.parse(image)  # InvalidReference is a ValueError: reported at the field
@@ -206,6 +228,23 @@ def _parse_for_table(image: str) -> ImageRef:
 
 def load_settings(text: str, *, source: str = "config") -> Settings:
     """Parse and validate one YAML document; raises ConfigError naming every bad field."""
+    return _validate(_parse(text, source), source)
+
+
+def load_settings_file(path: Path) -> Settings:
+    """The settings in a file, a directory of ``*.yaml`` files or a ConfigMap manifest."""
+    return load_settings_files([path])
+
+
+def load_settings_files(paths: Sequence[Path]) -> Settings:
+    """The settings of several files (see ``load_settings_file``), merged (``configfiles``)."""
+    documents = [
+        (source, _parse(text, source)) for path in paths for source, text in config_texts(path)
+    ]
+    return _validate(merge_documents(documents), sources(documents))
+
+
+def _parse(text: str, source: str) -> dict[str, Any]:
     try:
         data: Any = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
@@ -214,18 +253,14 @@ def load_settings(text: str, *, source: str = "config") -> Settings:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a mapping", [f"got {type(data).__name__}"])
+    return data
+
+
+def _validate(data: dict[str, Any], source: str) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: invalid configuration", _describe(exc)) from None
-
-
-def load_settings_file(path: Path) -> Settings:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read", [str(exc)]) from None
-    return load_settings(text, source=str(path))
 
 
 def default_settings() -> Settings:

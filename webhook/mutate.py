@@ -40,6 +40,9 @@ TIMEOUT_MARGIN: Final = 1.5
 # The API server appends ?timeout=10s (its webhook timeout) to the URL it calls.
 _TIMEOUT: Final = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 _PLAN_MEMO_SIZE = 10_000
+SKIP_IGNORED: Final = (
+    f"pinhook: annotation {SKIP_ANNOTATION} ignored: opting out is not allowed in this namespace"
+)
 
 
 class Mutator:
@@ -105,18 +108,25 @@ class Mutator:
         if not isinstance(obj, dict):
             warning = "pinhook: object is not a JSON object; left as is"
             return RequestPlan(mode, policy, warnings=(warning,))
+        skip_ignored = False
         if _skip_requested(obj):
-            return RequestPlan(mode, policy, audit={"skipped": f"annotation {SKIP_ANNOTATION}"})
+            # Under a digest-only policy the annotation would let anyone opt out (auto).
+            if self.settings.skip_honoured(policy):
+                return RequestPlan(mode, policy, audit={"skipped": f"annotation {SKIP_ANNOTATION}"})
+            skip_ignored = True
         located = locate(info, obj)
         fields = located.fields
         if request.operation == "UPDATE":
             fields = tuple(field for field in fields if not _unchanged(field, request.old_obj))
+        warnings = tuple([f"pinhook: {problem}; left as is" for problem in located.problems])
+        if skip_ignored:
+            warnings = (SKIP_IGNORED, *warnings)
         return RequestPlan(
             mode,
             policy,
             request.namespace,
             tuple([self._plan_image(field, mode) for field in fields]),
-            tuple([f"pinhook: {problem}; left as is" for problem in located.problems]),
+            warnings,
         )
 
     def _plan_image(self, field: ImageField, mode: Mode) -> ImagePlan | InvalidImage:
