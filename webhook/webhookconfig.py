@@ -10,7 +10,7 @@ object, and pinhook itself decides. Two consequences worth knowing:
 
 * They follow the rewrite rules. A self-managed pinhook keeps those of its own configuration
   in step with the live config (``conditionsync``); a configuration applied otherwise (the
-  cert-manager overlay, ``pinhook install``) keeps the ones it was generated with, so a rule
+  cert-manager component, ``pinhook install``) keeps the ones it was generated with, so a rule
   added to the ConfigMap later reaches only objects that are sent anyway (unpinned images)
   until it is regenerated.
 * They never fail (see ``cel``): an image value of the wrong type sends the object (pinhook
