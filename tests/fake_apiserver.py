@@ -1,5 +1,6 @@
 """A loopback fake of the kube-apiserver: list and watch of core/v1 Secrets and ServiceAccounts,
-reads and writes of single objects, and MutatingWebhookConfigurations.
+reads and writes of single objects, MutatingWebhookConfigurations and
+ValidatingAdmissionPolicies.
 
 No real apiserver can run on this machine, so this implements just what a reflector uses, on a
 raw asyncio HTTP/1.1 server in the test's own event loop:
@@ -17,8 +18,8 @@ raw asyncio HTTP/1.1 server in the test's own event loop:
   ``metadata.resourceVersion`` and answers 409 ``Conflict`` on a mismatch), ``POST`` to the
   namespaced collection (409 ``AlreadyExists`` for a name in use), and ``GET``/``PATCH`` (JSON
   patch, where a failed ``test`` gives 422, or JSON merge patch) of
-  ``/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/NAME``; a missing
-  object is 404 ``NotFound``;
+  ``/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/NAME`` (and
+  ``validatingadmissionpolicies/NAME``); a missing object is 404 ``NotFound``;
 * on demand, any request may be failed with a status (:meth:`fail_next` with ``method``) or
   preceded by a hook (:meth:`before`) that changes state or waits, to stage races.
 
@@ -44,10 +45,13 @@ import jsonpatch
 # Resources that can be listed and watched (core/v1, namespaced).
 KINDS = {"secrets": "Secret", "serviceaccounts": "ServiceAccount"}
 # Cluster-scoped resources served as single objects only, with their API path prefix.
-CLUSTER_KINDS = {"mutatingwebhookconfigurations": "MutatingWebhookConfiguration"}
+CLUSTER_KINDS = {
+    "mutatingwebhookconfigurations": "MutatingWebhookConfiguration",
+    "validatingadmissionpolicies": "ValidatingAdmissionPolicy",
+}
 _API_PREFIX = {
     **dict.fromkeys(KINDS, "/api/v1"),
-    "mutatingwebhookconfigurations": "/apis/admissionregistration.k8s.io/v1",
+    **dict.fromkeys(CLUSTER_KINDS, "/apis/admissionregistration.k8s.io/v1"),
 }
 _PATH = re.compile(
     r"(?P<prefix>/api/v1|/apis/[^/]+/[^/]+)(?:/namespaces/(?P<ns>[^/]+))?"

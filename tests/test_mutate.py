@@ -11,7 +11,15 @@ import httpx
 import orjson
 import pytest
 
-from tests.reviews import apply_response, body, fake_digest, load_object, review, with_images
+from tests.reviews import (
+    apply_response,
+    body,
+    decode_patch,
+    fake_digest,
+    load_object,
+    review,
+    with_images,
+)
 from webhook.admission import AdmissionRequest, parse_review
 from webhook.app import create_app
 from webhook.config import Settings, load_settings
@@ -411,6 +419,38 @@ async def test_skip_annotation_and_excluded_namespace(webhook_for: WebhookFactor
     assert "patch" not in await hook.send(review(skipped))
     assert "patch" not in await hook.send(review(pod_with("nginx:1.27"), namespace="ci"))
     assert "patch" in await hook.send(review(pod_with("nginx:1.27"), namespace="web"))
+
+
+@pytest.mark.parametrize(
+    ("config", "namespace", "honoured"),
+    [
+        ("", "web", True),
+        ("requireDigest: true\n", "web", False),
+        ("requireDigest: true\nskipAnnotation: honoured\n", "web", True),
+        ("skipAnnotation: ignored\n", "web", False),
+        # requireDigest in one namespace: the annotation is ignored there only.
+        ("namespaces: {payments: {requireDigest: true}}\n", "payments", False),
+        ("namespaces: {payments: {requireDigest: true}}\n", "web", True),
+        ("requireDigest: true\nnamespaces: {legacy: {requireDigest: false}}\n", "legacy", True),
+    ],
+)
+async def test_skip_annotation_is_not_honoured_where_require_digest_applies(
+    webhook_for: WebhookFactory, config: str, namespace: str, honoured: bool
+) -> None:
+    hook = webhook_for(config)
+    skipped = pod_with("nginx:1.27", annotations={"pinhook.dev/skip": "true"})
+    response = await hook.send(review(skipped, namespace=namespace))
+    assert response["allowed"] is True
+    if honoured:
+        assert "patch" not in response
+        assert "warnings" not in response
+    else:
+        [op] = decode_patch(response)
+        assert op["value"] == pinned("nginx:1.27")
+        assert response["warnings"][0] == (
+            "pinhook: annotation pinhook.dev/skip ignored: opting out is not allowed in this"
+            " namespace"
+        )
 
 
 async def test_dry_run_answered_like_a_real_request(webhook: Webhook) -> None:

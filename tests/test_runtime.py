@@ -86,3 +86,24 @@ async def test_replaced_registry_clients_are_closed_on_exit(
         )  # in-flight requests may use it
     assert first._transport.http.is_closed
     assert runtime._client is not None and runtime._client._transport.http.is_closed
+
+
+async def test_a_config_directory_reloads_when_a_file_is_added(
+    registry: RegistryEnv, tmp_path: Path
+) -> None:
+    # The ConfigMap volume: a component or the operator adds a key, the kubelet adds a file.
+    directory = tmp_path / "config"
+    directory.mkdir()
+    write_config(directory / "config.yaml", registry.host)
+    async with Runtime(load_settings_file(directory), config_path=directory) as runtime:
+        assert not await runtime.reload_config()
+        assert not runtime.settings.require_digest
+        (directory / "enforce.yaml").write_text("requireDigest: true\n")
+        assert await runtime.reload_config()
+        assert runtime.settings.require_digest
+        # A file that contradicts another is rejected; the last good merge keeps serving.
+        (directory / "more.yaml").write_text("requireDigest: false\n")
+        assert not await runtime.reload_config()
+        assert runtime.settings.require_digest
+        ready, reason = runtime.readiness()
+        assert ready and "requireDigest is set in both" in reason

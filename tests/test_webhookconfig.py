@@ -50,8 +50,9 @@ ALL_PIN = Settings.model_validate(
 )
 GENERATED = (
     "manifests/base/mutatingwebhookconfiguration.yaml",
-    "manifests/overlays/enforce/webhook-fail.yaml",
-    "manifests/overlays/workloads/webhook-workloads.yaml",
+    "manifests/components/enforce/webhook-fail.yaml",
+    "manifests/components/enforce/validating-policy.yaml",
+    "manifests/components/workloads/webhook-workloads.yaml",
 )
 
 Obj = dict[str, Any]
@@ -66,16 +67,19 @@ def _program(expression: str) -> celpy.Runner:
     return env.program(env.compile(expression))
 
 
-def _value(expression: str, obj: Obj) -> bool:
-    result = _program(expression).evaluate({"object": celpy.json_to_cel(obj)})
+def _value(expression: str, obj: Obj, namespace: str = "default") -> bool:
+    activation = {"object": obj, "request": {"namespace": namespace}}
+    result = _program(expression).evaluate(
+        {key: celpy.json_to_cel(value) for key, value in activation.items()}
+    )
     # An error would skip pinhook (failurePolicy Ignore) or reject the request (Fail).
     assert isinstance(result, celpy.celtypes.BoolType), f"not a bool: {result!r}"
     return bool(result)
 
 
-def sends(conditions: list[dict[str, str]], obj: Obj) -> bool:
+def sends(conditions: list[dict[str, str]], obj: Obj, namespace: str = "default") -> bool:
     """Whether the API server would call the webhook: every condition true, none an error."""
-    values = [_value(condition["expression"], obj) for condition in conditions]
+    values = [_value(condition["expression"], obj, namespace) for condition in conditions]
     return all(values)
 
 
@@ -190,6 +194,65 @@ def test_skip_annotation_skips_only_when_true() -> None:
     assert sends(conditions, skipped)
     del skipped["metadata"]["annotations"]
     assert sends(conditions, skipped)
+
+
+def _annotated(obj: Obj, value: str = "true") -> Obj:
+    annotated = copy.deepcopy(obj)
+    annotated["metadata"].setdefault("annotations", {})["pinhook.dev/skip"] = value
+    return annotated
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        "requireDigest: true",
+        "skipAnnotation: ignored",
+        "{requireDigest: true, namespaces: {legacy: {requireDigest: false}},"
+        " skipAnnotation: ignored}",
+    ],
+)
+def test_no_skip_condition_where_the_annotation_is_ignored_everywhere(config: str) -> None:
+    settings = load_settings(config)
+    pod = with_images(load("pod-kserve-predictor.yaml"), {"/spec/containers/0/image": UNPINNED})
+    conditions = conditions_for(settings, pod)
+    assert "not-skipped" not in [condition["name"] for condition in conditions]
+    for namespace in ("default", "legacy", ""):
+        assert sends(conditions, _annotated(pod), namespace)
+
+
+def test_skip_condition_when_honoured_under_require_digest() -> None:
+    settings = load_settings("{requireDigest: true, skipAnnotation: honoured}")
+    pod = with_images(load("pod-kserve-predictor.yaml"), {"/spec/containers/0/image": UNPINNED})
+    conditions = conditions_for(settings, pod)
+    assert conditions[0]["name"] == "not-skipped"
+    assert not sends(conditions, _annotated(pod))
+
+
+@pytest.mark.parametrize(
+    ("config", "honoured", "ignored"),
+    [
+        # requireDigest in some namespaces only: the annotation is ignored there alone.
+        ("namespaces: {payments: {requireDigest: true}, ml: {onFailure: deny}}",
+         ["default", "ml", ""], ["payments"]),
+        # requireDigest everywhere but some namespaces (and cluster-scoped objects with it).
+        ("{requireDigest: true, namespaces: {legacy: {requireDigest: false}}}",
+         ["legacy"], ["default", "payments", ""]),
+    ],
+)  # fmt: skip
+def test_skip_condition_follows_the_policy_of_each_namespace(
+    config: str, honoured: list[str], ignored: list[str]
+) -> None:
+    settings = load_settings(config)
+    pod = with_images(load("pod-kserve-predictor.yaml"), {"/spec/containers/0/image": UNPINNED})
+    conditions = conditions_for(settings, pod)
+    assert conditions[0]["name"] == "not-skipped"
+    for namespace in honoured:
+        assert settings.skip_honoured(settings.policy_for(namespace or None))
+        assert not sends(conditions, _annotated(pod), namespace), namespace
+        assert sends(conditions, _annotated(pod, "false"), namespace), namespace
+    for namespace in ignored:
+        assert not settings.skip_honoured(settings.policy_for(namespace or None))
+        assert sends(conditions, _annotated(pod), namespace), namespace
 
 
 def _pod(spec: Any) -> Obj:
@@ -464,6 +527,7 @@ def test_namespace_selector_excludes_system_configured_and_target_namespaces() -
     target = WebhookTarget(service=("webhooks", "pinhook", 443, "/mutate"))
     config = build_webhook_configuration(settings, target)
     for webhook in config["webhooks"]:
+        # By name only: no label a namespace's owner can set opts it out.
         assert webhook["namespaceSelector"] == {
             "matchExpressions": [
                 {
@@ -471,7 +535,6 @@ def test_namespace_selector_excludes_system_configured_and_target_namespaces() -
                     "operator": "NotIn",
                     "values": ["kube-system", "pinhook-system", "batch-jobs", "webhooks"],
                 },
-                {"key": "pinhook.dev/ignore", "operator": "DoesNotExist"},
             ]
         }
 
@@ -498,6 +561,16 @@ def test_a_target_needs_a_url_or_a_service() -> None:
 def test_unknown_failure_policy_is_refused() -> None:
     with pytest.raises(ConfigError, match="failurePolicy"):
         build_webhook_configuration(default_settings(), WebhookTarget(), failure_policy="ignore")
+
+
+def test_kinds_select_the_webhooks_of_a_patch() -> None:
+    settings = load_settings("kinds: {deployments.apps: pin, jobs.batch: pin}")
+    config = build_webhook_configuration(
+        settings, WebhookTarget(), kinds=["jobs.batch", "deployments.apps"]
+    )
+    assert list(_webhooks(config)) == ["deployments.apps.pinhook.dev", "jobs.batch.pinhook.dev"]
+    with pytest.raises(ConfigError, match=r"statefulsets\.apps: off"):
+        build_webhook_configuration(settings, WebhookTarget(), kinds=["statefulsets.apps"])
 
 
 def test_without_match_conditions_only_the_conditions_differ() -> None:
@@ -572,7 +645,9 @@ def test_checked_in_configuration_is_the_generators_output(
 ) -> None:
     text = (ROOT / path).read_text()
     first = text.splitlines()[0]
-    assert first.startswith("# Generated by: pinhook webhook-config ")
+    assert first.startswith(
+        ("# Generated by: pinhook webhook-config ", "# Generated by: pinhook validating-policy ")
+    )
     argv = shlex.split(first.removeprefix("# Generated by: "))[1:]
     monkeypatch.chdir(ROOT)  # --config paths in the header are relative to the repository
     assert install.run(_parser().parse_args(argv)) == 0

@@ -13,7 +13,11 @@ behind a ternary rather than ``&&``: the same in CEL, and lazier in every evalua
 
 Most kinds' image values form one CEL list. An InferenceService's canaries do not: each is a
 predictor with lists of its own, and CEL has no flatten, so :class:`CelImages` quantifies over
-them apart (``exists``, ``all``) and offers the flat ``values`` only where there is one.
+them apart (``exists``, ``all``) and offers the flat ``values`` only where there is one, and
+``lists``, a list of flat lists, everywhere.
+
+The same values can be read from another root (``oldObject``, for an UPDATE), and a kind's
+fields one at a time (:func:`cel_image_fields`), for messages that name the field.
 """
 
 from __future__ import annotations
@@ -45,10 +49,48 @@ class CelImages:
         """CEL: every image value ``s`` satisfies ``test(s)`` (true when there are none)."""
         return self._node.all(test)
 
+    @property
+    def lists(self) -> str:
+        """A CEL list of lists of image values, together every one of them."""
+        return self._node.lists
 
-def cel_images(info: KindInfo) -> CelImages:
-    """The image values of an object of kind ``info``, as CEL over ``object``."""
-    return CelImages(_render(info.images, "object", 0))
+
+def cel_images(info: KindInfo, root: str = "object") -> CelImages:
+    """The image values of an object of kind ``info``, as CEL over ``root``."""
+    return CelImages(_render(info.images, root, 0))
+
+
+def cel_image_fields(info: KindInfo) -> list[tuple[str, CelImages]]:
+    """Each image field of kind ``info`` apart, in table order, with its path as people write
+    it: ``spec.containers[*].image``, ``spec.canary[*].predictor.model.image``."""
+    return [
+        (path, CelImages(_render(spec, "object", 0))) for path, spec in _fields(info.images, "")
+    ]
+
+
+def cel_string(text: str) -> str:
+    """A CEL single-quoted string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _fields(spec: Spec, path: str) -> list[tuple[str, Spec]]:
+    """The leaves of ``spec`` (one image field each), each under its own parents only."""
+    match spec:
+        case Containers(key=key):
+            return [(f"{path}{key}[*].image", spec)]
+        case Container(key=key):
+            return [(f"{path}{key}.image", spec)]
+        case ImageVolumes():
+            return [(f"{path}volumes[*].image.reference", spec)]
+        case Pull(then=then):
+            return _fields(then, path)
+        case At(path=at, then=then):
+            return [(leaf, At(at, sub)) for leaf, sub in _fields(then, f"{path}{at}.")]
+        case Each(key=key, then=then):
+            return [(leaf, Each(key, sub)) for leaf, sub in _fields(then, f"{path}{key}[*].")]
+        case All(specs=specs):
+            return [leaf for each in specs for leaf in _fields(each, path)]
+    raise TypeError(f"not an image spec: {spec!r}")
 
 
 # --- the rendered tree --------------------------------------------------------------------
@@ -66,6 +108,10 @@ class _Values:
     def all(self, test: CelTest) -> str:
         return f"{self.values}.all(s, {test('s')})"
 
+    @property
+    def lists(self) -> str:
+        return f"[{self.values}]"
+
 
 @dataclass(frozen=True, slots=True)
 class _Guarded:
@@ -80,6 +126,10 @@ class _Guarded:
     def all(self, test: CelTest) -> str:
         return f"!({self.guard}) ||\n({self.inner.all(test)})"
 
+    @property
+    def lists(self) -> str:
+        return _if(self.guard, self.inner.lists)
+
 
 @dataclass(frozen=True, slots=True)
 class _Parts:
@@ -92,6 +142,10 @@ class _Parts:
 
     def all(self, test: CelTest) -> str:
         return " &&\n".join(part.all(test) for part in self.parts)
+
+    @property
+    def lists(self) -> str:
+        return _concat(part.lists for part in self.parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +176,20 @@ class _Repeated:
         return (
             f"(has({self.items}) && type({self.items}) == list ?"
             f" {self.items}.all({self.var}, type({self.var}) != map || {condition}) : true)"
+        )
+
+    @property
+    def lists(self) -> str:
+        # One list per element: each element's values are flat (no list nests in another).
+        element, guard = self.element, f"type({self.var}) == map"
+        if isinstance(element, _Guarded):
+            guard = f"{guard} && {element.guard}"
+            element = element.inner
+        if not isinstance(element, _Values):
+            raise TypeError(f"nested repeated parts under {self.items}")
+        return (
+            f"(has({self.items}) && type({self.items}) == list ?"
+            f" {self.items}.filter({self.var}, {guard}).map({self.var}, {element.values}) : [])"
         )
 
 

@@ -23,6 +23,7 @@ from .config import Settings, default_settings, load_settings_file, warnings_for
 from .errors import ConfigError, PinhookError
 from .kube import KubePullSecrets, PullSecretSource, StaticPullSecrets, UnusableSecrets
 from .metrics import Metrics
+from .policysync import PolicySync
 from .runtime import Runtime
 from .selfcert import SelfManagedCertificates, SelfManagedOptions
 
@@ -132,7 +133,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         default=_path_env("CONFIG"),
-        help="YAML config (rewrite map and settings); default: the built-in map",
+        help="YAML config file, or a directory of *.yaml files merged into one (a ConfigMap"
+        " volume); default: the built-in map",
     )
     parser.add_argument(
         "--docker-config",
@@ -183,7 +185,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         case "certs":
             return _certs(args)
-        case "webhook-config" | "install" | "uninstall":
+        case "webhook-config" | "validating-policy" | "install" | "uninstall":
             return install.run(args)
         case "pin":
             return pin.run(args)
@@ -226,10 +228,15 @@ def _serve(args: argparse.Namespace) -> int:
         docker_config=args.docker_config,
         pull_secrets=_pull_secrets(args.kube, metrics),
         metrics=metrics,
-        # A self-managed pinhook may patch its own webhook configuration: keep the CEL
-        # matchConditions generated from the config it is serving.
-        conditions_sync=(
-            MatchConditionsSync(_kube_client, args.webhook_name) if args.self_managed else None
+        # A self-managed pinhook may patch its own webhook configuration and backstop policy:
+        # keep the CEL in them generated from the config it is serving.
+        config_syncs=(
+            [
+                MatchConditionsSync(_kube_client, args.webhook_name),
+                PolicySync(_kube_client, args.webhook_name, args.namespace),
+            ]
+            if args.self_managed
+            else []
         ),
     )
     options = ServeOptions(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from lightkube import AsyncClient
 from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfiguration
@@ -25,6 +25,15 @@ from .kubeerrors import kube_errors
 from .webhookconfig import match_conditions_for
 
 log = logging.getLogger(__name__)
+
+
+class ConfigSync(Protocol):
+    """Something in the cluster kept in step with each accepted config (``Runtime``)."""
+
+    async def __call__(self, settings: Settings) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
 
 _KIND_BY_WEBHOOK: Mapping[str, KindInfo] = {info.webhook_name: info for info in KINDS}
 

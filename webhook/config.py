@@ -7,11 +7,11 @@ KServe and Knative objects, admit with a warning when a registry fails).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,18 +25,31 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import core_schema
 
+from .configfiles import config_texts, merge_documents, read_yaml, sources
 from .errors import ConfigError
 from .kinds import DEFAULT_MODES, KIND_KEYS, Mode
 from .oci.reference import ImageRef, is_valid_digest
 from .rewrite import DEFAULT_RULES, NamePattern, RewriteMap, RewriteRule
 
 SKIP_ANNOTATION = "pinhook.dev/skip"
-CONFIG_KEY = "config.yaml"  # the ConfigMap's data key
 
 
 class OnFailure(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
+
+
+class SkipAnnotation(StrEnum):
+    """Whether an object annotated ``pinhook.dev/skip: "true"`` is left alone.
+
+    Anyone who can create an object can annotate it, so under a digest-only policy the
+    annotation would be a way around it: ``auto`` ignores it wherever ``requireDigest``
+    applies (globally or in that object's namespace) and honours it elsewhere.
+    """
+
+    AUTO = "auto"
+    HONOURED = "honoured"
+    IGNORED = "ignored"
 
 
 class OutputForm(StrEnum):
@@ -188,6 +201,7 @@ class Settings(_Model):
     require_digest: bool = False
     namespaces: dict[str, NamespacePolicy] = Field(default_factory=dict)
     excluded_namespaces: tuple[str, ...] = ("kube-system", "pinhook-system")
+    skip_annotation: SkipAnnotation = SkipAnnotation.AUTO
 
     _rewrite_map: RewriteMap = PrivateAttr()
     _modes: dict[str, Mode] = PrivateAttr()
@@ -253,88 +267,50 @@ class Settings(_Model):
             ),
         )
 
+    def skip_honoured(self, policy: FailurePolicy) -> bool:
+        """Whether the skip annotation is honoured where ``policy`` applies."""
+        if self.skip_annotation is SkipAnnotation.AUTO:
+            return not policy.require_digest
+        return self.skip_annotation is SkipAnnotation.HONOURED
+
 
 def _parse_for_table(image: str) -> ImageRef:
     ref = ImageRef.parse(image)  # InvalidReference is a ValueError: reported at the field
     return ref.with_tag(ref.tag_or_latest()) if ref.digest is None else ref
 
 
-# libyaml's parser when PyYAML has it: the pure-Python one takes seconds for a map of
-# thousands of rules.
-_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _StrictLoader(_SafeLoader):  # type: ignore[misc]
-    """SafeLoader that refuses a key given twice in one mapping, where YAML lets the last win
-    silently: two `rewrites:` or two `requireDigest:` are a mistake to report, not to guess."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _value in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str | int | float | bool) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping",
-                    node.start_mark,
-                    f"key {key!r} is given twice",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
-
-
-def _read_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_StrictLoader) if text.strip() else {}  # noqa: S506
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML", [str(exc)]) from None
-    except RecursionError:
-        raise ConfigError(f"{source}: not valid YAML", ["nested too deeply"]) from None
-
-
 def load_settings(text: str, *, source: str = "config") -> Settings:
     """Parse and validate one YAML document; raises ConfigError naming every bad field."""
-    return _validated(_read_yaml(text, source), source)
+    return _validate(_parse(text, source), source)
 
 
-def _validated(data: Any, source: str) -> Settings:
+def load_settings_file(path: Path) -> Settings:
+    """The settings in a file, a directory of ``*.yaml`` files or a ConfigMap manifest."""
+    return load_settings_files([path])
+
+
+def load_settings_files(paths: Sequence[Path]) -> Settings:
+    """The settings of several files (see ``load_settings_file``), merged (``configfiles``)."""
+    documents = [
+        (source, _parse(text, source)) for path in paths for source, text in config_texts(path)
+    ]
+    return _validate(merge_documents(documents), sources(documents))
+
+
+def _parse(text: str, source: str) -> dict[str, Any]:
+    data = read_yaml(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a mapping", [f"got {type(data).__name__}"])
+    return data
+
+
+def _validate(data: dict[str, Any], source: str) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: invalid configuration", _describe(exc)) from None
-
-
-def load_settings_file(path: Path) -> Settings:
-    """Settings from a config file: the bare document, or a ConfigMap manifest holding it
-    under ``config.yaml`` (as kept in git next to the rest of the install)."""
-    document = _read_yaml(read_text(path), str(path))
-    if isinstance(document, dict) and document.get("kind") == "ConfigMap":
-        data = document.get("data") or {}
-        if not isinstance(data, dict) or not isinstance(data.get(CONFIG_KEY), str):
-            raise ConfigError(f"{path}: ConfigMap has no data key {CONFIG_KEY}")
-        return load_settings(data[CONFIG_KEY], source=f"{path} ({CONFIG_KEY})")
-    return _validated(document, str(path))
-
-
-def read_text(path: Path) -> str:
-    """A UTF-8 text file (a ConfigMap key always is); ConfigError saying why it is not."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read", [exc.strerror or str(exc)]) from None
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise ConfigError(f"{path}: UTF-16 text", ["save it as UTF-8"])
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not UTF-8 text", [f"byte {exc.start} is not valid UTF-8"]
-        ) from None
 
 
 def warnings_for(settings: Settings) -> list[str]:

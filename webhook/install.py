@@ -1,7 +1,8 @@
-"""``pinhook webhook-config``, ``pinhook install`` and ``pinhook uninstall``.
+"""``pinhook webhook-config``, ``validating-policy``, ``install`` and ``uninstall``.
 
-``webhook-config`` prints the MutatingWebhookConfiguration for a configuration (the manifests
-under ``manifests/`` are its output); ``install`` writes it to the cluster of the current
+``webhook-config`` prints the MutatingWebhookConfiguration for a configuration and
+``validating-policy`` the ValidatingAdmissionPolicy that backs it up (the manifests under
+``manifests/`` are their output); ``install`` writes them to the cluster of the current
 kubeconfig with server-side apply, which is how to develop against a kind cluster with
 ``pinhook serve`` running on the host, and how the end-to-end suite registers pinhook.
 """
@@ -18,15 +19,21 @@ from typing import Any, Final
 
 import yaml
 from lightkube import Client, KubeConfig, codecs
-from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfiguration
+from lightkube.resources.admissionregistration_v1 import (
+    MutatingWebhookConfiguration,
+    ValidatingAdmissionPolicy,
+    ValidatingAdmissionPolicyBinding,
+)
 
 from . import certs
-from .config import default_settings, load_settings_file
+from .config import Settings, default_settings, load_settings_files
 from .errors import ConfigError, PinhookError
+from .kinds import KIND_KEYS
 from .kubeerrors import KubeError, KubeNotFound, KubeUnconfigured, KubeUnreachable, kube_errors
+from .validatingpolicy import armed, build_validating_policy
 from .webhookconfig import FAILURE_POLICIES, WebhookTarget, build_webhook_configuration
 
-COMMANDS: Final = ("webhook-config", "install", "uninstall")
+COMMANDS: Final = ("webhook-config", "validating-policy", "install", "uninstall")
 FIELD_MANAGER: Final = "pinhook"
 DEFAULT_NAME: Final = "pinhook"
 SERVICE_PORT: Final = 443
@@ -39,17 +46,32 @@ _NOTES: Final = """\
 #
 # One webhook per kind pinhook acts on, each with its own matchConditions (Kubernetes 1.28+):
 # the API server skips pinhook for an object whose images are all pinned to a digest and match
-# no rewrite rule, or that is annotated pinhook.dev/skip: "true". They are computed from the
-# rewrite rules; a self-managed pinhook (the base) rewrites them in its own configuration at
-# start and whenever it accepts a new config. Otherwise, regenerate after changing `rewrites`,
-# and in any case after changing `kinds`: which webhooks exist is fixed here.
+# no rewrite rule, or that is annotated pinhook.dev/skip: "true" where that is honoured (not
+# where requireDigest applies, by default). They are computed from the rewrite rules and the
+# policy; a self-managed pinhook (the base) rewrites them in its own configuration at start
+# and whenever it accepts a new config. Otherwise, regenerate after changing `rewrites` or the
+# policy, and in any case after changing `kinds`: which webhooks exist is fixed here.
 # Workload templates (Deployments, Jobs, ...) are left out unless `kinds` turns them on, and
 # ReplicaSets above all: the Deployment controller finds its ReplicaSet by comparing pod
 # templates, so one whose template pinhook changed is replaced by a new one, forever.
 # failurePolicy Ignore fails open: an unreachable pinhook admits images unpinned rather than
-# blocking every Pod in the cluster (the enforce overlay switches to Fail). The
-# namespaceSelector keeps pinhook's own namespace and kube-system out, so pinhook can always
-# start its own Pods, and any namespace labelled pinhook.dev/ignore.
+# blocking every Pod in the cluster (the enforce component switches to Fail). The
+# namespaceSelector keeps pinhook's own namespace, kube-system and `excludedNamespaces` out by
+# name, so pinhook can always start its own Pods; no label a namespace's owner sets opts out.
+"""
+_POLICY_NOTES: Final = """\
+# Do not edit by hand: change the configuration, webhook/kinds.py or webhook/validatingpolicy.py
+# and run the command above again (tests/test_webhookconfig.py fails when a checked-in copy and
+# the generator differ).
+#
+# The backstop of a digest-only policy (Kubernetes 1.30+): every image field of every kind in
+# `pin` mode must end in a valid digest, in the namespaces where requireDigest applies, whether
+# or not pinhook was called. It runs after every mutating webhook, so with pinhook up it finds
+# the images pinned already; it denies what pinhook did not pin (pinhook down, its webhook
+# failing open or deleted). On UPDATE an image the object already had passes, so objects
+# stored before it can still be changed otherwise. pinhook's own namespace and kube-system are
+# never checked. A self-managed pinhook patches the policy to the config it serves; otherwise
+# regenerate after changing `kinds`, `requireDigest`, `namespaces` or `excludedNamespaces`.
 """
 
 
@@ -64,16 +86,42 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     _target_flags(show, required=False)
     _shape_flags(show)
+    show.add_argument(
+        "--kind",
+        action="append",
+        choices=sorted(KIND_KEYS),
+        metavar="KIND",
+        help="only the webhook of this kind (repeatable): a patch adding them to another",
+    )
+
+    policy = subparsers.add_parser(
+        "validating-policy",
+        help="print the ValidatingAdmissionPolicy (and binding) that backs up requireDigest",
+    )
+    _config_flag(policy)
+    _name_flag(policy)
+    policy.add_argument(
+        "--namespace",
+        default="pinhook-system",
+        help="pinhook's own namespace, never checked (default: pinhook-system)",
+    )
 
     install_parser = subparsers.add_parser(
         "install", help="write the MutatingWebhookConfiguration to the cluster ($KUBECONFIG)"
     )
     _target_flags(install_parser, required=True)
     _shape_flags(install_parser)
+    install_parser.add_argument(
+        "--validating-policy",
+        action="store_true",
+        help="also the ValidatingAdmissionPolicy and its binding, under the same name",
+    )
     _kubeconfig_flag(install_parser)
 
     remove = subparsers.add_parser(
-        "uninstall", help="delete pinhook's MutatingWebhookConfiguration"
+        "uninstall",
+        help="delete pinhook's MutatingWebhookConfiguration, and its ValidatingAdmissionPolicy"
+        " and binding if there are",
     )
     remove.add_argument(
         "--name", default=DEFAULT_NAME, help="configuration name (default: pinhook)"
@@ -100,15 +148,25 @@ def _target_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
     )
 
 
-def _shape_flags(parser: argparse.ArgumentParser) -> None:
+def _config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         type=Path,
-        help="pinhook config.yaml, or a ConfigMap holding it (default: built-in)",
+        action="append",
+        help="pinhook config.yaml, a directory of *.yaml, or a ConfigMap holding them;"
+        " repeatable, all merged (default: built-in)",
     )
+
+
+def _name_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--name", default=DEFAULT_NAME, help="configuration name (default: pinhook)"
     )
+
+
+def _shape_flags(parser: argparse.ArgumentParser) -> None:
+    _config_flag(parser)
+    _name_flag(parser)
     parser.add_argument("--failure-policy", choices=FAILURE_POLICIES, default="Ignore")
     parser.add_argument(
         "--no-match-conditions",
@@ -143,6 +201,16 @@ def run(args: argparse.Namespace) -> int:
         case "webhook-config":
             sys.stdout.write(render(_configuration(args), command=_command_line(args)))
             return 0
+        case "validating-policy":
+            documents = _policy(args, args.namespace)
+            if not armed(documents[0]):
+                print(
+                    "pinhook: warning: requireDigest applies nowhere or no kind is pinned:"
+                    " this policy denies nothing",
+                    file=sys.stderr,
+                )
+            sys.stdout.write(render_policy(documents, command=_policy_command_line(args)))
+            return 0
         case "install":
             configuration = _configuration(args)
             install(configuration, kubeconfig=args.kubeconfig)
@@ -151,18 +219,29 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"installed MutatingWebhookConfiguration {args.name} ({count} webhooks) -> {where}"
             )
+            if args.validating_policy:
+                namespace = None if args.url else args.service[0]
+                for document in _policy(args, namespace):
+                    install(document, kubeconfig=args.kubeconfig)
+                print(f"installed ValidatingAdmissionPolicy {args.name} and its binding")
             return 0
         case "uninstall":
-            if uninstall(args.name, kubeconfig=args.kubeconfig):
-                print(f"deleted MutatingWebhookConfiguration {args.name}")
-            else:
-                print(f"MutatingWebhookConfiguration {args.name} was not installed")
+            for kind, deleted in uninstall(args.name, kubeconfig=args.kubeconfig):
+                print(f"deleted {kind} {args.name}" if deleted else f"{kind} {args.name}: none")
             return 0
     raise AssertionError(args.command)
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings_files(args.config) if args.config else default_settings()
+
+
+def _policy(args: argparse.Namespace, namespace: str | None) -> list[dict[str, Any]]:
+    return build_validating_policy(_settings(args), name=args.name, own_namespace=namespace)
+
+
 def _configuration(args: argparse.Namespace) -> dict[str, Any]:
-    settings = load_settings_file(args.config) if args.config else default_settings()
+    settings = _settings(args)
     ca_bundle = certs.ca_bundle_b64(_read(args.ca)) if args.ca else None
     if args.url is not None:
         target = WebhookTarget(url=args.url, service=None, ca_bundle=ca_bundle)
@@ -175,6 +254,7 @@ def _configuration(args: argparse.Namespace) -> dict[str, Any]:
         name=args.name,
         failure_policy=args.failure_policy,
         match_conditions=args.match_conditions,
+        kinds=getattr(args, "kind", None),
     )
 
 
@@ -193,24 +273,45 @@ def _command_line(args: argparse.Namespace) -> str:
     else:
         namespace, name, _, _ = args.service or _service("pinhook-system/pinhook")
         words += ["--service", f"{namespace}/{name}"]
-    optional: list[tuple[str, object, object]] = [
-        ("--ca", args.ca, None),
-        ("--config", args.config, None),
-        ("--name", args.name, DEFAULT_NAME),
-        ("--failure-policy", args.failure_policy, "Ignore"),
-    ]
-    for flag, value, default in optional:
-        if value != default:
-            words += [flag, str(value)]
+    if args.ca is not None:
+        words += ["--ca", str(args.ca)]
+    words += _repeated("--config", args.config)
+    words += _repeated("--kind", args.kind)
+    if args.name != DEFAULT_NAME:
+        words += ["--name", args.name]
+    if args.failure_policy != "Ignore":
+        words += ["--failure-policy", args.failure_policy]
     if not args.match_conditions:
         words.append("--no-match-conditions")
     return shlex.join(words)
 
 
+def _policy_command_line(args: argparse.Namespace) -> str:
+    words = ["pinhook", "validating-policy", *_repeated("--config", args.config)]
+    if args.name != DEFAULT_NAME:
+        words += ["--name", args.name]
+    if args.namespace != "pinhook-system":
+        words += ["--namespace", args.namespace]
+    return shlex.join(words)
+
+
+def _repeated(flag: str, values: list[Any] | None) -> list[str]:
+    return [word for value in values or () for word in (flag, str(value))]
+
+
 def render(configuration: dict[str, Any], *, command: str) -> str:
     """YAML of the configuration under a header naming the command that generated it."""
-    body = yaml.dump(configuration, Dumper=_Dumper, sort_keys=False, width=100)
-    return f"# Generated by: {command}\n{_NOTES}{body}"
+    return f"# Generated by: {command}\n{_NOTES}{_yaml(configuration)}"
+
+
+def render_policy(documents: list[dict[str, Any]], *, command: str) -> str:
+    """YAML of the policy and its binding under a header naming the command."""
+    body = "---\n".join(_yaml(document) for document in documents)
+    return f"# Generated by: {command}\n{_POLICY_NOTES}{body}"
+
+
+def _yaml(document: dict[str, Any]) -> str:
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=100)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -235,23 +336,36 @@ _Dumper.add_representer(str, _represent_str)
 
 
 def install(configuration: dict[str, Any], *, kubeconfig: Path | None = None) -> None:
-    """Server-side apply of the configuration, owning every field it sets (force)."""
+    """Server-side apply of one object (the webhook configuration, the policy or its binding),
+    owning every field it sets (force)."""
     resource = codecs.from_dict(configuration)
-    name = configuration["metadata"]["name"]
-    with _cluster(kubeconfig, f"cannot apply MutatingWebhookConfiguration {name}") as client:
+    what = f"cannot apply {configuration['kind']} {configuration['metadata']['name']}"
+    with _cluster(kubeconfig, what) as client:
         client.apply(resource, field_manager=FIELD_MANAGER, force=True)
 
 
-def uninstall(name: str, *, kubeconfig: Path | None = None) -> bool:
-    """Delete the configuration; False when there was none."""
-    what = f"cannot delete MutatingWebhookConfiguration {name}"
-    with _cluster(kubeconfig, what) as client:
-        try:
-            with kube_errors(what):
-                client.delete(MutatingWebhookConfiguration, name)
-        except KubeNotFound:
-            return False
-    return True
+_INSTALLED: Final = (
+    MutatingWebhookConfiguration,
+    ValidatingAdmissionPolicyBinding,
+    ValidatingAdmissionPolicy,
+)
+
+
+def uninstall(name: str, *, kubeconfig: Path | None = None) -> list[tuple[str, bool]]:
+    """Delete the webhook configuration, policy binding and policy named ``name``: each kind
+    with whether there was one to delete."""
+    deleted: list[tuple[str, bool]] = []
+    with _cluster(kubeconfig, f"cannot delete pinhook's {name}") as client:
+        for resource in _INSTALLED:
+            what = f"cannot delete {resource.__name__} {name}"
+            try:
+                with kube_errors(what):
+                    client.delete(resource, name)
+            except KubeNotFound:
+                deleted.append((resource.__name__, False))
+            else:
+                deleted.append((resource.__name__, True))
+    return deleted
 
 
 @contextmanager

@@ -44,6 +44,9 @@ TIMEOUT_MARGIN: Final = 1.5
 # The API server appends ?timeout=10s (its webhook timeout) to the URL it calls.
 _TIMEOUT: Final = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 _PLAN_MEMO_SIZE = 10_000
+SKIP_IGNORED: Final = (
+    f"pinhook: annotation {SKIP_ANNOTATION} ignored: opting out is not allowed in this namespace"
+)
 
 
 class Mutator:
@@ -136,8 +139,12 @@ class Mutator:
         if not isinstance(obj, dict):
             warning = "pinhook: object is not a JSON object; left as is"
             return RequestPlan(mode, policy, warnings=(warning,))
+        skip_ignored = False
         if _skip_requested(obj):
-            return RequestPlan(mode, policy, audit={"skipped": f"annotation {SKIP_ANNOTATION}"})
+            # Under a digest-only policy the annotation would let anyone opt out (auto).
+            if self.settings.skip_honoured(policy):
+                return RequestPlan(mode, policy, audit={"skipped": f"annotation {SKIP_ANNOTATION}"})
+            skip_ignored = True
         located = locate(info, obj, self._limits.images_per_object)
         fields = located.fields
         if request.operation == "UPDATE":
@@ -145,6 +152,8 @@ class Mutator:
         problems = [f"pinhook: {problem}; left as is" for problem in located.problems]
         if located.problems_over_limit:
             problems.append(f"pinhook: {located.problems_over_limit} more fields were unreadable")
+        if skip_ignored:
+            problems.insert(0, SKIP_IGNORED)
         return RequestPlan(
             mode,
             policy,

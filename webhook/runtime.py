@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 
-from .conditionsync import MatchConditionsSync
+from .conditionsync import ConfigSync
 from .config import Settings, load_settings_file
+from .configfiles import config_stamp
 from .errors import ConfigError
 from .files import FileStamp, file_stamp
 from .kube import KubePullSecrets, NoPullSecrets, PullSecretSource
@@ -58,14 +59,14 @@ class Runtime:
         pull_secrets: PullSecretSource | None = None,
         docker_config: Path | None = None,
         metrics: Metrics | None = None,
-        conditions_sync: MatchConditionsSync | None = None,
+        config_syncs: Sequence[ConfigSync] = (),
     ) -> None:
         self.metrics = metrics or Metrics()
         self.config_path = config_path
         self._pull_secrets = pull_secrets or NoPullSecrets()
         self._docker_config_path = docker_config
         self._stack = AsyncExitStack()
-        self._conditions_sync = conditions_sync
+        self._config_syncs = tuple(config_syncs)
         self._settings = settings
         self._resolver_key: tuple[object, ...] = ()
         self._resolver: DigestResolver | None = None
@@ -76,7 +77,7 @@ class Runtime:
         self._mutator: Mutator | None = None
         self._config_error: str | None = None
         self._followers: list[Callable[[Settings], None]] = []
-        self._config_stamp: FileStamp | None = None
+        self._config_stamp: Hashable = None
 
     async def __aenter__(self) -> Runtime:
         try:
@@ -91,9 +92,9 @@ class Runtime:
             await self._stack.enter_async_context(self._pull_secrets)
         self._config_stamp = self._stamp()
         await self._apply(self._settings)
-        if self._conditions_sync is not None:
-            self._stack.push_async_callback(self._conditions_sync.aclose)
-            await self._conditions_sync(self._settings)
+        for sync in self._config_syncs:
+            self._stack.push_async_callback(sync.aclose)
+            await sync(self._settings)
 
     async def __aexit__(
         self,
@@ -226,8 +227,9 @@ class Runtime:
             return
         log.info("docker config reloaded from %s", path)
 
-    def _stamp(self) -> FileStamp | None:
-        return None if self.config_path is None else file_stamp(self.config_path)
+    def _stamp(self) -> Hashable:
+        # A file, or a directory of them (the ConfigMap volume): see configfiles.
+        return None if self.config_path is None else config_stamp(self.config_path)
 
     async def reload_config(self) -> bool:
         """Load the config file again if it changed. Returns True when a new config applies.
@@ -259,8 +261,8 @@ class Runtime:
             self._reject(f"{self.config_path}: {type(exc).__name__}: {exc}")
             return False
         self._config_error = None
-        if self._conditions_sync is not None:
-            await self._conditions_sync(settings)
+        for sync in self._config_syncs:
+            await sync(settings)
         self.metrics.config_reloads.labels("applied").inc()
         self.metrics.config_valid.set(1)
         log.info("configuration reloaded from %s", self.config_path)

@@ -10,7 +10,7 @@ object, and pinhook itself decides. Two consequences worth knowing:
 
 * They follow the rewrite rules. A self-managed pinhook keeps those of its own configuration
   in step with the live config (``conditionsync``); a configuration applied otherwise (the
-  cert-manager overlay, ``pinhook install``) keeps the ones it was generated with, so a rule
+  cert-manager component, ``pinhook install``) keeps the ones it was generated with, so a rule
   added to the ConfigMap later reaches only objects that are sent anyway (unpinned images)
   until it is regenerated.
 * They never fail (see ``cel``): an image value of the wrong type sends the object (pinhook
@@ -20,19 +20,18 @@ object, and pinhook itself decides. Two consequences worth knowing:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .cel import CelTest, cel_images
-from .config import SKIP_ANNOTATION, Settings
+from .cel import CelTest, cel_images, cel_string
+from .config import SKIP_ANNOTATION, FailurePolicy, Settings
 from .errors import ConfigError
 from .kinds import KINDS, KSERVE, KindInfo, Mode
 from .oci.reference import DIGEST_HEX_LENGTHS, DOCKER_HUB, DOCKER_HUB_LEGACY
 from .rewrite import NamePattern
 
 FAILURE_POLICIES: Final = ("Ignore", "Fail")
-IGNORE_LABEL: Final = "pinhook.dev/ignore"
 NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"
 ALWAYS_EXCLUDED: Final = ("kube-system", "pinhook-system")
 MAX_MATCH_CONDITIONS: Final = 64  # the API server's limit per webhook
@@ -53,7 +52,7 @@ _HUB_OPTIONAL: Final = f"(?:{_HUB_EXPLICIT})?"
 _NAME_BOUNDARY: Final = "(?:[/:@]|$)"
 _TAG_OR_END: Final = "(?:[:@]|$)"
 # A valid digest at the end: what pinhook treats as pinned (plan.plan_image: KEEP).
-_PINNED: Final = (
+PINNED: Final = (
     "@(?:"
     + "|".join(f"{algorithm}:[0-9a-f]{{{n}}}" for algorithm, n in DIGEST_HEX_LENGTHS.items())
     + ")$"
@@ -94,13 +93,20 @@ def build_webhook_configuration(
     name: str = "pinhook",
     failure_policy: str = "Ignore",
     match_conditions: bool = True,
+    kinds: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """The MutatingWebhookConfiguration object: one webhook per kind whose mode is not off."""
+    """The MutatingWebhookConfiguration object: one webhook per kind whose mode is not off
+    (only those of ``kinds``, when given: a patch that adds them to another configuration)."""
     if failure_policy not in FAILURE_POLICIES:
         raise ConfigError(
             f"failurePolicy {failure_policy!r}: expected one of {', '.join(FAILURE_POLICIES)}"
         )
     active = [info for info in KINDS if settings.mode_for(info.key) is not Mode.OFF]
+    if kinds is not None:
+        off = sorted(set(kinds) - {info.key for info in active})
+        if off:
+            raise ConfigError(f"{', '.join(off)}: off in this configuration, so no webhook")
+        active = [info for info in active if info.key in kinds]
     metadata: dict[str, Any] = {"name": name}
     if any(info.resource == "replicasets" for info in active):
         if not match_conditions:
@@ -179,21 +185,75 @@ def _rules(info: KindInfo) -> list[dict[str, Any]]:
 
 
 def _namespace_selector(settings: Settings, target: WebhookTarget) -> dict[str, Any]:
-    # pinhook's own namespace must stay out, or with failurePolicy Fail pinhook could not start
-    # its Pods while it is down; kube-system likewise. Cluster-scoped objects ignore this.
-    names = [*ALWAYS_EXCLUDED, *settings.excluded_namespaces]
-    if target.namespace is not None:
-        names.append(target.namespace)
+    # Cluster-scoped objects ignore this. Namespaces are left out by name only: the API server
+    # sets the name label, while a label that a namespace's owner may set would be a way around
+    # the policy for whoever can label namespaces.
+    names = excluded_namespaces(settings, target.namespace)
     return {
         "matchExpressions": [
-            {
-                "key": NAMESPACE_NAME_LABEL,
-                "operator": "NotIn",
-                "values": list(dict.fromkeys(names)),
-            },
-            {"key": IGNORE_LABEL, "operator": "DoesNotExist"},
+            {"key": NAMESPACE_NAME_LABEL, "operator": "NotIn", "values": list(names)},
         ]
     }
+
+
+def excluded_namespaces(settings: Settings, own_namespace: str | None) -> tuple[str, ...]:
+    """Namespaces pinhook never acts in. Its own must stay out, or with failurePolicy Fail (or
+    the backstop policy) pinhook could not start its Pods while it is down; kube-system
+    likewise."""
+    names = [*ALWAYS_EXCLUDED, *settings.excluded_namespaces]
+    if own_namespace is not None:
+        names.append(own_namespace)
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceSet:
+    """Some namespaces: ``names``, or (``complement``) every namespace but ``names``.
+
+    The empty name stands for cluster-scoped objects, whose ``request.namespace`` is empty and
+    which pinhook treats under the global policy.
+    """
+
+    names: tuple[str, ...]
+    complement: bool
+
+    @property
+    def empty(self) -> bool:
+        return not self.complement and not self.names
+
+    @property
+    def everything(self) -> bool:
+        return self.complement and not self.names
+
+    def has_request(self) -> str:
+        """CEL: the request's namespace is in the set."""
+        listed = f"request.namespace in {_cel_list(self.names)}"
+        return f"!({listed})" if self.complement else listed
+
+    def lacks_request(self) -> str:
+        """CEL: the request's namespace is not in the set."""
+        listed = f"request.namespace in {_cel_list(self.names)}"
+        return listed if self.complement else f"!({listed})"
+
+
+def namespaces_where(
+    settings: Settings, holds: Callable[[FailurePolicy], bool], never: Iterable[str] = ()
+) -> NamespaceSet:
+    """The namespaces (and the cluster scope) whose policy ``holds``, ``never`` left out."""
+    left_out = tuple(never)
+    default = holds(settings.policy_for(None))
+    differ = tuple(
+        name
+        for name in settings.namespaces
+        if name not in left_out and holds(settings.policy_for(name)) != default
+    )
+    if default:
+        return NamespaceSet(tuple(dict.fromkeys((*left_out, *differ))), complement=True)
+    return NamespaceSet(differ, complement=False)
+
+
+def _cel_list(names: Iterable[str]) -> str:
+    return "[" + ", ".join(cel_string(name) for name in names) + "]"
 
 
 # --- matchConditions ---------------------------------------------------------------------
@@ -204,7 +264,10 @@ def match_conditions_for(settings: Settings, kind: KindInfo) -> list[dict[str, s
 
     At most three, far below the API server's limit of 64 per webhook.
     """
-    conditions = [{"name": "not-skipped", "expression": _NOT_SKIPPED}]
+    conditions = []
+    not_skipped = not_skipped_condition(settings)
+    if not_skipped is not None:
+        conditions.append(not_skipped)
     if kind.resource == "replicasets":
         conditions.append({"name": "not-owned", "expression": _NOT_OWNED})
     mode = settings.mode_for(kind.key)
@@ -220,12 +283,29 @@ def match_conditions_for(settings: Settings, kind: KindInfo) -> list[dict[str, s
     return conditions
 
 
+def not_skipped_condition(settings: Settings) -> dict[str, str] | None:
+    """The condition that keeps objects annotated ``pinhook.dev/skip: "true"`` away from
+    pinhook where the annotation is honoured; None where it is honoured nowhere.
+
+    Only a filter: without it pinhook is called and honours the annotation itself. It is kept
+    where the annotation is honoured so that an opted-out object is admitted even while pinhook
+    is down under failurePolicy Fail, and dropped where it is not, or anyone able to annotate
+    an object would keep it away from pinhook.
+    """
+    honoured = namespaces_where(settings, settings.skip_honoured)
+    if honoured.empty:
+        return None
+    if honoured.everything:
+        return {"name": "not-skipped", "expression": NOT_SKIPPED}
+    return {"name": "not-skipped", "expression": f"{honoured.lacks_request()} ||\n{NOT_SKIPPED}"}
+
+
 # The API server caps each expression's runtime cost (1,000,000 units); matches() costs about
 # len(string)/10 * len(regex)/4, per image. 4 KiB of regex (some hundred rules) keeps a Pod with
 # a hundred images under that; beyond it the image condition is left out.
 MAX_RULE_REGEX_LENGTH: Final = 4096
 
-_NOT_SKIPPED: Final = (
+NOT_SKIPPED: Final = (
     "!has(object.metadata.annotations) ||\n"
     f"!('{SKIP_ANNOTATION}' in object.metadata.annotations) ||\n"
     f"object.metadata.annotations['{SKIP_ANNOTATION}'] != 'true'"
@@ -242,10 +322,10 @@ def image_test(mode: Mode, rules_regex: str | None) -> CelTest:
     """CEL for "pinhook may change this image string": unpinned (pin mode) or a rule matches."""
 
     def rule_test(s: str) -> str:
-        return "false" if rules_regex is None else f"{s}.matches({_cel(rules_regex)})"
+        return "false" if rules_regex is None else f"{s}.matches({cel_string(rules_regex)})"
 
     def pin_test(s: str) -> str:
-        unpinned = f"!{s}.matches({_cel(_PINNED)})"
+        unpinned = f"!{s}.matches({cel_string(PINNED)})"
         return unpinned if rules_regex is None else f"({unpinned} || {rule_test(s)})"
 
     return rule_test if mode is Mode.REWRITE else pin_test
@@ -305,8 +385,3 @@ def _spell(
         # "my.org/x" written without a host would be read as the registry my.org.
         explicit = "." in first or ":" in first or first == "localhost"
         (hub_explicit if explicit else hub_optional)[_re2(path) + _NAME_BOUNDARY] = None
-
-
-def _cel(text: str) -> str:
-    """A CEL single-quoted string literal."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -22,7 +22,11 @@ import httpx2
 from lightkube import ApiError, Client, KubeConfig, codecs
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.admissionregistration_v1 import MutatingWebhookConfiguration
+from lightkube.resources.admissionregistration_v1 import (
+    MutatingWebhookConfiguration,
+    ValidatingAdmissionPolicy,
+    ValidatingAdmissionPolicyBinding,
+)
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.apps_v1 import Deployment, ReplicaSet
 from lightkube.resources.core_v1 import Namespace, Pod, ServiceAccount
@@ -31,6 +35,7 @@ from lightkube.types import PatchType
 CRD_DIR: Final = Path(__file__).parent / "crds"
 FIELD_MANAGER: Final = "pinhook-e2e"
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
+# The label that once opted a namespace out; it must not any more.
 IGNORE_LABEL: Final = "pinhook.dev/ignore"
 PINHOOK_NAMESPACE: Final = "pinhook-system"
 CONNECT_TIMEOUT_S: Final = 5.0
@@ -536,6 +541,46 @@ def poll_until(what: str, seconds: float, check: Callable[[], T | None]) -> T:
 def delete_webhook_configuration(client: Client, name: str) -> None:
     with contextlib.suppress(ApiError):
         client.delete(MutatingWebhookConfiguration, name)
+
+
+def delete_validating_policy(client: Client, name: str) -> None:
+    for resource in (ValidatingAdmissionPolicyBinding, ValidatingAdmissionPolicy):
+        with contextlib.suppress(ApiError):
+            client.delete(resource, name)
+
+
+def get_validating_policy(client: Client, name: str) -> dict[str, Any]:
+    return as_dict(client.get(ValidatingAdmissionPolicy, name))
+
+
+def wait_until_denied(
+    client: Client,
+    document: Callable[[str], dict[str, Any]],
+    by: str,
+    *,
+    prefix: str = "probe",
+    seconds: float = WEBHOOK_LIVE_S,
+) -> str:
+    """Create ``document(name)`` under new names until the API server refuses one with a
+    message containing ``by``; returns that message.
+
+    A new admission policy or binding is compiled and takes effect a moment after it is
+    written, with no event to wait for: hence the bounded retry, as for webhooks. The objects
+    admitted meanwhile stay (unscheduled) in their namespace.
+    """
+    deadline = time.monotonic() + seconds
+    attempt = 0
+    while time.monotonic() < deadline:
+        attempt += 1
+        try:
+            client.create(codecs.from_dict(document(f"{prefix}-{attempt}")))
+        except ApiError as exc:
+            message = exc.status.message or ""
+            if by in message:
+                return message
+            raise
+        time.sleep(_WEBHOOK_POLL_S)
+    raise AssertionError(f"not denied by {by!r} within {seconds:.0f}s, after {attempt} probes")
 
 
 def get_webhook_configuration(client: Client, name: str) -> dict[str, Any]:

@@ -151,8 +151,10 @@ def webhook_installed(
     config: Path | None = None,
     ca: Path | None = None,
     failure_policy: str = "Ignore",
+    validating_policy: bool = False,
 ) -> Iterator[None]:
-    """``pinhook install --url url`` as configuration ``name``; deleted afterwards."""
+    """``pinhook install --url url`` as configuration ``name`` (and the backstop policy and
+    its binding of that name, with ``validating_policy``); deleted afterwards."""
     try:
         install_webhook(
             url=url,
@@ -161,13 +163,15 @@ def webhook_installed(
             config=config or setup.config,
             kubeconfig=setup.kubeconfig,
             failure_policy=failure_policy,
+            validating_policy=validating_policy,
         )
         yield
     finally:
         removed = uninstall_webhook(name, kubeconfig=setup.kubeconfig)
         if removed.returncode != 0:
-            # Never leave a webhook pointing at a stopped server behind.
+            # Never leave a webhook pointing at a stopped server, or a policy, behind.
             cluster.delete_webhook_configuration(kube, name)
+            cluster.delete_validating_policy(kube, name)
 
 
 @contextlib.contextmanager

@@ -112,17 +112,22 @@ def config_text(
     timeout_seconds: float = 5,
     enforce: bool = False,
     more_rules: Sequence[tuple[str, str]] = (),
+    require_digest_in: Sequence[str] = (),
 ) -> str:
     """Resolve at the loopback test registry; move MOVED_PREFIX there.
 
     ``excludedNamespaces: []`` so that pinhook itself would pin in pinhook-system: a tag kept
     there then proves that the API server never called it (the namespaceSelector), not that
     pinhook chose to do nothing. ``more_hosts`` are further loopback registries pinhook may
-    reach; ``enforce`` is the enforce overlay's policy (requireDigest, onFailure deny).
+    reach; ``enforce`` is the enforce component's policy (requireDigest, onFailure deny);
+    ``require_digest_in`` sets requireDigest in those namespaces only.
     """
     hosts = ", ".join(f'"{host}"' for host in (registry_host, *more_hosts))
     rules = [(f"{MOVED_PREFIX}/", f"{registry_host}/e2e"), *more_rules]
     policy = "requireDigest: true\nonFailure: deny\n" if enforce else ""
+    if require_digest_in:
+        overrides = ", ".join(f"{name}: {{requireDigest: true}}" for name in require_digest_in)
+        policy += f"namespaces: {{{overrides}}}\n"
     return (
         "resolver: registry\n"
         "excludedNamespaces: []\n"
@@ -310,14 +315,24 @@ class Pinhook:
 
 
 def install(
-    *, url: str, ca: Path | None, name: str, config: Path, kubeconfig: Path, failure_policy: str
+    *,
+    url: str,
+    ca: Path | None,
+    name: str,
+    config: Path,
+    kubeconfig: Path,
+    failure_policy: str,
+    validating_policy: bool = False,
 ) -> str:
     """``pinhook install`` pointing the API server at ``url``; returns its output. Without
-    ``ca`` the configuration gets no caBundle: a self-managed pinhook sets it."""
+    ``ca`` the configuration gets no caBundle: a self-managed pinhook sets it.
+    ``validating_policy``: the backstop policy and its binding too, under the same name."""
     args = ["install", "--url", url, "--config", str(config), "--name", name]
     args += ["--failure-policy", failure_policy, "--kubeconfig", str(kubeconfig)]
     if ca is not None:
         args += ["--ca", str(ca)]
+    if validating_policy:
+        args.append("--validating-policy")
     if os.environ.get(NO_MATCH_CONDITIONS_ENV) == "1":
         args.append("--no-match-conditions")
     return _ok(pinhook_cli(*args), "pinhook install")

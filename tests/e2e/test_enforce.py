@@ -1,4 +1,4 @@
-"""The enforce overlay's lane: failurePolicy Fail, requireDigest and onFailure deny.
+"""The enforce component's lane: failurePolicy Fail, requireDigest and onFailure deny.
 
 What the user sees is kubectl's message, so the creates go through the built kubectl and the
 assertions read its stderr. The hanging registry checks that the denial is pinhook's answer,

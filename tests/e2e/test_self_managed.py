@@ -39,7 +39,11 @@ from tests.e2e.pinhook import (
     is_ip,
     listen_port,
     mutate_url,
+    write_config,
 )
+from webhook.config import load_settings_file
+from webhook.policysync import covers
+from webhook.validatingpolicy import armed, policy_object
 
 pytestmark = pytest.mark.e2e
 
@@ -271,6 +275,41 @@ def test_renewal_before_expiry_keeps_the_webhook_working(
             # ...and, once pointed at it, the new one: its leaf verifies only by the new CA.
             site.point_at(new)
             site.wait_until_answered_by(new)
+
+
+# --- the backstop policy -----------------------------------------------------------------
+
+
+def test_a_replica_brings_the_validating_policy_to_the_config_it_serves(
+    kube: Client,
+    e2e_registry: E2ERegistry,
+    pinhook_setup: PinhookSetup,
+    namespaces: Namespaces,
+) -> None:
+    """Installed from another config (requireDigest in one namespace), the policy is patched
+    at start to the served config's, which enforces nothing: disarmed, not deleted."""
+    name = f"pinhook-e2e-{cluster.run_id()}-policy"
+    namespaces.create(name)
+    enforcing = write_config(
+        pinhook_setup.workdir / f"{name}.yaml",
+        e2e_registry.host,
+        require_digest_in=[f"{name}-pods"],
+    )
+    port = free_port()
+    url = mutate_url(pinhook_setup.host, port)
+    with webhook_installed(
+        kube, pinhook_setup, name, url=url, config=enforcing, validating_policy=True
+    ):
+        installed = cluster.get_validating_policy(kube, name)
+        assert armed(installed)
+        site = Site(kube, pinhook_setup, e2e_registry, name)
+        with site.replica("policy", port) as replica:
+            live = cluster.get_validating_policy(kube, name)
+            served = load_settings_file(pinhook_setup.config)
+            wanted = policy_object(served, name=name, own_namespace=name)
+            assert covers(live["spec"], wanted["spec"]), replica.log()
+            assert not armed(live)
+            assert f"ValidatingAdmissionPolicy {name} updated" in replica.log()
 
 
 def tls_secret(namespace: str, tls: Tls) -> Secret:
