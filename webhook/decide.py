@@ -11,7 +11,6 @@ was not pinned.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 import orjson
@@ -22,8 +21,7 @@ from .kinds import Mode
 from .plan import LIMIT, ImageResult, InvalidImage, RequestPlan
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     outcome: AdmissionOutcome
     # Images by outcome (pinned, rewritten, unchanged, unpinned, invalid) and resolve
     # failures by reason, for the metrics: every image of the request counted once.

@@ -9,8 +9,9 @@ reference included as an entry of its own. ``render`` writes every final image s
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
 from typing import NamedTuple
 
 from .config import FailurePolicy, LimitSettings, OutputForm
@@ -49,8 +50,11 @@ class InvalidImage:
     error: InvalidReference
 
 
-@dataclass(frozen=True, slots=True)
-class RequestPlan:
+_NO_AUDIT: Mapping[str, str] = MappingProxyType({})
+_DEFAULT_LIMITS = LimitSettings()
+
+
+class RequestPlan(NamedTuple):
     """Everything decided about one request before any registry is asked."""
 
     mode: Mode  # of the object's kind; OFF for a kind pinhook does not know
@@ -58,8 +62,8 @@ class RequestPlan:
     namespace: str | None = None
     images: tuple[ImagePlan | InvalidImage, ...] = ()  # in field order
     warnings: tuple[str, ...] = ()  # what could not be read
-    audit: Mapping[str, str] = field(default_factory=dict)
-    limits: LimitSettings = field(default_factory=LimitSettings)
+    audit: Mapping[str, str] = _NO_AUDIT
+    limits: LimitSettings = _DEFAULT_LIMITS
     images_over_limit: int = 0  # image fields past limits.images_per_object, not handled
 
 

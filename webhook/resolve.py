@@ -161,7 +161,8 @@ class RegistryDigestResolver:
 
 
 def _tagged(ref: ImageRef) -> ImageRef:
-    return ImageRef(ref.registry, ref.repository, ref.tag_or_latest(), None)
+    # Trusted: the fields come from a reference that was validated when it was made.
+    return ImageRef._trusted(ref.registry, ref.repository, ref.tag_or_latest(), None)
 
 
 K = TypeVar("K")

@@ -28,7 +28,7 @@ expressions are compiled once and parsed references are built without validating
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final
 
@@ -95,8 +95,12 @@ class ImageRef:
     repository: str
     tag: str | None = None
     digest: str | None = None
+    # The normalised name without tag or digest, e.g. ``docker.io/library/nginx``: computed
+    # once, since the digest cache is keyed by it on every admission.
+    name: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "name", f"{self.registry}/{self.repository}")
         problem = (
             _registry_field_problem(self.registry)
             or _repository_problem(self.repository)
@@ -129,12 +133,8 @@ class ImageRef:
         object.__setattr__(ref, "repository", repository)
         object.__setattr__(ref, "tag", tag)
         object.__setattr__(ref, "digest", digest)
+        object.__setattr__(ref, "name", f"{registry}/{repository}")
         return ref
-
-    @property
-    def name(self) -> str:
-        """The normalised name without tag or digest, e.g. ``docker.io/library/nginx``."""
-        return f"{self.registry}/{self.repository}"
 
     def __str__(self) -> str:
         return _unchecked_str(self.registry, self.repository, self.tag, self.digest)
