@@ -25,6 +25,7 @@ from .app import create_app
 from .config import ServerSettings
 from .errors import PinhookError
 from .listener import ConnectionLimits, ListenerState, guarded_protocol
+from .memory import trim_periodically, tune_allocator
 from .runtime import Runtime
 from .tls import ReloadingTLS
 
@@ -106,6 +107,7 @@ def build_server(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         async with runtime:
             tasks = [
+                asyncio.create_task(trim_periodically()),
                 asyncio.create_task(runtime.watch_config(options.watch_interval)),
                 asyncio.create_task(_watch_certificates(tls, options.watch_interval)),
                 *(asyncio.create_task(job()) for job in background),
@@ -142,6 +144,7 @@ def serve(runtime: Runtime, options: ServeOptions, background: Sequence[Backgrou
     """Bind, then serve until SIGTERM/SIGINT. Raises ListenError or CertificateError."""
     server, _listener = build_server(runtime, options, background)
     sock = bind(options.host, options.port)
+    tune_allocator()
     server.run(sockets=[sock])
 
 

@@ -1,0 +1,63 @@
+"""Give memory back to the system once the load that needed it is gone.
+
+glibc's allocator keeps freed memory for reuse: a burst of connections (each TLS connection has
+a 256 KiB read buffer) or of huge objects would leave a long-running webhook at its peak size.
+Two settings and one call fix that, where glibc is the allocator:
+
+* a fixed mmap threshold: large blocks (TLS buffers, big request bodies) are mapped on their
+  own and unmapped when freed, instead of glibc raising the threshold after the first free and
+  serving them from heaps that never shrink;
+* at most two malloc arenas: every thread (name lookups, big bodies on worker threads) would
+  otherwise get a heap of its own to keep;
+* ``malloc_trim`` every half minute: free heap pages are returned (a short walk of the heap,
+  on a worker thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MMAP_THRESHOLD_BYTES = 128 * 1024
+ARENA_MAX = 2
+TRIM_INTERVAL_SECONDS = 30.0
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def tune_allocator() -> bool:
+    """Apply the settings above; False where the allocator is not glibc's."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    libc.mallopt(_M_ARENA_MAX, ARENA_MAX)
+    return True
+
+
+def trim() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+async def trim_periodically(interval: float = TRIM_INTERVAL_SECONDS) -> None:
+    """Every ``interval`` seconds, give free memory back; runs until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.to_thread(trim)
