@@ -88,7 +88,8 @@ async def test_thousands_of_new_tags_in_one_object_then_a_normal_admission_pins(
         outcome = await admit(mutator, flood)
         assert outcome.allowed
         assert outcome.warnings[:2] == [
-            "pinhook: 2000 image fields past the first 1000 were left as they are",
+            "pinhook: the object has more than 1000 image fields; those past them were left as"
+            " they are",
             "pinhook: 936 images not looked up: the object names more than 64 new images",
         ]
         assert len(outcome.warnings) <= 20
@@ -258,7 +259,7 @@ async def test_a_huge_object_gets_a_bounded_answer() -> None:
     assert response["allowed"] is True
     assert len(response["warnings"]) == 20
     assert response["warnings"][0] == (
-        "pinhook: 49000 image fields past the first 1000 were left as they are"
+        "pinhook: the object has more than 1000 image fields; those past them were left as they are"
     )
     assert response["warnings"][-1] == "pinhook: 47 more warnings like these not shown"
     assert all(len(value) <= 4096 for value in response.get("auditAnnotations", {}).values())

@@ -117,8 +117,8 @@ def decide(
     if plan.images_over_limit:
         images["over-limit"] = plan.images_over_limit
         summary.append(
-            f"pinhook: {plan.images_over_limit} image fields past the first"
-            f" {plan.limits.images_per_object} were left as they are"
+            f"pinhook: the object has more than {plan.limits.images_per_object} image fields;"
+            " those past them were left as they are"
         )
     if not_looked_up:
         summary.append(f"pinhook: {len(not_looked_up)} images {not_looked_up[0]}")

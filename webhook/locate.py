@@ -13,6 +13,7 @@ pointer string only for a field it reports.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -46,7 +47,8 @@ class ImageField(NamedTuple):
 class Located:
     fields: tuple[ImageField, ...]
     problems: tuple[str, ...]  # e.g. "/spec/containers/0/image: expected a string, got int"
-    # Image fields, and problems, past the limit: counted, not kept.
+    # Past the limit: whether there were more image fields (1 or 0, the walk stopped), and
+    # how many more problems.
     fields_over_limit: int = 0
     problems_over_limit: int = 0
 
@@ -63,12 +65,16 @@ def escape_pointer_token(token: str) -> str:
 
 
 def locate(info: KindInfo, obj: Any, limit: int = UNLIMITED) -> Located:
-    """Every image field of ``obj``, an object of kind ``info``, with its pull context; past
-    ``limit`` fields (and as many problems) they are only counted, so that a hostile object
-    costs a walk, not an answer of its size."""
+    """Every image field of ``obj``, an object of kind ``info``, with its pull context.
+
+    The walk stops at the first field past ``limit`` (``fields_over_limit`` is then 1: there
+    are more, how many is not counted), so a hostile object of 50,000 images costs the walk
+    of a thousand; problems past ``limit`` are counted.
+    """
     found = _Found(obj, limit)
     if isinstance(obj, dict):
-        _LOCATORS[info.key](obj, "", NO_PULL, found)
+        with contextlib.suppress(_LimitReached):
+            _LOCATORS[info.key](obj, "", NO_PULL, found)
     else:
         found.wrong_type("", "an object", obj)
     # Paths that share a prefix (LLM pod specs, runtime workerSpec) meet the same malformed
@@ -85,6 +91,10 @@ def locate_images(group: str, kind: str, obj: Any, limit: int = UNLIMITED) -> Lo
     """Every image field of ``obj`` with its pull context; None for an unknown kind."""
     info = kind_info(group, kind)
     return None if info is None else locate(info, obj, limit)
+
+
+class _LimitReached(Exception):
+    """Ends a walk at the first image field past the limit."""
 
 
 class _Found:
@@ -110,10 +120,10 @@ class _Found:
         self.inherited: dict[tuple[str, ...], PullContext] | None = None
 
     def field(self, pointer: str, image: str, pull: PullContext) -> None:
-        if len(self.fields) < self.limit:
-            self.fields.append(ImageField(pointer, image, pull))
-        else:
-            self.fields_over_limit += 1
+        if len(self.fields) >= self.limit:
+            self.fields_over_limit = 1
+            raise _LimitReached
+        self.fields.append(ImageField(pointer, image, pull))
 
     def problem(self, pointer: str, message: str) -> None:
         if len(self.problems) < self.limit:

@@ -64,7 +64,7 @@ class RequestPlan(NamedTuple):
     warnings: tuple[str, ...] = ()  # what could not be read
     audit: Mapping[str, str] = _NO_AUDIT
     limits: LimitSettings = _DEFAULT_LIMITS
-    images_over_limit: int = 0  # image fields past limits.images_per_object, not handled
+    images_over_limit: int = 0  # 1 when there are image fields past limits.imagesPerObject
 
 
 class ImageResult(NamedTuple):
