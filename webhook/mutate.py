@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+import jsonpointer
+
 from .admission import AdmissionOutcome, AdmissionRequest
 from .config import SKIP_ANNOTATION, FailurePolicy, Settings
 from .decide import INTERNAL_ERROR, TIMED_OUT, Decision, Unknown, decide
@@ -334,13 +336,4 @@ def _skip_requested(obj: Mapping[str, Any]) -> bool:
 def _unchanged(field: ImageField, old: Any) -> bool:
     """On UPDATE, leave an image the user did not change: re-pinning it would roll the workload
     out again (a Pod would even restart the container) because a tag moved upstream."""
-    node = old
-    for token in field.pointer.split("/")[1:]:
-        key = token.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict):
-            node = node.get(key)
-        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
-            node = node[int(key)]
-        else:
-            return False
-    return bool(node == field.image)
+    return bool(jsonpointer.resolve_pointer(old, field.pointer, None) == field.image)

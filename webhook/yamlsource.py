@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import jsonpointer
 import yaml
 
 
@@ -108,15 +109,7 @@ def load_documents(text: str) -> list[Document]:
 
 def string_at(data: Any, pointer: str) -> SourceStr | None:
     """The string at an RFC 6901 JSON pointer, when it is a string from the source."""
-    node = data
-    for token in pointer.split("/")[1:]:
-        key = token.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict):
-            node = node.get(key)
-        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
-            node = node[int(key)]
-        else:
-            return None
+    node = jsonpointer.resolve_pointer(data, pointer, None)
     return node if isinstance(node, SourceStr) else None
 
 

@@ -41,6 +41,7 @@ from tests.e2e.pinhook import (
     mutate_url,
     write_config,
 )
+from webhook.certs import key_usage
 from webhook.config import load_settings_file
 from webhook.policysync import covers
 from webhook.validatingpolicy import armed, policy_object
@@ -339,7 +340,7 @@ def write_aging_certificate(directory: Path, dns_names: list[str], host: str) ->
         .not_valid_before(now - timedelta(hours=5))
         .not_valid_after(now + timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True),
+        .add_extension(key_usage(cert_sign=True), critical=True),
         ca_name,
         ca_key,
     )
@@ -354,7 +355,7 @@ def write_aging_certificate(directory: Path, dns_names: list[str], host: str) ->
         .not_valid_before(now - timedelta(hours=5))
         .not_valid_after(now + timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False),
         ca_name,
@@ -381,18 +382,4 @@ def _signed(
         builder.issuer_name(issuer)
         .serial_number(x509.random_serial_number())
         .sign(key, hashes.SHA256())
-    )
-
-
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
     )
