@@ -100,9 +100,12 @@ class RegistryClient:
         if asyncio.get_running_loop().time() >= deadline:
             raise DeadlineExceeded(f"no time left to resolve {ref}")
         base = await self._target(ref, deadline)
+        # A credential with nothing in it is anonymous access (containerd sends none), tried
+        # once at the end like any.
+        tried = [credential for credential in credentials if not credential.is_empty]
         async with self._permits.take(base.host, deadline, str(ref)):
             refusals: list[str] = []
-            for credential in (*credentials, None):
+            for credential in (*tried, None):
                 try:
                     return await self._digest_of(replace(base, credential=credential), ref)
                 except Rejected as rejected:
@@ -110,7 +113,7 @@ class RegistryClient:
                     log.debug(
                         "%s refused a credential for %s: %s", base.host, ref.repository, rejected
                     )
-        raise Unauthorized(_unauthorized_message(ref, credentials, refusals))
+        raise Unauthorized(_unauthorized_message(ref, tried, refusals))
 
     async def manifest_exists(
         self, ref: ImageRef, credentials: Sequence[Credential], *, deadline: float

@@ -156,23 +156,36 @@ class Transport:
         return host.lower() in self._insecure
 
     async def exchange(
-        self, method: str, url: str | httpx.URL, headers: Mapping[str, str], deadline: float
+        self,
+        method: str,
+        url: str | httpx.URL,
+        headers: Mapping[str, str],
+        deadline: float,
+        *,
+        content: bytes | None = None,
     ) -> Reply:
-        """One logical request, retried on 5xx, 429 and connection failures."""
+        """One logical request, retried on 5xx, 429 and connection failures.
+
+        A request with ``content`` (a token request's form, which may hold a refresh token)
+        follows no redirect: its body would go wherever the answer points.
+        """
         loop = asyncio.get_running_loop()
+        shown = httpx.URL(url).copy_with(query=None)
         attempt = 0
         while True:
             attempt += 1
             reply: Reply | None = None
             try:
-                reply = await self._follow_redirects(method, httpx.URL(url), headers, deadline)
+                if content is None:
+                    reply = await self._follow_redirects(method, httpx.URL(url), headers, deadline)
+                else:
+                    reply = await self._send(method, httpx.URL(url), headers, deadline, content)
             except _Transient as exc:
                 problem = str(exc)
             else:
                 if not _is_retryable(reply.status):
                     return reply
                 problem = describe(reply)
-            shown = httpx.URL(url).copy_with(query=None)
             if attempt >= self._options.max_attempts:
                 raise RegistryUnavailable(f"{method} {shown}: {problem} (after {attempt} attempts)")
             delay = parse_retry_after(reply.headers.get("retry-after")) if reply else None
@@ -210,7 +223,12 @@ class Transport:
             raise ProtocolError(f"refusing a redirect to plain http {url}")
 
     async def _send(
-        self, method: str, url: httpx.URL, headers: Mapping[str, str], deadline: float
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: Mapping[str, str],
+        deadline: float,
+        content: bytes | None = None,
     ) -> Reply:
         loop = asyncio.get_running_loop()
         shown = url.copy_with(query=None)
@@ -218,7 +236,7 @@ class Transport:
         if remaining <= 0:
             raise DeadlineExceeded(f"{method} {shown}: deadline exceeded")
         request = self.http.build_request(
-            method, url, headers=headers, timeout=httpx.Timeout(remaining)
+            method, url, headers=headers, content=content, timeout=httpx.Timeout(remaining)
         )
         task = loop.create_task(self._fetch(self.http, request, deadline))
         self._background.add(task)
