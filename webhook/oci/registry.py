@@ -23,7 +23,7 @@ from ..errors import DeadlineExceeded, DigestMismatch, NotFound, ProtocolError, 
 from .auth import Authenticator, Rejected, Target
 from .credential import Credential
 from .dns import HostResolver
-from .reference import DOCKER_HUB, DOCKER_HUB_API_HOST, ImageRef, is_valid_digest, split_host_port
+from .reference import DOCKER_HUB, ImageRef, is_valid_digest, split_host_port
 from .transport import (
     MalformedAnswer,
     RegistryOptions,
@@ -53,11 +53,6 @@ SCHEMA1_MEDIA_TYPES = frozenset(
 )
 
 
-def api_host(registry: str) -> str:
-    """The host that serves the distribution API for a registry name."""
-    return DOCKER_HUB_API_HOST if registry == DOCKER_HUB else registry
-
-
 class RegistryClient:
     """One per process (an async context manager): it holds the pooled connections and the
     challenge and token caches."""
@@ -69,6 +64,7 @@ class RegistryClient:
         resolver: HostResolver | None = None,
         events: TransportEvents | None = None,
     ) -> None:
+        self._options = options
         self._transport = Transport(options, resolver=resolver, events=events)
         self._auth = Authenticator(self._transport)
         self._permits = _Permits(options.concurrency, options.concurrency_per_registry)
@@ -86,6 +82,10 @@ class RegistryClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+    def api_host(self, registry: str) -> str:
+        """The host that serves the distribution API for a registry name."""
+        return self._options.docker_hub_host if registry == DOCKER_HUB else registry
 
     async def resolve_digest(
         self, ref: ImageRef, credentials: Sequence[Credential], *, deadline: float
@@ -128,7 +128,7 @@ class RegistryClient:
         return True
 
     async def _target(self, ref: ImageRef, deadline: float) -> Target:
-        host = api_host(ref.registry)
+        host = self.api_host(ref.registry)
         bare, port = split_host_port(host)
         await self._transport.guard.check(bare, port, deadline=deadline)
         insecure = self._transport.is_insecure(ref.registry) or self._transport.is_insecure(host)
@@ -142,24 +142,27 @@ class RegistryClient:
         )
 
     async def _digest_of(self, target: Target, ref: ImageRef) -> str:
-        """HEAD the manifest and trust its digest header; GET and hash the body otherwise."""
+        """HEAD the manifest and trust its digest header; GET and hash the body otherwise.
+
+        A GET from Docker Hub counts against its pull rate limit and a HEAD does not, so
+        there a HEAD without a usable digest is asked once more before the GET.
+        """
         reference = ref.digest or ref.tag_or_latest()
         url = f"{target.base_url}/v2/{target.repository}/manifests/{reference}"
-        try:
-            head: Reply | None = await self._auth.exchange(target, "HEAD", url, MANIFEST_ACCEPT)
-        except MalformedAnswer as exc:  # e.g. an unparseable Content-Length
-            log.debug("HEAD %s was malformed (%s); falling back to GET", url, exc)
-            head = None
-        if head is not None:
-            if head.status == 404:
-                raise NotFound(f"{ref} not found ({describe(head)})")
-            if head.status == 200:
-                _refuse_schema1(head)
-                digest = _trusted_head_digest(head, target)
+        heads = 2 if target.registry == DOCKER_HUB else 1
+        for attempt in range(1, heads + 1):
+            try:
+                head = await self._auth.exchange(target, "HEAD", url, MANIFEST_ACCEPT)
+            except MalformedAnswer as exc:  # e.g. an unparseable Content-Length
+                log.debug("HEAD %s was malformed (%s)", url, exc)
+            else:
+                if head.status == 405:
+                    break
+                digest = _head_digest(head, target, ref)
                 if digest is not None:
                     return _expect(ref, digest)
-            elif head.status != 405:
-                raise ProtocolError(f"HEAD {url} answered {describe(head)}")
+            if attempt < heads:
+                log.debug("HEAD %s gave no usable digest; asking again before a GET", url)
         reply = await self._auth.exchange(target, "GET", url, MANIFEST_ACCEPT)
         if reply.status == 404:
             raise NotFound(f"{ref} not found ({describe(reply)})")
@@ -235,6 +238,16 @@ def _unauthorized_message(
 def digest_matches(body: bytes, digest: str) -> bool:
     algorithm, _, expected = digest.partition(":")
     return hashlib.new(algorithm, body).hexdigest() == expected
+
+
+def _head_digest(head: Reply, target: Target, ref: ImageRef) -> str | None:
+    """The digest a HEAD answer gives, None when it gives none that can be trusted."""
+    if head.status == 404:
+        raise NotFound(f"{ref} not found ({describe(head)})")
+    if head.status != 200:
+        raise ProtocolError(f"HEAD {head.url} answered {describe(head)}")
+    _refuse_schema1(head)
+    return _trusted_head_digest(head, target)
 
 
 def _trusted_head_digest(reply: Reply, target: Target) -> str | None:

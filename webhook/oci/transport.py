@@ -37,6 +37,8 @@ from ..errors import DeadlineExceeded, ProtocolError, RegistryUnavailable
 from ..redact import scrub
 from .dns import HostResolver
 from .hostguard import GuardedBackend, HostGuard
+from .ratelimit import RateLimitWatch
+from .reference import DOCKER_HUB_API_HOST
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +60,19 @@ class RegistryOptions:
     # every connection (see registry.RegistryClient).
     concurrency: int = 64
     concurrency_per_registry: int = 16
+    # Where docker.io's distribution API is served (tests point it at a loopback server).
+    docker_hub_host: str = DOCKER_HUB_API_HOST
 
 
 class TransportEvents(Protocol):
-    """What the transport reports (the metrics): each response, and a replaced client."""
+    """What the transport reports (the metrics): each response, a replaced client, and the
+    pull rate limit Docker Hub states."""
 
     def registry_request(self, host: str, method: str, status: str, seconds: float) -> None: ...
 
     def registry_client_rebuilt(self) -> None: ...
+
+    def registry_ratelimit(self, host: str, remaining: int, limit: int) -> None: ...
 
 
 class _Silent:
@@ -73,6 +80,9 @@ class _Silent:
         pass
 
     def registry_client_rebuilt(self) -> None:
+        pass
+
+    def registry_ratelimit(self, host: str, remaining: int, limit: int) -> None:
         pass
 
 
@@ -116,6 +126,8 @@ class Transport:
         self._resolver = resolver or HostResolver()
         self.guard = HostGuard(options.allowed_hosts, resolver=self._resolver)
         self._events: TransportEvents = events or _Silent()
+        self._hub_host = options.docker_hub_host.lower()
+        self._hub_limit = RateLimitWatch(self._events.registry_ratelimit)
         self._verify: ssl.SSLContext | bool = True
         if options.ca_bundle is not None:
             self._verify = ssl.create_default_context(cafile=options.ca_bundle)
@@ -186,6 +198,7 @@ class Transport:
                 if not _is_retryable(reply.status):
                     return reply
                 problem = describe(reply)
+                self._refuse_exhausted_pull_limit(method, shown, reply)
             if attempt >= self._options.max_attempts:
                 raise RegistryUnavailable(f"{method} {shown}: {problem} (after {attempt} attempts)")
             delay = parse_retry_after(reply.headers.get("retry-after")) if reply else None
@@ -221,6 +234,17 @@ class Transport:
         hostport = url.netloc.decode("ascii")
         if url.scheme == "http" and not (self.is_insecure(hostport) or self.is_insecure(url.host)):
             raise ProtocolError(f"refusing a redirect to plain http {url}")
+
+    def _refuse_exhausted_pull_limit(self, method: str, shown: httpx.URL, reply: Reply) -> None:
+        """A 429 from Docker Hub with no pulls left: the window is hours long, so retrying
+        within a deadline of seconds only adds requests."""
+        if reply.status != 429 or _hostport(reply.url) != self._hub_host:
+            return
+        stated = self._hub_limit.observe(self._hub_host, reply.headers)
+        if stated is not None and stated.exhausted:
+            raise RegistryUnavailable(
+                f"{method} {shown}: Docker Hub's pull rate limit is exhausted ({stated.describe()})"
+            )
 
     async def _send(
         self,
@@ -285,10 +309,12 @@ class Transport:
         except httpx.DecodingError as exc:
             raise ProtocolError(f"{method} {shown}: undecodable body") from exc
         self._pool_timeouts = 0
-        host = url.netloc.decode("ascii", errors="replace")
+        host = _hostport(url)
         self._events.registry_request(
             host, method, str(response.status_code), time.monotonic() - started
         )
+        if host == self._hub_host and response.status_code != 429:  # 429: see exchange
+            self._hub_limit.observe(host, response.headers)
         log.debug("%s %s -> %d", method, shown, response.status_code)
         return Reply(method, url, response.status_code, response.headers, body)
 
@@ -314,6 +340,10 @@ class Transport:
 async def _close_later(client: httpx.AsyncClient) -> None:
     await asyncio.sleep(RETIRED_CLIENT_GRACE_SECONDS)
     await client.aclose()
+
+
+def _hostport(url: httpx.URL) -> str:
+    return url.netloc.decode("ascii", errors="replace").lower()
 
 
 def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
