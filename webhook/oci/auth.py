@@ -104,6 +104,7 @@ class Target:
     repository: str
     credential: Credential | None
     deadline: float
+    ns: str | None = None  # the registry a mirror is asked for (containerd's ``?ns=``)
 
     @property
     def scope(self) -> str:

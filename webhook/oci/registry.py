@@ -2,8 +2,9 @@
 
 After go-containerregistry's ``remote.Head``/``remote.Get``, with the registry quirks collected
 in ``shared/notes/registry-protocol.md``. This module holds the request logic only: which
-manifest to ask for, with which credential, and which digest to trust; ``auth`` answers the
-registry's challenges, ``transport`` retries, follows redirects and keeps the deadline.
+host to ask (a registry's mirrors first, see :mod:`.mirror`), which manifest to ask for, with
+which credential, and which digest to trust; ``auth`` answers the registry's challenges,
+``transport`` retries, follows redirects and keeps the deadline.
 """
 
 from __future__ import annotations
@@ -12,17 +13,27 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from types import TracebackType
+from urllib.parse import quote
 
 import httpx
 
-from ..errors import DeadlineExceeded, DigestMismatch, NotFound, ProtocolError, Unauthorized
+from ..errors import (
+    DeadlineExceeded,
+    DigestMismatch,
+    NotFound,
+    ProtocolError,
+    ResolveError,
+    Unauthorized,
+)
 from .auth import Authenticator, Rejected, Target
-from .credential import Credential
+from .credential import Credential, Credentials
 from .dns import HostResolver
+from .mirror import Mirror
 from .reference import DOCKER_HUB, ImageRef, is_valid_digest, split_host_port
 from .transport import (
     MalformedAnswer,
@@ -53,6 +64,12 @@ SCHEMA1_MEDIA_TYPES = frozenset(
 )
 
 
+# A mirror may take at most this share of the time left, so the registry itself still has
+# time when a mirror hangs.
+MIRROR_TIME_SHARE = 0.5
+MIRROR_WARNING_SECONDS = 60.0  # a failing mirror is reported at most this often
+
+
 class RegistryClient:
     """One per process (an async context manager): it holds the pooled connections and the
     challenge and token caches."""
@@ -68,6 +85,7 @@ class RegistryClient:
         self._transport = Transport(options, resolver=resolver, events=events)
         self._auth = Authenticator(self._transport)
         self._permits = _Permits(options.concurrency, options.concurrency_per_registry)
+        self._mirror_warned: dict[str, float] = {}
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -87,23 +105,56 @@ class RegistryClient:
         """The host that serves the distribution API for a registry name."""
         return self._options.docker_hub_host if registry == DOCKER_HUB else registry
 
+    def mirrors_of(self, ref: ImageRef) -> tuple[ImageRef, ...]:
+        """``ref`` as found on each mirror of its registry, in order: what a mirror's
+        credentials are looked up for."""
+        return tuple(m.image(ref) for m in self._options.mirrors.get(ref.registry.lower(), ()))
+
     async def resolve_digest(
-        self, ref: ImageRef, credentials: Sequence[Credential], *, deadline: float
+        self,
+        ref: ImageRef,
+        credentials: Credentials | Sequence[Credential],
+        *,
+        deadline: float,
     ) -> str:
         """The digest of the manifest the registry serves for ``ref``'s tag (or digest).
 
         A reference with both a tag and a digest is looked up by digest (the digest is what
-        a runtime pulls); with neither, by ``latest``. Every credential is tried in order, then
-        anonymous access: a public image must still resolve when a stale credential for its
-        registry is lying around.
+        a runtime pulls); with neither, by ``latest``. The registry's mirrors are asked first,
+        in order, each with the credentials found for its own name; any failure moves on to
+        the next, and last to the registry itself. At each host every credential is tried in
+        order, then anonymous access: a public image must still resolve when a stale
+        credential for its registry is lying around.
         """
         if asyncio.get_running_loop().time() >= deadline:
             raise DeadlineExceeded(f"no time left to resolve {ref}")
-        base = await self._target(ref, deadline)
+        if not isinstance(credentials, Credentials):
+            credentials = Credentials(tuple(credentials))
+        failures: list[str] = []
+        for mirror in self._options.mirrors.get(ref.registry.lower(), ()):
+            try:
+                return await self._resolve_at(
+                    await self._mirror_target(mirror, ref, deadline),
+                    ref,
+                    credentials.for_mirror(mirror.host),
+                )
+            except ResolveError as exc:
+                failures.append(f"mirror {mirror.host}: {exc}")
+                self._mirror_failed(mirror, ref, exc)
+        try:
+            return await self._resolve_at(await self._target(ref, deadline), ref, credentials.items)
+        except ResolveError as exc:
+            if failures:
+                raise type(exc)(f"{exc} (after {'; '.join(failures)})") from exc
+            raise
+
+    async def _resolve_at(
+        self, base: Target, ref: ImageRef, credentials: Sequence[Credential]
+    ) -> str:
         # A credential with nothing in it is anonymous access (containerd sends none), tried
         # once at the end like any.
         tried = [credential for credential in credentials if not credential.is_empty]
-        async with self._permits.take(base.host, deadline, str(ref)):
+        async with self._permits.take(base.host, base.deadline, str(ref)):
             refusals: list[str] = []
             for credential in (*tried, None):
                 try:
@@ -113,10 +164,27 @@ class RegistryClient:
                     log.debug(
                         "%s refused a credential for %s: %s", base.host, ref.repository, rejected
                     )
-        raise Unauthorized(_unauthorized_message(ref, tried, refusals))
+        raise Unauthorized(_unauthorized_message(ref, base, tried, refusals))
+
+    def _mirror_failed(self, mirror: Mirror, ref: ImageRef, exc: ResolveError) -> None:
+        if isinstance(exc, NotFound):
+            log.debug("mirror %s has no %s; trying the next host", mirror.host, ref)
+            return
+        now = time.monotonic()
+        if now < self._mirror_warned.get(mirror.host, 0.0):
+            log.debug("mirror %s failed for %s: %s", mirror.host, ref, exc)
+            return
+        self._mirror_warned[mirror.host] = now + MIRROR_WARNING_SECONDS
+        log.warning(
+            "mirror %s failed for %s (%s): %s; resolving from the next host",
+            mirror.host,
+            ref.registry,
+            exc.reason,
+            exc,
+        )
 
     async def manifest_exists(
-        self, ref: ImageRef, credentials: Sequence[Credential], *, deadline: float
+        self, ref: ImageRef, credentials: Credentials | Sequence[Credential], *, deadline: float
     ) -> bool:
         """Whether the registry has the manifest ``ref`` names by digest."""
         if ref.digest is None:
@@ -141,6 +209,23 @@ class RegistryClient:
             deadline=deadline,
         )
 
+    async def _mirror_target(self, mirror: Mirror, ref: ImageRef, deadline: float) -> Target:
+        """Where to ask a mirror: its own host, guarded like any, within a share of the time."""
+        now = asyncio.get_running_loop().time()
+        share = min(deadline, now + (deadline - now) * MIRROR_TIME_SHARE)
+        bare, port = split_host_port(mirror.host)
+        await self._transport.guard.check(bare, port, deadline=share)
+        scheme = mirror.scheme or ("http" if self._transport.is_insecure(mirror.host) else "https")
+        return Target(
+            registry=mirror.host,
+            host=mirror.host,
+            base_url=f"{scheme}://{mirror.host}",
+            repository=ref.repository,
+            credential=None,
+            deadline=share,
+            ns=ref.registry,
+        )
+
     async def _digest_of(self, target: Target, ref: ImageRef) -> str:
         """HEAD the manifest and trust its digest header; GET and hash the body otherwise.
 
@@ -149,6 +234,8 @@ class RegistryClient:
         """
         reference = ref.digest or ref.tag_or_latest()
         url = f"{target.base_url}/v2/{target.repository}/manifests/{reference}"
+        if target.ns is not None:
+            url += f"?ns={quote(target.ns, safe='')}"
         heads = 2 if target.registry == DOCKER_HUB else 1
         for attempt in range(1, heads + 1):
             try:
@@ -218,7 +305,7 @@ class _Permits:
 
 
 def _unauthorized_message(
-    ref: ImageRef, credentials: Sequence[Credential], refusals: list[str]
+    ref: ImageRef, target: Target, credentials: Sequence[Credential], refusals: list[str]
 ) -> str:
     if credentials:
         sources = ", ".join(c.source for c in credentials if c.source)
@@ -226,8 +313,8 @@ def _unauthorized_message(
         tried += ", then anonymous access"
     else:
         tried = "anonymous access, no credentials configured"
-    message = f"registry {ref.registry} refused {ref}: {tried}; {refusals[-1]}"
-    if ref.registry == DOCKER_HUB:
+    message = f"registry {target.registry} refused {ref}: {tried}; {refusals[-1]}"
+    if target.registry == DOCKER_HUB:
         message += (
             "; note that Docker Hub also answers 401 for repositories that do not exist, "
             "so check the image name"

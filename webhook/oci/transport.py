@@ -26,7 +26,7 @@ import random
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Protocol
 
@@ -37,6 +37,7 @@ from ..errors import DeadlineExceeded, ProtocolError, RegistryUnavailable
 from ..redact import scrub
 from .dns import HostResolver
 from .hostguard import GuardedBackend, HostGuard
+from .mirror import Mirror
 from .ratelimit import RateLimitWatch
 from .reference import DOCKER_HUB_API_HOST
 
@@ -62,6 +63,8 @@ class RegistryOptions:
     concurrency_per_registry: int = 16
     # Where docker.io's distribution API is served (tests point it at a loopback server).
     docker_hub_host: str = DOCKER_HUB_API_HOST
+    # Registry name -> the mirrors asked first, in order (see .mirror).
+    mirrors: Mapping[str, tuple[Mirror, ...]] = field(default_factory=dict)
 
 
 class TransportEvents(Protocol):
