@@ -175,6 +175,9 @@ class Rebuilds:
     def registry_client_rebuilt(self) -> None:
         self.count += 1
 
+    def registry_ratelimit(self, host: str, remaining: int, limit: int) -> None:
+        pass
+
 
 async def test_a_wedged_pool_is_replaced(faults: FaultServer) -> None:
     # Two requests that never end hold the only two connections: nothing but pool timeouts

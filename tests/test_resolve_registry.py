@@ -311,3 +311,22 @@ async def test_a_failure_is_shared_only_by_the_same_credentials(
             mutator, pod(pushed.tag_ref, secrets=("regcred",)), namespace=namespace
         )
         assert image_of(stored) == f"{pushed.tag_ref}@{pushed.digest}"
+
+
+async def test_a_mirror_resolves_and_the_written_image_keeps_the_registrys_name(
+    basic_registry: RegistryEnv, build: Build, tmp_path: Path
+) -> None:
+    pushed = basic_registry.push.index("mirrored/app", "v1")
+    # The mounted docker config has a credential for the mirror, and none for the registry.
+    docker = docker_config(tmp_path, {basic_registry.host: ("alice", "wonderland")})
+    async with FaultServer() as upstream:
+        upstream.route(f"/v2/{pushed.repo}/manifests/v1", Reply(503))
+        hosts = f'"{upstream.host}", "{basic_registry.host}"'
+        settings = load_settings(
+            f"registry:\n  insecure: [{hosts}]\n  allowedHosts: [{hosts}]\n"
+            f'  mirrors:\n    "{upstream.host}": ["http://{basic_registry.host}"]\n'
+        )
+        image = f"{upstream.host}/{pushed.repo}:v1"
+        outcome, stored = await admit(await build(settings, docker=docker), pod(image))
+        assert image_of(stored) == f"{image}@{pushed.digest}", outcome.warnings
+        assert upstream.requests == []

@@ -28,7 +28,9 @@ from pydantic_core import core_schema
 from .configfiles import config_texts, merge_documents, read_yaml, sources
 from .errors import ConfigError
 from .kinds import DEFAULT_MODES, KIND_KEYS, Mode
-from .oci.reference import ImageRef, is_valid_digest
+from .oci.hostguard import parse_ip_literal
+from .oci.mirror import Mirror, registry_name
+from .oci.reference import ImageRef, is_valid_digest, split_host_port
 from .rewrite import DEFAULT_RULES, NamePattern, RewriteMap, RewriteRule
 
 SKIP_ANNOTATION = "pinhook.dev/skip"
@@ -120,6 +122,7 @@ class NamespacePolicy(_Model):
 
 
 _DAY = 86_400.0
+MAX_MIRRORS = 8  # per registry; each one tried costs time before the registry itself
 
 
 class CacheSettings(_Model):
@@ -149,6 +152,42 @@ class RegistrySettings(_Model):
     # How long a credential provider or docker credential helper may run. A request waits at
     # most its own deadline; a slower answer is still cached for the requests that follow.
     credential_exec_timeout_seconds: float = Field(default=30.0, gt=0, le=60)
+    # Registry -> pull-through caches asked first, in order, to resolve its tags.
+    mirrors: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+    _mirrors: dict[str, tuple[Mirror, ...]] = PrivateAttr()
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirror_lists(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        lists: dict[str, tuple[str, ...]] = {}
+        for registry, urls in value.items():
+            name = registry_name(registry)
+            if name in lists:
+                raise ValueError(f"{registry!r}: the mirrors of {name} are given twice")
+            if len(urls) > MAX_MIRRORS:
+                raise ValueError(f"{registry!r}: at most {MAX_MIRRORS} mirrors")
+            lists[name] = tuple(str(Mirror.parse(url)) for url in urls)
+        return lists
+
+    @model_validator(mode="after")
+    def _compile_mirrors(self) -> RegistrySettings:
+        insecure = {host.strip().lower() for host in self.insecure}
+        for urls in self.mirrors.values():
+            for mirror in map(Mirror.parse, urls):
+                if mirror.scheme == "http" and mirror.host not in insecure:
+                    raise ValueError(
+                        f"mirrors: {mirror} is plain HTTP:"
+                        f" list {mirror.host} in registry.insecure too"
+                    )
+        self._mirrors = {
+            registry: tuple(map(Mirror.parse, urls)) for registry, urls in self.mirrors.items()
+        }
+        return self
+
+    @property
+    def mirror_map(self) -> dict[str, tuple[Mirror, ...]]:
+        return self._mirrors
 
     @model_validator(mode="after")
     def _provider_paths(self) -> RegistrySettings:
@@ -319,6 +358,16 @@ def warnings_for(settings: Settings) -> list[str]:
     path = settings.registry.docker_config
     if path is not None and not path.is_file():
         found.append(f"registry.dockerConfig: {path} does not exist (here)")
+    allowed = {host.strip().lower() for host in settings.registry.allowed_hosts}
+    for mirrors in settings.registry.mirror_map.values():
+        for mirror in mirrors:
+            bare, _ = split_host_port(mirror.host)
+            keys = {bare, f"[{bare}]", mirror.host}
+            if parse_ip_literal(bare) is not None and allowed.isdisjoint(keys):
+                found.append(
+                    f"registry.mirrors: {mirror.host} is an IP address; the private-address"
+                    " guard refuses it unless it is in registry.allowedHosts"
+                )
     return found
 
 

@@ -77,6 +77,19 @@ class Metrics:
             buckets=_REGISTRY_BUCKETS,
             registry=self.registry,
         )
+        # Only Docker Hub's API host reports these: one series each.
+        self.ratelimit_remaining = Gauge(
+            "pinhook_registry_ratelimit_remaining",
+            "Pulls left in the rate-limit window, as the registry last stated (Docker Hub)",
+            ["host"],
+            registry=self.registry,
+        )
+        self.ratelimit_limit = Gauge(
+            "pinhook_registry_ratelimit_limit",
+            "Pulls allowed per rate-limit window, as the registry last stated (Docker Hub)",
+            ["host"],
+            registry=self.registry,
+        )
         self.registry_rebuilds = Counter(
             "pinhook_registry_client_rebuilds",
             "Times the registry HTTP client was replaced because its pool wedged",
@@ -138,6 +151,10 @@ class Metrics:
 
     def registry_client_rebuilt(self) -> None:
         self.registry_rebuilds.inc()
+
+    def registry_ratelimit(self, host: str, remaining: int, limit: int) -> None:
+        self.ratelimit_remaining.labels(host).set(remaining)
+        self.ratelimit_limit.labels(host).set(limit)
 
     def connection_closed(self, reason: str) -> None:
         self._inc(self.connections_closed, reason)

@@ -142,7 +142,22 @@ class RegistryDigestResolver:
     async def credentials(self, ref: ImageRef, scope: PullScope, deadline: float) -> Credentials:
         """The credentials the kubelet would pull with, in its order: the object's pull
         secrets (its own, then its ServiceAccount's), the mounted docker config, then the
-        credential provider plugins (which may run a program, within ``deadline``)."""
+        credential provider plugins (which may run a program, within ``deadline``). Each
+        mirror of the registry gets those found for its own name."""
+        found = await self._matching(ref, scope, deadline)
+        mirrors = tuple(
+            [
+                (mirror.registry, await self._matching(mirror, scope, deadline))
+                for mirror in self._client.mirrors_of(ref)
+            ]
+        )
+        if not found and not any(items for _, items in mirrors):
+            return ANONYMOUS
+        return Credentials(found, mirrors)
+
+    async def _matching(
+        self, ref: ImageRef, scope: PullScope, deadline: float
+    ) -> tuple[Credential, ...]:
         found: list[Credential] = []
         if scope.namespace is not None:
             keyring = await self._secrets.keyring_for(scope.namespace, scope.pull)
@@ -151,13 +166,13 @@ class RegistryDigestResolver:
             found.extend(await self.docker_config.lookup(ref, deadline))
         if self._providers is not None:
             found.extend(await self._providers.lookup(ref, deadline))
-        return Credentials(tuple(found)) if found else ANONYMOUS
+        return tuple(found)
 
     async def digest(self, ref: ImageRef, credentials: Credentials, deadline: float) -> str:
-        return await self._client.resolve_digest(_tagged(ref), credentials.items, deadline=deadline)
+        return await self._client.resolve_digest(_tagged(ref), credentials, deadline=deadline)
 
     async def has(self, ref: ImageRef, credentials: Credentials, deadline: float) -> bool:
-        return await self._client.manifest_exists(ref, credentials.items, deadline=deadline)
+        return await self._client.manifest_exists(ref, credentials, deadline=deadline)
 
 
 def _tagged(ref: ImageRef) -> ImageRef:

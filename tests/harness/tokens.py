@@ -3,6 +3,12 @@
 It signs ES256 JWTs the way distribution 2.8 checks them: ``iss``, a single-string ``aud``,
 ``exp``/``nbf``/``iat``, an ``access`` list, an ``x5c`` header naming a certificate from the
 registry's ``rootcertbundle``, and a raw ``r||s`` signature.
+
+Besides the GET token request it takes the OAuth2 form POST of distribution's ``oauth.md``
+with ``grant_type=refresh_token``, for refresh tokens it issued (:meth:`TokenIssuer.
+issue_refresh_token`), and a refresh token as the Basic password of a GET (as ACR does). With
+``rotate`` each exchange hands out a new refresh token and retires the one used; with
+``post_status`` the POST answers that status instead, like a token service that takes no POST.
 """
 
 from __future__ import annotations
@@ -10,10 +16,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import secrets
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -53,6 +61,10 @@ class TokenRequest:
     scopes: tuple[str, ...]
     username: str | None
     status: int
+    method: str = "GET"
+    grant_type: str | None = None  # POST only
+    client_id: str | None = None  # POST only
+    refresh_token: str | None = None  # the one presented (POST form or GET Basic password)
 
 
 @dataclass
@@ -117,6 +129,9 @@ class TokenIssuer:
         self._key = ec.generate_private_key(ec.SECP256R1())
         self.certificate = _self_signed_certificate(self._key)
         self._log = _Log()
+        self._refresh_tokens: dict[str, str] = {}  # valid refresh token -> subject
+        self.rotate = False
+        self.post_status: int | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -151,6 +166,26 @@ class TokenIssuer:
     def reset_counts(self) -> None:
         with self._log.lock:
             self._log.requests.clear()
+
+    def issue_refresh_token(self, subject: str = "") -> str:
+        """A refresh token (docker's identity token) the issuer accepts for ``subject``."""
+        token = f"refresh-{secrets.token_hex(12)}"
+        with self._log.lock:
+            self._refresh_tokens[token] = subject or self.username
+        return token
+
+    def refresh_token_valid(self, token: str) -> bool:
+        with self._log.lock:
+            return token in self._refresh_tokens
+
+    @contextmanager
+    def oauth(self, *, rotate: bool = False, post_status: int | None = None) -> Iterator[None]:
+        """Change how refresh tokens are handled, for one test (the issuer is shared)."""
+        self.rotate, self.post_status = rotate, post_status
+        try:
+            yield
+        finally:
+            self.rotate, self.post_status = False, None
 
     def __enter__(self) -> TokenIssuer:
         self.start()
@@ -220,11 +255,58 @@ class TokenIssuer:
     def answer(
         self, authorization: str | None, service: str | None, scopes: list[str]
     ) -> tuple[int, dict[str, object]]:
-        """Status and JSON body for one token request; records it."""
-        username, authenticated = self._check_basic(authorization)
+        """Status and JSON body for one GET token request; records it."""
+        username, authenticated, presented = self._check_basic(authorization)
         if not authenticated and not (self.allow_anonymous and username is None):
-            self._record(TokenRequest(service, tuple(scopes), username, 401))
+            self._record(
+                TokenRequest(service, tuple(scopes), username, 401, "GET", None, None, presented)
+            )
             return 401, {"details": "incorrect username or password"}
+        body = self._token_body(scopes, username)
+        if presented is not None:
+            body.update(self._rotate(presented))
+        self._record(
+            TokenRequest(service, tuple(scopes), username, 200, "GET", None, None, presented)
+        )
+        return 200, body
+
+    def answer_oauth(self, form: dict[str, str]) -> tuple[int, dict[str, object]]:
+        """Status and JSON body for one OAuth2 POST; records it."""
+        grant, presented = form.get("grant_type"), form.get("refresh_token")
+        scopes = [s for s in form.get("scope", "").split(" ") if s]
+        status, body = self._oauth(grant, presented, scopes)
+        self._record(
+            TokenRequest(
+                form.get("service"),
+                tuple(scopes),
+                None,
+                status,
+                "POST",
+                grant,
+                form.get("client_id"),
+                presented,
+            )
+        )
+        return status, body
+
+    def _oauth(
+        self, grant: str | None, presented: str | None, scopes: list[str]
+    ) -> tuple[int, dict[str, object]]:
+        if self.post_status is not None:
+            return self.post_status, {"details": "no OAuth2 here"}
+        if grant != "refresh_token":
+            return 400, {"error": "unsupported_grant_type"}
+        with self._log.lock:
+            subject = self._refresh_tokens.get(presented or "")
+        if subject is None:
+            return 400, {"error": "invalid_grant"}
+        body = self._token_body(scopes, subject)
+        body.pop("token")  # the OAuth2 answer names it access_token only
+        body["scope"] = " ".join(scopes)
+        body.update(self._rotate(presented or ""))
+        return 200, body
+
+    def _token_body(self, scopes: list[str], username: str | None) -> dict[str, object]:
         granted = [self._grant(scope, anonymous=username is None) for scope in scopes]
         token = self.mint([a for a in granted if a is not None], subject=username or "")
         body: dict[str, object] = {
@@ -234,8 +316,15 @@ class TokenIssuer:
         }
         if self.expires_in is not None:
             body["expires_in"] = self.expires_in
-        self._record(TokenRequest(service, tuple(scopes), username, 200))
-        return 200, body
+        return body
+
+    def _rotate(self, used: str) -> dict[str, object]:
+        """With ``rotate``, a new refresh token replaces the one used."""
+        if not self.rotate:
+            return {}
+        with self._log.lock:
+            subject = self._refresh_tokens.pop(used)
+        return {"refresh_token": self.issue_refresh_token(subject)}
 
     def _grant(self, scope: str, *, anonymous: bool) -> Access | None:
         access = parse_scope(scope)
@@ -243,15 +332,18 @@ class TokenIssuer:
             return access
         return Access(access.type, access.name, tuple(a for a in access.actions if a == "pull"))
 
-    def _check_basic(self, authorization: str | None) -> tuple[str | None, bool]:
+    def _check_basic(self, authorization: str | None) -> tuple[str | None, bool, str | None]:
+        """Username, whether accepted, and the refresh token if one was the password."""
         if not authorization or not authorization.lower().startswith("basic "):
-            return None, False
+            return None, False, None
         try:
             decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
         except (ValueError, UnicodeDecodeError):
-            return "", False
+            return "", False, None
         user, _, password = decoded.partition(":")
-        return user, (user == self.username and password == self.password)
+        if self.refresh_token_valid(password):
+            return user, True, password
+        return user, (user == self.username and password == self.password), None
 
     def _record(self, request: TokenRequest) -> None:
         with self._log.lock:
@@ -276,6 +368,14 @@ def _handler_for(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
             )
             headers = {"WWW-Authenticate": 'Basic realm="pinhook-test-issuer"'}
             self._reply(status, body, headers if status == 401 else {})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+            if urlsplit(self.path).path != "/token":
+                self._reply(404, {"details": "not found"})
+                return
+            self._reply(*issuer.answer_oauth(form))
 
         def _reply(
             self, status: int, body: dict[str, object], headers: dict[str, str] | None = None

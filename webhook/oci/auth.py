@@ -7,6 +7,16 @@ credential as Basic auth, if any) and cached per host, repository scope and cred
 shortly before they expire. :meth:`Authenticator.exchange` decides, from what was sent and the
 401 that came back, the one retry worth making, or that the credential is refused.
 
+Docker's two tokens (see :class:`~.credential.Credential`):
+
+* a registry token is sent as the bearer token itself, with no token request; it does not
+  answer a Basic challenge, so there the credential does not apply;
+* an identity token is an OAuth2 refresh token, exchanged as containerd does (``auth/fetch.go``,
+  ``authorizer.go``): a form POST to the realm with ``grant_type=refresh_token``, falling back
+  to the GET token request (Basic ``username:identity token``) when the token service answers
+  400, 401 or 404 (ACR, Artifactory and GCR do), or 405 for a credential with a username. A new
+  refresh token in the answer replaces the old one, in memory, for the next exchange.
+
 Credentials go only to the registry they are for and to the token realm that registry's own
 challenge names: a 401 from a host a request was redirected to is not the registry's
 challenge, and is never answered. A challenge is remembered per repository, and for the whole
@@ -25,6 +35,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import urlencode
 
 import httpx
 
@@ -34,7 +45,11 @@ from .transport import Reply, Transport, describe, same_origin
 
 log = logging.getLogger(__name__)
 
-TOKEN_DEFAULT_LIFETIME = 60.0
+# distribution's minimumTokenLifetimeSeconds: a shorter (or missing) expires_in counts as this.
+TOKEN_MIN_LIFETIME = 60.0
+OAUTH_CLIENT_ID = "pinhook"
+# Token services that take no OAuth2 POST say so with these (containerd's list).
+_POST_UNSUPPORTED = frozenset({400, 401, 404})
 TOKEN_CACHE_LIMIT = 4096
 CHALLENGE_SECONDS = 3600.0  # a registry may move its token service; look again hourly
 _TCHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -89,6 +104,7 @@ class Target:
     repository: str
     credential: Credential | None
     deadline: float
+    ns: str | None = None  # the registry a mirror is asked for (containerd's ``?ns=``)
 
     @property
     def scope(self) -> str:
@@ -105,6 +121,18 @@ class Rejected(Exception):
     def __init__(self, status: int, where: str) -> None:
         super().__init__(f"HTTP {status} from {where}")
         self.status = status
+
+
+class NotApplicable(Rejected):
+    """The credential cannot answer the registry's challenge (a token, asked for Basic)."""
+
+    def __init__(self, host: str, credential: Credential) -> None:
+        Exception.__init__(
+            self,
+            f"{host} asks for Basic credentials, and {credential.source or 'the credential'}"
+            " holds only a token",
+        )
+        self.status = 401
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +153,7 @@ class _Sent:
 
 
 _TokenKey = tuple[str, str, str]  # host, scope, credential identity
+_RefreshKey = tuple[str, str, str]  # credential identity, realm, service
 
 
 class Authenticator:
@@ -140,6 +169,11 @@ class Authenticator:
         self._proven: dict[str, tuple[Challenge, float]] = {}
         self._tokens: dict[_TokenKey, _Token] = {}
         self._token_locks: dict[_TokenKey, asyncio.Lock] = {}
+        # (credential identity, realm, service) -> the refresh token that replaced the
+        # credential's identity token; one exchange at a time for each, so none uses a token
+        # another just rotated away.
+        self._refresh_tokens: dict[_RefreshKey, str] = {}
+        self._refresh_locks: dict[_RefreshKey, asyncio.Lock] = {}
 
     async def exchange(
         self, target: Target, method: str, url: str, headers: Mapping[str, str]
@@ -170,6 +204,8 @@ class Authenticator:
             return _Sent()
         try:
             return await self._authorization(target, challenge)
+        except NotApplicable:
+            raise  # this credential cannot answer; the challenge is still right
         except (ProtocolError, ForbiddenHost, Rejected) as exc:
             # A challenge that worked elsewhere on this host does not work here: ask the
             # registry for this repository's own, rather than failing on another's.
@@ -222,11 +258,19 @@ class Authenticator:
     async def _authorization(
         self, target: Target, challenge: Challenge, *, stale: _Token | None = None
     ) -> _Sent:
+        credential = target.credential
         if challenge.scheme == "basic":
-            if target.credential is None:
+            if credential is None:
                 return _Sent()
-            return _Sent(_basic_header(target.credential), "basic", challenge)
+            if credential.registry_token or (credential.identity_token and not credential.password):
+                raise NotApplicable(target.host, credential)
+            header = _basic_header(credential.username, credential.password)
+            return _Sent(header, "basic", challenge)
         if challenge.scheme == "bearer":
+            if credential is not None and credential.registry_token:
+                # Sent as it is: there is nothing to fetch, nor to fetch again after a 401.
+                header = {"Authorization": f"Bearer {credential.registry_token}"}
+                return _Sent(header, "bearer", challenge)
             token, was_cached = await self._bearer_token(challenge, target, stale)
             return _Sent(
                 {"Authorization": f"Bearer {token.value}"},
@@ -292,6 +336,17 @@ class Authenticator:
         self._tokens[key] = token
 
     async def _fetch_token(self, challenge: Challenge, target: Target) -> _Token:
+        url = await self._realm(challenge, target)
+        service = challenge.param("service") or ""
+        credential = target.credential
+        if credential is not None and credential.identity_token:
+            return await self._refresh(url, service, target, credential)
+        login = None if credential is None else (credential.username, credential.password)
+        reply = await self._get_token(url, service, target, login)
+        return _parse_token(reply.body, target.host, oauth=False)[0]
+
+    async def _realm(self, challenge: Challenge, target: Target) -> httpx.URL:
+        """The challenge's token realm, if credentials may be sent there."""
         realm = challenge.param("realm")
         if not realm:
             raise ProtocolError(f"{target.host} sent a Bearer challenge without a realm")
@@ -307,19 +362,80 @@ class Authenticator:
         if url.scheme not in ("http", "https") or not url.host:
             raise ProtocolError(f"token realm {realm} of {target.host} is not an http URL")
         await self._transport.guard.check(url.host, url.port, deadline=target.deadline)
+        return url
+
+    async def _get_token(
+        self, url: httpx.URL, service: str, target: Target, login: tuple[str, str] | None
+    ) -> Reply:
+        """The token request every token service takes: GET, with Basic auth if any."""
         params = {"scope": target.scope}
-        service = challenge.param("service")
         if service:
             params["service"] = service
-        headers = _basic_header(target.credential) if target.credential else {}
+        headers = _basic_header(*login) if login is not None and any(login) else {}
         reply = await self._transport.exchange(
             "GET", url.copy_merge_params(params), headers, target.deadline
         )
-        if reply.status in (401, 403):
-            raise Rejected(reply.status, f"token service {url.host}")
-        if reply.status != 200:
-            raise ProtocolError(f"token service {url.host} answered {describe(reply)}")
-        return _parse_token(reply.body, target.host)
+        _check_token_reply(reply, url)
+        return reply
+
+    async def _refresh(
+        self, url: httpx.URL, service: str, target: Target, credential: Credential
+    ) -> _Token:
+        """A bearer token for an identity token (an OAuth2 refresh token)."""
+        key = (credential.identity(), str(url), service)
+        if len(self._refresh_locks) >= TOKEN_CACHE_LIMIT:
+            for idle in [k for k, held in self._refresh_locks.items() if not held.locked()]:
+                del self._refresh_locks[idle]
+        lock = self._refresh_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with asyncio.timeout_at(target.deadline):
+                await lock.acquire()
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"waiting for a token for {target.host}") from exc
+        try:
+            refresh_token = self._refresh_tokens.get(key, credential.identity_token)
+            try:
+                reply, oauth = await self._exchange_refresh_token(
+                    url, service, target, credential.username, refresh_token
+                )
+            except Rejected:
+                # A rotated token that stopped working: start again from the configured one.
+                self._refresh_tokens.pop(key, None)
+                raise
+            token, rotated = _parse_token(reply.body, target.host, oauth=oauth)
+            if rotated and rotated != refresh_token:
+                self._keep_refresh_token(key, rotated)
+            return token
+        finally:
+            lock.release()
+
+    async def _exchange_refresh_token(
+        self, url: httpx.URL, service: str, target: Target, username: str, refresh_token: str
+    ) -> tuple[Reply, bool]:
+        """The token service's answer, and whether it came from the OAuth2 POST."""
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "service": service,
+            "scope": target.scope,  # space-separated when there are several
+            "client_id": OAUTH_CLIENT_ID,
+        }
+        headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+        reply = await self._transport.exchange(
+            "POST", url, headers, target.deadline, content=urlencode(form).encode()
+        )
+        if reply.status in _POST_UNSUPPORTED or (reply.status == 405 and username):
+            log.debug("token service %s answered POST with %d; GET", url.host, reply.status)
+            return await self._get_token(url, service, target, (username, refresh_token)), False
+        _check_token_reply(reply, url)
+        return reply, True
+
+    def _keep_refresh_token(self, key: _RefreshKey, refresh_token: str) -> None:
+        if key not in self._refresh_tokens and len(self._refresh_tokens) >= TOKEN_CACHE_LIMIT:
+            oldest = next(iter(self._refresh_tokens))
+            del self._refresh_tokens[oldest]
+            self._refresh_locks.pop(oldest, None)
+        self._refresh_tokens[key] = refresh_token
 
 
 def _token_key(target: Target) -> _TokenKey:
@@ -340,28 +456,43 @@ def _refuse_foreign_challenge(target: Target, reply: Reply) -> None:
         )
 
 
-def _basic_header(credential: Credential) -> dict[str, str]:
-    pair = f"{credential.username}:{credential.password}".encode()
+def _basic_header(username: str, password: str) -> dict[str, str]:
+    pair = f"{username}:{password}".encode()
     return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
 
 
-def _parse_token(body: bytes, host: str) -> _Token:
+def _check_token_reply(reply: Reply, url: httpx.URL) -> None:
+    if reply.status in (401, 403):
+        raise Rejected(reply.status, f"token service {url.host}")
+    if reply.status != 200:
+        raise ProtocolError(f"token service {url.host} answered {describe(reply)}")
+
+
+def _parse_token(body: bytes, host: str, *, oauth: bool) -> tuple[_Token, str | None]:
+    """The bearer token of a token service's answer, and the refresh token it may hold.
+
+    An OAuth2 answer carries ``access_token``; a GET answer ``token`` or ``access_token``
+    (which wins, as in containerd and distribution).
+    """
     try:
         document = json.loads(body)
     except ValueError as exc:
         raise ProtocolError(f"token service of {host} answered invalid JSON") from exc
     if not isinstance(document, dict):
         raise ProtocolError(f"token service of {host} answered a non-object")
-    value = document.get("token") or document.get("access_token")
+    value = document.get("access_token") or (None if oauth else document.get("token"))
     if not isinstance(value, str) or not value:
         raise ProtocolError(f"token service of {host} answered no token")
     lifetime = document.get("expires_in")
-    if not isinstance(lifetime, int | float) or isinstance(lifetime, bool) or lifetime <= 0:
-        lifetime = TOKEN_DEFAULT_LIFETIME
-    remaining = float(lifetime) - _age(document.get("issued_at"))
+    if not isinstance(lifetime, int | float) or isinstance(lifetime, bool):
+        lifetime = 0.0
+    lifetime = max(float(lifetime), TOKEN_MIN_LIFETIME)
+    remaining = lifetime - _age(document.get("issued_at"))
     # Renew shortly before expiry so a token never dies in flight.
-    margin = min(10.0, float(lifetime) / 10)
-    return _Token(value, time.monotonic() + min(float(lifetime), remaining) - margin)
+    margin = min(10.0, lifetime / 10)
+    refresh = document.get("refresh_token")
+    rotated = refresh if isinstance(refresh, str) and refresh else None
+    return _Token(value, time.monotonic() + min(lifetime, remaining) - margin), rotated
 
 
 def _age(issued_at: object) -> float:

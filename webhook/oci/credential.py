@@ -58,10 +58,20 @@ class Credentials:
     """
 
     items: tuple[Credential, ...] = ()
+    # The credentials for each registry mirror, by the mirror's host, in mirror order: a
+    # mirror gets only what was found for its own name, never the upstream's.
+    mirrors: tuple[tuple[str, tuple[Credential, ...]], ...] = ()
     key: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", "|".join(c.identity() for c in self.items))
+        key = "|".join(c.identity() for c in self.items)
+        for host, items in self.mirrors:
+            if items:
+                key += f"|{host}>" + ">".join(c.identity() for c in items)
+        object.__setattr__(self, "key", key)
+
+    def for_mirror(self, host: str) -> tuple[Credential, ...]:
+        return next((items for mirror, items in self.mirrors if mirror == host), ())
 
 
 ANONYMOUS = Credentials()

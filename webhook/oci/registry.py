@@ -2,8 +2,9 @@
 
 After go-containerregistry's ``remote.Head``/``remote.Get``, with the registry quirks collected
 in ``shared/notes/registry-protocol.md``. This module holds the request logic only: which
-manifest to ask for, with which credential, and which digest to trust; ``auth`` answers the
-registry's challenges, ``transport`` retries, follows redirects and keeps the deadline.
+host to ask (a registry's mirrors first, see :mod:`.mirror`), which manifest to ask for, with
+which credential, and which digest to trust; ``auth`` answers the registry's challenges,
+``transport`` retries, follows redirects and keeps the deadline.
 """
 
 from __future__ import annotations
@@ -12,18 +13,28 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from types import TracebackType
+from urllib.parse import quote
 
 import httpx
 
-from ..errors import DeadlineExceeded, DigestMismatch, NotFound, ProtocolError, Unauthorized
+from ..errors import (
+    DeadlineExceeded,
+    DigestMismatch,
+    NotFound,
+    ProtocolError,
+    ResolveError,
+    Unauthorized,
+)
 from .auth import Authenticator, Rejected, Target
-from .credential import Credential
+from .credential import Credential, Credentials
 from .dns import HostResolver
-from .reference import DOCKER_HUB, DOCKER_HUB_API_HOST, ImageRef, is_valid_digest, split_host_port
+from .mirror import Mirror
+from .reference import DOCKER_HUB, ImageRef, is_valid_digest, split_host_port
 from .transport import (
     MalformedAnswer,
     RegistryOptions,
@@ -53,9 +64,10 @@ SCHEMA1_MEDIA_TYPES = frozenset(
 )
 
 
-def api_host(registry: str) -> str:
-    """The host that serves the distribution API for a registry name."""
-    return DOCKER_HUB_API_HOST if registry == DOCKER_HUB else registry
+# A mirror may take at most this share of the time left, so the registry itself still has
+# time when a mirror hangs.
+MIRROR_TIME_SHARE = 0.5
+MIRROR_WARNING_SECONDS = 60.0  # a failing mirror is reported at most this often
 
 
 class RegistryClient:
@@ -69,9 +81,11 @@ class RegistryClient:
         resolver: HostResolver | None = None,
         events: TransportEvents | None = None,
     ) -> None:
+        self._options = options
         self._transport = Transport(options, resolver=resolver, events=events)
         self._auth = Authenticator(self._transport)
         self._permits = _Permits(options.concurrency, options.concurrency_per_registry)
+        self._mirror_warned: dict[str, float] = {}
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -87,22 +101,62 @@ class RegistryClient:
     async def aclose(self) -> None:
         await self._transport.aclose()
 
+    def api_host(self, registry: str) -> str:
+        """The host that serves the distribution API for a registry name."""
+        return self._options.docker_hub_host if registry == DOCKER_HUB else registry
+
+    def mirrors_of(self, ref: ImageRef) -> tuple[ImageRef, ...]:
+        """``ref`` as found on each mirror of its registry, in order: what a mirror's
+        credentials are looked up for."""
+        return tuple(m.image(ref) for m in self._options.mirrors.get(ref.registry.lower(), ()))
+
     async def resolve_digest(
-        self, ref: ImageRef, credentials: Sequence[Credential], *, deadline: float
+        self,
+        ref: ImageRef,
+        credentials: Credentials | Sequence[Credential],
+        *,
+        deadline: float,
     ) -> str:
         """The digest of the manifest the registry serves for ``ref``'s tag (or digest).
 
         A reference with both a tag and a digest is looked up by digest (the digest is what
-        a runtime pulls); with neither, by ``latest``. Every credential is tried in order, then
-        anonymous access: a public image must still resolve when a stale credential for its
-        registry is lying around.
+        a runtime pulls); with neither, by ``latest``. The registry's mirrors are asked first,
+        in order, each with the credentials found for its own name; any failure moves on to
+        the next, and last to the registry itself. At each host every credential is tried in
+        order, then anonymous access: a public image must still resolve when a stale
+        credential for its registry is lying around.
         """
         if asyncio.get_running_loop().time() >= deadline:
             raise DeadlineExceeded(f"no time left to resolve {ref}")
-        base = await self._target(ref, deadline)
-        async with self._permits.take(base.host, deadline, str(ref)):
+        if not isinstance(credentials, Credentials):
+            credentials = Credentials(tuple(credentials))
+        failures: list[str] = []
+        for mirror in self._options.mirrors.get(ref.registry.lower(), ()):
+            try:
+                return await self._resolve_at(
+                    await self._mirror_target(mirror, ref, deadline),
+                    ref,
+                    credentials.for_mirror(mirror.host),
+                )
+            except ResolveError as exc:
+                failures.append(f"mirror {mirror.host}: {exc}")
+                self._mirror_failed(mirror, ref, exc)
+        try:
+            return await self._resolve_at(await self._target(ref, deadline), ref, credentials.items)
+        except ResolveError as exc:
+            if failures:
+                raise type(exc)(f"{exc} (after {'; '.join(failures)})") from exc
+            raise
+
+    async def _resolve_at(
+        self, base: Target, ref: ImageRef, credentials: Sequence[Credential]
+    ) -> str:
+        # A credential with nothing in it is anonymous access (containerd sends none), tried
+        # once at the end like any.
+        tried = [credential for credential in credentials if not credential.is_empty]
+        async with self._permits.take(base.host, base.deadline, str(ref)):
             refusals: list[str] = []
-            for credential in (*credentials, None):
+            for credential in (*tried, None):
                 try:
                     return await self._digest_of(replace(base, credential=credential), ref)
                 except Rejected as rejected:
@@ -110,10 +164,27 @@ class RegistryClient:
                     log.debug(
                         "%s refused a credential for %s: %s", base.host, ref.repository, rejected
                     )
-        raise Unauthorized(_unauthorized_message(ref, credentials, refusals))
+        raise Unauthorized(_unauthorized_message(ref, base, tried, refusals))
+
+    def _mirror_failed(self, mirror: Mirror, ref: ImageRef, exc: ResolveError) -> None:
+        if isinstance(exc, NotFound):
+            log.debug("mirror %s has no %s; trying the next host", mirror.host, ref)
+            return
+        now = time.monotonic()
+        if now < self._mirror_warned.get(mirror.host, 0.0):
+            log.debug("mirror %s failed for %s: %s", mirror.host, ref, exc)
+            return
+        self._mirror_warned[mirror.host] = now + MIRROR_WARNING_SECONDS
+        log.warning(
+            "mirror %s failed for %s (%s): %s; resolving from the next host",
+            mirror.host,
+            ref.registry,
+            exc.reason,
+            exc,
+        )
 
     async def manifest_exists(
-        self, ref: ImageRef, credentials: Sequence[Credential], *, deadline: float
+        self, ref: ImageRef, credentials: Credentials | Sequence[Credential], *, deadline: float
     ) -> bool:
         """Whether the registry has the manifest ``ref`` names by digest."""
         if ref.digest is None:
@@ -125,7 +196,7 @@ class RegistryClient:
         return True
 
     async def _target(self, ref: ImageRef, deadline: float) -> Target:
-        host = api_host(ref.registry)
+        host = self.api_host(ref.registry)
         bare, port = split_host_port(host)
         await self._transport.guard.check(bare, port, deadline=deadline)
         insecure = self._transport.is_insecure(ref.registry) or self._transport.is_insecure(host)
@@ -138,25 +209,47 @@ class RegistryClient:
             deadline=deadline,
         )
 
+    async def _mirror_target(self, mirror: Mirror, ref: ImageRef, deadline: float) -> Target:
+        """Where to ask a mirror: its own host, guarded like any, within a share of the time."""
+        now = asyncio.get_running_loop().time()
+        share = min(deadline, now + (deadline - now) * MIRROR_TIME_SHARE)
+        bare, port = split_host_port(mirror.host)
+        await self._transport.guard.check(bare, port, deadline=share)
+        scheme = mirror.scheme or ("http" if self._transport.is_insecure(mirror.host) else "https")
+        return Target(
+            registry=mirror.host,
+            host=mirror.host,
+            base_url=f"{scheme}://{mirror.host}",
+            repository=ref.repository,
+            credential=None,
+            deadline=share,
+            ns=ref.registry,
+        )
+
     async def _digest_of(self, target: Target, ref: ImageRef) -> str:
-        """HEAD the manifest and trust its digest header; GET and hash the body otherwise."""
+        """HEAD the manifest and trust its digest header; GET and hash the body otherwise.
+
+        A GET from Docker Hub counts against its pull rate limit and a HEAD does not, so
+        there a HEAD without a usable digest is asked once more before the GET.
+        """
         reference = ref.digest or ref.tag_or_latest()
         url = f"{target.base_url}/v2/{target.repository}/manifests/{reference}"
-        try:
-            head: Reply | None = await self._auth.exchange(target, "HEAD", url, MANIFEST_ACCEPT)
-        except MalformedAnswer as exc:  # e.g. an unparseable Content-Length
-            log.debug("HEAD %s was malformed (%s); falling back to GET", url, exc)
-            head = None
-        if head is not None:
-            if head.status == 404:
-                raise NotFound(f"{ref} not found ({describe(head)})")
-            if head.status == 200:
-                _refuse_schema1(head)
-                digest = _trusted_head_digest(head, target)
+        if target.ns is not None:
+            url += f"?ns={quote(target.ns, safe='')}"
+        heads = 2 if target.registry == DOCKER_HUB else 1
+        for attempt in range(1, heads + 1):
+            try:
+                head = await self._auth.exchange(target, "HEAD", url, MANIFEST_ACCEPT)
+            except MalformedAnswer as exc:  # e.g. an unparseable Content-Length
+                log.debug("HEAD %s was malformed (%s)", url, exc)
+            else:
+                if head.status == 405:
+                    break
+                digest = _head_digest(head, target, ref)
                 if digest is not None:
                     return _expect(ref, digest)
-            elif head.status != 405:
-                raise ProtocolError(f"HEAD {url} answered {describe(head)}")
+            if attempt < heads:
+                log.debug("HEAD %s gave no usable digest; asking again before a GET", url)
         reply = await self._auth.exchange(target, "GET", url, MANIFEST_ACCEPT)
         if reply.status == 404:
             raise NotFound(f"{ref} not found ({describe(reply)})")
@@ -212,7 +305,7 @@ class _Permits:
 
 
 def _unauthorized_message(
-    ref: ImageRef, credentials: Sequence[Credential], refusals: list[str]
+    ref: ImageRef, target: Target, credentials: Sequence[Credential], refusals: list[str]
 ) -> str:
     if credentials:
         sources = ", ".join(c.source for c in credentials if c.source)
@@ -220,8 +313,8 @@ def _unauthorized_message(
         tried += ", then anonymous access"
     else:
         tried = "anonymous access, no credentials configured"
-    message = f"registry {ref.registry} refused {ref}: {tried}; {refusals[-1]}"
-    if ref.registry == DOCKER_HUB:
+    message = f"registry {target.registry} refused {ref}: {tried}; {refusals[-1]}"
+    if target.registry == DOCKER_HUB:
         message += (
             "; note that Docker Hub also answers 401 for repositories that do not exist, "
             "so check the image name"
@@ -232,6 +325,16 @@ def _unauthorized_message(
 def digest_matches(body: bytes, digest: str) -> bool:
     algorithm, _, expected = digest.partition(":")
     return hashlib.new(algorithm, body).hexdigest() == expected
+
+
+def _head_digest(head: Reply, target: Target, ref: ImageRef) -> str | None:
+    """The digest a HEAD answer gives, None when it gives none that can be trusted."""
+    if head.status == 404:
+        raise NotFound(f"{ref} not found ({describe(head)})")
+    if head.status != 200:
+        raise ProtocolError(f"HEAD {head.url} answered {describe(head)}")
+    _refuse_schema1(head)
+    return _trusted_head_digest(head, target)
 
 
 def _trusted_head_digest(reply: Reply, target: Target) -> str | None:

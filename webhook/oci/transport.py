@@ -26,7 +26,7 @@ import random
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Protocol
 
@@ -37,6 +37,9 @@ from ..errors import DeadlineExceeded, ProtocolError, RegistryUnavailable
 from ..redact import scrub
 from .dns import HostResolver
 from .hostguard import GuardedBackend, HostGuard
+from .mirror import Mirror
+from .ratelimit import RateLimitWatch
+from .reference import DOCKER_HUB_API_HOST
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +61,21 @@ class RegistryOptions:
     # every connection (see registry.RegistryClient).
     concurrency: int = 64
     concurrency_per_registry: int = 16
+    # Where docker.io's distribution API is served (tests point it at a loopback server).
+    docker_hub_host: str = DOCKER_HUB_API_HOST
+    # Registry name -> the mirrors asked first, in order (see .mirror).
+    mirrors: Mapping[str, tuple[Mirror, ...]] = field(default_factory=dict)
 
 
 class TransportEvents(Protocol):
-    """What the transport reports (the metrics): each response, and a replaced client."""
+    """What the transport reports (the metrics): each response, a replaced client, and the
+    pull rate limit Docker Hub states."""
 
     def registry_request(self, host: str, method: str, status: str, seconds: float) -> None: ...
 
     def registry_client_rebuilt(self) -> None: ...
+
+    def registry_ratelimit(self, host: str, remaining: int, limit: int) -> None: ...
 
 
 class _Silent:
@@ -73,6 +83,9 @@ class _Silent:
         pass
 
     def registry_client_rebuilt(self) -> None:
+        pass
+
+    def registry_ratelimit(self, host: str, remaining: int, limit: int) -> None:
         pass
 
 
@@ -116,6 +129,8 @@ class Transport:
         self._resolver = resolver or HostResolver()
         self.guard = HostGuard(options.allowed_hosts, resolver=self._resolver)
         self._events: TransportEvents = events or _Silent()
+        self._hub_host = options.docker_hub_host.lower()
+        self._hub_limit = RateLimitWatch(self._events.registry_ratelimit)
         self._verify: ssl.SSLContext | bool = True
         if options.ca_bundle is not None:
             self._verify = ssl.create_default_context(cafile=options.ca_bundle)
@@ -156,23 +171,37 @@ class Transport:
         return host.lower() in self._insecure
 
     async def exchange(
-        self, method: str, url: str | httpx.URL, headers: Mapping[str, str], deadline: float
+        self,
+        method: str,
+        url: str | httpx.URL,
+        headers: Mapping[str, str],
+        deadline: float,
+        *,
+        content: bytes | None = None,
     ) -> Reply:
-        """One logical request, retried on 5xx, 429 and connection failures."""
+        """One logical request, retried on 5xx, 429 and connection failures.
+
+        A request with ``content`` (a token request's form, which may hold a refresh token)
+        follows no redirect: its body would go wherever the answer points.
+        """
         loop = asyncio.get_running_loop()
+        shown = httpx.URL(url).copy_with(query=None)
         attempt = 0
         while True:
             attempt += 1
             reply: Reply | None = None
             try:
-                reply = await self._follow_redirects(method, httpx.URL(url), headers, deadline)
+                if content is None:
+                    reply = await self._follow_redirects(method, httpx.URL(url), headers, deadline)
+                else:
+                    reply = await self._send(method, httpx.URL(url), headers, deadline, content)
             except _Transient as exc:
                 problem = str(exc)
             else:
                 if not _is_retryable(reply.status):
                     return reply
                 problem = describe(reply)
-            shown = httpx.URL(url).copy_with(query=None)
+                self._refuse_exhausted_pull_limit(method, shown, reply)
             if attempt >= self._options.max_attempts:
                 raise RegistryUnavailable(f"{method} {shown}: {problem} (after {attempt} attempts)")
             delay = parse_retry_after(reply.headers.get("retry-after")) if reply else None
@@ -209,8 +238,24 @@ class Transport:
         if url.scheme == "http" and not (self.is_insecure(hostport) or self.is_insecure(url.host)):
             raise ProtocolError(f"refusing a redirect to plain http {url}")
 
+    def _refuse_exhausted_pull_limit(self, method: str, shown: httpx.URL, reply: Reply) -> None:
+        """A 429 from Docker Hub with no pulls left: the window is hours long, so retrying
+        within a deadline of seconds only adds requests."""
+        if reply.status != 429 or _hostport(reply.url) != self._hub_host:
+            return
+        stated = self._hub_limit.observe(self._hub_host, reply.headers)
+        if stated is not None and stated.exhausted:
+            raise RegistryUnavailable(
+                f"{method} {shown}: Docker Hub's pull rate limit is exhausted ({stated.describe()})"
+            )
+
     async def _send(
-        self, method: str, url: httpx.URL, headers: Mapping[str, str], deadline: float
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: Mapping[str, str],
+        deadline: float,
+        content: bytes | None = None,
     ) -> Reply:
         loop = asyncio.get_running_loop()
         shown = url.copy_with(query=None)
@@ -218,7 +263,7 @@ class Transport:
         if remaining <= 0:
             raise DeadlineExceeded(f"{method} {shown}: deadline exceeded")
         request = self.http.build_request(
-            method, url, headers=headers, timeout=httpx.Timeout(remaining)
+            method, url, headers=headers, content=content, timeout=httpx.Timeout(remaining)
         )
         task = loop.create_task(self._fetch(self.http, request, deadline))
         self._background.add(task)
@@ -267,10 +312,12 @@ class Transport:
         except httpx.DecodingError as exc:
             raise ProtocolError(f"{method} {shown}: undecodable body") from exc
         self._pool_timeouts = 0
-        host = url.netloc.decode("ascii", errors="replace")
+        host = _hostport(url)
         self._events.registry_request(
             host, method, str(response.status_code), time.monotonic() - started
         )
+        if host == self._hub_host and response.status_code != 429:  # 429: see exchange
+            self._hub_limit.observe(host, response.headers)
         log.debug("%s %s -> %d", method, shown, response.status_code)
         return Reply(method, url, response.status_code, response.headers, body)
 
@@ -296,6 +343,10 @@ class Transport:
 async def _close_later(client: httpx.AsyncClient) -> None:
     await asyncio.sleep(RETIRED_CLIENT_GRACE_SECONDS)
     await client.aclose()
+
+
+def _hostport(url: httpx.URL) -> str:
+    return url.netloc.decode("ascii", errors="replace").lower()
 
 
 def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
