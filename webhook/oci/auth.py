@@ -315,11 +315,19 @@ class Authenticator:
         reply = await self._transport.exchange(
             "GET", url.copy_merge_params(params), headers, target.deadline
         )
+        events = self._transport.events
         if reply.status in (401, 403):
+            events.token_request(target.host, "rejected")
             raise Rejected(reply.status, f"token service {url.host}")
-        if reply.status != 200:
-            raise ProtocolError(f"token service {url.host} answered {describe(reply)}")
-        return _parse_token(reply.body, target.host)
+        try:
+            if reply.status != 200:
+                raise ProtocolError(f"token service {url.host} answered {describe(reply)}")
+            token = _parse_token(reply.body, target.host)
+        except ProtocolError:
+            events.token_request(target.host, "error")
+            raise
+        events.token_request(target.host, "ok")
+        return token
 
 
 def _token_key(target: Target) -> _TokenKey:
