@@ -486,11 +486,13 @@ async def test_oversized_body_is_413(webhook: Webhook) -> None:
     assert answer.status_code == 413
 
 
-async def test_health_ready_and_metrics(webhook: Webhook) -> None:
+async def test_health_ready_and_metrics_elsewhere(webhook: Webhook) -> None:
     await webhook.send(review(pod_with("nginx:1.27")))
     assert (await webhook.client.get("/healthz")).status_code == 200
     assert (await webhook.client.get("/readyz")).json()["ready"] is True
-    text = (await webhook.client.get("/metrics")).text
+    # Metrics have a port of their own (server.serve_metrics), never the webhook's.
+    assert (await webhook.client.get("/metrics")).status_code == 404
+    text = webhook.metrics.render().decode()
     assert (
         'pinhook_admission_requests_total{kind="Pod",operation="CREATE",result="patched"} 1.0'
         in text
@@ -638,7 +640,7 @@ async def test_metric_labels_from_requests_are_bounded(webhook: Webhook) -> None
     ]
     assert sorted(series) == [
         'pinhook_admission_requests_total{kind="Pod",operation="CREATE",result="patched"} 1.0',
-        'pinhook_admission_requests_total{kind="other",operation="other",result="allowed"} 50.0',
+        'pinhook_admission_requests_total{kind="other",operation="other",result="skipped"} 50.0',
     ]
 
 

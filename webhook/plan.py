@@ -53,7 +53,7 @@ class InvalidImage:
 class RequestPlan:
     """Everything decided about one request before any registry is asked."""
 
-    mode: Mode  # of the object's kind; OFF for a kind pinhook does not know
+    mode: Mode  # of the object's kind in its namespace; OFF for a kind pinhook does not know
     policy: FailurePolicy  # of the object's namespace
     namespace: str | None = None
     images: tuple[ImagePlan | InvalidImage, ...] = ()  # in field order
@@ -61,6 +61,7 @@ class RequestPlan:
     audit: Mapping[str, str] = field(default_factory=dict)
     limits: LimitSettings = field(default_factory=LimitSettings)
     images_over_limit: int = 0  # image fields past limits.images_per_object, not handled
+    skipped: str | None = None  # why pinhook does not look at the object, when it does not
 
 
 class ImageResult(NamedTuple):
