@@ -355,7 +355,7 @@ def test_escaped_rules_survive_the_cel_string_literal() -> None:
 
 
 def test_no_rules_means_only_unpinned_images_are_sent() -> None:
-    settings = load_settings("rewrites: []")
+    settings = load_settings("builtinRewrites: false")
     pod = _pod({"containers": [{"image": MATCHED_PINNED}]})
     conditions = match_conditions_for(settings, KINDS[0])
     assert not sends(conditions, pod)

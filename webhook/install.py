@@ -109,7 +109,12 @@ def _shape_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--name", default=DEFAULT_NAME, help="configuration name (default: pinhook)"
     )
-    parser.add_argument("--failure-policy", choices=FAILURE_POLICIES, default="Ignore")
+    parser.add_argument(
+        "--failure-policy",
+        choices=FAILURE_POLICIES,
+        default="Ignore",
+        help="what the API server does when pinhook does not answer (default: Ignore, admit)",
+    )
     parser.add_argument(
         "--no-match-conditions",
         dest="match_conditions",
@@ -163,6 +168,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _configuration(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_settings_file(args.config) if args.config else default_settings()
+    if args.url is not None and args.ca is None:
+        print(
+            "warning: --url without --ca: the configuration gets no caBundle, so the API server"
+            " will not trust pinhook's certificate unless a public CA signed it or a"
+            " self-managed pinhook sets the caBundle",
+            file=sys.stderr,
+        )
     ca_bundle = certs.ca_bundle_b64(_read(args.ca)) if args.ca else None
     if args.url is not None:
         target = WebhookTarget(url=args.url, service=None, ca_bundle=ca_bundle)

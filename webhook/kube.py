@@ -25,10 +25,11 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from lightkube import AsyncClient
+from lightkube import AsyncClient, KubeConfig
 from lightkube.resources.core_v1 import Secret, ServiceAccount
 
 from .errors import ConfigError
@@ -49,6 +50,22 @@ _PULL_SECRET_FORMATS: dict[str, tuple[str, Callable[..., DockerKeyring]]] = {
 }
 
 ObjectKey = tuple[str, str]  # (namespace, name)
+
+
+def async_client(kubeconfig: Path | None = None) -> AsyncClient:
+    """A client for the API server of ``kubeconfig``; without one, of the in-cluster
+    configuration, else of $KUBECONFIG (or ~/.kube/config). ConfigError naming both when
+    there is neither."""
+    try:
+        if kubeconfig is not None:
+            return AsyncClient(config=KubeConfig.from_file(kubeconfig), field_manager="pinhook")
+        return AsyncClient(field_manager="pinhook")
+    except Exception as exc:  # lightkube raises several kinds for a missing kubeconfig
+        raise ConfigError(
+            "no Kubernetes API configuration found: not running in a cluster (no in-cluster"
+            " service account config), and no kubeconfig (set KUBECONFIG or pass --kubeconfig)",
+            [str(exc)],
+        ) from exc
 
 
 class PullSecretSource(Protocol):
