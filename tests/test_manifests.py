@@ -313,7 +313,13 @@ def test_deployment_shape(rendered: dict[str, list[Doc]], build: str) -> None:
         "0.0.0.0",
         "--port",
         "8443",
+        "--metrics-port",
+        "9090",
+        "--log-format",
+        "json",
     ]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"https": 8443, "metrics": 9090}
     namespace = {env["name"]: env for env in container["env"]}["POD_NAMESPACE"]
     assert namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert container["resources"]["requests"]

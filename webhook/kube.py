@@ -275,11 +275,17 @@ class _Reflector(Generic[V]):
         self.store: dict[ObjectKey, V] = {}
         self.synced = asyncio.Event()
         self._expired_in_a_row = 0
+        # What to log at INFO once the next list succeeds: the first connect and every
+        # reconnect after a failure, not the periodic resyncs.
+        self._connecting: str | None = "watching"
 
     async def run(self) -> None:
         while True:
             try:
                 resource_version = await self._list()
+                if self._connecting is not None:
+                    log.info("%s %s (%d listed)", self._connecting, self.label, len(self.store))
+                    self._connecting = None
                 await self._watch(resource_version)
             except asyncio.CancelledError:
                 raise
@@ -294,6 +300,7 @@ class _Reflector(Generic[V]):
                     self._expired_in_a_row += 1
                     continue
                 delay = self._backoff.next_delay()
+                self._connecting = "watch reconnected:"
                 if isinstance(error, KubeRefused) and not self.synced.is_set():
                     # RBAC withholds this resource (perhaps on purpose, see rbac.yaml): resolve
                     # without it rather than keep every replica unready; keep asking.
