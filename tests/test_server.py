@@ -43,6 +43,7 @@ class Served:
         self.metrics_port = free_port()
         self.cwd = cwd
         self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []  # the lines wait_for took off the queue
         ports = ["--port", str(self.port), "--metrics-port", str(self.metrics_port)]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "webhook.cli", "serve", *ports, *args],
@@ -51,7 +52,8 @@ class Served:
             stdout=subprocess.DEVNULL,
             text=True,
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
         self.wait_for("pinhook listening on")
 
     def _pump(self) -> None:
@@ -67,6 +69,7 @@ class Served:
             except queue.Empty:
                 raise AssertionError(f"no {text!r} in server log: {''.join(seen)}") from None
             seen.append(line)
+            self.seen.append(line)
             if text in line:
                 return line
 
@@ -84,6 +87,7 @@ class Served:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=15)
+        self._pump_thread.join(timeout=15)  # every line it wrote is in self.lines
 
 
 @pytest.fixture
