@@ -208,6 +208,7 @@ class Settings(_Model):
     _rewrite_map: RewriteMap = PrivateAttr()
     _rules: tuple[tuple[RewriteRule, bool], ...] = PrivateAttr()
     _modes: dict[str, Mode] = PrivateAttr()
+    _pinning: frozenset[str] = PrivateAttr()
     _digest_table: dict[ImageRef, str] = PrivateAttr()
 
     @field_validator("kinds", mode="before")
@@ -256,6 +257,11 @@ class Settings(_Model):
             key: self.mode if self.mode is not None and default in PINNING else default
             for key, default in DEFAULT_MODES.items()
         } | dict(self.kinds)
+        # The kinds a namespace's mode applies to: those that pin by `kinds` or by default,
+        # whatever the global `mode` made of them.
+        self._pinning = frozenset(
+            key for key, mode in (dict(DEFAULT_MODES) | dict(self.kinds)).items() if mode in PINNING
+        )
         self._digest_table = {
             _parse_for_table(image): digest for image, digest in self.digests.items()
         }
@@ -277,13 +283,13 @@ class Settings(_Model):
 
     def mode_for(self, kind_key: str, namespace: str | None = None) -> Mode:
         """The kind's mode (``kinds``, else ``mode`` for a kind that pins by default, else its
-        default), replaced by the namespace's ``mode`` when the kind pins."""
-        mode = self._modes.get(kind_key, Mode.OFF)
-        if mode in PINNING and namespace is not None:
+        default), replaced by the namespace's ``mode`` for a kind that pins by ``kinds`` or by
+        default."""
+        if namespace is not None and kind_key in self._pinning:
             override = self.namespaces.get(namespace)
             if override is not None and override.mode is not None:
                 return override.mode
-        return mode
+        return self._modes.get(kind_key, Mode.OFF)
 
     def modes_for(self, kind_key: str) -> frozenset[Mode]:
         """Every mode an object of the kind gets in some namespace (for the webhook

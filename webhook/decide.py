@@ -219,7 +219,7 @@ def _unresolved(policy: FailurePolicy, mode: Mode, reason: Unknown) -> Admission
         return _deny(reason.denial)
     outcome = AdmissionOutcome(warnings=[f"pinhook: {reason.warning}; object left as is"])
     if mode is Mode.AUDIT and strict:
-        outcome.audit["would-deny"] = f"pinhook: {reason.denial}"
+        outcome.audit["would-deny"] = reason.denial
         outcome.warnings.insert(0, f"pinhook (audit mode): would deny: {reason.denial}")
     return outcome
 
