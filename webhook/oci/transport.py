@@ -383,15 +383,15 @@ def _is_plain_http(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLError) and not isinstance(seen, ssl.SSLCertVerificationError):
-            text = f"{seen.reason or ''} {seen}".upper()
-            if (
-                "WRONG_VERSION_NUMBER" in text
-                or "RECORD_LAYER_FAILURE" in text
-                or ("RECORD LAYER FAILURE" in text)
-            ):
+            text = f"{getattr(seen, 'reason', None) or ''} {seen}".upper()
+            if any(sign in text for sign in _PLAIN_HTTP_SIGNS):
                 return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+# What OpenSSL says when the "ServerHello" is an HTTP answer (1.1 and 3.x spellings).
+_PLAIN_HTTP_SIGNS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "RECORD LAYER FAILURE")
 
 
 def _is_retryable(status: int) -> bool:
