@@ -117,9 +117,18 @@ class ImageRow:
     reason: str | None = None  # the error's short reason (not-found, unauthorized, invalid)
 
     def as_data(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["uses"] = [str(use) for use in self.uses]
-        return data
+        return {
+            "image": self.image,
+            "uses": [str(use) for use in self.uses],
+            "pinned": self.pinned,
+            "rewrittenTo": self.rewritten_to,
+            "final": self.final,
+            "tagDigest": self.tag_digest,
+            "runningDigest": self.running_digest,
+            "moved": self.moved,
+            "error": self.error,
+            "reason": self.reason,
+        }
 
 
 @dataclass(slots=True)
@@ -202,7 +211,9 @@ def enforce_denial(
     strict = FailurePolicy(on_failure=plan.policy.on_failure, require_digest=True)
     plan = dataclasses.replace(plan, mode=Mode.PIN, policy=strict)
     decision = decide(plan, images)
-    return decision.outcome.message if decision.result == DENIED else None
+    if decision.result != DENIED or decision.outcome.message is None:
+        return None
+    return decision.outcome.message.removeprefix("pinhook: ")
 
 
 # --- the cluster ----------------------------------------------------------------------------
