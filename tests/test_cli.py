@@ -328,3 +328,20 @@ def test_certs_generate_keeps_existing_files_unless_forced(tmp_path: Path) -> No
     assert (out / "tls.key").read_bytes() == before
     assert pinhook("certs", "generate", "--out", str(out), "--force").returncode == 0
     assert (out / "tls.key").read_bytes() != before
+
+
+def test_serve_without_api_configuration_names_kubeconfig_and_in_cluster(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    result = subprocess.run(
+        [sys.executable, "-m", "webhook.cli", "serve", "--kube", "on", "--log-format", "text"],
+        cwd=tmp_path,
+        capture_output=True,
+        env={**env, "KUBECONFIG": str(tmp_path / "missing")},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    (error,) = [line for line in result.stderr.decode().splitlines() if " ERROR " in line]
+    assert "webhook.cli: pinhook cannot serve" in error
+    assert "KUBECONFIG" in error and "in-cluster" in error
+    assert "listening" not in result.stderr.decode()

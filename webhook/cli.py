@@ -35,7 +35,8 @@ from .oci.reference import ImageRef
 from .runtime import Runtime
 from .selfcert import SelfManagedCertificates, SelfManagedOptions
 
-log = logging.getLogger(__name__)
+# By module name even when run as ``python -m webhook.cli`` (``__name__`` is then "__main__").
+log = logging.getLogger(__spec__.name if __spec__ is not None else __name__)
 
 # Every environment variable pinhook reads, and the flag it stands in for.
 ENVIRONMENT: Final = (
