@@ -33,6 +33,7 @@ from benchmarks.stack import (
     Registry,
     Server,
     accepted_connections,
+    metrics_port,
     noop_command,
     peer_setup,
     pinhook_command,
@@ -596,8 +597,10 @@ def memory(ctx: Context) -> Outcome:
 
 
 def _cache_misses(server: Server, certs: CertPaths) -> float | None:
-    tls = ssl.create_default_context(cafile=str(certs.ca_cert))
-    connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=tls, timeout=10)
+    port = metrics_port(server)
+    if port is None:
+        return None
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         connection.request("GET", "/metrics")
         text = connection.getresponse().read().decode()

@@ -333,9 +333,18 @@ def pinhook_command(config: Path, certs: CertPaths) -> Callable[[int], list[str]
             str(certs.key),
             "--kube",
             "off",
+            # Metrics have a port of their own (the memory scenario reads the cache misses).
+            "--metrics-port",
+            str(free_port()),
         ]
 
     return command
+
+
+def metrics_port(server: Server) -> int | None:
+    """The metrics port a pinhook ``server`` was started with, if any."""
+    args = [str(arg) for arg in server.process.args]  # type: ignore[union-attr]
+    return int(args[args.index("--metrics-port") + 1]) if "--metrics-port" in args else None
 
 
 def noop_command(certs: CertPaths) -> Callable[[int], list[str]]:

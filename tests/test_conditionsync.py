@@ -37,7 +37,7 @@ def test_patch_touches_only_known_webhooks_with_conditions() -> None:
     pods = kind_info("", "Pod")
     assert pods is not None
     settings = load_settings("")
-    current = match_conditions_for(load_settings("rewrites: []"), pods)
+    current = match_conditions_for(load_settings("builtinRewrites: false"), pods)
     webhooks = [
         {"name": "other.example.com", "matchConditions": current},
         {"name": "pods.pinhook.dev"},

@@ -13,6 +13,7 @@ import pytest
 from webhook import rewrite
 from webhook.config import load_settings, load_settings_file, warnings_for
 from webhook.errors import ConfigError
+from webhook.kinds import Mode
 from webhook.runtime import Runtime
 
 
@@ -128,7 +129,7 @@ def test_the_chain_check_does_not_compare_every_pair(monkeypatch: pytest.MonkeyP
     rules = "".join(
         f"  - {{from: gcr.io/team{i}/app, to: quay.io/team{i}/app}}\n" for i in range(2000)
     )
-    settings = load_settings(f"rewrites:\n{rules}")
+    settings = load_settings(f"builtinRewrites: false\nrewrites:\n{rules}")
     assert len(settings.rewrite_map) == 2000
     assert calls < 4000
 
@@ -179,4 +180,44 @@ async def test_a_large_map_is_validated_off_the_event_loop(tmp_path: Path) -> No
         ticker.cancel()
     # The loop kept turning while the 5,000 rules were validated.
     assert ticks - before > 10
-    assert len(runtime.settings.rewrite_map) == 5000
+    assert len(runtime.settings.rewrite_map) == 5000 + 1  # and the built-in rule
+
+
+def test_modes_global_per_kind_and_per_namespace() -> None:
+    settings = load_settings(
+        "mode: audit\n"
+        "kinds: {pods: pin, servingruntimes.serving.kserve.io: rewrite}\n"
+        "namespaces: {legacy: {mode: off}, payments: {mode: pin}, other: {requireDigest: true}}\n"
+    )
+    knative = "services.serving.knative.dev"
+    # `mode` turns the kinds that pin by default to audit; a kind named in `kinds` keeps its own.
+    assert settings.mode_for(knative) is Mode.AUDIT
+    assert settings.mode_for("pods") is Mode.PIN
+    # A namespace's mode replaces the mode of every kind that pins there, and only those.
+    assert settings.mode_for(knative, "payments") is Mode.PIN
+    assert settings.mode_for("pods", "legacy") is Mode.OFF
+    assert settings.mode_for("servingruntimes.serving.kserve.io", "legacy") is Mode.REWRITE
+    assert settings.mode_for("deployments.apps", "payments") is Mode.OFF
+    assert settings.mode_for(knative, "other") is Mode.AUDIT
+    assert settings.modes_for("pods") == {Mode.PIN, Mode.OFF}
+    assert settings.modes_for(knative) == {Mode.AUDIT, Mode.PIN, Mode.OFF}
+
+
+def test_yaml_off_is_a_mode_everywhere() -> None:
+    settings = load_settings("mode: off\nnamespaces: {x: {mode: off}}\n")
+    assert settings.mode is Mode.OFF
+    assert settings.namespaces["x"].mode is Mode.OFF
+
+
+def test_own_rewrites_keep_the_built_in_rule_unless_turned_off() -> None:
+    own = "rewrites: [{from: docker.io/kserve/, to: registry.example.com/kserve}]\n"
+    rules = [(str(rule), builtin) for rule, builtin in load_settings(own).effective_rules]
+    assert rules == [
+        ("docker.io/kserve -> registry.example.com/kserve", False),
+        ("gcr.io/kubebuilder/kube-rbac-proxy -> quay.io/brancz/kube-rbac-proxy", True),
+    ]
+    assert load_settings(own + "builtinRewrites: false\n").effective_rules[-1][1] is False
+    # A rule of yours with the built-in's `from` replaces it, with no duplicate error.
+    mine = "rewrites: [{from: gcr.io/kubebuilder/kube-rbac-proxy, to: mirror.example.com/krp}]\n"
+    ((rule, builtin),) = load_settings(mine).effective_rules
+    assert (str(rule.target), builtin) == ("mirror.example.com/krp", False)

@@ -160,3 +160,56 @@ def test_a_timeout_follows_the_failure_policy(
     else:
         assert decision.outcome.message == "pinhook: timed out resolving images"
     assert decision.images == {} and decision.failures == {}
+
+
+# --- audit mode -----------------------------------------------------------------------------
+
+
+def audited(*images: ImagePlan | InvalidImage, policy: FailurePolicy | None = None) -> RequestPlan:
+    return RequestPlan(Mode.AUDIT, policy or FailurePolicy(), "default", images)
+
+
+def test_audit_reports_what_pin_would_patch_and_patches_nothing() -> None:
+    results = [result("nginx:1.27", 0), result("example.com/app:1", 1, failed=True)]
+    decision = decide(audited(*(r.plan for r in results)), results)
+    outcome = decision.outcome
+    assert outcome.allowed and outcome.patch == []
+    assert decision.result == "audited"
+    assert outcome.audit["would-patch"] == f'["nginx:1.27 -> nginx:1.27@{DIGEST}"]'
+    assert "images" not in outcome.audit and "would-deny" not in outcome.audit
+    assert outcome.audit["unpinned"] == '["example.com/app:1 (not-found)"]'
+    assert outcome.warnings[0] == (
+        f"pinhook (audit mode): would change nginx:1.27 -> nginx:1.27@{DIGEST}"
+    )
+    assert "example.com/app:1 not pinned" in outcome.warnings[1]
+    # Counted as audited, not pinned: nothing was.
+    assert decision.images == {"audited": 1, "unpinned": 1}
+    assert decision.results == results
+
+
+@pytest.mark.parametrize("policy", [REQUIRE, DENY])
+def test_audit_never_denies_and_says_what_pin_would_deny(policy: FailurePolicy) -> None:
+    results = [result("example.com/app:1", 0, failed=True)]
+    pinned = decide(RequestPlan(Mode.PIN, policy, "default", (results[0].plan,)), results)
+    assert not pinned.outcome.allowed and pinned.result == "denied"
+    decision = decide(audited(results[0].plan, policy=policy), results)
+    assert decision.outcome.allowed and decision.result == "audited"
+    assert decision.outcome.audit["would-deny"] == (pinned.outcome.message or "").removeprefix(
+        "pinhook: "
+    )
+    assert decision.outcome.warnings[0].startswith("pinhook (audit mode): would deny: ")
+
+
+def test_audit_of_a_timeout_is_admitted_with_what_pin_would_do() -> None:
+    decision = decide(RequestPlan(Mode.AUDIT, REQUIRE), None)
+    assert decision.outcome.allowed and decision.result == "audited"
+    assert decision.outcome.audit["would-deny"] == "timed out resolving images"
+
+
+def test_results_name_what_pinhook_did() -> None:
+    pinned = [result("nginx:1.27", 0)]
+    assert decide(request(pinned[0].plan), pinned).result == "patched"
+    kept = [result(f"nginx:1.27@{DIGEST}", 0)]
+    assert decide(request(kept[0].plan), kept).result == "unchanged"
+    skipped = RequestPlan(Mode.OFF, FailurePolicy(), skipped="mode off")
+    assert decide(skipped, []).result == "skipped"

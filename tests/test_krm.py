@@ -30,7 +30,8 @@ def fn(stdin: str, *args: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def settings(host: str) -> str:
-    return f'registry:\n  insecure: ["{host}"]\n  allowedHosts: ["{host}"]\nrewrites: []\n'
+    registry = f'registry:\n  insecure: ["{host}"]\n  allowedHosts: ["{host}"]\n'
+    return registry + "builtinRewrites: false\n"
 
 
 def function_config(host: str, *, on_failure: str | None = None, indent: str = "  ") -> str:

@@ -260,14 +260,20 @@ async def test_http_410_on_rewatch_triggers_a_relist(
 
 
 async def test_watch_server_error_backs_off_and_recovers(
-    server: FakeApiServer, cache: KubePullSecrets
+    server: FakeApiServer, cache: KubePullSecrets, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.kube")
     pull = PullContext(("regcred",))
     for _ in range(3):
         server.fail_next("secrets", watch=True, status=500)
     server.put(_pull_secret("apps", "regcred", "late"), notify=False)
     server.close_watches()
     await _users_eventually(cache, "apps", pull, ["late"])
+    # One line when the watch is back, after the warnings about each failure.
+    await _eventually(lambda: "watch reconnected:" in caplog.text)
+    reconnected = [r for r in caplog.records if "watch reconnected:" in r.getMessage()]
+    assert all(r.levelno == logging.INFO for r in reconnected)
+    assert any("dockerconfigjson (1 listed)" in r.getMessage() for r in reconnected), caplog.text
 
 
 async def test_clean_watch_close_rewatches_without_relisting(

@@ -445,7 +445,13 @@ def test_deployment_shape(rendered: dict[Build, list[Doc]], build: Build) -> Non
         "0.0.0.0",
         "--port",
         "8443",
+        "--metrics-port",
+        "9090",
+        "--log-format",
+        "json",
     ]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"https": 8443, "metrics": 9090}
     namespace = {env["name"]: env for env in container["env"]}["POD_NAMESPACE"]
     assert namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert container["resources"]["requests"]
@@ -751,6 +757,12 @@ def test_monitoring_scrapes_the_metrics_port(
         assert monitors == []
         return
     spec = _one(docs, "ServiceMonitor", "pinhook")["spec"]
-    service = _one(docs, "Service", "pinhook")
-    assert _selects(spec["selector"], service["metadata"]["labels"])
-    assert spec["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    metrics = _one(docs, "Service", "pinhook-metrics")
+    assert _selects(spec["selector"], metrics["metadata"]["labels"])
+    # Not the webhook's Service: its port is TLS and for the API server only.
+    assert not _selects(spec["selector"], _one(docs, "Service", "pinhook")["metadata"]["labels"])
+    assert [e["port"] for e in spec["endpoints"]] == ["metrics"]
+    assert [p["targetPort"] for p in metrics["spec"]["ports"]] == ["metrics"]
+    ports = {p["name"]: p["containerPort"] for p in _container(docs)["ports"]}
+    assert ports["metrics"] == 9090
+    assert "--metrics-port" in _container(docs)["args"]

@@ -526,11 +526,13 @@ async def test_oversized_body_is_413(webhook: Webhook) -> None:
     assert answer.status_code == 413
 
 
-async def test_health_ready_and_metrics(webhook: Webhook) -> None:
+async def test_health_ready_and_metrics_elsewhere(webhook: Webhook) -> None:
     await webhook.send(review(pod_with("nginx:1.27")))
     assert (await webhook.client.get("/healthz")).status_code == 200
     assert (await webhook.client.get("/readyz")).json()["ready"] is True
-    text = (await webhook.client.get("/metrics")).text
+    # Metrics have a port of their own (server.serve_metrics), never the webhook's.
+    assert (await webhook.client.get("/metrics")).status_code == 404
+    text = webhook.metrics.render().decode()
     assert (
         'pinhook_admission_requests_total{kind="Pod",operation="CREATE",result="patched"} 1.0'
         in text
@@ -678,7 +680,7 @@ async def test_metric_labels_from_requests_are_bounded(webhook: Webhook) -> None
     ]
     assert sorted(series) == [
         'pinhook_admission_requests_total{kind="Pod",operation="CREATE",result="patched"} 1.0',
-        'pinhook_admission_requests_total{kind="other",operation="other",result="allowed"} 50.0',
+        'pinhook_admission_requests_total{kind="other",operation="other",result="skipped"} 50.0',
     ]
 
 
@@ -695,3 +697,25 @@ async def test_a_request_whose_digests_are_all_cached_needs_no_registry(
     # One image the static table does not know: the request has to go to a registry.
     plan = mutator.plan(parse_review(body(review(pod_with("nginx:1.27", "example.com/x:1")))))
     assert mutator.settled(plan) is None
+
+
+async def test_a_namespace_in_audit_mode_gets_no_patch_but_is_told(
+    webhook_for: WebhookFactory,
+) -> None:
+    hook = webhook_for("namespaces:\n  legacy: {mode: audit, requireDigest: true}\n")
+    pinned = await hook.send(review(pod_with("nginx:1.27"), namespace="shop"))
+    assert "patch" in pinned
+    audited = await hook.send(
+        review(pod_with("nginx:1.27", "example.com/gone:1"), namespace="legacy")
+    )
+    assert audited["allowed"] is True and "patch" not in audited
+    annotations = audited["auditAnnotations"]
+    assert "nginx:1.27 -> nginx:1.27@" in annotations["would-patch"]
+    assert "requireDigest" in annotations["would-deny"]
+    assert audited["warnings"][0].startswith("pinhook (audit mode): would change nginx:1.27")
+    assert any(w.startswith("pinhook (audit mode): would deny") for w in audited["warnings"])
+    text = hook.metrics.render().decode()
+    assert (
+        'pinhook_admission_requests_total{kind="Pod",operation="CREATE",result="audited"} 1.0'
+        in text
+    )

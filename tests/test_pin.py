@@ -47,7 +47,7 @@ def pinhook(*args: str | Path, stdin: bytes | None = None) -> subprocess.Complet
     )
 
 
-def config_file(tmp_path: Path, *hosts: str, extra: str = "rewrites: []\n") -> Path:
+def config_file(tmp_path: Path, *hosts: str, extra: str = "builtinRewrites: false\n") -> Path:
     """A config reaching the loopback registries over plain HTTP, with no default rules."""
     listed = ", ".join(f'"{host}"' for host in hosts)
     path = tmp_path / "config.yaml"
@@ -87,7 +87,7 @@ def test_only_image_scalars_change_in_a_file_with_comments_anchors_and_odd_quoti
     source = tmp_path / "multi.yaml"
     source.write_text(text)
     config = config_file(
-        tmp_path, registry.host, extra="rewrites: []\nkinds: {deployments.apps: pin}\n"
+        tmp_path, registry.host, extra="builtinRewrites: false\nkinds: {deployments.apps: pin}\n"
     )
 
     pinned = pinhook("pin", "--config", config, "-f", source)
@@ -123,7 +123,7 @@ def test_check_lists_every_unpinned_image_with_its_file_and_line(
     source = tmp_path / "multi.yaml"
     source.write_text(text)
     config = config_file(
-        tmp_path, registry.host, extra="rewrites: []\nkinds: {deployments.apps: pin}\n"
+        tmp_path, registry.host, extra="builtinRewrites: false\nkinds: {deployments.apps: pin}\n"
     )
     lines = text.splitlines()
     marks = ('web:1.0"', "proxy:2.1'", "tools:3}]", "&api", "&api", "image: >-")

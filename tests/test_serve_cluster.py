@@ -71,7 +71,9 @@ async def api() -> AsyncIterator[FakeApiServer]:
                     "sideEffects": "None",
                     "admissionReviewVersions": ["v1"],
                     # Generated from an older config: no rewrite rules at all.
-                    "matchConditions": match_conditions_for(load_settings("rewrites: []"), PODS),
+                    "matchConditions": match_conditions_for(
+                        load_settings("builtinRewrites: false"), PODS
+                    ),
                 },
                 {
                     # Installed with --no-match-conditions: must stay without.

@@ -43,16 +43,20 @@ class Served:
 
     def __init__(self, args: list[str], cwd: Path) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         self.cwd = cwd
         self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []  # the lines wait_for took off the queue
+        ports = ["--port", str(self.port), "--metrics-port", str(self.metrics_port)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "webhook.cli", "serve", "--port", str(self.port), *args],
+            [sys.executable, "-m", "webhook.cli", "serve", *ports, *args],
             cwd=cwd,
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
         self.wait_for("pinhook listening on")
 
     def _pump(self) -> None:
@@ -68,6 +72,7 @@ class Served:
             except queue.Empty:
                 raise AssertionError(f"no {text!r} in server log: {''.join(seen)}") from None
             seen.append(line)
+            self.seen.append(line)
             if text in line:
                 return line
 
@@ -76,9 +81,16 @@ class Served:
             base_url=f"https://localhost:{self.port}", verify=ssl.create_default_context(cafile=ca)
         )
 
+    def metrics(self) -> str:
+        """One scrape of the plain-HTTP metrics port."""
+        answer = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
+        answer.raise_for_status()
+        return answer.text
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=15)
+        self._pump_thread.join(timeout=15)  # every line it wrote is in self.lines
 
 
 @pytest.fixture
@@ -156,7 +168,7 @@ def test_config_reload_rejects_bad_and_applies_good(served: Served) -> None:
         served.wait_for("configuration rejected")
         ready = client.get("/readyz").json()
         assert ready["ready"] is True and "rejected" in ready["reason"]
-        assert "pinhook_config_last_reload_valid 0.0" in client.get("/metrics").text
+        assert "pinhook_config_last_reload_valid 0.0" in served.metrics()
         # The last good config keeps serving.
         doc = review(pod(NGINX))
         answer = client.post("/mutate", json=doc).json()["response"]
@@ -169,7 +181,7 @@ def test_config_reload_rejects_bad_and_applies_good(served: Served) -> None:
         assert apply_response(doc["request"]["object"], answer) == pod(
             f"nginx@{fake_digest(NGINX)}"
         )
-        assert "pinhook_config_last_reload_valid 1.0" in client.get("/metrics").text
+        assert "pinhook_config_last_reload_valid 1.0" in served.metrics()
 
 
 def test_serve_refuses_bad_config(tmp_path: Path) -> None:

@@ -418,7 +418,7 @@ def test_escaped_rules_survive_the_cel_string_literal() -> None:
 
 
 def test_no_rules_means_only_unpinned_images_are_sent() -> None:
-    settings = load_settings("rewrites: []")
+    settings = load_settings("builtinRewrites: false")
     pod = _pod({"containers": [{"image": MATCHED_PINNED}]})
     conditions = match_conditions_for(settings, KINDS[0])
     assert not sends(conditions, pod)
@@ -653,3 +653,21 @@ def test_checked_in_configuration_is_the_generators_output(
     assert install.run(_parser().parse_args(argv)) == 0
     regenerate = f"{shlex.join(['pinhook', *argv])} > {path}"
     assert capsys.readouterr().out == text, f"{path} is stale: run `{regenerate}`"
+
+
+def test_audit_kinds_are_sent_what_pin_kinds_are() -> None:
+    pod = _pod({"containers": [{"image": UNPINNED}]})
+    audit = match_conditions_for(load_settings("kinds: {pods: audit}"), KINDS[0])
+    pinned = match_conditions_for(load_settings("kinds: {pods: pin}"), KINDS[0])
+    assert audit == pinned
+    assert sends(audit, pod)
+
+
+def test_a_namespace_mode_keeps_the_webhook_of_a_kind_off_elsewhere() -> None:
+    def names(config: str) -> set[str]:
+        return set(_webhooks(build_webhook_configuration(load_settings(config), WebhookTarget())))
+
+    assert "pods.pinhook.dev" not in names("mode: 'off'\n")
+    audited_in_team = names("mode: 'off'\nnamespaces: {team: {mode: audit}}\n")
+    assert "pods.pinhook.dev" in audited_in_team
+    assert "deployments.apps.pinhook.dev" not in audited_in_team  # off by default, everywhere

@@ -20,7 +20,8 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 class AdmissionRequest(NamedTuple):
-    """The fields pinhook reads. Not ``dryRun``: a dry run is answered like a real request."""
+    """The fields pinhook reads. A dry run is answered like a real request; ``dry_run`` and
+    ``name`` are read for the admission log only."""
 
     api_version: str
     uid: str
@@ -30,6 +31,8 @@ class AdmissionRequest(NamedTuple):
     namespace: str | None
     obj: Any
     old_obj: Any
+    name: str = ""  # empty on CREATE of an object named by generateName
+    dry_run: bool = False
 
 
 @dataclass(slots=True)
@@ -75,6 +78,8 @@ def parse_review(body: bytes) -> AdmissionRequest:
         namespace=_text(request.get("namespace")) or None,
         obj=request.get("object"),
         old_obj=request.get("oldObject"),
+        name=_text(request.get("name")) or "",
+        dry_run=request.get("dryRun") is True,
     )
 
 

@@ -1,4 +1,4 @@
-"""The HTTP surface: ``POST /mutate``, health, readiness and metrics.
+"""The HTTP surface: ``POST /mutate``, health and readiness (metrics have a port of their own).
 
 The handler reads the raw body once, decodes it once (orjson) and writes the answer with
 orjson: FastAPI's model validation would decode and copy the whole object again.
@@ -14,21 +14,20 @@ from typing import Protocol
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from .admission import (
     MAX_BODY_BYTES,
-    AdmissionOutcome,
     AdmissionRequest,
     parse_review,
     render_response,
 )
-from .decide import OVERLOADED
+from .decide import DENIED, OVERLOADED, SKIPPED, Decision
 from .errors import InvalidReview
 from .listener import ARRIVED
+from .logs import FIELDS
 from .metrics import Metrics
 from .mutate import TIMEOUT_MARGIN, Mutator
-from .plan import RequestPlan
+from .plan import InvalidImage, RequestPlan
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +36,8 @@ JSON = "application/json"
 LARGE_BODY_BYTES = 256 * 1024
 # Below this, resolving could not finish inside the API server's timeout: answer by policy.
 MIN_BUDGET_SECONDS = 0.25
+# Images named in one admission log line; the rest are counted.
+MAX_LOGGED_IMAGES = 10
 
 
 class Service(Protocol):
@@ -84,18 +85,19 @@ def create_app(
             review, plan = failed.review, None
         try:
             timeout = request.query_params.get("timeout")
-            outcome = await _answer(mutator, review, plan, timeout, arrived)
+            decision = await _answer(mutator, review, plan, timeout, arrived)
         except Exception:
             # Whatever went wrong, the API server gets an answer its policy allows, never a
             # 500: under failurePolicy Ignore a 500 would admit what requireDigest denies.
             log.exception("review %s of %s failed; answered by policy", review.uid, review.kind)
-            outcome = mutator.failed(review)
-        result = "allowed" if outcome.allowed else "denied"
-        if outcome.allowed and outcome.patch:
-            result = "patched"
-        service.metrics.admission(review.kind, review.operation, result)
-        service.metrics.admission_seconds.observe(loop.time() - arrived)
-        return Response(render_response(review.api_version, review.uid, outcome), media_type=JSON)
+            decision = mutator.failed(review)
+        seconds = loop.time() - arrived
+        service.metrics.admission(review.kind, review.operation, decision.result)
+        service.metrics.admission_seconds.observe(seconds)
+        if log.isEnabledFor(logging.INFO):
+            log_admission(review, plan, decision, seconds)
+        body = render_response(review.api_version, review.uid, decision.outcome)
+        return Response(body, media_type=JSON)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -106,10 +108,6 @@ def create_app(
         ready, reason = service.readiness()
         body = orjson.dumps({"ready": ready, "reason": reason})
         return Response(body, status_code=200 if ready else 503, media_type=JSON)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -142,7 +140,7 @@ async def _answer(
     plan: RequestPlan | None,
     timeout_query: str | None,
     arrived: float,
-) -> AdmissionOutcome:
+) -> Decision:
     """The outcome: at once when every digest is cached; by policy, without asking any
     registry, when the request waited so long that no time is left; else after resolving."""
     if plan is None:
@@ -169,6 +167,53 @@ async def _answer(
         log.error("review %s of %s timed out after %.1fs", review.uid, review.kind, budget)
         return mutator.conclude(plan, None)
     return mutator.conclude(plan, results)
+
+
+def log_admission(
+    review: AdmissionRequest, plan: RequestPlan | None, decision: Decision, seconds: float
+) -> None:
+    """The one INFO line of an admission: who asked for what, what pinhook did, how long it
+    took, and what became of each image (the first MAX_LOGGED_IMAGES, the rest counted).
+
+    Built only when INFO is enabled: the caller checks, so a quiet pinhook formats nothing.
+    """
+    images: list[str] = []
+    more = 0
+    for result in decision.results:
+        if len(images) == MAX_LOGGED_IMAGES:
+            more += 1
+            continue
+        image = result.plan.field.image
+        if result.failure is not None:
+            images.append(f"{image} unpinned: {result.failure.reason}")
+        elif result.final != image:
+            images.append(f"{image} -> {result.final}")
+        else:
+            images.append(f"{image} unchanged")
+    for entry in plan.images if plan is not None else ():
+        if isinstance(entry, InvalidImage):
+            if len(images) == MAX_LOGGED_IMAGES:
+                more += 1
+            else:
+                images.append(f"{entry.field.image} invalid")
+    fields: dict[str, object] = {
+        "uid": review.uid,
+        "kind": review.kind,
+        "namespace": review.namespace or "",
+        "name": review.name,
+        "operation": review.operation,
+        "dryRun": review.dry_run,
+        "outcome": decision.result,
+        "durationMs": round(seconds * 1000, 2),
+        "images": images,
+    }
+    if more:
+        fields["imagesNotShown"] = more
+    if decision.result == DENIED and decision.outcome.message:
+        fields["reason"] = decision.outcome.message
+    elif decision.result == SKIPPED and plan is not None and plan.skipped:
+        fields["reason"] = plan.skipped
+    log.info("admission %s", decision.result, extra={FIELDS: fields})
 
 
 async def _read_limited(request: Request) -> bytes | Response:

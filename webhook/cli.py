@@ -4,48 +4,245 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NoReturn, cast
 
 import jsonpatch
 import orjson
 import yaml
 from lightkube import AsyncClient
 
-from . import certs, install, krm, pin
+from . import certs, install, krm, logs, pin, report, version
 from .admission import AdmissionRequest, parse_review, render_response
 from .conditionsync import MatchConditionsSync
 from .config import Settings, default_settings, load_settings_file, warnings_for
-from .errors import ConfigError, PinhookError
-from .kube import KubePullSecrets, PullSecretSource, StaticPullSecrets, UnusableSecrets
+from .configfiles import read_text
+from .errors import ConfigError, InvalidReference, PinhookError
+from .kube import (
+    KubePullSecrets,
+    PullSecretSource,
+    StaticPullSecrets,
+    UnusableSecrets,
+    async_client,
+)
 from .metrics import Metrics
+from .mutate import Mutator
+from .oci.reference import ImageRef
 from .policysync import PolicySync
 from .runtime import Runtime
 from .selfcert import SelfManagedCertificates, SelfManagedOptions
 
-log = logging.getLogger(__name__)
+# By module name even when run as ``python -m webhook.cli`` (``__name__`` is then "__main__").
+log = logging.getLogger(__spec__.name if __spec__ is not None else __name__)
+
+# Every environment variable pinhook reads, and the flag it stands in for.
+ENVIRONMENT: Final = (
+    ("PINHOOK_CONFIG", "--config"),
+    ("PINHOOK_DOCKER_CONFIG_FILE", "--docker-config"),
+    ("PINHOOK_LOG_LEVEL", "--log-level"),
+    ("PINHOOK_LOG_FORMAT", "--log-format"),
+    ("PINHOOK_LOG_HTTP_TRACE", "--log-http-trace (1 or true)"),
+    ("PINHOOK_HOST", "serve --host"),
+    ("PINHOOK_PORT", "serve --port"),
+    ("PINHOOK_METRICS_HOST", "serve --metrics-host"),
+    ("PINHOOK_METRICS_PORT", "serve --metrics-port"),
+    ("PINHOOK_CERT_DIR", "serve --cert-dir"),
+    ("PINHOOK_CERT", "serve --cert"),
+    ("PINHOOK_KEY", "serve --key"),
+    ("PINHOOK_SELF_MANAGED", "serve --self-managed (1 or true)"),
+    ("PINHOOK_KUBE", "serve --kube"),
+    ("POD_NAMESPACE", "serve --namespace"),
+    ("KUBECONFIG", "the kubeconfig of serve --kube, install, report (else in-cluster config)"),
+)
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+EXIT_USAGE: Final = 2
 
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"PINHOOK_{name}", default)
 
 
+def _env_flag(name: str) -> bool:
+    return (_env(name) or "").strip().lower() in _TRUE
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying what is wrong in one line instead of the usage and a message."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _environment_help() -> str:
+    width = max(len(name) for name, _ in ENVIRONMENT)
+    lines = [f"  {name.ljust(width)}  {flag}" for name, flag in ENVIRONMENT]
+    return "environment variables (a flag given wins):\n" + "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pinhook",
         description="Rewrite image references and pin them to digests at admission.",
+        epilog=_environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"pinhook {version()}")
+    _log_flags(parser, defaults=True)
+    commands = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+    )
 
     serve = commands.add_parser("serve", help="run the webhook over HTTPS")
+    _serve_flags(serve)
+
+    review = commands.add_parser(
+        "review",
+        help="answer an AdmissionReview, or show what pinhook does to manifests, offline",
+    )
+    _config_flags(review)
+    review.add_argument(
+        "file",
+        nargs="?",
+        help="an AdmissionReview (JSON) or manifests (YAML or JSON, several documents);"
+        " - for standard input",
+    )
+    review.add_argument(
+        "-f",
+        "--filename",
+        dest="files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="manifests or an AdmissionReview to read (repeatable; - for standard input)",
+    )
+    review.add_argument(
+        "-o",
+        "--output",
+        choices=("review", "yaml", "json", "diff"),
+        help="review: the AdmissionReview answer (default for a review); yaml, json: the"
+        " objects as pinhook leaves them (default yaml for manifests); diff: a unified diff",
+    )
+    review.add_argument(
+        "--apply", action="store_true", help="the same as -o json (kept for scripts)"
+    )
+    review.add_argument(
+        "--pull-secrets",
+        type=Path,
+        help="YAML of Secrets and ServiceAccounts to resolve with, as the cluster would",
+    )
+    review.add_argument(
+        "--namespace",
+        default="default",
+        help="namespace of manifests that name none (default: default)",
+    )
+
+    resolve = commands.add_parser("resolve", help="print the rewritten, pinned form of images")
+    _config_flags(resolve)
+    resolve.add_argument("images", nargs="+", metavar="IMAGE", help="image references")
+    resolve.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text: one tab-separated line per image (default); json: a list of objects",
+    )
+
+    install.add_commands(commands)
+    pin.add_commands(commands)
+    krm.add_commands(commands)
+    report.add_commands(commands)
+
+    check = commands.add_parser(
+        "check-config", help="validate a configuration file and list the rules that apply"
+    )
+    check.add_argument("file", type=Path, help="config.yaml, or a ConfigMap manifest holding it")
+
+    cert = commands.add_parser("certs", help="certificate helpers")
+    cert_commands = cert.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    generate = cert_commands.add_parser("generate", help="write a CA and a serving certificate")
+    generate.add_argument(
+        "--service", default="pinhook", help="Service name the certificate is for"
+    )
+    generate.add_argument("--namespace", default="pinhook-system", help="namespace of that Service")
+    generate.add_argument(
+        "--out", type=Path, default=Path("certs"), help="directory to write (default: certs)"
+    )
+    generate.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    generate.add_argument(
+        "--dns-name", action="append", default=[], help="extra DNS name (repeatable)"
+    )
+    generate.add_argument("--ip", action="append", default=[], help="IP address SAN (repeatable)")
+    generate.add_argument(
+        "--force", action="store_true", help="replace certificate files that exist"
+    )
+    bundle = cert_commands.add_parser("ca-bundle", help="print the base64 caBundle")
+    bundle.add_argument(
+        "--ca", type=Path, default=Path("certs/ca.crt"), help="CA file (default: certs/ca.crt)"
+    )
+    _everywhere(parser)
+    return parser
+
+
+def _log_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The logging flags; a subcommand's copy sets nothing unless given, so that one given
+    before the subcommand is not undone by the subcommand's default."""
+    group = parser.add_argument_group("logging")
+    group.add_argument(
+        "--log-level",
+        choices=logs.LEVELS,
+        default=_env("LOG_LEVEL", "info") if defaults else argparse.SUPPRESS,
+        help="least severe level logged (default: info)",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=_env("LOG_FORMAT") if defaults else argparse.SUPPRESS,
+        help="json (one object per line) or text (default: text on a terminal, else json)",
+    )
+    group.add_argument(
+        "--log-http-trace",
+        action="store_true",
+        default=_env_flag("LOG_HTTP_TRACE") if defaults else argparse.SUPPRESS,
+        help="with --log-level debug: also log the HTTP client's connection trace (httpcore)",
+    )
+
+
+def _everywhere(parser: argparse.ArgumentParser) -> None:
+    """The logging flags on every subcommand, so they work after any of them."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _log_flags(sub, defaults=False)
+                _everywhere(sub)
+
+
+def _serve_flags(serve: argparse.ArgumentParser) -> None:
     _config_flags(serve)
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(_env("PORT", "8443") or 8443))
+    serve.add_argument(
+        "--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=_env("PORT", "8443"), help="HTTPS port (default: 8443)"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("METRICS_PORT"),
+        help="serve Prometheus metrics over plain HTTP on this port (default: not served;"
+        " the manifests use 9090)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default=_env("METRICS_HOST"),
+        help="address for the metrics port (default: --host)",
+    )
     serve.add_argument(
         "--cert-dir",
         type=Path,
@@ -58,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--self-managed",
         action="store_true",
-        default=_env("SELF_MANAGED", "") in {"1", "true"},
+        default=_env_flag("SELF_MANAGED"),
         help="in a cluster: keep the serving certificate in a Secret shared by the replicas and"
         " its CA in the webhook configuration, renewing both before expiry",
     )
@@ -90,42 +287,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "on", "off"),
         default=_env("KUBE", "auto"),
         help="read pull secrets and ServiceAccounts through the Kubernetes API"
-        " (auto: when running in a cluster)",
+        " (auto: in a cluster, or when --kubeconfig is given)",
     )
-
-    review = commands.add_parser("review", help="answer one AdmissionReview offline")
-    _config_flags(review)
-    review.add_argument("file", help="AdmissionReview JSON file, or - for standard input")
-    review.add_argument("--apply", action="store_true", help="print the patched object instead")
-    review.add_argument(
-        "--pull-secrets",
+    serve.add_argument(
+        "--kubeconfig",
         type=Path,
-        help="YAML of Secrets and ServiceAccounts to resolve with, as the cluster would",
+        help="kubeconfig file for the Kubernetes API (default: in-cluster config, else"
+        " $KUBECONFIG or ~/.kube/config)",
     )
-
-    resolve = commands.add_parser("resolve", help="print the rewritten, pinned form of images")
-    _config_flags(resolve)
-    resolve.add_argument("images", nargs="+", metavar="IMAGE")
-
-    install.add_commands(commands)
-    pin.add_commands(commands)
-    krm.add_commands(commands)
-
-    check = commands.add_parser("check-config", help="validate a configuration file")
-    check.add_argument("file", type=Path)
-
-    cert = commands.add_parser("certs", help="certificate helpers")
-    cert_commands = cert.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
-    generate = cert_commands.add_parser("generate", help="write a CA and a serving certificate")
-    generate.add_argument("--service", default="pinhook")
-    generate.add_argument("--namespace", default="pinhook-system")
-    generate.add_argument("--out", type=Path, default=Path("certs"))
-    generate.add_argument("--days", type=int, default=365)
-    generate.add_argument("--dns-name", action="append", default=[], help="extra DNS name")
-    generate.add_argument("--ip", action="append", default=[], help="IP address SAN")
-    bundle = cert_commands.add_parser("ca-bundle", help="print the base64 caBundle")
-    bundle.add_argument("--ca", type=Path, default=Path("certs/ca.crt"))
-    return parser
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
@@ -133,8 +302,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         default=_path_env("CONFIG"),
-        help="YAML config file, or a directory of *.yaml files merged into one (a ConfigMap"
-        " volume); default: the built-in map",
+        help="config.yaml, a ConfigMap manifest holding it, or a directory of *.yaml files"
+        " merged into one (a ConfigMap volume); default: the built-in map",
     )
     parser.add_argument(
         "--docker-config",
@@ -155,18 +324,39 @@ def _settings(path: Path | None) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.setup(args.log_level, args.log_format, http_trace=args.log_http_trace)
+    except ValueError as exc:  # a bad PINHOOK_LOG_LEVEL or PINHOOK_LOG_FORMAT
+        print(f"pinhook: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(_dispatch(args))
     except PinhookError as exc:
-        print(f"pinhook: {exc}", file=sys.stderr)
-        return 2
+        return _failed(args, _describe(exc), EXIT_USAGE)
+    except OSError as exc:  # a file named on the command line that cannot be read
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _failed(args, f"{where}{exc.strerror or exc}", EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
+
+
+def _describe(exc: PinhookError) -> str:
+    """The error in one line, unless it lists several problems (an invalid config)."""
+    if isinstance(exc, ConfigError) and len(exc.errors) <= 1:
+        message = exc.message
+        detail = " ".join(" ".join(exc.errors).split())
+        return f"{message}: {detail}" if detail else message
+    return str(exc)
+
+
+def _failed(args: argparse.Namespace, message: str, code: int) -> int:
+    """Report a failure once: through the log for ``serve`` (its collector reads the log), in
+    plain words on stderr for the other commands."""
+    if args.command == "serve":
+        log.error("pinhook cannot serve: %s", message)
+    else:
+        print(f"pinhook: {message}", file=sys.stderr)
+    return code
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -178,11 +368,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "resolve":
             return asyncio.run(_resolve(args))
         case "check-config":
-            settings = load_settings_file(args.file)
-            print(f"{args.file}: ok ({len(settings.rewrite_map)} rewrite rules)")
-            for warning in warnings_for(settings):
-                print(f"warning: {warning}", file=sys.stderr)
-            return 0
+            return _check_config(args.file)
         case "certs":
             return _certs(args)
         case "webhook-config" | "validating-policy" | "install" | "uninstall":
@@ -191,7 +377,23 @@ def _dispatch(args: argparse.Namespace) -> int:
             return pin.run(args)
         case "fn":
             return krm.run(args)
+        case "report":
+            return report.run(args)
     raise AssertionError(args.command)
+
+
+def _check_config(path: Path) -> int:
+    settings = load_settings_file(path)
+    rules = settings.effective_rules
+    print(f"{path}: ok ({len(rules)} rewrite rules)")
+    for rule, builtin in rules:
+        print(f"  {rule}{'  (built in)' if builtin else ''}")
+    for warning in warnings_for(settings):
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+# --- serve ----------------------------------------------------------------------------------
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -200,8 +402,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     cert, key = args.cert, args.key
     if (cert is None) != (key is None):
-        print("pinhook: --cert and --key go together", file=sys.stderr)
-        return 2
+        raise ConfigError("--cert and --key go together")
     background = []
     if args.self_managed:
         managed = SelfManagedOptions(
@@ -212,11 +413,12 @@ def _serve(args: argparse.Namespace) -> int:
             extra_dns_names=tuple(args.cert_dns_name),
             ip_addresses=tuple(args.cert_ip),
         )
+        kubeconfig = args.kubeconfig
         # One pass before listening, so the first handshake already has the shared
         # certificate; then the renewal loop, on the server's own event loop and client.
-        paths = asyncio.run(_ensure_self_managed(managed))
+        paths = asyncio.run(_ensure_self_managed(managed, kubeconfig))
         cert, key = paths.cert, paths.key
-        background.append(lambda: _renew_self_managed(managed))
+        background.append(lambda: _renew_self_managed(managed, kubeconfig))
     elif cert is None:
         paths = certs.ensure_self_signed(args.cert_dir)
         cert, key = paths.cert, paths.key
@@ -226,106 +428,251 @@ def _serve(args: argparse.Namespace) -> int:
         settings,
         config_path=args.config,
         docker_config=args.docker_config,
-        pull_secrets=_pull_secrets(args.kube, metrics),
+        pull_secrets=_pull_secrets(args.kube, args.kubeconfig, metrics),
         metrics=metrics,
         # A self-managed pinhook may patch its own webhook configuration and backstop policy:
         # keep the CEL in them generated from the config it is serving.
         config_syncs=(
             [
-                MatchConditionsSync(_kube_client, args.webhook_name),
-                PolicySync(_kube_client, args.webhook_name, args.namespace),
+                MatchConditionsSync(lambda: _kube_client(args.kubeconfig), args.webhook_name),
+                PolicySync(
+                    lambda: _kube_client(args.kubeconfig), args.webhook_name, args.namespace
+                ),
             ]
             if args.self_managed
             else []
         ),
     )
     options = ServeOptions(
-        host=args.host, port=args.port, cert=cert, key=key, server=settings.server
+        host=args.host,
+        port=args.port,
+        cert=cert,
+        key=key,
+        server=settings.server,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
     serve(runtime, options, background)
     return 0
 
 
-async def _ensure_self_managed(options: SelfManagedOptions) -> certs.CertPaths:
-    client = _kube_client()
+async def _ensure_self_managed(
+    options: SelfManagedOptions, kubeconfig: Path | None
+) -> certs.CertPaths:
+    client = _kube_client(kubeconfig)
     try:
         return await SelfManagedCertificates(client, options).ensure()
     finally:
         await client.close()
 
 
-async def _renew_self_managed(options: SelfManagedOptions) -> None:
-    client = _kube_client()
+async def _renew_self_managed(options: SelfManagedOptions, kubeconfig: Path | None) -> None:
+    client = _kube_client(kubeconfig)
     try:
         await SelfManagedCertificates(client, options).run()
     finally:
         await client.close()
 
 
-def _kube_client() -> AsyncClient:
-    try:
-        return AsyncClient(field_manager="pinhook")
-    except Exception as exc:  # lightkube raises several kinds for a missing kubeconfig
-        raise ConfigError("no Kubernetes API configuration found", [str(exc)]) from exc
+def _kube_client(kubeconfig: Path | None = None) -> AsyncClient:
+    return async_client(kubeconfig)
 
 
-def _pull_secrets(mode: str, metrics: Metrics) -> PullSecretSource | None:
-    if mode == "off" or (mode == "auto" and not os.environ.get("KUBERNETES_SERVICE_HOST")):
+def _pull_secrets(mode: str, kubeconfig: Path | None, metrics: Metrics) -> PullSecretSource | None:
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if mode == "off" or (mode == "auto" and not in_cluster and kubeconfig is None):
         return None
     unusable = UnusableSecrets(metrics.pull_secret_unusable)
-    return KubePullSecrets(_kube_client(), owns_client=True, unusable=unusable)
+    return KubePullSecrets(_kube_client(kubeconfig), owns_client=True, unusable=unusable)
+
+
+# --- review ---------------------------------------------------------------------------------
 
 
 def _review(args: argparse.Namespace) -> int:
-    body = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    given = [*([args.file] if args.file else []), *args.files]
+    if not given:
+        raise ConfigError("review: name a file (or - for standard input)")
+    if given.count("-") > 1:
+        raise ConfigError("review: standard input can be read once")
     secrets = None
     if args.pull_secrets is not None:
-        objects = yaml.safe_load_all(args.pull_secrets.read_text(encoding="utf-8"))
-        secrets = StaticPullSecrets.from_manifests(o for o in objects if isinstance(o, dict))
+        objects = _yaml_documents(read_text(args.pull_secrets), str(args.pull_secrets))
+        secrets = StaticPullSecrets.from_manifests(
+            (o for o in objects if isinstance(o, dict)), default_namespace=args.namespace
+        )
     runtime = Runtime(
         _settings(args.config), docker_config=args.docker_config, pull_secrets=secrets
     )
-    return asyncio.run(_answer_review(args, runtime, parse_review(body)))
+    texts = [(name, _read_input(name)) for name in given]
+    return asyncio.run(_answer_inputs(args, runtime, texts))
 
 
-async def _answer_review(
-    args: argparse.Namespace, runtime: Runtime, request: AdmissionRequest
+def _read_input(name: str) -> bytes:
+    return sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+
+
+def _yaml_documents(text: str, source: str) -> list[Any]:
+    try:
+        return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML", [str(exc).replace("\n", " ")]) from None
+
+
+def _is_review(document: Any) -> bool:
+    return isinstance(document, dict) and document.get("kind") == "AdmissionReview"
+
+
+async def _answer_inputs(
+    args: argparse.Namespace, runtime: Runtime, texts: list[tuple[str, bytes]]
 ) -> int:
+    output = "json" if args.apply else args.output
+    code = 0
     async with runtime:
-        outcome = await runtime.mutator.review(request)
-    if not args.apply:
+        mutator = runtime.mutator
+        for name, body in texts:
+            try:
+                documents = _yaml_documents(body.decode("utf-8"), name)
+            except UnicodeDecodeError:
+                raise ConfigError(f"{name}: not UTF-8 text") from None
+            for document in documents:
+                if _is_review(document):
+                    request = parse_review(orjson.dumps(document))
+                    code = max(code, await _show(mutator, request, output or "review", args))
+                elif isinstance(document, dict):
+                    request = _manifest_request(document, args.namespace)
+                    code = max(code, await _show(mutator, request, output or "yaml", args))
+    return code
+
+
+def _manifest_request(obj: dict[str, Any], namespace: str) -> AdmissionRequest:
+    """A manifest as the API server would send it on CREATE."""
+    api_version = obj.get("apiVersion")
+    kind = obj.get("kind")
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        raise ConfigError("review: a manifest without apiVersion and kind")
+    metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    own = metadata.get("namespace") if isinstance(metadata, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return AdmissionRequest(
+        api_version="admission.k8s.io/v1",
+        uid="pinhook-review",
+        group=api_version.rpartition("/")[0],
+        kind=kind,
+        operation="CREATE",
+        namespace=own if isinstance(own, str) and own else namespace,
+        obj=obj,
+        old_obj=None,
+        name=name if isinstance(name, str) else "",
+    )
+
+
+async def _show(
+    mutator: Mutator, request: AdmissionRequest, output: str, args: argparse.Namespace
+) -> int:
+    outcome = await mutator.review(request)
+    if output == "review":
         sys.stdout.buffer.write(render_response(request.api_version, request.uid, outcome) + b"\n")
         return 0
-    patched: Any = request.obj
-    if outcome.patch:
-        patched = jsonpatch.apply_patch(request.obj, outcome.patch)
     for warning in outcome.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not outcome.allowed:
         print(f"denied: {outcome.message}", file=sys.stderr)
         return 1
-    sys.stdout.buffer.write(orjson.dumps(patched, option=orjson.OPT_INDENT_2) + b"\n")
+    patched: Any = request.obj
+    if outcome.patch:
+        patched = jsonpatch.apply_patch(request.obj, outcome.patch)
+    if output == "json":
+        sys.stdout.buffer.write(orjson.dumps(patched, option=orjson.OPT_INDENT_2) + b"\n")
+    elif output == "yaml":
+        sys.stdout.write("---\n" + _yaml(patched))
+    else:
+        title = _title(request)
+        before, after = _yaml(request.obj), _yaml(patched)
+        diff = difflib.unified_diff(
+            before.splitlines(keepends=True),
+            after.splitlines(keepends=True),
+            f"{title} (as given)",
+            f"{title} (as pinhook leaves it)",
+        )
+        sys.stdout.writelines(diff)
     return 0
 
 
+def _yaml(obj: Any) -> str:
+    return yaml.safe_dump(obj, sort_keys=False, width=100)
+
+
+def _title(request: AdmissionRequest) -> str:
+    where = f"{request.namespace}/" if request.namespace else ""
+    return f"{request.kind} {where}{request.name or '(unnamed)'}"
+
+
+# --- resolve --------------------------------------------------------------------------------
+
+
 async def _resolve(args: argparse.Namespace) -> int:
+    """Each image on its own: an invalid one is reported and the others still resolve."""
     runtime = Runtime(_settings(args.config), docker_config=args.docker_config)
-    async with runtime:
-        results = await runtime.mutator.pin(args.images)
-    failed = 0
-    for result in results:
-        if result.failure is not None:
-            failed += 1
-            print(f"{result.plan.field.image}\t{result.final}\tunpinned: {result.failure}")
+    rows: list[dict[str, Any]] = []
+    valid: list[str] = []
+    for image in args.images:
+        try:
+            ImageRef.parse(image)
+        except InvalidReference as exc:
+            rows.append(_row(image, None, None, f"invalid reference: {exc}", "invalid"))
         else:
-            print(f"{result.plan.field.image}\t{result.final}")
-    return 1 if failed else 0
+            rows.append({})
+            valid.append(image)
+    async with runtime:
+        results = await runtime.mutator.pin(valid) if valid else []
+    answers = iter(results)
+    for index, image in enumerate(args.images):
+        if rows[index]:
+            continue
+        result = next(answers)
+        failure = result.failure
+        rows[index] = _row(
+            image,
+            result.final,
+            result.digest,
+            None if failure is None else str(failure),
+            None if failure is None else failure.reason,
+        )
+    _print_rows(rows, args.output)
+    return 1 if any(row["error"] for row in rows) else 0
+
+
+def _row(
+    image: str, final: str | None, digest: str | None, error: str | None, reason: str | None
+) -> dict[str, Any]:
+    return {"image": image, "final": final, "digest": digest, "error": error, "reason": reason}
+
+
+def _print_rows(rows: list[dict[str, Any]], output: str) -> None:
+    if output == "json":
+        sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+        return
+    for row in rows:
+        if row["error"] is None:
+            print(f"{row['image']}\t{row['final']}")
+        else:
+            final = row["final"] or row["image"]
+            print(f"{row['image']}\t{final}\tunpinned: {row['error']}")
+
+
+# --- certs ----------------------------------------------------------------------------------
 
 
 def _certs(args: argparse.Namespace) -> int:
     if args.certs_command == "ca-bundle":
         print(certs.ca_bundle_b64(args.ca.read_bytes()))
         return 0
+    paths = certs.cert_paths(args.out)
+    existing = [p for p in (paths.ca_cert, paths.cert, paths.key) if p.exists()]
+    if existing and not args.force:
+        shown = ", ".join(str(p) for p in existing)
+        raise ConfigError(f"{shown} exist; pass --force to replace them")
     names = [*certs.service_dns_names(args.service, args.namespace), *args.dns_name]
     paths = certs.write(certs.generate(names, args.ip, days=args.days), args.out)
     print(f"wrote {paths.ca_cert}, {paths.cert}, {paths.key}")

@@ -27,7 +27,7 @@ from pydantic_core import core_schema
 
 from .configfiles import config_texts, merge_documents, read_yaml, sources
 from .errors import ConfigError
-from .kinds import DEFAULT_MODES, KIND_KEYS, Mode
+from .kinds import DEFAULT_MODES, KIND_KEYS, PINNING, Mode
 from .oci.hostguard import parse_ip_literal
 from .oci.mirror import Mirror, registry_name
 from .oci.reference import ImageRef, is_valid_digest, split_host_port
@@ -115,10 +115,17 @@ class FailurePolicy(_Model):
 
 
 class NamespacePolicy(_Model):
-    """Per-namespace overrides of the global failure policy; unset fields inherit."""
+    """Per-namespace overrides of the global failure policy and mode; unset fields inherit."""
 
     on_failure: OnFailure | None = None
     require_digest: bool | None = None
+    # Replaces the mode of every kind that pins (pin or audit) for objects in the namespace.
+    mode: Mode | None = None
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return _off(value)
 
 
 _DAY = 86_400.0
@@ -223,12 +230,21 @@ class LimitSettings(_Model):
     audit_annotation_bytes: int = Field(default=4096, ge=256, le=65_536)
 
 
+# pinhook's own rules: kept whatever `rewrites` says, unless `builtinRewrites: false`.
+BUILTIN_RULES: tuple[RewriteRule, ...] = tuple(
+    RewriteRule(NamePattern.parse(source), NamePattern.parse(target))
+    for source, target in DEFAULT_RULES
+)
+
+
 class Settings(_Model):
-    rewrites: tuple[RuleSettings, ...] = tuple(
-        RuleSettings.model_validate({"from": source, "to": target})
-        for source, target in DEFAULT_RULES
-    )
+    rewrites: tuple[RuleSettings, ...] = ()
+    # The built-in rules apply after yours; a rule of yours with the same `from` replaces one.
+    builtin_rewrites: bool = True
     kinds: dict[str, Mode] = Field(default_factory=dict)
+    # The mode of every kind that pins by default and that `kinds` leaves unset: `audit` is the
+    # first step of a rollout.
+    mode: Mode | None = None
     output: OutputForm = OutputForm.TAG_AND_DIGEST
     resolver: Literal["registry", "static"] = "registry"
     digests: dict[str, str] = Field(default_factory=dict)
@@ -243,16 +259,22 @@ class Settings(_Model):
     skip_annotation: SkipAnnotation = SkipAnnotation.AUTO
 
     _rewrite_map: RewriteMap = PrivateAttr()
+    _rules: tuple[tuple[RewriteRule, bool], ...] = PrivateAttr()
     _modes: dict[str, Mode] = PrivateAttr()
+    _pinning: frozenset[str] = PrivateAttr()
     _digest_table: dict[ImageRef, str] = PrivateAttr()
 
     @field_validator("kinds", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare `off` as false; `pods: off` must mean what it says.
         if isinstance(value, dict):
-            return {key: "off" if mode is False else mode for key, mode in value.items()}
+            return {key: _off(mode) for key, mode in value.items()}
         return value
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off_mode(cls, value: Any) -> Any:
+        return _off(value)
 
     @field_validator("kinds")
     @classmethod
@@ -276,8 +298,23 @@ class Settings(_Model):
     @model_validator(mode="after")
     def _compile(self) -> Settings:
         # A chain or a duplicate raises InvalidReference: pydantic reports it for the document.
-        self._rewrite_map = RewriteMap(rule.rule for rule in self.rewrites)
-        self._modes = dict(DEFAULT_MODES) | dict(self.kinds)
+        own = [rule.rule for rule in self.rewrites]
+        replaced = {rule.source for rule in own}
+        builtin = [rule for rule in BUILTIN_RULES if rule.source not in replaced]
+        self._rules = (
+            *((rule, False) for rule in own),
+            *((rule, True) for rule in (builtin if self.builtin_rewrites else ())),
+        )
+        self._rewrite_map = RewriteMap(rule for rule, _ in self._rules)
+        self._modes = {
+            key: self.mode if self.mode is not None and default in PINNING else default
+            for key, default in DEFAULT_MODES.items()
+        } | dict(self.kinds)
+        # The kinds a namespace's mode applies to: those that pin by `kinds` or by default,
+        # whatever the global `mode` made of them.
+        self._pinning = frozenset(
+            key for key, mode in (dict(DEFAULT_MODES) | dict(self.kinds)).items() if mode in PINNING
+        )
         self._digest_table = {
             _parse_for_table(image): digest for image, digest in self.digests.items()
         }
@@ -288,12 +325,31 @@ class Settings(_Model):
         return self._rewrite_map
 
     @property
+    def effective_rules(self) -> tuple[tuple[RewriteRule, bool], ...]:
+        """Every rule that applies, in order, each with whether it is built in."""
+        return self._rules
+
+    @property
     def digest_table(self) -> dict[ImageRef, str]:
         """The static ``digests:`` table keyed by normalised tagged reference."""
         return self._digest_table
 
-    def mode_for(self, kind_key: str) -> Mode:
+    def mode_for(self, kind_key: str, namespace: str | None = None) -> Mode:
+        """The kind's mode (``kinds``, else ``mode`` for a kind that pins by default, else its
+        default), replaced by the namespace's ``mode`` for a kind that pins by ``kinds`` or by
+        default."""
+        if namespace is not None and kind_key in self._pinning:
+            override = self.namespaces.get(namespace)
+            if override is not None and override.mode is not None:
+                return override.mode
         return self._modes.get(kind_key, Mode.OFF)
+
+    def modes_for(self, kind_key: str) -> frozenset[Mode]:
+        """Every mode an object of the kind gets in some namespace (for the webhook
+        configuration, which cannot tell namespaces apart)."""
+        return frozenset(
+            [self.mode_for(kind_key), *(self.mode_for(kind_key, ns) for ns in self.namespaces)]
+        )
 
     def policy_for(self, namespace: str | None) -> FailurePolicy:
         override = self.namespaces.get(namespace or "")
@@ -311,6 +367,11 @@ class Settings(_Model):
         if self.skip_annotation is SkipAnnotation.AUTO:
             return not policy.require_digest
         return self.skip_annotation is SkipAnnotation.HONOURED
+
+
+def _off(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` as false; `pods: off` must mean what it says.
+    return "off" if value is False else value
 
 
 def _parse_for_table(image: str) -> ImageRef:

@@ -32,8 +32,8 @@ def config_texts(path: Path) -> list[tuple[str, str]]:
         files = _yaml_files(path)
         if not files:
             raise ConfigError(f"{path}: no *.yaml file in the directory")
-        return [(str(file), _read(file)) for file in files]
-    text = _read(path)
+        return [(str(file), read_text(file)) for file in files]
+    text = read_text(path)
     data = _configmap_data(text)
     if data is None:
         return [(str(path), text)]
@@ -116,7 +116,7 @@ def _configmap_data(text: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
-def _read(path: Path) -> str:
+def read_text(path: Path) -> str:
     """A UTF-8 text file (a ConfigMap key always is); ConfigError saying why it is not."""
     try:
         data = path.read_bytes()

@@ -6,6 +6,10 @@ registry never resolved, one whose resolution failed. Under ``onFailure: deny`` 
 resolution denies in any kind. A review that ran out of time in a pinned kind is denied under
 either. Everything else is admitted, patched where an image changed, with a warning for what
 was not pinned.
+
+In ``audit`` mode everything above is decided as in ``pin`` mode and then nothing is done:
+no patch, no denial; what pin would have done goes to the warnings, to the audit annotations
+``would-patch`` and ``would-deny``, and to the result ``audited``.
 """
 
 from __future__ import annotations
@@ -16,17 +20,29 @@ from typing import Final, NamedTuple
 import orjson
 
 from .admission import AdmissionOutcome
-from .config import FailurePolicy, OnFailure
-from .kinds import Mode
+from .config import FailurePolicy, LimitSettings, OnFailure
+from .kinds import PINNING, Mode
 from .plan import LIMIT, ImageResult, InvalidImage, RequestPlan
+
+# What pinhook did with a request: the admission log's ``outcome`` and the metrics' ``result``.
+PATCHED: Final = "patched"
+UNCHANGED: Final = "unchanged"  # looked at, nothing to change (or nothing could be)
+DENIED: Final = "denied"
+SKIPPED: Final = "skipped"  # not looked at: kind off or unknown, excluded, skip annotation
+AUDITED: Final = "audited"  # audit mode: computed, reported, not applied
+# Images that audit mode would have changed, in the images tally.
+WOULD_CHANGE: Final = "audited"
 
 
 class Decision(NamedTuple):
     outcome: AdmissionOutcome
-    # Images by outcome (pinned, rewritten, unchanged, unpinned, invalid) and resolve
+    # Images by outcome (pinned, rewritten, unchanged, unpinned, invalid, audited) and resolve
     # failures by reason, for the metrics: every image of the request counted once.
     images: Mapping[str, int]
     failures: Mapping[str, int]
+    result: str = UNCHANGED  # one of PATCHED, UNCHANGED, DENIED, SKIPPED, AUDITED
+    # What became of each valid image, in field order (for the admission log; not copied).
+    results: Sequence[ImageResult] = ()
 
 
 class Unknown(NamedTuple):
@@ -60,9 +76,13 @@ def decide(
     the message; the tally counts every image either way.
     """
     policy = plan.policy
+    audit = plan.mode is Mode.AUDIT
+    if plan.skipped is not None:
+        return Decision(AdmissionOutcome(audit=dict(plan.audit)), {}, {}, SKIPPED)
     if results is None:
-        return Decision(_unresolved(policy, plan.mode, unknown), {}, {})
-    require_digest = policy.require_digest and plan.mode is Mode.PIN
+        outcome = _unresolved(policy, plan.mode, unknown)
+        return Decision(outcome, {}, {}, _result(outcome, audit))
+    require_digest = policy.require_digest and plan.mode in PINNING
     invalid = [entry for entry in plan.images if isinstance(entry, InvalidImage)]
     denial: str | None = None
     if plan.images_over_limit and require_digest:
@@ -103,14 +123,16 @@ def decide(
                     f"{field.image} ({field.pointer}) would not be pinned to a digest"
                     " and requireDigest is set"
                 )
-        images[kind] = images.get(kind, 0) + 1
         if result.final != field.image:
+            if audit and failure is None:
+                kind = WOULD_CHANGE
             outcome.patch.append({"op": "replace", "path": field.pointer, "value": result.final})
             changed.append(f"{field.image} -> {result.final}")
+        images[kind] = images.get(kind, 0) + 1
     if denial is None and unpinned and require_digest:
         denial = f"cannot pin {_some(unpinned)} and requireDigest is set"
-    if denial is not None:
-        return Decision(_deny(denial), images, failures)
+    if denial is not None and not audit:
+        return Decision(_deny(denial), images, failures, DENIED, results)
     # What was left undone by pinhook's own limits comes first: a cap on warnings must not
     # hide it behind a thousand alike.
     summary: list[str] = []
@@ -128,7 +150,35 @@ def decide(
         outcome.audit["images"] = _bounded_json(changed, limits.audit_annotation_bytes)
     if unpinned:
         outcome.audit["unpinned"] = _bounded_json(unpinned, limits.audit_annotation_bytes)
-    return Decision(outcome, images, failures)
+    if audit:
+        return Decision(
+            _audited(outcome, changed, denial, limits), images, failures, AUDITED, results
+        )
+    return Decision(outcome, images, failures, PATCHED if outcome.patch else UNCHANGED, results)
+
+
+def _result(outcome: AdmissionOutcome, audit: bool) -> str:
+    if audit:
+        return AUDITED
+    if not outcome.allowed:
+        return DENIED
+    return PATCHED if outcome.patch else UNCHANGED
+
+
+def _audited(
+    outcome: AdmissionOutcome, changed: list[str], denial: str | None, limits: LimitSettings
+) -> AdmissionOutcome:
+    """What pin would have answered, said and not done: no patch, never a denial."""
+    audit = dict(outcome.audit)
+    said: list[str] = []
+    if "images" in audit:
+        audit["would-patch"] = audit.pop("images")
+        said.append(f"pinhook (audit mode): would change {_some(changed, 3)}")
+    if denial is not None:
+        audit["would-deny"] = denial
+        said.append(f"pinhook (audit mode): would deny: {denial}")
+    warnings = _capped(said + outcome.warnings, limits.warnings_per_response)
+    return AdmissionOutcome(warnings=warnings, audit=audit)
 
 
 def _some(items: list[str], shown: int = 5) -> str:
@@ -162,9 +212,14 @@ def _bounded_json(items: list[str], limit: int) -> str:
 
 def _unresolved(policy: FailurePolicy, mode: Mode, reason: Unknown) -> AdmissionOutcome:
     """A review whose images are not known: the same policy as a failed resolution."""
-    if mode is Mode.PIN and (policy.require_digest or policy.on_failure is OnFailure.DENY):
+    strict = policy.require_digest or policy.on_failure is OnFailure.DENY
+    if mode is Mode.PIN and strict:
         return _deny(reason.denial)
-    return AdmissionOutcome(warnings=[f"pinhook: {reason.warning}; object left as is"])
+    outcome = AdmissionOutcome(warnings=[f"pinhook: {reason.warning}; object left as is"])
+    if mode is Mode.AUDIT and strict:
+        outcome.audit["would-deny"] = reason.denial
+        outcome.warnings.insert(0, f"pinhook (audit mode): would deny: {reason.denial}")
+    return outcome
 
 
 def _image_outcome(result: ImageResult) -> str:

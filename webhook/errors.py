@@ -24,6 +24,7 @@ class ConfigError(PinhookError, ValueError):
     """
 
     def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        self.message = message
         self.errors = errors or []
         detail = "".join(f"\n  - {line}" for line in self.errors)
         super().__init__(f"{message}{detail}")

@@ -167,7 +167,12 @@ def _name_flag(parser: argparse.ArgumentParser) -> None:
 def _shape_flags(parser: argparse.ArgumentParser) -> None:
     _config_flag(parser)
     _name_flag(parser)
-    parser.add_argument("--failure-policy", choices=FAILURE_POLICIES, default="Ignore")
+    parser.add_argument(
+        "--failure-policy",
+        choices=FAILURE_POLICIES,
+        default="Ignore",
+        help="what the API server does when pinhook does not answer (default: Ignore, admit)",
+    )
     parser.add_argument(
         "--no-match-conditions",
         dest="match_conditions",
@@ -242,6 +247,13 @@ def _policy(args: argparse.Namespace, namespace: str | None) -> list[dict[str, A
 
 def _configuration(args: argparse.Namespace) -> dict[str, Any]:
     settings = _settings(args)
+    if args.url is not None and args.ca is None:
+        print(
+            "warning: --url without --ca: the configuration gets no caBundle, so the API server"
+            " will not trust pinhook's certificate unless a public CA signed it or a"
+            " self-managed pinhook sets the caBundle",
+            file=sys.stderr,
+        )
     ca_bundle = certs.ca_bundle_b64(_read(args.ca)) if args.ca else None
     if args.url is not None:
         target = WebhookTarget(url=args.url, service=None, ca_bundle=ca_bundle)

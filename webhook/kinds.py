@@ -36,8 +36,15 @@ from typing import Final
 
 class Mode(StrEnum):
     PIN = "pin"  # rewrite, then resolve the tag to a digest
+    # Everything pin does (rewrite, resolve, judge by the policy), but no patch and no denial:
+    # what pin would have done is reported in warnings, audit annotations, logs and metrics.
+    AUDIT = "audit"
     REWRITE = "rewrite"  # rewrite only
     OFF = "off"  # leave the kind alone
+
+
+# The modes that resolve digests, and that a namespace's or the global ``mode`` replaces.
+PINNING: Final = frozenset({Mode.PIN, Mode.AUDIT})
 
 
 # --- the spec algebra ---------------------------------------------------------------------

@@ -48,7 +48,6 @@ from .pin import (
     parse,
     plan_documents,
     pull_secrets_flag,
-    quiet_request_logs,
     settle,
 )
 from .runtime import Runtime
@@ -94,7 +93,6 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def run(args: argparse.Namespace) -> int:
     """``pinhook fn``; raises PinhookError subclasses (exit 2) for input and config errors."""
-    quiet_request_logs()
     source = Source(SOURCE_NAME, None, _stdin_text())
     documents = parse(source)
     if len(documents) != 1 or not _is_list(documents[0].data):

@@ -25,10 +25,11 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from lightkube import AsyncClient
+from lightkube import AsyncClient, KubeConfig
 from lightkube.resources.core_v1 import Secret, ServiceAccount
 
 from .errors import ConfigError
@@ -49,6 +50,22 @@ _PULL_SECRET_FORMATS: dict[str, tuple[str, Callable[..., DockerKeyring]]] = {
 }
 
 ObjectKey = tuple[str, str]  # (namespace, name)
+
+
+def async_client(kubeconfig: Path | None = None) -> AsyncClient:
+    """A client for the API server of ``kubeconfig``; without one, of the in-cluster
+    configuration, else of $KUBECONFIG (or ~/.kube/config). ConfigError naming both when
+    there is neither."""
+    try:
+        if kubeconfig is not None:
+            return AsyncClient(config=KubeConfig.from_file(kubeconfig), field_manager="pinhook")
+        return AsyncClient(field_manager="pinhook")
+    except Exception as exc:  # lightkube raises several kinds for a missing kubeconfig
+        raise ConfigError(
+            "no Kubernetes API configuration found: not running in a cluster (no in-cluster"
+            " service account config), and no kubeconfig (set KUBECONFIG or pass --kubeconfig)",
+            [str(exc)],
+        ) from exc
 
 
 class PullSecretSource(Protocol):
@@ -258,11 +275,17 @@ class _Reflector(Generic[V]):
         self.store: dict[ObjectKey, V] = {}
         self.synced = asyncio.Event()
         self._expired_in_a_row = 0
+        # What to log at INFO once the next list succeeds: the first connect and every
+        # reconnect after a failure, not the periodic resyncs.
+        self._connecting: str | None = "watching"
 
     async def run(self) -> None:
         while True:
             try:
                 resource_version = await self._list()
+                if self._connecting is not None:
+                    log.info("%s %s (%d listed)", self._connecting, self.label, len(self.store))
+                    self._connecting = None
                 await self._watch(resource_version)
             except asyncio.CancelledError:
                 raise
@@ -277,6 +300,7 @@ class _Reflector(Generic[V]):
                     self._expired_in_a_row += 1
                     continue
                 delay = self._backoff.next_delay()
+                self._connecting = "watch reconnected:"
                 if isinstance(error, KubeRefused) and not self.synced.is_set():
                     # RBAC withholds this resource (perhaps on purpose, see rbac.yaml): resolve
                     # without it rather than keep every replica unready; keep asking.

@@ -1,10 +1,27 @@
-"""Prometheus metrics on a registry owned by the app: no process-wide globals to reset in tests."""
+"""Prometheus metrics on a registry owned by the app: no process-wide globals to reset in tests.
+
+Served on a port of their own (``serve_metrics``), plain HTTP, never on the webhook's TLS port:
+a scraper needs no client certificate trust, and the admission port answers the API server only.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from .kinds import KINDS
 
@@ -19,12 +36,26 @@ MAX_REGISTRY_HOSTS = 50
 _REGISTRY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
 
 
+# The _created series double every counter's series for a value nobody alerts on.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.build_info = Gauge(
+            "pinhook_build_info",
+            "1, labelled with pinhook's version and the hash of the configuration it serves",
+            ["version", "config_hash"],
+            registry=self.registry,
+        )
+        self._build_labels: tuple[str, str] | None = None
         self.admissions = Counter(
             "pinhook_admission_requests",
-            "AdmissionReviews answered, by kind, operation and result",
+            "AdmissionReviews answered, by kind, operation and result (patched, unchanged,"
+            " denied, skipped, audited, invalid)",
             ["kind", "operation", "result"],
             registry=self.registry,
         )
@@ -116,6 +147,30 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.token_requests = Counter(
+            "pinhook_registry_token_requests",
+            "Bearer tokens fetched from token services, by registry host and result (ok,"
+            " rejected, error); a cached token costs none",
+            ["host", "result"],
+            registry=self.registry,
+        )
+        self.cache_evictions = Counter(
+            "pinhook_digest_cache_evictions",
+            "Digest cache entries dropped to stay within cache.maxEntries",
+            registry=self.registry,
+        )
+        self.cache_entries = Gauge(
+            "pinhook_digest_cache_entries",
+            "Digests held in the cache",
+            registry=self.registry,
+        )
+        self.lookups_in_flight = Gauge(
+            "pinhook_registry_lookups_in_flight",
+            "Registry lookups (digests and digest checks) under way",
+            registry=self.registry,
+        )
+        self.certificates = _CertificateExpiry(self.registry)
+        self._token_hosts: set[str] = set()
         self._children: dict[tuple[object, ...], Counter] = {}
 
     def _inc(self, counter: Counter, *labels: str, amount: int = 1) -> None:
@@ -138,16 +193,25 @@ class Metrics:
         self._inc(self.admissions, kind, operation, result)
 
     def cache_event(self, event: str, count: int = 1) -> None:
+        if event == EVICTED:
+            self.cache_evictions.inc(count)
+            return
         self._inc(self.cache_events, event, amount=count)
 
     def registry_request(self, host: str, method: str, status: str, seconds: float) -> None:
-        if host not in self._registry_hosts:
-            if len(self._registry_hosts) >= MAX_REGISTRY_HOSTS:
-                host = OTHER
-            else:
-                self._registry_hosts.add(host)
+        host = _bounded(self._registry_hosts, host)
         self._inc(self.registry_requests, host, method, status)
         self.registry_seconds.labels(host).observe(seconds)
+
+    def token_request(self, host: str, result: str) -> None:
+        self._inc(self.token_requests, _bounded(self._token_hosts, host), result)
+
+    def configuration(self, version: str, config_hash: str) -> None:
+        """``pinhook_build_info`` for the configuration now serving: one series at a time."""
+        if self._build_labels is not None:
+            self.build_info.remove(*self._build_labels)
+        self._build_labels = (version, config_hash)
+        self.build_info.labels(version, config_hash).set(1)
 
     def registry_client_rebuilt(self) -> None:
         self.registry_rebuilds.inc()
@@ -167,3 +231,64 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# The cache event for an entry dropped by the LRU bound (``resolve.CachingResolver``).
+EVICTED = "evicted"
+
+
+def _bounded(seen: set[str], host: str) -> str:
+    """``host``, or ``other`` once MAX_REGISTRY_HOSTS others have a series."""
+    if host not in seen:
+        if len(seen) >= MAX_REGISTRY_HOSTS:
+            return OTHER
+        seen.add(host)
+    return host
+
+
+class _CertificateExpiry(Collector):
+    """``pinhook_certificate_expires_in_seconds{certificate}``, computed at each scrape from
+    the expiry of the certificates loaded: it counts down between reloads by itself."""
+
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.time) -> None:
+        self._expiry: dict[str, float] = {}
+        self._clock = clock
+        registry.register(self)
+
+    def set(self, certificate: str, not_after: datetime | None) -> None:
+        """Record ``certificate``'s (``serving``, ``ca``) expiry; None forgets it."""
+        if not_after is None:
+            self._expiry.pop(certificate, None)
+        else:
+            self._expiry[certificate] = not_after.timestamp()
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = self._family()
+        now = self._clock()
+        for certificate, expires in sorted(self._expiry.items()):
+            family.add_metric([certificate], expires - now)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "pinhook_certificate_expires_in_seconds",
+            "Seconds until the certificate pinhook serves with (serving) or its CA (ca) expires",
+            labels=["certificate"],
+        )
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> Callable[[], None]:
+    """Serve ``/metrics`` over plain HTTP on ``host:port`` from a thread of its own; returns
+    the function that stops it. Raises OSError when the port cannot be had."""
+    server, thread = prometheus_client.start_http_server(port, addr=host, registry=metrics.registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop

@@ -69,6 +69,11 @@ class Mutator:
         self._limits = settings.limits
         self._budget = settings.registry.timeout_seconds
         self._modes = {key: settings.mode_for(key) for key in DEFAULT_MODES}
+        self._namespace_modes = {
+            namespace: {key: settings.mode_for(key, namespace) for key in DEFAULT_MODES}
+            for namespace, policy in settings.namespaces.items()
+            if policy.mode is not None
+        }
         self._policies: dict[str | None, FailurePolicy] = {}
         # Parsing and rewriting depend only on the image string and the mode under one config,
         # and a cluster runs few distinct images: remember the plan of each.
@@ -93,30 +98,31 @@ class Mutator:
         results = self.settled(plan)
         if results is None:
             results = await self.resolve(plan, budget)
-        return self.conclude(plan, results)
+        return self.conclude(plan, results).outcome
 
     def conclude(
         self,
         plan: RequestPlan,
         results: Sequence[ImageResult] | None,
         unknown: Unknown = TIMED_OUT,
-    ) -> AdmissionOutcome:
-        """The answer for ``plan`` (``decide``), counted in the metrics."""
+    ) -> Decision:
+        """The decision for ``plan`` (``decide``): the answer, and what became of each image
+        for the admission log; counted in the metrics."""
         return self._record(decide(plan, results, unknown=unknown))
 
     def timed_out(self, request: AdmissionRequest) -> AdmissionOutcome:
         """The answer when a review overran its budget."""
-        return self.conclude(self.plan(request), None)
+        return self.conclude(self.plan(request), None).outcome
 
-    def failed(self, request: AdmissionRequest) -> AdmissionOutcome:
-        """The answer when a review failed in pinhook itself: by policy, never an error.
+    def failed(self, request: AdmissionRequest) -> Decision:
+        """The decision when a review failed in pinhook itself: by policy, never an error.
 
         Needs only the kind's mode and the namespace's policy; when even those cannot be
         had, the global policy and pin mode, the strictest reading.
         """
         try:
             info = kind_info(request.group, request.kind)
-            mode = Mode.OFF if info is None else self._modes[info.key]
+            mode = Mode.OFF if info is None else self._mode(info.key, request.namespace)
             policy = self._policy(request.namespace)
         except Exception:  # a bug in the very steps that failed: fall back to the global rule
             mode, policy = Mode.PIN, self.settings.policy_for(None)
@@ -129,14 +135,14 @@ class Mutator:
         info = kind_info(request.group, request.kind)
         policy = self._policy(request.namespace)
         if info is None:
-            return RequestPlan(Mode.OFF, policy)
-        mode = self._modes[info.key]
-        if (
-            mode is Mode.OFF
-            or request.operation not in OPERATIONS
-            or (request.namespace or "") in self._excluded
-        ):
-            return RequestPlan(mode, policy)
+            return RequestPlan(Mode.OFF, policy, skipped="kind not handled")
+        mode = self._mode(info.key, request.namespace)
+        if mode is Mode.OFF:
+            return RequestPlan(mode, policy, skipped="mode off")
+        if request.operation not in OPERATIONS:
+            return RequestPlan(mode, policy, skipped=f"operation {request.operation}")
+        if (request.namespace or "") in self._excluded:
+            return RequestPlan(mode, policy, skipped="namespace excluded")
         obj = request.obj
         if not isinstance(obj, dict):
             warning = "pinhook: object is not a JSON object; left as is"
@@ -145,7 +151,8 @@ class Mutator:
         if _skip_requested(obj):
             # Under a digest-only policy the annotation would let anyone opt out (auto).
             if self.settings.skip_honoured(policy):
-                return RequestPlan(mode, policy, audit={"skipped": f"annotation {SKIP_ANNOTATION}"})
+                reason = f"annotation {SKIP_ANNOTATION}"
+                return RequestPlan(mode, policy, audit={"skipped": reason}, skipped=reason)
             skip_ignored = True
         located = locate(info, obj, self._limits.images_per_object)
         fields = located.fields
@@ -166,6 +173,12 @@ class Mutator:
             images_over_limit=located.fields_over_limit,
         )
 
+    def plan_fields(
+        self, fields: Sequence[ImageField], mode: Mode = Mode.PIN
+    ) -> list[ImagePlan | InvalidImage]:
+        """Plan image fields found outside an admission (``pinhook report``) under ``mode``."""
+        return [self._plan_image(field, mode) for field in fields]
+
     def _plan_image(self, field: ImageField, mode: Mode) -> ImagePlan | InvalidImage:
         key = (field.image, mode)
         known = self._plans.get(key)
@@ -180,6 +193,10 @@ class Mutator:
             self._plans.clear()
         self._plans[key] = (plan.original, plan.target, plan.rewritten, plan.action, plan.name)
         return plan
+
+    def _mode(self, kind_key: str, namespace: str | None) -> Mode:
+        modes = self._namespace_modes.get(namespace) if namespace is not None else None
+        return (modes or self._modes)[kind_key]
 
     def _policy(self, namespace: str | None) -> FailurePolicy:
         policy = self._policies.get(namespace)
@@ -318,11 +335,11 @@ class Mutator:
 
     # -- decide --------------------------------------------------------------------------------
 
-    def _record(self, decision: Decision) -> AdmissionOutcome:
+    def _record(self, decision: Decision) -> Decision:
         self.metrics.images_seen(decision.images)
         for reason, count in decision.failures.items():
             self.metrics.resolve_failures.labels(reason).inc(count)
-        return decision.outcome
+        return decision
 
 
 def _skip_requested(obj: Mapping[str, Any]) -> bool:

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import os
 import stat
 import sys
@@ -543,13 +542,6 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def quiet_request_logs() -> None:
-    """One line per registry request would drown the report of a thousand images: the HTTP
-    client logs only warnings unless debug logging was asked for."""
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def load_settings_flag(path: Path | None) -> Settings:
     return load_settings_file(path) if path is not None else default_settings()
 
@@ -574,7 +566,6 @@ def run(args: argparse.Namespace) -> int:
         raise PinInputError("-i cannot write standard input back; leave out -i to get stdout")
     if files == ["-"] and sys.stdin.isatty():
         raise PinInputError("no input: give -f FILE|DIR, or pipe manifests to standard input")
-    quiet_request_logs()
     settings = load_settings_flag(args.config)
     secrets = pull_secrets_flag(args.pull_secrets, args.namespace)
     sources = read_sources(files)

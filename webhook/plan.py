@@ -57,7 +57,7 @@ _DEFAULT_LIMITS = LimitSettings()
 class RequestPlan(NamedTuple):
     """Everything decided about one request before any registry is asked."""
 
-    mode: Mode  # of the object's kind; OFF for a kind pinhook does not know
+    mode: Mode  # of the object's kind in its namespace; OFF for a kind pinhook does not know
     policy: FailurePolicy  # of the object's namespace
     namespace: str | None = None
     images: tuple[ImagePlan | InvalidImage, ...] = ()  # in field order
@@ -65,6 +65,7 @@ class RequestPlan(NamedTuple):
     audit: Mapping[str, str] = _NO_AUDIT
     limits: LimitSettings = _DEFAULT_LIMITS
     images_over_limit: int = 0  # 1 when there are image fields past limits.imagesPerObject
+    skipped: str | None = None  # why pinhook does not look at the object, when it does not
 
 
 class ImageResult(NamedTuple):

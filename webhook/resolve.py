@@ -297,7 +297,8 @@ class CachingResolver:
             return Resolution(stale, stale=True)
         now = self._clock()
         entry = _Entry(digest, now, now + self._settings.ttl_seconds)
-        _bounded_put(self._entries, key, entry, self._settings.max_entries)
+        if _bounded_put(self._entries, key, entry, self._settings.max_entries):
+            self._on_event("evicted")
         self._failures.pop(scoped, None)
         return Resolution(digest)
 
@@ -346,9 +347,13 @@ class CachingResolver:
         return found
 
 
-def _bounded_put(table: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
-    """Insert as most recently used, evicting the least recently used past ``limit``."""
+def _bounded_put(table: OrderedDict[K, V], key: K, value: V, limit: int) -> int:
+    """Insert as most recently used, evicting the least recently used past ``limit``; returns
+    how many were evicted."""
     table[key] = value
     table.move_to_end(key)
+    evicted = 0
     while len(table) > limit:
         table.popitem(last=False)
+        evicted += 1
+    return evicted

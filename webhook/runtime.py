@@ -9,12 +9,14 @@ config it started with; the resolver and its cache are kept unless the change to
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 
+from . import version
 from .conditionsync import ConfigSync
 from .config import Settings, load_settings_file
 from .configfiles import config_stamp
@@ -23,11 +25,20 @@ from .files import FileStamp, file_stamp
 from .kube import KubePullSecrets, NoPullSecrets, PullSecretSource
 from .metrics import Metrics
 from .mutate import Mutator
+from .oci.credential import Credentials
 from .oci.credhelper import DockerConfig
 from .oci.credprovider import CredentialProviders
+from .oci.reference import ImageRef
 from .oci.registry import RegistryClient
 from .oci.transport import RegistryOptions
-from .resolve import CachingResolver, DigestResolver, RegistryDigestResolver, StaticDigestResolver
+from .resolve import (
+    CachingResolver,
+    DigestResolver,
+    DigestSource,
+    PullScope,
+    RegistryDigestResolver,
+    StaticDigestResolver,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,32 @@ def registry_options(settings: Settings) -> RegistryOptions:
         concurrency_per_registry=registry.concurrency_per_registry,
         mirrors=registry.mirror_map,
     )
+
+
+def config_hash(settings: Settings) -> str:
+    """A short fingerprint of the configuration, for ``pinhook_build_info``: replicas that
+    serve different configurations show different hashes."""
+    text = settings.model_dump_json(by_alias=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class _CountedSource:
+    """A digest source that counts its lookups under way (the in-flight lookups gauge)."""
+
+    def __init__(self, inner: DigestSource, metrics: Metrics) -> None:
+        self._inner = inner
+        self._in_flight = metrics.lookups_in_flight
+
+    async def credentials(self, ref: ImageRef, scope: PullScope, deadline: float) -> Credentials:
+        return await self._inner.credentials(ref, scope, deadline)
+
+    async def digest(self, ref: ImageRef, credentials: Credentials, deadline: float) -> str:
+        with self._in_flight.track_inprogress():
+            return await self._inner.digest(ref, credentials, deadline)
+
+    async def has(self, ref: ImageRef, credentials: Credentials, deadline: float) -> bool:
+        with self._in_flight.track_inprogress():
+            return await self._inner.has(ref, credentials, deadline)
 
 
 class Runtime:
@@ -79,6 +116,7 @@ class Runtime:
         self._config_error: str | None = None
         self._followers: list[Callable[[Settings], None]] = []
         self._config_stamp: Hashable = None
+        self.metrics.cache_entries.set_function(self._cached_digests)
 
     async def __aenter__(self) -> Runtime:
         try:
@@ -147,8 +185,12 @@ class Runtime:
                 self._retire(previous, settings.registry.timeout_seconds + 5)
         self._settings = settings
         self._mutator = Mutator(settings, self._resolver, self.metrics)
+        self.metrics.configuration(version(), config_hash(settings))
         for follow in self._followers:
             follow(settings)
+
+    def _cached_digests(self) -> int:
+        return len(self._resolver) if isinstance(self._resolver, CachingResolver) else 0
 
     def _retire(self, client: RegistryClient, grace: float) -> None:
         """Close a replaced client once requests that started on it are past their deadline."""
@@ -175,7 +217,7 @@ class Runtime:
         inner = RegistryDigestResolver(client, self._pull_secrets, docker_config, providers)
         self._registry_resolver = inner
         cache = CachingResolver(
-            inner,
+            _CountedSource(inner, self.metrics),
             settings.cache,
             on_event=self.metrics.cache_event,
             lookup_seconds=settings.registry.timeout_seconds,

@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from .app import create_app
+from .certs import CA_CERT_FILE, load_cert_info
 from .config import ServerSettings
-from .errors import PinhookError
+from .errors import CertificateError, PinhookError
 from .listener import ConnectionLimits, ListenerState, guarded_protocol
 from .memory import trim_periodically, tune_allocator
+from .metrics import Metrics, serve_metrics
 from .runtime import Runtime
 from .tls import ReloadingTLS
 
@@ -44,6 +47,9 @@ class ServeOptions:
     key: Path = Path("certs/tls.key")
     watch_interval: float = 2.0
     server: ServerSettings = field(default_factory=ServerSettings)
+    # Prometheus metrics over plain HTTP on a port of their own; None: not served.
+    metrics_host: str | None = None
+    metrics_port: int | None = None
 
 
 Background = Callable[[], Coroutine[Any, Any, None]]
@@ -100,6 +106,7 @@ def build_server(
     """The server and its listener state; ``background`` jobs (certificate renewal) run while
     it serves. Raises CertificateError when the certificate cannot be loaded."""
     tls = ReloadingTLS(options.cert, options.key)
+    record_certificates(runtime.metrics, tls.cert)
     listener = ListenerState(tls.context, connection_limits(options.server), runtime.metrics)
     runtime.on_settings(lambda settings: _follow_limits(listener, settings.server))
 
@@ -109,7 +116,9 @@ def build_server(
             tasks = [
                 asyncio.create_task(trim_periodically()),
                 asyncio.create_task(runtime.watch_config(options.watch_interval)),
-                asyncio.create_task(_watch_certificates(tls, options.watch_interval)),
+                asyncio.create_task(
+                    _watch_certificates(tls, runtime.metrics, options.watch_interval)
+                ),
                 *(asyncio.create_task(job()) for job in background),
             ]
             try:
@@ -144,8 +153,40 @@ def serve(runtime: Runtime, options: ServeOptions, background: Sequence[Backgrou
     """Bind, then serve until SIGTERM/SIGINT. Raises ListenError or CertificateError."""
     server, _listener = build_server(runtime, options, background)
     sock = bind(options.host, options.port)
+    stop_metrics = _serve_metrics(runtime, options)
     tune_allocator()
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        stop_metrics()
+        log.info("pinhook stopped")
+
+
+def _serve_metrics(runtime: Runtime, options: ServeOptions) -> Callable[[], None]:
+    if options.metrics_port is None:
+        return lambda: None
+    host = options.metrics_host or options.host
+    try:
+        stop = serve_metrics(runtime.metrics, host, options.metrics_port)
+    except OSError as exc:
+        where = f"{host}:{options.metrics_port}"
+        raise ListenError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+    log.info("metrics on http://%s:%d/metrics", _url_host(host), options.metrics_port)
+    return stop
+
+
+def record_certificates(metrics: Metrics, cert: Path) -> None:
+    """The expiry of the serving certificate and of its CA (``ca.crt`` beside it, as
+    ``certs generate``, cert-manager and a self-managed pinhook write it), for the metrics."""
+    metrics.certificates.set("serving", _not_after(cert))
+    metrics.certificates.set("ca", _not_after(cert.parent / CA_CERT_FILE))
+
+
+def _not_after(path: Path) -> datetime | None:
+    try:
+        return load_cert_info(path.read_bytes()).not_after
+    except (OSError, ValueError, CertificateError):
+        return None
 
 
 def _follow_limits(listener: ListenerState, server: ServerSettings) -> None:
@@ -156,7 +197,8 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _watch_certificates(tls: ReloadingTLS, interval: float) -> None:
+async def _watch_certificates(tls: ReloadingTLS, metrics: Metrics, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        tls.reload_if_changed()
+        if tls.reload_if_changed():
+            record_certificates(metrics, tls.cert)

@@ -27,7 +27,7 @@ from typing import Any, Final
 from .cel import CelTest, cel_images, cel_string
 from .config import SKIP_ANNOTATION, FailurePolicy, Settings
 from .errors import ConfigError
-from .kinds import KINDS, KSERVE, KindInfo, Mode
+from .kinds import KINDS, KSERVE, PINNING, KindInfo, Mode
 from .oci.reference import DIGEST_HEX_LENGTHS, DOCKER_HUB, DOCKER_HUB_LEGACY
 from .rewrite import NamePattern
 
@@ -101,7 +101,7 @@ def build_webhook_configuration(
         raise ConfigError(
             f"failurePolicy {failure_policy!r}: expected one of {', '.join(FAILURE_POLICIES)}"
         )
-    active = [info for info in KINDS if settings.mode_for(info.key) is not Mode.OFF]
+    active = [info for info in KINDS if settings.modes_for(info.key) - {Mode.OFF}]
     if kinds is not None:
         off = sorted(set(kinds) - {info.key for info in active})
         if off:
@@ -270,7 +270,9 @@ def match_conditions_for(settings: Settings, kind: KindInfo) -> list[dict[str, s
         conditions.append(not_skipped)
     if kind.resource == "replicasets":
         conditions.append({"name": "not-owned", "expression": _NOT_OWNED})
-    mode = settings.mode_for(kind.key)
+    # Audit computes what pin would: it is sent what pin would be sent. A kind whose mode
+    # differs between namespaces is sent what its most demanding mode needs.
+    mode = Mode.PIN if settings.modes_for(kind.key) & PINNING else Mode.REWRITE
     regex = rule_pattern(rule.source for rule in settings.rewrite_map.rules)
     if regex is not None and len(regex) > MAX_RULE_REGEX_LENGTH:
         # Too costly to evaluate for every image of every request: send every object.

@@ -202,6 +202,7 @@ class Pinhook:
     ) -> None:
         self.host = host
         self.port = port or listen_port()
+        self.metrics_port = free_port()
         self._lines: queue.Queue[str] = queue.Queue()
         self._log: list[str] = []
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -216,6 +217,8 @@ class Pinhook:
             env["KUBECONFIG"] = str(self_managed.kubeconfig)
         # 0.0.0.0: the API server is not on this machine's loopback.
         args += ["--host", "0.0.0.0", "--port", str(self.port), "--kube", "off"]
+        # Metrics on loopback only: the test reads them here; the API server never does.
+        args += ["--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port)]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "webhook.cli", *args],
             cwd=workdir,

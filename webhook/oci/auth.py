@@ -336,6 +336,19 @@ class Authenticator:
         self._tokens[key] = token
 
     async def _fetch_token(self, challenge: Challenge, target: Target) -> _Token:
+        events = self._transport.events
+        try:
+            token = await self._token_for(challenge, target)
+        except Rejected:
+            events.token_request(target.host, "rejected")
+            raise
+        except ProtocolError:
+            events.token_request(target.host, "error")
+            raise
+        events.token_request(target.host, "ok")
+        return token
+
+    async def _token_for(self, challenge: Challenge, target: Target) -> _Token:
         url = await self._realm(challenge, target)
         service = challenge.param("service") or ""
         credential = target.credential

@@ -102,8 +102,8 @@ class HostGuard:
             if allowed:
                 return (literal,)
             raise errors.ForbiddenHost(
-                f"registry host {_shown(host, port)} is an IP address; only allow-listed hosts"
-                " may be addressed by IP"
+                f"registry host {_shown(host, port)} is an IP address; only hosts listed in"
+                " registry.allowedHosts may be addressed by IP"
             )
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + DEFAULT_LOOKUP_SECONDS
@@ -114,7 +114,7 @@ class HostGuard:
         if forbidden:
             raise errors.ForbiddenHost(
                 f"registry host {_shown(host, port)} resolves to non-public address(es) "
-                f"{', '.join(forbidden)}; add it to the allowed hosts if this is intended"
+                f"{', '.join(forbidden)}; add it to registry.allowedHosts if this is intended"
             )
         return found
 

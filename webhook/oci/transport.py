@@ -68,14 +68,16 @@ class RegistryOptions:
 
 
 class TransportEvents(Protocol):
-    """What the transport reports (the metrics): each response, a replaced client, and the
-    pull rate limit Docker Hub states."""
+    """What the transport reports (the metrics): each response, a replaced client, the pull
+    rate limit Docker Hub states, and each token fetched (by ``auth``)."""
 
     def registry_request(self, host: str, method: str, status: str, seconds: float) -> None: ...
 
     def registry_client_rebuilt(self) -> None: ...
 
     def registry_ratelimit(self, host: str, remaining: int, limit: int) -> None: ...
+
+    def token_request(self, host: str, result: str) -> None: ...
 
 
 class _Silent:
@@ -86,6 +88,9 @@ class _Silent:
         pass
 
     def registry_ratelimit(self, host: str, remaining: int, limit: int) -> None:
+        pass
+
+    def token_request(self, host: str, result: str) -> None:
         pass
 
 
@@ -165,6 +170,10 @@ class Transport:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.http.aclose()
         self._resolver.close()
+
+    @property
+    def events(self) -> TransportEvents:
+        return self._events
 
     def is_insecure(self, host: str) -> bool:
         """Whether ``host`` (``host[:port]``) is listed to be reached over plain HTTP."""
@@ -394,6 +403,12 @@ def _classify_transport_error(method: str, url: httpx.URL, exc: httpx.TransportE
     text = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.ConnectError) and _is_certificate_error(exc):
         return RegistryUnavailable(f"{method} {url}: TLS certificate not trusted: {text}")
+    if isinstance(exc, httpx.ConnectError) and _is_plain_http(exc):
+        # Retrying cannot help: the server speaks plain HTTP where TLS was expected.
+        return ProtocolError(
+            f"{method} {url}: TLS handshake failed, the server seems to speak plain HTTP; if"
+            f" it does, list {url.netloc.decode('ascii', 'replace')} in registry.insecure"
+        )
     if isinstance(exc, httpx.RemoteProtocolError):
         lowered = text.lower()
         if "disconnect" in lowered or "peer closed" in lowered:
@@ -411,6 +426,22 @@ def _is_certificate_error(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _is_plain_http(exc: BaseException) -> bool:
+    """An SSL error that means the peer answered a ClientHello with something not TLS."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) and not isinstance(seen, ssl.SSLCertVerificationError):
+            text = f"{getattr(seen, 'reason', None) or ''} {seen}".upper()
+            if any(sign in text for sign in _PLAIN_HTTP_SIGNS):
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+# What OpenSSL says when the "ServerHello" is an HTTP answer (1.1 and 3.x spellings).
+_PLAIN_HTTP_SIGNS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "RECORD LAYER FAILURE")
 
 
 def _is_retryable(status: int) -> bool:

@@ -1,0 +1,87 @@
+"""The metrics an operator alerts on, counted by the real components."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from tests.harness.fixtures import RegistryEnv
+from tests.harness.proxy import CountingProxy
+from webhook.config import CacheSettings, load_settings
+from webhook.metrics import Metrics
+from webhook.oci.reference import ImageRef
+from webhook.resolve import CachingResolver, PullScope, StaticDigestResolver
+from webhook.runtime import Runtime, config_hash
+
+DIGEST = "sha256:" + "a" * 64
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+async def test_cache_evictions_are_counted() -> None:
+    refs = [ImageRef.parse(f"example.com/app:{n}") for n in range(3)]
+    metrics = Metrics()
+    cache = CachingResolver(
+        StaticDigestResolver(dict.fromkeys(refs, DIGEST)),
+        CacheSettings(max_entries=2),
+        on_event=metrics.cache_event,
+    )
+    deadline = asyncio.get_running_loop().time() + 5
+    for ref in refs:
+        await cache.resolve(ref, PullScope(None), deadline)
+    assert len(cache) == 2
+    assert sample(metrics, "pinhook_digest_cache_evictions_total") == 1.0
+    assert sample(metrics, "pinhook_digest_cache_events_total", event="miss") == 3.0
+
+
+async def test_lookups_in_flight_and_cached_digests(
+    registry: RegistryEnv, registry_proxy: CountingProxy
+) -> None:
+    pushed = registry.push.index("metrics/app", "1.0")
+    host = registry_proxy.host
+    settings = load_settings(f'registry:\n  insecure: ["{host}"]\n  allowedHosts: ["{host}"]\n')
+    runtime = Runtime(settings)
+    in_flight = "pinhook_registry_lookups_in_flight"
+    async with runtime:
+        registry_proxy.hold()
+        lookup = asyncio.create_task(runtime.mutator.pin([f"{host}/metrics/app:1.0"]))
+        await asyncio.to_thread(registry_proxy.wait_for_count, 1, "HEAD")
+        assert sample(runtime.metrics, in_flight) == 1.0
+        registry_proxy.release()
+        (result,) = await lookup
+        assert result.digest == pushed.digest
+        assert sample(runtime.metrics, in_flight) == 0.0
+        assert sample(runtime.metrics, "pinhook_digest_cache_entries") == 1.0
+        text = runtime.metrics.render().decode()
+        assert f'config_hash="{config_hash(settings)}"' in text
+
+
+def test_build_info_follows_the_configuration() -> None:
+    metrics = Metrics()
+    metrics.configuration("1.2.3", "aaa")
+    metrics.configuration("1.2.3", "bbb")
+    text = metrics.render().decode()
+    assert 'pinhook_build_info{config_hash="bbb",version="1.2.3"} 1.0' in text
+    assert 'config_hash="aaa"' not in text
+    assert config_hash(load_settings("")) != config_hash(load_settings("output: digest-only"))
+
+
+def test_certificate_expiry_counts_down_from_the_loaded_certificate() -> None:
+    metrics = Metrics()
+    metrics.certificates.set("serving", datetime.now(UTC) + timedelta(days=3))
+    value = sample(metrics, "pinhook_certificate_expires_in_seconds", certificate="serving")
+    assert value is not None and 3 * 86400 - 60 < value <= 3 * 86400
+    metrics.certificates.set("serving", None)
+    assert sample(metrics, "pinhook_certificate_expires_in_seconds", certificate="serving") is None
+
+
+def test_token_requests_are_bounded_by_host() -> None:
+    metrics = Metrics()
+    for n in range(60):
+        metrics.token_request(f"r{n}.example", "ok")
+    assert sample(metrics, "pinhook_registry_token_requests_total", host="r0.example", result="ok")
+    assert (
+        sample(metrics, "pinhook_registry_token_requests_total", host="other", result="ok") == 10.0
+    )
