@@ -6,7 +6,9 @@ Redis outage and recovery look to the replicas using it.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -98,12 +100,26 @@ class RunningRedis:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
+        os.kill(process.pid, signal.SIGCONT)  # a paused server cannot act on SIGTERM
         process.terminate()
         try:
             process.wait(STOP_DEADLINE_S)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(STOP_DEADLINE_S)
+
+    def pause(self) -> None:
+        """Stop the process without closing anything (SIGSTOP): connections and new connects
+        hang, as with a Redis that is overloaded or behind a dead network path."""
+        os.kill(self._pid(), signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self._pid(), signal.SIGCONT)
+
+    def _pid(self) -> int:
+        if self._process is None or self._process.poll() is not None:
+            raise RuntimeError("redis-server is not running")
+        return self._process.pid
 
     @property
     def running(self) -> bool:
