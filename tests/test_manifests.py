@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from webhook.webhookconfig import WebhookTarget, build_webhook_configuration
 KUBECTL = shutil.which("kubectl")
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
-BUILDS = ("base", "overlays/enforce", "overlays/cert-manager", "overlays/workloads")
+REDIS = "base+components/redis"  # a component, rendered on the base as a user would
+BUILDS = ("base", "overlays/enforce", "overlays/cert-manager", "overlays/workloads", REDIS)
 NAMESPACE = "pinhook-system"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"}
 FAILURE_POLICY = {
@@ -27,6 +30,7 @@ FAILURE_POLICY = {
     "overlays/enforce": "Fail",
     "overlays/cert-manager": "Ignore",
     "overlays/workloads": "Ignore",
+    REDIS: "Ignore",
 }
 BASE_RULES = {
     ("", "pods", ("CREATE", "UPDATE")),
@@ -57,10 +61,26 @@ Doc = dict[str, Any]
 
 
 def _render(build: str) -> list[Doc]:
+    """``build``: a kustomization under manifests/, or ``base+components/NAME``: a
+    kustomization of the user's own with the base as resource and the component."""
     if KUBECTL is None:
         pytest.skip("kubectl not on PATH: cannot render the kustomizations (kubectl kustomize)")
+    if "+" not in build:
+        return _kustomize(MANIFESTS / build, build)
+    resource, *components = build.split("+")
+    with tempfile.TemporaryDirectory() as directory:
+        # kustomize takes relative paths only.
+        listed = [os.path.relpath(MANIFESTS / path, directory) for path in (resource, *components)]
+        (Path(directory) / "kustomization.yaml").write_text(
+            yaml.safe_dump({"resources": listed[:1], "components": listed[1:]})
+        )
+        return _kustomize(Path(directory), build)
+
+
+def _kustomize(directory: Path, build: str) -> list[Doc]:
+    assert KUBECTL is not None
     result = subprocess.run(
-        [KUBECTL, "kustomize", str(MANIFESTS / build)],
+        [KUBECTL, "kustomize", str(directory)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -129,9 +149,11 @@ def _selects(selector: Doc, labels: Mapping[str, str]) -> bool:
     return True
 
 
-def test_every_overlay_is_tested() -> None:
+def test_every_overlay_and_component_is_tested() -> None:
     overlays = {f"overlays/{p.name}" for p in (MANIFESTS / "overlays").iterdir() if p.is_dir()}
-    assert overlays == set(BUILDS) - {"base"}
+    assert overlays == {build for build in BUILDS if build.startswith("overlays/")}
+    components = {f"base+components/{p.name}" for p in (MANIFESTS / "components").iterdir()}
+    assert components == {build for build in BUILDS if "+components/" in build}
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -285,7 +307,8 @@ def test_deployment_shape(rendered: dict[str, list[Doc]], build: str) -> None:
     deployment = _one(rendered[build], "Deployment", "pinhook")
     spec = deployment["spec"]
     pod = spec["template"]["spec"]
-    assert spec["replicas"] == 2
+    # The autoscaler owns the replica count: an apply must not reset it.
+    assert "replicas" not in spec
     assert _selects(spec["selector"], spec["template"]["metadata"]["labels"])
     assert pod["serviceAccountName"] == "pinhook"
     (spread,) = pod["topologySpreadConstraints"]
@@ -367,8 +390,54 @@ def test_service_and_pdb_target_the_pods(rendered: dict[str, list[Doc]], build: 
     assert port["targetPort"] == 8443
     assert _selects({"matchLabels": service["selector"]}, labels)
     pdb = _one(docs, "PodDisruptionBudget", "pinhook")["spec"]
-    assert pdb["minAvailable"] == 1
+    # One at a time, whatever number of replicas the autoscaler chose.
+    assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
     assert _selects(pdb["selector"], labels)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_autoscaler_scales_the_deployment_on_cpu(
+    rendered: dict[str, list[Doc]], build: str
+) -> None:
+    docs = rendered[build]
+    hpa = _one(docs, "HorizontalPodAutoscaler", "pinhook")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "pinhook",
+    }
+    # Two at least: with the PDB's one at a time, a drain never leaves none.
+    assert 2 <= spec["minReplicas"] < spec["maxReplicas"]
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    # Utilization is of the request: there must be one.
+    assert _container(docs)["resources"]["requests"]["cpu"]
+    assert "cpu" not in _container(docs)["resources"].get("limits", {})
+
+
+def test_redis_component_reads_url_and_password_from_a_secret(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    docs = rendered[REDIS]
+    redis = _settings(docs).cache.redis
+    assert redis is not None and redis.url is None
+    assert redis.url_file is not None and redis.password_file is not None
+    pod = _one(docs, "Deployment", "pinhook")["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in _container(docs)["volumeMounts"]}
+    for path in (redis.url_file, redis.password_file):
+        mount = mounts[str(path.parent)]
+        assert mount["readOnly"] is True
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == "pinhook-redis"
+        assert secret["optional"] is False
+    assert _settings(docs).cache.owner_pinning.enabled
+    # Everything else is the base's.
+    base = {(d["kind"], d["metadata"]["name"]) for d in rendered["base"]}
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} == base
 
 
 def _rules_by_role(docs: list[Doc]) -> dict[tuple[str, str], list[Doc]]:
