@@ -69,6 +69,7 @@ ANONYMOUS_SCOPE: Final = "anonymous"
 REMEMBERED_REASONS: Final = frozenset({"not-found", "unauthorized"})
 _POLL_CAP_SECONDS: Final = 0.25
 _LISTEN_BACKOFF_SECONDS: Final = (0.05, 5.0)
+_CLOSE_GRACE_SECONDS: Final = 2.0
 
 
 def scope_of(credentials_key: str) -> str:
@@ -307,6 +308,7 @@ class RedisSharedCache:
         self._last_error = ""
         self._wakeups: dict[str, _Wakeup] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         self.subscribed = False
         self._metrics.shared_cache_breaker_state(BreakerState.CLOSED)
 
@@ -325,13 +327,20 @@ class RedisSharedCache:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        # The flag as well as the cancellation: a cancellation that arrives as redis-py's
+        # own read timeout expires can be lost (seen on Python 3.11), and the listener then
+        # stops at its next turn, within a second; closing its connection ends a read too.
+        self._closing = True
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            await asyncio.wait({listener}, timeout=_CLOSE_GRACE_SECONDS)
         await self._client.aclose()
         await self._pool.disconnect()
+        if listener is not None and not listener.done():
+            await asyncio.wait({listener}, timeout=_CLOSE_GRACE_SECONDS)
+            if not listener.done():
+                log.warning("shared cache: the channel listener did not stop; left behind")
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -535,13 +544,13 @@ class RedisSharedCache:
         """One subscription per replica, dispatching to the local waiters; re-established
         with backoff whenever the connection drops. Without it, waiters poll."""
         backoff = _LISTEN_BACKOFF_SECONDS[0]
-        while True:
+        while not self._closing:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._keys.channel)
                 self.subscribed = True
                 backoff = _LISTEN_BACKOFF_SECONDS[0]
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                     if message is not None:
                         self._dispatch(message.get("data"))
@@ -551,6 +560,8 @@ class RedisSharedCache:
                 self.subscribed = False
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call] # redis-py's own
+            if self._closing:
+                return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _LISTEN_BACKOFF_SECONDS[1])
 
