@@ -526,3 +526,23 @@ async def test_metrics_start_closed() -> None:
     cache = RedisSharedCache(RedisSettings(url="redis://127.0.0.1:1/0"), metrics=metrics)
     assert metrics.registry.get_sample_value("pinhook_shared_cache_breaker_state") == 0
     await cache.aclose()
+
+
+@pytest.mark.parametrize(
+    ("redis_yaml", "message"),
+    [
+        ("{}", "give exactly one of url and urlFile"),
+        ("{url: 'redis://h:6379', urlFile: /run/url}", "give exactly one of url and urlFile"),
+        ("{url: 'http://h:6379'}", "must be a redis://, rediss://, unix:// URL"),
+        ("{url: 'redis://'}", "names no host"),
+        ("{url: 'redis://h/0?password=x'}", "carries a password"),
+        ("{url: 'redis://h', keyPrefix: 'a b'}", "must not contain whitespace"),
+        ("{url: 'redis://h', lockSeconds: 0}", "greater than or equal to 0.1"),
+        ("{url: 'redis://h', timeoutSeconds: 30}", "less than or equal to 5"),
+    ],
+)
+def test_redis_settings_are_checked(redis_yaml: str, message: str) -> None:
+    with pytest.raises(ConfigError) as rejected:
+        load_settings(f"cache: {{redis: {redis_yaml}}}")
+    assert message in str(rejected.value)
+    assert "cache.redis" in str(rejected.value)
