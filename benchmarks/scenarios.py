@@ -10,7 +10,9 @@ import http.client
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import orjson
 
 from benchmarks.load import (
     DEADLINE_SECONDS,
+    Burst,
     Round,
     burst,
     percentile,
@@ -42,6 +45,7 @@ from benchmarks.stack import (
     rss_mib,
     serving,
 )
+from tests.harness.redisserver import RedisNotInstalled, RunningRedis
 from tests.reviews import load_object, review
 from webhook.certs import CertPaths
 
@@ -64,6 +68,7 @@ class Settings:
     burst_concurrency: int = 200
     cached_digests: int = 10_000
     idle_connections: int = 1000
+    scale_out_tags: int = 3
 
     @classmethod
     def make(cls, quick: bool) -> Settings:
@@ -79,6 +84,7 @@ class Settings:
             burst_concurrency=100,
             cached_digests=2000,
             idle_connections=300,
+            scale_out_tags=1,
         )
 
 
@@ -689,6 +695,110 @@ async def _settled(count: Callable[[], int], target: int | None = None) -> int:
     return last
 
 
+# --- 8. scale-out: registry traffic per new tag vs replicas, with and without Redis ------
+
+
+SCALE_OUT_REPLICAS = (1, 3)
+
+
+def scale_out(ctx: Context) -> Outcome:
+    """200 concurrent admissions of one new tag, round-robin over 1 or 3 pinhook processes,
+    each with its own cache, then sharing one Redis: registry requests per new tag."""
+    s = ctx.settings
+    outcome = Outcome()
+    cases: dict[str, Any] = {}
+    with Registry(ctx.workdir) as registry, _redis() as redis:
+        for replicas in SCALE_OUT_REPLICAS:
+            for shared in (False, True):
+                case = f"{replicas}x{'-redis' if shared else ''}"
+                cases[case] = _scale_out_case(ctx, registry, redis if shared else None, replicas)
+    outcome.figures = {
+        "admissions_per_tag": s.rollout_admissions,
+        "tags_per_case": s.scale_out_tags,
+        "cases": cases,
+    }
+    for case, f in cases.items():
+        by_status = ", ".join(
+            f"{n:.1f}x{status}" for status, n in f["manifest_requests_per_tag_by_status"].items()
+        )
+        outcome.row(
+            case,
+            f"per new tag: {f['manifest_requests_per_tag']:.1f} manifest ({by_status}) +"
+            f" {f['token_requests_per_tag']:.1f} token requests; p50 {f['p50_ms']:.1f} ms,"
+            f" p99 {f['p99_ms']:.1f} ms,"
+            f" {f['pinned']}/{f['admissions']} pinned, {f['errors']} errors",
+        )
+    return outcome
+
+
+@contextlib.contextmanager
+def _redis() -> Any:
+    try:
+        with RunningRedis() as server:
+            yield server
+    except RedisNotInstalled as exc:
+        raise BenchError(str(exc)) from None
+
+
+def _scale_out_case(
+    ctx: Context, registry: Registry, redis: RunningRedis | None, replicas: int
+) -> dict[str, Any]:
+    s = ctx.settings
+    extra = ""
+    if redis is not None:
+        extra = f"cache:\n  redis:\n    url: redis://127.0.0.1:{redis.port}/0\n"
+    config = pinhook_config(registry.host, extra=extra)
+    name = f"scale/r{replicas}{'-redis' if redis else ''}"
+    tags = [f"t{i}" for i in range(s.scale_out_tags)]
+    _seeded(registry, [(name, tag) for tag in tags])
+    manifests: Counter[int] = Counter()
+    tokens = 0
+    bursts: list[Burst] = []
+    with ExitStack() as stack:
+        servers = [stack.enter_context(_pinhook(ctx, config, f"scale{i}")) for i in range(replicas)]
+        for tag in tags:
+            image = f"{registry.host}/{name}:{tag}"
+            bodies = [
+                admission(plain_pod([image], name=f"web-{i}"), namespace=f"team-{i % 20}")
+                for i in range(s.rollout_admissions)
+            ]
+            before = registry.traffic(name)
+            bursts += _spread_burst(ctx, servers, bodies, s.rollout_admissions)
+            traffic = registry.traffic(name) - before
+            manifests.update(traffic.manifests)
+            tokens += traffic.tokens
+    latencies = sorted(x for b in bursts for x in b.latencies)
+    return {
+        "replicas": replicas,
+        "redis": redis is not None,
+        "manifest_requests_per_tag": sum(manifests.values()) / len(tags),
+        # 200: a lookup; 401: the challenge that first asks for a token in a new repository.
+        "manifest_requests_per_tag_by_status": {
+            str(status): n / len(tags) for status, n in sorted(manifests.items())
+        },
+        "token_requests_per_tag": tokens / len(tags),
+        "admissions": len(latencies),
+        "pinned": sum(b.pinned for b in bursts),
+        "errors": sum(b.errors for b in bursts),
+        "p50_ms": round(percentile(latencies, 50) * 1e3, 2),
+        "p99_ms": round(percentile(latencies, 99) * 1e3, 2),
+    }
+
+
+def _spread_burst(
+    ctx: Context, servers: Sequence[Server], bodies: list[bytes], concurrency: int
+) -> list[Burst]:
+    """Admission i to server i mod n, all servers driven at once, ``concurrency`` in all."""
+    n = len(servers)
+    share = -(-concurrency // n)
+    with ThreadPoolExecutor(n) as pool:
+        runs = [
+            pool.submit(burst, server, bodies[i::n], share, ctx.certs, ctx.workdir)
+            for i, server in enumerate(servers)
+        ]
+        return [run.result() for run in runs]
+
+
 SCENARIOS: dict[str, Scenario] = {
     "warm": warm,
     "cold": cold,
@@ -697,4 +807,5 @@ SCENARIOS: dict[str, Scenario] = {
     "tag-burst": tag_burst,
     "memory": memory,
     "idle-connections": idle_connections,
+    "scale-out": scale_out,
 }

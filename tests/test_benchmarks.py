@@ -16,7 +16,7 @@ def test_every_scenario_can_be_selected() -> None:
     args = run._arguments(["--quick", "--scenarios", ",".join(SCENARIOS)])
 
     assert args.names == list(SCENARIOS)
-    assert len(SCENARIOS) == 7
+    assert len(SCENARIOS) == 8
 
 
 def test_unknown_scenario_is_a_usage_error_naming_the_known_ones(

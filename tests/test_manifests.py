@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import itertools
 import os
@@ -32,7 +33,7 @@ KUBECTL = shutil.which("kubectl")
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
-COMPONENTS = ("enforce", "cert-manager", "workloads", "monitoring", "network-policy")
+COMPONENTS = ("enforce", "cert-manager", "workloads", "monitoring", "network-policy", "redis")
 # Every combination of the components, each in the order of COMPONENTS.
 BUILDS = [
     combination
@@ -195,14 +196,25 @@ def _failure_policy(build: Build) -> str:
 
 
 def _normalised(docs: list[Doc]) -> list[Doc]:
-    """The objects in a stable order, webhooks by name: the order kustomize leaves them in
-    depends on the order of the components, and means nothing to the API server."""
+    """The objects in a stable order, webhooks, volumes and mounts by name: the order kustomize
+    leaves them in depends on the order of the components, and means nothing to the API
+    server (they are lists keyed by name)."""
     result = []
     for doc in sorted(docs, key=lambda d: (d["kind"], d["metadata"]["name"])):
         if doc["kind"] == "MutatingWebhookConfiguration":
-            doc = doc | {"webhooks": sorted(doc["webhooks"], key=lambda w: w["name"])}
+            doc = doc | {"webhooks": _by_name(doc["webhooks"])}
+        if doc["kind"] == "Deployment":
+            doc = copy.deepcopy(doc)
+            pod = doc["spec"]["template"]["spec"]
+            pod["volumes"] = _by_name(pod.get("volumes", []))
+            for container in pod["containers"]:
+                container["volumeMounts"] = _by_name(container.get("volumeMounts", []))
         result.append(doc)
     return result
+
+
+def _by_name(items: list[Doc]) -> list[Doc]:
+    return sorted(items, key=lambda item: str(item["name"]))
 
 
 def test_every_component_is_tested() -> None:
@@ -339,6 +351,7 @@ def test_config_keys_compose(rendered: dict[Build, list[Doc]], build: Build) -> 
     expected = {"config.yaml"}
     expected |= {"enforce.yaml"} if "enforce" in build else set()
     expected |= {"workloads.yaml"} if "workloads" in build else set()
+    expected |= {"redis.yaml"} if "redis" in build else set()
     assert set(data) == expected
     settings = _settings(rendered[build])
     assert [(rule.source, rule.target) for rule in settings.rewrites] == [DEFAULT_RULE]
@@ -416,7 +429,8 @@ def test_deployment_shape(rendered: dict[Build, list[Doc]], build: Build) -> Non
     deployment = _one(rendered[build], "Deployment", "pinhook")
     spec = deployment["spec"]
     pod = spec["template"]["spec"]
-    assert spec["replicas"] == 2
+    # The autoscaler owns the replica count: an apply must not reset it.
+    assert "replicas" not in spec
     assert _selects(spec["selector"], spec["template"]["metadata"]["labels"])
     assert pod["serviceAccountName"] == "pinhook"
     (spread,) = pod["topologySpreadConstraints"]
@@ -505,7 +519,8 @@ def test_service_and_pdb_target_the_pods(rendered: dict[Build, list[Doc]], build
     assert port["targetPort"] == 8443
     assert _selects({"matchLabels": service["selector"]}, labels)
     pdb = _one(docs, "PodDisruptionBudget", "pinhook")["spec"]
-    assert pdb["minAvailable"] == 1
+    # One at a time, whatever number of replicas the autoscaler chose.
+    assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
     assert _selects(pdb["selector"], labels)
 
 
@@ -766,3 +781,56 @@ def test_monitoring_scrapes_the_metrics_port(
     ports = {p["name"]: p["containerPort"] for p in _container(docs)["ports"]}
     assert ports["metrics"] == 9090
     assert "--metrics-port" in _container(docs)["args"]
+
+
+@pytest.mark.parametrize("build", BUILDS, ids=_name)
+def test_autoscaler_scales_the_deployment_on_cpu(
+    rendered: dict[Build, list[Doc]], build: Build
+) -> None:
+    docs = rendered[build]
+    hpa = _one(docs, "HorizontalPodAutoscaler", "pinhook")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "pinhook",
+    }
+    # Two at least: with the PDB's one at a time, a drain never leaves none.
+    assert 2 <= spec["minReplicas"] < spec["maxReplicas"]
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    # Utilization is of the request: there must be one.
+    assert _container(docs)["resources"]["requests"]["cpu"]
+    assert "cpu" not in _container(docs)["resources"].get("limits", {})
+
+
+@pytest.mark.parametrize("build", [b for b in BUILDS if "redis" in b], ids=_name)
+def test_redis_component_reads_url_and_password_from_a_secret(
+    rendered: dict[Build, list[Doc]], build: Build
+) -> None:
+    docs = rendered[build]
+    settings = _settings(docs)
+    redis = settings.cache.redis
+    assert redis is not None and redis.url is None
+    assert redis.url_file is not None and redis.password_file is not None
+    assert settings.cache.owner_pinning.enabled
+    pod = _one(docs, "Deployment", "pinhook")["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in _container(docs)["volumeMounts"]}
+    for path in (redis.url_file, redis.password_file):
+        mount = mounts[str(path.parent)]
+        assert mount["readOnly"] is True
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == "pinhook-redis"
+        assert secret["optional"] is False
+    # A key of its own, merged: the rules and the other components' settings still apply.
+    without = tuple(name for name in build if name != "redis")
+    others = _settings(rendered[without])
+    assert settings.rewrites == others.rewrites
+    assert settings.require_digest == others.require_digest
+    assert settings.kinds == others.kinds
+    # Nothing else is added.
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert kinds == {(d["kind"], d["metadata"]["name"]) for d in rendered[without]}

@@ -77,15 +77,16 @@ async def test_replaced_registry_clients_are_closed_on_exit(
     config = write_config(tmp_path / "config.yaml", registry.host)
     runtime = Runtime(load_settings_file(config), config_path=config)
     async with runtime:
-        first = runtime._client
+        first = runtime._resolving.client
         write_config(config, registry.host, registry="  maxAttempts: 2\n")
         assert await runtime.reload_config()
-        assert runtime._client is not first
+        assert runtime._resolving.client is not first
         assert (
             first is not None and not first._transport.http.is_closed
         )  # in-flight requests may use it
     assert first._transport.http.is_closed
-    assert runtime._client is not None and runtime._client._transport.http.is_closed
+    last = runtime._resolving.client
+    assert last is not None and last._transport.http.is_closed
 
 
 async def test_a_config_directory_reloads_when_a_file_is_added(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -132,6 +133,87 @@ _DAY = 86_400.0
 MAX_MIRRORS = 8  # per registry; each one tried costs time before the registry itself
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_PASSWORD_ENV = "PINHOOK_REDIS_PASSWORD"  # noqa: S105 (a variable's name)
+
+
+class RedisSettings(_Model):
+    """The shared digest cache every replica uses as its second level (``sharedcache``).
+
+    Where Redis is: ``url`` in the config (never with a password in it), or ``urlFile``, a
+    file mounted from a Secret. The password: ``passwordFile`` (read again on every new
+    connection, so a rotated Secret is followed), else the environment variable
+    PINHOOK_REDIS_PASSWORD, else none.
+    """
+
+    url: str | None = None
+    url_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    # TLS to Redis: also implied by a rediss:// URL. ``caFile``: the CA that signed its
+    # certificate, when it is not in the system's store.
+    tls: bool = False
+    ca_file: Path | None = None
+    key_prefix: str = Field(default="pinhook:", min_length=1, max_length=64)
+    # Every Redis operation gives up after this long: Redis is an optimisation, and an
+    # admission must never wait on it for long.
+    timeout_seconds: float = Field(default=0.1, gt=0, le=5)
+    # The fleet-wide lock on one lookup: kept alive while its holder resolves, so a replica
+    # that dies holding it delays the others by at most this long.
+    lock_seconds: float = Field(default=2.0, ge=0.1, le=60)
+    # The circuit breaker: after this many failures in a row, Redis is left alone for
+    # ``openSeconds``, then one operation probes it.
+    failures_to_open: int = Field(default=3, ge=1, le=1000)
+    open_seconds: float = Field(default=10.0, gt=0, le=3600)
+    max_connections: int = Field(default=64, ge=2, le=10_000)
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        if any(ch.isspace() for ch in value):
+            raise ValueError("must not contain whitespace")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _no_password_in_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_redis_url(value, secret=False)
+        return value
+
+    @model_validator(mode="after")
+    def _one_url(self) -> RedisSettings:
+        if (self.url is None) == (self.url_file is None):
+            raise ValueError("give exactly one of url and urlFile")
+        return self
+
+
+def check_redis_url(url: str, *, secret: bool) -> None:
+    """ValueError unless ``url`` is a Redis URL; one in plain config (not ``secret``) must not
+    carry a password. The message never repeats the URL: it may hold one."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in REDIS_SCHEMES:
+        raise ValueError(f"must be a {', '.join(s + '://' for s in REDIS_SCHEMES)} URL")
+    if parts.scheme.lower() == "unix" and not parts.path:
+        raise ValueError("names no socket path")
+    if parts.scheme.lower() != "unix" and not parts.hostname:
+        raise ValueError("names no host")
+    if not secret and (parts.password is not None or "password=" in parts.query.lower()):
+        raise ValueError(
+            "carries a password: put the password in passwordFile (mounted from a Secret) or"
+            f" ${REDIS_PASSWORD_ENV}, or the whole URL in urlFile"
+        )
+
+
+class OwnerPinningSettings(_Model):
+    """Pods of one owner (a ReplicaSet, a Job; a StatefulSet's or DaemonSet's revision) get
+    the digest the first of them got for a tag, even after the tag moved."""
+
+    enabled: bool = True
+    # Longer than any rollout; a Pod of the owner created later resolves afresh.
+    ttl_seconds: float = Field(default=_DAY, gt=0, le=30 * _DAY)
+
+
 class CacheSettings(_Model):
     ttl_seconds: float = Field(default=300.0, gt=0, le=30 * _DAY)
     negative_ttl_seconds: float = Field(default=30.0, ge=0, le=_DAY)
@@ -140,6 +222,8 @@ class CacheSettings(_Model):
     stale_on_error: bool = True
     # How long past its TTL an entry may still be served when the registry is failing.
     stale_max_seconds: float = Field(default=_DAY, ge=0, le=30 * _DAY)
+    redis: RedisSettings | None = None
+    owner_pinning: OwnerPinningSettings = OwnerPinningSettings()
 
 
 class RegistrySettings(_Model):

@@ -86,5 +86,22 @@ class ProtocolError(ResolveError):
     reason = "protocol"
 
 
+def error_for(reason: str, message: str) -> ResolveError:
+    """The error of ``reason`` (as another replica reported it), as its own class when pinhook
+    has one, so that it is counted and decided on as if it had happened here."""
+    for kind in (
+        NotFound,
+        Unauthorized,
+        DeadlineExceeded,
+        RegistryUnavailable,
+        ForbiddenHost,
+        DigestMismatch,
+        ProtocolError,
+    ):
+        if kind.reason == reason:
+            return kind(message)
+    return ResolveError(message, reason=reason)
+
+
 class CertificateError(PinhookError):
     """Certificates could not be generated, loaded or stored."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import ConfigError
+
 FileStamp = tuple[float, int]
 
 
@@ -18,3 +20,16 @@ def file_stamp(path: Path) -> FileStamp | None:
     except OSError:
         return None
     return (stat.st_mtime, stat.st_ino)
+
+
+def read_secret(path: Path, setting: str) -> str:
+    """One value mounted from a Secret (a password, a URL with one), without its final line
+    break; ConfigError naming ``setting``, never the content, when there is none."""
+    try:
+        value = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"{setting} {path}: cannot read ({reason})") from None
+    if not value:
+        raise ConfigError(f"{setting} {path}: empty")
+    return value

@@ -146,6 +146,39 @@ class Metrics:
             ["provider", "result"],
             registry=self.registry,
         )
+        self.shared_cache_operations = Counter(
+            "pinhook_shared_cache_operations",
+            "Operations on the shared cache (Redis), by operation and result: hit, miss, ok,"
+            " busy (another replica holds the lookup), error, timeout, skipped (breaker open)",
+            ["operation", "result"],
+            registry=self.registry,
+        )
+        self.shared_cache_breaker = Gauge(
+            "pinhook_shared_cache_breaker_state",
+            "The shared cache's circuit breaker: 0 closed (in use), 1 half-open (probing),"
+            " 2 open (Redis left alone; local cache and registries answer)",
+            registry=self.registry,
+        )
+        self.shared_cache_lock_waits = Counter(
+            "pinhook_shared_cache_lock_waits",
+            "Lookups that waited for another replica's, by outcome: answered, failed (its"
+            " lookup failed), expired (its lock ran out: resolved here), deadline, unavailable",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.shared_cache_lock_wait_seconds = Histogram(
+            "pinhook_shared_cache_lock_wait_seconds",
+            "Time a lookup waited for another replica's",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8),
+            registry=self.registry,
+        )
+        self.owner_pins = Counter(
+            "pinhook_owner_pins",
+            "Images of Pods with an owner: pinned to the owner's earlier decision (kept), or"
+            " the first decision for that owner and tag (decided)",
+            ["event"],
+            registry=self.registry,
+        )
 
         self.token_requests = Counter(
             "pinhook_registry_token_requests",
@@ -228,6 +261,19 @@ class Metrics:
 
     def credential_provider_exec(self, provider: str, result: str) -> None:
         self.credential_provider_execs.labels(provider, result).inc()
+
+    def shared_cache_operation(self, operation: str, result: str) -> None:
+        self._inc(self.shared_cache_operations, operation, result)
+
+    def shared_cache_breaker_state(self, state: int) -> None:
+        self.shared_cache_breaker.set(state)
+
+    def shared_cache_lock_wait(self, outcome: str, seconds: float) -> None:
+        self._inc(self.shared_cache_lock_waits, outcome)
+        self.shared_cache_lock_wait_seconds.observe(seconds)
+
+    def owner_pin(self, event: str, count: int = 1) -> None:
+        self._inc(self.owner_pins, event, amount=count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,6 +25,7 @@ from .locate import ImageField, locate
 from .metrics import Metrics
 from .oci.credential import PullContext
 from .oci.reference import ImageRef
+from .owners import OwnerPins
 from .plan import (
     LIMIT,
     Action,
@@ -34,9 +35,10 @@ from .plan import (
     RequestPlan,
     moved_digest_warning,
     plan_image,
+    pod_owner,
     render,
 )
-from .resolve import DigestResolver, PullScope
+from .resolve import DigestResolver, PullScope, Resolution
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,17 @@ class Mutator:
     """Answers one AdmissionRequest under one configuration; holds no per-request state."""
 
     def __init__(
-        self, settings: Settings, resolver: DigestResolver, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        resolver: DigestResolver,
+        metrics: Metrics | None = None,
+        owners: OwnerPins | None = None,
     ) -> None:
         self.settings = settings
         self.resolver = resolver
         self.metrics = metrics or Metrics()
+        # One digest per rollout (``owners``): only when on, so Pods pay nothing otherwise.
+        self.owners = owners if settings.cache.owner_pinning.enabled else None
         # Read once: settings are a validated model whose attribute access is not free, and
         # these are consulted for every image of every Pod.
         self._rewrites = settings.rewrite_map
@@ -163,6 +171,9 @@ class Mutator:
             problems.append(f"pinhook: {located.problems_over_limit} more fields were unreadable")
         if skip_ignored:
             problems.insert(0, SKIP_IGNORED)
+        owner = None
+        if self.owners is not None and info.key == "pods":
+            owner = pod_owner(obj, request.namespace)
         return RequestPlan(
             mode,
             policy,
@@ -171,6 +182,7 @@ class Mutator:
             tuple(problems),
             limits=self._limits,
             images_over_limit=located.fields_over_limit,
+            owner=owner,
         )
 
     def plan_fields(
@@ -216,7 +228,7 @@ class Mutator:
         for entry in plan.images:
             if isinstance(entry, InvalidImage):
                 continue
-            result = self._settle(entry)
+            result = self._settle(entry, plan.owner)
             if result is None:
                 return None
             hits += entry.action is Action.RESOLVE
@@ -228,7 +240,7 @@ class Mutator:
     async def resolve(self, plan: RequestPlan, budget: float | None = None) -> list[ImageResult]:
         """What became of each valid image of ``plan``, in order; a failure is a result too."""
         plans = [entry for entry in plan.images if isinstance(entry, ImagePlan)]
-        return await self._resolve(plans, plan.namespace, budget or self._budget)
+        return await self._resolve(plans, plan.namespace, budget or self._budget, plan.owner)
 
     async def pin(self, images: Sequence[str], *, mode: Mode = Mode.PIN) -> list[ImageResult]:
         """Rewrite and resolve bare image strings, as for a Pod (``pinhook resolve``).
@@ -244,9 +256,13 @@ class Mutator:
         return await self._resolve(plans, None, self._budget)
 
     async def _resolve(
-        self, plans: list[ImagePlan], namespace: str | None, budget: float
+        self,
+        plans: list[ImagePlan],
+        namespace: str | None,
+        budget: float,
+        owner: str | None = None,
     ) -> list[ImageResult]:
-        results: list[ImageResult | None] = [self._settle(plan) for plan in plans]
+        results: list[ImageResult | None] = [self._settle(plan, owner) for plan in plans]
         pending = [i for i, result in enumerate(results) if result is None]
         hits = sum(
             plan.action is Action.RESOLVE and result is not None
@@ -260,7 +276,7 @@ class Mutator:
             # Only cache misses cost a task each; the common all-cached request creates none.
             deadline = asyncio.get_running_loop().time() + budget
             resolved = await asyncio.gather(
-                *(self._ask(plans[i], namespace, deadline) for i in pending)
+                *(self._ask(plans[i], namespace, deadline, owner) for i in pending)
             )
             for i, result in zip(pending, resolved, strict=True):
                 results[i] = result
@@ -288,20 +304,29 @@ class Mutator:
             )
         return kept
 
-    def _settle(self, plan: ImagePlan) -> ImageResult | None:
-        """The result without waiting, when no registry is needed or the cache knows it."""
+    def _settle(self, plan: ImagePlan, owner: str | None = None) -> ImageResult | None:
+        """The result without waiting, when no registry is needed or the cache knows it.
+
+        For a Pod with an owner, only the owner's decision will do: a fresher cache entry
+        (the tag moved) must not give one of its Pods another digest."""
         if plan.action in (Action.KEEP, Action.REWRITE):
             final = render(plan, plan.target.digest, self._output)
             return ImageResult(plan, final, None, moved_digest_warning(plan))
         if plan.action is Action.RESOLVE:
-            digest = self.resolver.peek(plan.target)
+            if owner is not None and self.owners is not None:
+                digest = self.owners.peek(owner, plan.target)
+            else:
+                digest = self.resolver.peek(plan.target)
             if digest is not None:
                 final = render(plan, digest, self._output)
                 return ImageResult(plan, final, digest, moved_digest_warning(plan))
         return None
 
-    async def _ask(self, plan: ImagePlan, namespace: str | None, deadline: float) -> ImageResult:
-        """Resolve (or verify, then resolve) one image at its registry."""
+    async def _ask(
+        self, plan: ImagePlan, namespace: str | None, deadline: float, owner: str | None = None
+    ) -> ImageResult:
+        """Resolve (or verify, then resolve) one image at its registry; for a Pod with an
+        owner, the owner's digest, decided by the first of its Pods."""
         target = plan.target
         scope = PullScope(namespace, plan.field.pull)
         warning = moved_digest_warning(plan) if plan.action is Action.RESOLVE else None
@@ -321,8 +346,13 @@ class Mutator:
                         f"pinhook: {plan.original.digest} does not exist at "
                         f"{target.familiar_name()}; pinned tag {target.tag} there instead"
                     )
-                resolution = await self.resolver.resolve(target.with_digest(None), scope, deadline)
-                digest = resolution.digest
+                tagged = target.with_digest(None)
+                digest = await self._owner_digest(owner, tagged)
+                if digest is not None:
+                    resolution = Resolution(digest)
+                else:
+                    resolution = await self.resolver.resolve(tagged, scope, deadline)
+                    digest = await self._decide(owner, tagged, resolution.digest)
                 if resolution.stale:
                     stale = f"registry failing for {target.familiar()}; used a cached digest"
                     warning = f"pinhook: {stale}" if warning is None else f"{warning}; {stale}"
@@ -332,6 +362,16 @@ class Mutator:
             log.exception("resolving %s failed unexpectedly", target)
             failure = ResolveError(f"internal error ({type(exc).__name__})", reason="internal")
         return ImageResult(plan, render(plan, digest, self._output), digest, warning, failure)
+
+    async def _owner_digest(self, owner: str | None, ref: ImageRef) -> str | None:
+        if owner is None or self.owners is None:
+            return None
+        return await self.owners.recall(owner, ref)
+
+    async def _decide(self, owner: str | None, ref: ImageRef, digest: str) -> str:
+        if owner is None or self.owners is None:
+            return digest
+        return await self.owners.decide(owner, ref, digest)
 
     # -- decide --------------------------------------------------------------------------------
 

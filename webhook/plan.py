@@ -8,11 +8,12 @@ reference included as an entry of its own. ``render`` writes every final image s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .config import FailurePolicy, LimitSettings, OutputForm
 from .errors import InvalidReference, ResolveError
@@ -66,6 +67,9 @@ class RequestPlan(NamedTuple):
     limits: LimitSettings = _DEFAULT_LIMITS
     images_over_limit: int = 0  # 1 when there are image fields past limits.imagesPerObject
     skipped: str | None = None  # why pinhook does not look at the object, when it does not
+    # The rollout a Pod belongs to (``pod_owner``), when owner pinning is on: its images get
+    # the digests its first Pod got.
+    owner: str | None = None
 
 
 class ImageResult(NamedTuple):
@@ -131,6 +135,40 @@ def moved_digest_warning(plan: ImagePlan) -> str | None:
         f"pinhook: kept digest {plan.original.digest} across registries for "
         f"{plan.target.familiar_name()}; it may not exist there"
     )
+
+
+# uids are UUIDs and revision hashes short hex-like names; anything else is not a controller's.
+_OWNER_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def pod_owner(obj: Mapping[str, Any], namespace: str | None) -> str | None:
+    """The rollout a Pod belongs to: ``namespace/uid`` of its controlling ownerReference (a
+    ReplicaSet, which is one rollout of a Deployment, a Knative revision or a KServe
+    predictor; a Job), and ``/revision`` for owners that keep Pods of several revisions under
+    one uid (StatefulSets and DaemonSets label them ``controller-revision-hash``). None for a
+    Pod without a controller."""
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict):
+        return None
+    references = metadata.get("ownerReferences")
+    if not isinstance(references, list):
+        return None
+    uid = next(
+        (
+            ref.get("uid")
+            for ref in references
+            if isinstance(ref, dict) and ref.get("controller") is True
+        ),
+        None,
+    )
+    if not isinstance(uid, str) or not _OWNER_PART.match(uid):
+        return None
+    owner = f"{namespace or ''}/{uid}"
+    labels = metadata.get("labels")
+    revision = labels.get("controller-revision-hash") if isinstance(labels, dict) else None
+    if isinstance(revision, str) and _OWNER_PART.match(revision):
+        owner += f"/{revision}"
+    return owner
 
 
 def _name_as_written(image: str) -> str:

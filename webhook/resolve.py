@@ -11,6 +11,10 @@
 
 Lookups and their failures are keyed by the credentials that apply, not by who asked:
 admissions in namespaces without pull secrets, or with the same ones, share one lookup.
+
+With a ``SharedDigests`` (Redis, see ``sharedcache``) the cache is the first of two levels:
+a local miss asks the shared cache, whose answer is kept locally until it expires
+fleet-wide, and a tag nobody knows is looked up by one replica while the others wait for it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .oci.credhelper import DockerConfig
 from .oci.credprovider import CredentialProviders
 from .oci.reference import ImageRef
 from .oci.registry import RegistryClient
+from .sharedcache import SharedAnswer, SharedDigest, SharedDigests, scope_of
 from .singleflight import SingleFlight
 
 
@@ -217,6 +222,11 @@ class CachingResolver:
     with them, fail, while namespaces with the same credentials (or none) share one lookup.
     Negative entries are kept only for answers that will not change within seconds (not
     found, unauthorised), as their kind and message.
+
+    ``shared``, when given, is the second level: consulted on a local miss, written with
+    every registry answer (the digest for everyone; a failure for its credentials only), and
+    the place where replicas take turns to look a tag up. Its entries are copied here with
+    the time they have left, so every replica's copy expires at the same moment.
     """
 
     def __init__(
@@ -227,8 +237,12 @@ class CachingResolver:
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str], None] | None = None,
         lookup_seconds: float = 8.0,
+        shared: SharedDigests | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._inner = inner
+        self._shared = shared
+        self._wall_clock = wall_clock
         self._settings = settings
         # A shared lookup runs under its own deadline, not its first caller's: a caller with
         # little time left must not cut short the lookup others wait on with more.
@@ -279,12 +293,9 @@ class CachingResolver:
     ) -> Resolution:
         key = (scoped[0], scoped[1])
         try:
-            digest = await self._inner.digest(ref, credentials, self._lookup_deadline())
-        except (NotFound, Unauthorized) as exc:
-            expires = self._clock() + self._settings.negative_ttl_seconds
-            failure = _Failure(type(exc), str(exc), expires)
-            _bounded_put(self._failures, scoped, failure, self._settings.max_entries)
-            raise
+            entry = await self._lookup(scoped, ref, credentials)
+        except (NotFound, Unauthorized):
+            raise  # remembered by _lookup
         except ResolveError:
             current = self._entries.get(key)
             if current is not None and not current.stale and current.expires > self._clock():
@@ -295,12 +306,62 @@ class CachingResolver:
                 raise
             self._on_event("stale")
             return Resolution(stale, stale=True)
-        now = self._clock()
-        entry = _Entry(digest, now, now + self._settings.ttl_seconds)
         if _bounded_put(self._entries, key, entry, self._settings.max_entries):
             self._on_event("evicted")
         self._failures.pop(scoped, None)
-        return Resolution(digest)
+        return Resolution(entry.digest)
+
+    async def _lookup(self, scoped: _ScopedKey, ref: ImageRef, credentials: Credentials) -> _Entry:
+        """The entry from the shared cache, or from the registry; raises ResolveError, having
+        remembered a not found or unauthorised answer."""
+        shared = self._shared
+        if shared is None:
+            return await self._ask(scoped, ref, credentials, None)
+        name, tag = scoped[0], scoped[1]
+        scope = scope_of(credentials.key)
+        answer = await shared.recall(name, tag, scope)
+        if answer is None:
+            async with shared.turn(name, tag, scope, self._lookup_deadline()) as answer:
+                if answer is None:
+                    return await self._ask(scoped, ref, credentials, shared)
+        return self._adopt(scoped, answer)
+
+    async def _ask(
+        self,
+        scoped: _ScopedKey,
+        ref: ImageRef,
+        credentials: Credentials,
+        shared: SharedDigests | None,
+    ) -> _Entry:
+        name, tag = scoped[0], scoped[1]
+        settings = self._settings
+        try:
+            digest = await self._inner.digest(ref, credentials, self._lookup_deadline())
+        except (NotFound, Unauthorized) as exc:
+            self._remember_failure(scoped, exc, settings.negative_ttl_seconds)
+            if shared is not None:
+                scope = scope_of(credentials.key)
+                await shared.record_failure(name, tag, scope, exc, settings.negative_ttl_seconds)
+            raise
+        if shared is not None:
+            await shared.record(name, tag, digest, settings.ttl_seconds)
+        now = self._clock()
+        return _Entry(digest, now, now + settings.ttl_seconds)
+
+    def _adopt(self, scoped: _ScopedKey, answer: SharedAnswer) -> _Entry:
+        """Another replica's answer, kept here for the time it has left everywhere."""
+        now = self._clock()
+        if isinstance(answer, SharedDigest):
+            # When the registry answered, on this clock: stale-on-error counts from then.
+            fetched = now - max(0.0, self._wall_clock() - answer.resolved_at)
+            return _Entry(answer.digest, fetched, now + answer.remaining)
+        error = answer.error()
+        self._remember_failure(scoped, error, answer.remaining)
+        raise error
+
+    def _remember_failure(self, scoped: _ScopedKey, error: ResolveError, ttl: float) -> None:
+        failure = _Failure(type(error), str(error), self._clock() + ttl)
+        _bounded_put(self._failures, scoped, failure, self._settings.max_entries)
 
     def _serve_stale(self, key: _TagKey) -> str | None:
         """The last good digest while the registry fails, for a while, without asking again.

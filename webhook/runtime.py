@@ -1,9 +1,10 @@
 """The running webhook: long-lived clients, the current configuration, and live reload.
 
 Everything with a lifetime (the pooled registry client, the pull-secret watch, the digest
-cache) is created here once and closed on exit. A configuration change builds a new
-``Mutator`` and swaps it in with one assignment, so a request in flight finishes on the
-config it started with; the resolver and its cache are kept unless the change touches them.
+cache, the shared cache's connections) is created here once and closed on exit. A
+configuration change builds a new ``Mutator`` and swaps it in with one assignment, so a
+request in flight finishes on the config it started with; the resolver and its cache are
+kept unless the change touches them.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Hashable, Sequence
+import os
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -31,6 +34,7 @@ from .oci.credprovider import CredentialProviders
 from .oci.reference import ImageRef
 from .oci.registry import RegistryClient
 from .oci.transport import RegistryOptions
+from .owners import OwnerPins
 from .resolve import (
     CachingResolver,
     DigestResolver,
@@ -39,6 +43,7 @@ from .resolve import (
     RegistryDigestResolver,
     StaticDigestResolver,
 )
+from .sharedcache import RedisSharedCache
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,22 @@ class _CountedSource:
             return await self._inner.has(ref, credentials, deadline)
 
 
+@dataclass(frozen=True, slots=True)
+class _Resolving:
+    """What a resolver is built of, replaced whole when the settings it depends on change."""
+
+    resolver: DigestResolver
+    client: RegistryClient | None = None
+    shared: RedisSharedCache | None = None
+    owners: OwnerPins | None = None
+
+    async def aclose(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()
+
+
 class Runtime:
     """Async context manager that owns the webhook's state; implements ``app.Service``."""
 
@@ -98,8 +119,11 @@ class Runtime:
         docker_config: Path | None = None,
         metrics: Metrics | None = None,
         config_syncs: Sequence[ConfigSync] = (),
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        # Where the shared cache's password may come from ($PINHOOK_REDIS_PASSWORD).
+        self._environ = os.environ if environ is None else environ
         self.config_path = config_path
         self._pull_secrets = pull_secrets or NoPullSecrets()
         self._docker_config_path = docker_config
@@ -107,10 +131,9 @@ class Runtime:
         self._config_syncs = tuple(config_syncs)
         self._settings = settings
         self._resolver_key: tuple[object, ...] = ()
-        self._resolver: DigestResolver | None = None
-        self._client: RegistryClient | None = None
+        self._resolving: _Resolving | None = None
         self._registry_resolver: RegistryDigestResolver | None = None
-        self._retiring: dict[RegistryClient, asyncio.Task[None]] = {}
+        self._retiring: dict[asyncio.Task[None], Callable[[], Awaitable[None]]] = {}
         self._docker_stamp: FileStamp | None = None
         self._mutator: Mutator | None = None
         self._config_error: str | None = None
@@ -141,11 +164,11 @@ class Runtime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for client, task in list(self._retiring.items()):
+        for task, aclose in list(self._retiring.items()):
             task.cancel()
-            await client.aclose()
-        if self._client is not None:
-            await self._client.aclose()
+            await aclose()
+        if self._resolving is not None:
+            await self._resolving.aclose()
         await self._stack.aclose()
 
     def on_settings(self, follow: Callable[[Settings], None]) -> None:
@@ -162,67 +185,84 @@ class Runtime:
     def settings(self) -> Settings:
         return self._settings
 
+    @property
+    def shared_cache(self) -> RedisSharedCache | None:
+        return None if self._resolving is None else self._resolving.shared
+
     def readiness(self) -> tuple[bool, str]:
         if isinstance(self._pull_secrets, KubePullSecrets) and not self._pull_secrets.ready():
             # Until the first list, private images would fail to resolve for want of secrets.
             return False, "pull secrets not listed yet"
         # A rejected config does not make the pod unready: every replica would see the same
         # file and go unready together, leaving no endpoint; the last good config serves on.
+        reason = "ok"
         if self._config_error is not None:
-            return (
-                True,
-                f"serving the last good config; a newer one was rejected: {self._config_error}",
-            )
-        return True, "ok"
+            reason = f"serving the last good config; a newer one was rejected: {self._config_error}"
+        # Nor does Redis: every replica shares it, and each answers without it.
+        shared = self.shared_cache
+        if shared is not None:
+            reason = f"{reason}; {shared.describe()}"
+        return True, reason
 
     async def _apply(self, settings: Settings) -> None:
         key = _resolver_inputs(settings)
-        if self._resolver is None or key != self._resolver_key:
-            previous = self._client
-            self._resolver, self._client = await self._build_resolver(settings)
+        if self._resolving is None or key != self._resolver_key:
+            previous = self._resolving
+            self._resolving = await self._build_resolver(settings)
             self._resolver_key = key
             if previous is not None:
-                self._retire(previous, settings.registry.timeout_seconds + 5)
+                self._retire(previous.aclose, settings.registry.timeout_seconds + 5)
+        resolving = self._resolving
         self._settings = settings
-        self._mutator = Mutator(settings, self._resolver, self.metrics)
+        self._mutator = Mutator(settings, resolving.resolver, self.metrics, resolving.owners)
         self.metrics.configuration(version(), config_hash(settings))
         for follow in self._followers:
             follow(settings)
 
     def _cached_digests(self) -> int:
-        return len(self._resolver) if isinstance(self._resolver, CachingResolver) else 0
+        resolving = self._resolving
+        if resolving is None or not isinstance(resolving.resolver, CachingResolver):
+            return 0
+        return len(resolving.resolver)
 
-    def _retire(self, client: RegistryClient, grace: float) -> None:
-        """Close a replaced client once requests that started on it are past their deadline."""
+    def _retire(self, aclose: Callable[[], Awaitable[None]], grace: float) -> None:
+        """Close replaced clients once requests that started on them are past their deadline."""
 
         async def close_later() -> None:
             await asyncio.sleep(grace)
-            self._retiring.pop(client, None)
-            await client.aclose()
+            self._retiring.pop(task, None)
+            await aclose()
 
-        self._retiring[client] = asyncio.create_task(close_later())
+        task = asyncio.create_task(close_later())
+        self._retiring[task] = aclose
 
-    async def _build_resolver(
-        self, settings: Settings
-    ) -> tuple[DigestResolver, RegistryClient | None]:
-        """Raises ConfigError (an unreadable docker config or credential provider config)
-        before anything is opened."""
+    async def _build_resolver(self, settings: Settings) -> _Resolving:
+        """Raises ConfigError (an unreadable docker config, credential provider config or
+        shared cache secret) before anything is opened."""
         if settings.resolver == "static":
             self._registry_resolver = None
-            return StaticDigestResolver(settings.digest_table), None
+            return _Resolving(StaticDigestResolver(settings.digest_table))
         docker_config = self._load_docker_config(settings)
         providers = self._credential_providers(settings)
+        cache = settings.cache
+        shared = None
+        if cache.redis is not None:
+            shared = RedisSharedCache(cache.redis, metrics=self.metrics, environ=self._environ)
         client = RegistryClient(registry_options(settings), events=self.metrics)
         await client.__aenter__()
+        if shared is not None:
+            await shared.__aenter__()
         inner = RegistryDigestResolver(client, self._pull_secrets, docker_config, providers)
         self._registry_resolver = inner
-        cache = CachingResolver(
+        resolver = CachingResolver(
             _CountedSource(inner, self.metrics),
-            settings.cache,
+            cache,
             on_event=self.metrics.cache_event,
             lookup_seconds=settings.registry.timeout_seconds,
+            shared=shared,
         )
-        return cache, client
+        owners = OwnerPins(cache.owner_pinning, cache.max_entries, shared, metrics=self.metrics)
+        return _Resolving(resolver, client, shared, owners)
 
     def _docker_config_file(self, settings: Settings) -> Path | None:
         return settings.registry.docker_config or self._docker_config_path

@@ -1,0 +1,152 @@
+"""One digest per rollout on one replica: the owner's first decision, kept in a local map,
+against a real registry whose tag moves between the Pods (test_sharedcache.py has the fleet)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.harness.fixtures import RegistryEnv
+from tests.reviews import review
+from webhook.admission import parse_review
+from webhook.config import load_settings
+from webhook.kube import NoPullSecrets
+from webhook.metrics import Metrics
+from webhook.mutate import Mutator
+from webhook.oci.reference import ImageRef
+from webhook.oci.registry import RegistryClient
+from webhook.owners import OwnerPins
+from webhook.plan import pod_owner
+from webhook.resolve import CachingResolver, RegistryDigestResolver
+from webhook.runtime import registry_options
+
+RS_A = "5a1d0c3e-0000-4000-8000-00000000000a"
+RS_B = "5a1d0c3e-0000-4000-8000-00000000000b"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def owned_pod(image: str, uid: str | None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"generateName": "web-", "labels": labels or {}}
+    if uid is not None:
+        metadata["ownerReferences"] = [
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": uid,
+             "controller": True, "blockOwnerDeletion": True}
+        ]  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": {"containers": [{"name": "c", "image": image}]},
+    }
+
+
+@pytest.fixture
+async def build() -> AsyncIterator[Callable[..., Any]]:
+    async with AsyncExitStack() as stack:
+
+        async def make(host: str, extra: str = "", clock: Clock | None = None) -> Mutator:
+            settings = load_settings(
+                f'registry:\n  insecure: ["{host}"]\n  allowedHosts: ["{host}"]\n'
+                f"cache:\n  ttlSeconds: 60\n{extra}"
+            )
+            client = await stack.enter_async_context(RegistryClient(registry_options(settings)))
+            now = clock or time.monotonic
+            inner = RegistryDigestResolver(client, NoPullSecrets())
+            cache = CachingResolver(inner, settings.cache, clock=now)
+            metrics = Metrics()
+            owners = OwnerPins(settings.cache.owner_pinning, 100, metrics=metrics, clock=now)
+            return Mutator(settings, cache, metrics, owners)
+
+        yield make
+
+
+async def admit(mutator: Mutator, obj: dict[str, Any]) -> str:
+    outcome = await mutator.review(parse_review(orjson.dumps(review(obj, namespace="web"))))
+    (op,) = [op for op in outcome.patch if op["path"] == "/spec/containers/0/image"]
+    image: str = op["value"]
+    return image
+
+
+async def test_pods_of_one_replicaset_keep_its_digest_after_the_tag_moved(
+    registry: RegistryEnv, build: Callable[..., Any]
+) -> None:
+    clock = Clock()
+    first = registry.push.image("rollout/web", "stable")
+    image = first.tag_ref
+    mutator = await build(registry.host, "  ownerPinning: {ttlSeconds: 3600}\n", clock)
+    assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{first.digest}"
+
+    moved = registry.push.move_tag(first)
+    clock.now += 61  # the cached digest expired: a bare Pod gets the new one, and caches it
+    assert await admit(mutator, owned_pod(image, None)) == f"{image}@{moved.digest}"
+    # The ReplicaSet's next Pod keeps its decision over the fresher entry (the fast path).
+    assert mutator.resolver.peek(ImageRef.parse(image)) == moved.digest
+    assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{first.digest}"
+    # A new ReplicaSet is a new rollout: it resolves afresh.
+    assert await admit(mutator, owned_pod(image, RS_B)) == f"{image}@{moved.digest}"
+    assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{first.digest}"
+
+    clock.now += 3600  # past ownerPinning.ttlSeconds: the decision is gone
+    assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{moved.digest}"
+    counts = mutator.metrics.registry.get_sample_value
+    assert counts("pinhook_owner_pins_total", {"event": "decided"}) == 3
+
+
+async def test_owner_pinning_can_be_turned_off(
+    registry: RegistryEnv, build: Callable[..., Any]
+) -> None:
+    clock = Clock()
+    first = registry.push.image("rollout/off", "stable")
+    image = first.tag_ref
+    mutator = await build(registry.host, "  ownerPinning: {enabled: false}\n", clock)
+    assert mutator.owners is None
+    assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{first.digest}"
+    moved = registry.push.move_tag(first)
+    clock.now += 61
+    assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{moved.digest}"
+
+
+def test_the_owner_is_the_controller_and_its_revision() -> None:
+    def owner(obj: dict[str, Any]) -> str | None:
+        return pod_owner(obj, "web")
+
+    image = "nginx:1.27"
+    assert owner(owned_pod(image, RS_A)) == f"web/{RS_A}"
+    assert owner(owned_pod(image, None)) is None
+    # StatefulSets and DaemonSets own the Pods of every revision: the revision is the rollout.
+    revision = {"controller-revision-hash": "web-6d4cf56db6"}
+    assert owner(owned_pod(image, RS_A, revision)) == f"web/{RS_A}/web-6d4cf56db6"
+    # Only the controlling reference counts, and only one that looks like a controller's.
+    not_controller = owned_pod(image, RS_A)
+    not_controller["metadata"]["ownerReferences"][0]["controller"] = False
+    assert owner(not_controller) is None
+    strange = owned_pod(image, "a uid:with spaces")
+    assert owner(strange) is None
+    assert owner({"metadata": {"ownerReferences": "nonsense"}}) is None
+    assert owner({"metadata": []}) is None
+
+
+async def test_only_pods_have_an_owner_in_the_plan(build: Callable[..., Any]) -> None:
+    mutator = await build("registry.example")
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"ownerReferences": owned_pod("x", RS_A)["metadata"]["ownerReferences"]},
+        "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "nginx:1"}]}}},
+    }
+    request = parse_review(orjson.dumps(review(deployment)))
+    assert mutator.plan(request).owner is None
+    request = parse_review(orjson.dumps(review(owned_pod("nginx:1", RS_A), namespace="web")))
+    assert mutator.plan(request).owner == f"web/{RS_A}"

@@ -1,0 +1,94 @@
+"""One digest per rollout: the Pods of one owner get the digest the first of them got.
+
+A tag can move while a ReplicaSet creates its Pods. Without this, a Pod admitted after the
+digest cache's entry expired would be pinned to the new digest, and one Deployment would run
+two versions. The owner is the Pod's controlling ownerReference (see ``plan.pod_owner``): a
+ReplicaSet (Deployments, and so Knative revisions and KServe predictors), a Job, or the
+revision of a StatefulSet or DaemonSet. A new ReplicaSet is a new rollout and resolves
+afresh. The decision is kept for ``ownerPinning.ttlSeconds``: in the shared cache when there
+is one (the first decision in the fleet wins), and in a bounded local map in any case, which
+is what answers the fast path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from .config import OwnerPinningSettings
+from .metrics import Metrics
+from .oci.reference import ImageRef
+from .sharedcache import SharedOwners
+
+_Key = tuple[str, str]  # owner, name:tag
+
+
+class OwnerPins:
+    """The digest decided for each (owner, image): local first, then the shared cache."""
+
+    def __init__(
+        self,
+        settings: OwnerPinningSettings,
+        max_entries: int,
+        shared: SharedOwners | None = None,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl = settings.ttl_seconds
+        self._max_entries = max_entries
+        self._shared = shared
+        self._metrics = metrics or Metrics()
+        self._clock = clock
+        self._decided: OrderedDict[_Key, tuple[str, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._decided)
+
+    def peek(self, owner: str, ref: ImageRef) -> str | None:
+        """The decision known here, without I/O (the fast path)."""
+        key = (owner, _image(ref))
+        known = self._decided.get(key)
+        if known is None:
+            return None
+        digest, expires = known
+        if expires <= self._clock():
+            del self._decided[key]
+            return None
+        self._decided.move_to_end(key)
+        return digest
+
+    async def recall(self, owner: str, ref: ImageRef) -> str | None:
+        """The decision known here or in the fleet."""
+        digest = self.peek(owner, ref)
+        if digest is None and self._shared is not None:
+            digest = await self._shared.owner_digest(owner, _image(ref))
+            if digest is not None:
+                # Kept here no longer than the TTL from now: close enough to the fleet's.
+                self._keep(owner, ref, digest)
+        if digest is not None:
+            self._metrics.owner_pin("kept")
+        return digest
+
+    async def decide(self, owner: str, ref: ImageRef, digest: str) -> str:
+        """Record ``digest`` for the owner unless another replica decided first; the digest
+        that holds."""
+        decided = None
+        if self._shared is not None:
+            decided = await self._shared.decide_owner(owner, _image(ref), digest, self._ttl)
+        decided = decided or digest
+        self._metrics.owner_pin("decided" if decided == digest else "kept")
+        self._keep(owner, ref, decided)
+        return decided
+
+    def _keep(self, owner: str, ref: ImageRef, digest: str) -> None:
+        key = (owner, _image(ref))
+        self._decided[key] = (digest, self._clock() + self._ttl)
+        self._decided.move_to_end(key)
+        while len(self._decided) > self._max_entries:
+            self._decided.popitem(last=False)
+
+
+def _image(ref: ImageRef) -> str:
+    return f"{ref.name}:{ref.tag_or_latest()}"
