@@ -1,7 +1,8 @@
 """The do-nothing webhook pinhook is measured against: decode the review, echo its uid, allow.
 
-It runs on the stack `pinhook serve` runs on (FastAPI on uvicorn, with uvloop and httptools
-when installed, TLS from the same certificate), so the ratio measures pinhook's own work.
+It runs on the stack `pinhook serve` runs on (uvicorn, with uvloop and httptools when
+installed, TLS from the same certificate) and, like pinhook's ``/mutate``, as plain ASGI
+without FastAPI's routing and request objects, so the ratio measures pinhook's own work.
 The benchmark reads which loop and parser each server really loaded from /proc.
 
     noop.py PORT CERT KEY
@@ -11,28 +12,43 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 import orjson
 import uvicorn
-from fastapi import FastAPI, Request, Response
 
-app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-
-
-@app.post("/mutate")
-async def mutate(request: Request) -> Response:
-    review = orjson.loads(await request.body())
-    answer = {
-        "apiVersion": review["apiVersion"],
-        "kind": "AdmissionReview",
-        "response": {"uid": review["request"]["uid"], "allowed": True},
-    }
-    return Response(orjson.dumps(answer), media_type="application/json")
+Message = MutableMapping[str, Any]
+HEADERS = [(b"content-type", b"application/json")]
 
 
-@app.get("/healthz")
-async def healthz() -> Response:
-    return Response(b"{}", media_type="application/json")
+async def app(
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[Message]],
+    send: Callable[[Message], Awaitable[None]],
+) -> None:
+    if scope["type"] != "http":
+        return
+    chunks = []
+    more = True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    if scope["path"] == "/mutate":
+        review = orjson.loads(b"".join(chunks))
+        body = orjson.dumps(
+            {
+                "apiVersion": review["apiVersion"],
+                "kind": "AdmissionReview",
+                "response": {"uid": review["request"]["uid"], "allowed": True},
+            }
+        )
+    else:  # /healthz
+        body = b"{}"
+    headers = [*HEADERS, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _installed(module: str) -> bool:
@@ -49,6 +65,7 @@ if __name__ == "__main__":
         ssl_keyfile=key,
         loop="uvloop" if _installed("uvloop") else "asyncio",
         http="httptools" if _installed("httptools") else "h11",
+        lifespan="off",
         log_level="warning",
         access_log=False,
         server_header=False,

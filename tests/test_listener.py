@@ -152,6 +152,8 @@ async def test_keep_alive_connection_serves_requests_one_after_another(server: R
         # Idle between requests for longer than a request may take to arrive: still open,
         # because the request deadline runs only from a request's first byte.
         await asyncio.sleep(LIMITS.request_seconds * 1.5)
+        # Nothing armed while the connection waits between requests.
+        assert len(server.state.deadlines) == 0
     assert not reader.at_eof()
     writer.close()
 
@@ -173,6 +175,17 @@ async def test_silent_client_after_handshake_is_cut_off(server: Running) -> None
     assert LIMITS.request_seconds * 0.8 <= waited < LIMITS.idle_seconds
     assert "request-timeout" in server.events.reasons
     writer.close()
+
+
+async def test_silent_clients_are_all_cut_off_by_one_sweep(server: Running) -> None:
+    clients = [await server.tls() for _ in range(3)]
+    for reader, _writer in clients:
+        waited = await closed_within(reader, MUST_HAPPEN_S)
+        assert waited < LIMITS.idle_seconds
+    assert server.events.reasons.count("request-timeout") == 3
+    assert len(server.state.deadlines) == 0
+    for _reader, writer in clients:
+        writer.close()
 
 
 async def test_slow_headers_are_cut_off_while_a_normal_client_is_served(server: Running) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -104,3 +105,14 @@ def test_the_default_format_follows_the_terminal() -> None:
 
     assert logs.default_format(Terminal()) == "text"
     assert logs.default_format(io.StringIO()) == "json"
+
+
+def test_timestamps_follow_the_clock_across_seconds() -> None:
+    formatter = logs.JsonFormatter()
+    for created in (1700000000.001, 1700000000.999, 1700000001.5, 1699999999.25):
+        record = logging.LogRecord("pinhook", logging.INFO, __file__, 1, "m", None, None)
+        record.created = created
+        record.msecs = (created - int(created)) * 1000
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        expected += f".{int(record.msecs):03d}Z"
+        assert json.loads(formatter.format(record))["time"] == expected

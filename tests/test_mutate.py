@@ -526,6 +526,58 @@ async def test_oversized_body_is_413(webhook: Webhook) -> None:
     assert answer.status_code == 413
 
 
+async def test_oversized_chunked_body_is_413_without_reading_it_all(webhook: Webhook) -> None:
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(64):  # 16 MiB offered, no Content-Length
+            sent += 1
+            yield b" " * (256 * 1024)
+
+    answer = await webhook.client.post("/mutate", content=chunks())
+    assert answer.status_code == 413
+    assert "body larger than" in answer.json()["error"]
+    assert sent < 64
+
+
+async def test_mutate_takes_post_only(webhook: Webhook) -> None:
+    answer = await webhook.client.get("/mutate")
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == "POST"
+    assert answer.json() == {"error": "only POST"}
+
+
+async def test_a_client_that_leaves_mid_body_gets_nothing_and_breaks_nothing(
+    webhook: Webhook,
+) -> None:
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"apiVersion": ', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/mutate",
+        "query_string": b"",
+        "headers": [],
+    }
+    await create_app(webhook)(scope, receive, send)
+    assert sent == []
+    # And the next request is answered as ever.
+    await webhook.send(review(pod_with("nginx:1.27")))
+
+
 async def test_health_ready_and_metrics_elsewhere(webhook: Webhook) -> None:
     await webhook.send(review(pod_with("nginx:1.27")))
     assert (await webhook.client.get("/healthz")).status_code == 200

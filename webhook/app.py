@@ -1,19 +1,23 @@
 """The HTTP surface: ``POST /mutate``, health and readiness (metrics have a port of their own).
 
-The handler reads the raw body once, decodes it once (orjson) and writes the answer with
-orjson: FastAPI's model validation would decode and copy the whole object again.
+``POST /mutate`` is plain ASGI, in front of FastAPI: it is every admission of the cluster, and
+FastAPI's routing, middleware and Request/Response objects cost more per request than
+pinhook's own work on a cached image. It reads the raw body once, decodes it once (orjson)
+and writes the answer with orjson. FastAPI serves the rest (health, readiness, 404s) and runs
+the lifespan.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
 
 import orjson
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 
 from .admission import (
     MAX_BODY_BYTES,
@@ -51,10 +55,16 @@ class Service(Protocol):
     def readiness(self) -> tuple[bool, str]: ...
 
 
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
 def create_app(
     service: Service,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
-) -> FastAPI:
+) -> AdmissionApp:
     app = FastAPI(
         title="pinhook",
         docs_url=None,
@@ -62,42 +72,6 @@ def create_app(
         openapi_url=None,
         lifespan=lifespan or _no_lifespan,
     )
-
-    @app.post("/mutate")
-    async def mutate(request: Request) -> Response:
-        loop = asyncio.get_running_loop()
-        arrived: float = request.scope.get(ARRIVED) or loop.time()
-        body = await _read_limited(request)
-        if isinstance(body, Response):
-            return body
-        mutator = service.mutator
-        try:
-            if len(body) > LARGE_BODY_BYTES:
-                # Decoding and walking a huge object is CPU that cannot be capped: a worker
-                # thread, so that the loop keeps answering everyone else meanwhile.
-                review, plan = await asyncio.to_thread(_read_and_plan, mutator, body)
-            else:
-                review, plan = _read_and_plan(mutator, body)
-        except InvalidReview as exc:
-            service.metrics.admission("", "", "invalid")
-            return _error(400, str(exc))
-        except _PlanFailed as failed:
-            review, plan = failed.review, None
-        try:
-            timeout = request.query_params.get("timeout")
-            decision = await _answer(mutator, review, plan, timeout, arrived)
-        except Exception:
-            # Whatever went wrong, the API server gets an answer its policy allows, never a
-            # 500: under failurePolicy Ignore a 500 would admit what requireDigest denies.
-            log.exception("review %s of %s failed; answered by policy", review.uid, review.kind)
-            decision = mutator.failed(review)
-        seconds = loop.time() - arrived
-        service.metrics.admission(review.kind, review.operation, decision.result)
-        service.metrics.admission_seconds.observe(seconds)
-        if log.isEnabledFor(logging.INFO):
-            log_admission(review, plan, decision, seconds)
-        body = render_response(review.api_version, review.uid, decision.outcome)
-        return Response(body, media_type=JSON)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -109,7 +83,62 @@ def create_app(
         body = orjson.dumps({"ready": ready, "reason": reason})
         return Response(body, status_code=200 if ready else 503, media_type=JSON)
 
-    return app
+    return AdmissionApp(service, app)
+
+
+class AdmissionApp:
+    """The ASGI app: ``/mutate`` here, everything else (and the lifespan) by ``rest``."""
+
+    def __init__(self, service: Service, rest: FastAPI) -> None:
+        self.service = service
+        self.rest = rest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/mutate":
+            await self.rest(scope, receive, send)
+        elif scope["method"] != "POST":
+            await _send(send, 405, _error_body("only POST"), ((b"allow", b"POST"),))
+        else:
+            try:
+                status, body = await self._mutate(scope, receive)
+            except _Disconnected:
+                log.debug("a client left before its admission request was whole")
+                return
+            await _send(send, status, body)
+
+    async def _mutate(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+        service = self.service
+        loop = asyncio.get_running_loop()
+        arrived: float = scope.get(ARRIVED) or loop.time()
+        body = await _read_body(scope, receive)
+        if body is None:
+            return 413, _error_body(f"body larger than {MAX_BODY_BYTES} bytes")
+        mutator = service.mutator
+        try:
+            if len(body) > LARGE_BODY_BYTES:
+                # Decoding and walking a huge object is CPU that cannot be capped: a worker
+                # thread, so that the loop keeps answering everyone else meanwhile.
+                review, plan = await asyncio.to_thread(_read_and_plan, mutator, body)
+            else:
+                review, plan = _read_and_plan(mutator, body)
+        except InvalidReview as exc:
+            service.metrics.admission("", "", "invalid")
+            return 400, _error_body(str(exc))
+        except _PlanFailed as failed:
+            review, plan = failed.review, None
+        try:
+            decision = await _answer(mutator, review, plan, scope["query_string"], arrived)
+        except Exception:
+            # Whatever went wrong, the API server gets an answer its policy allows, never a
+            # 500: under failurePolicy Ignore a 500 would admit what requireDigest denies.
+            log.exception("review %s of %s failed; answered by policy", review.uid, review.kind)
+            decision = mutator.failed(review)
+        seconds = loop.time() - arrived
+        service.metrics.admission(review.kind, review.operation, decision.result)
+        service.metrics.admission_seconds.observe(seconds)
+        if log.isEnabledFor(logging.INFO):
+            log_admission(review, plan, decision, seconds)
+        return 200, render_response(review.api_version, review.uid, decision.outcome)
 
 
 @asynccontextmanager
@@ -138,7 +167,7 @@ async def _answer(
     mutator: Mutator,
     review: AdmissionRequest,
     plan: RequestPlan | None,
-    timeout_query: str | None,
+    query: bytes,
     arrived: float,
 ) -> Decision:
     """The outcome: at once when every digest is cached; by policy, without asking any
@@ -149,7 +178,7 @@ async def _answer(
     if results is not None:
         return mutator.conclude(plan, results)
     waited = asyncio.get_running_loop().time() - arrived
-    budget = mutator.budget(timeout_query) - waited
+    budget = mutator.budget(_timeout_parameter(query)) - waited
     if budget < MIN_BUDGET_SECONDS:
         log.warning(
             "review %s of %s waited %.1fs before it could start; answered by policy",
@@ -216,19 +245,56 @@ def log_admission(
     log.info("admission %s", decision.result, extra={FIELDS: fields})
 
 
-async def _read_limited(request: Request) -> bytes | Response:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+def _timeout_parameter(query: bytes) -> str | None:
+    """The ``timeout`` the API server appends to the URL (``?timeout=10s``), if any."""
+    for name, value in parse_qsl(query.decode("latin-1")):
+        if name == "timeout":
+            return value
+    return None
+
+
+async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
+    """The request body, or None as soon as it is known to be over MAX_BODY_BYTES."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > MAX_BODY_BYTES:
+                return None
+            break
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            raise _Disconnected
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            return None
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _error(status: int, reason: str) -> Response:
-    return Response(orjson.dumps({"error": reason}), status_code=status, media_type=JSON)
+class _Disconnected(Exception):
+    """The client closed the connection before its request was whole."""
+
+
+async def _send(
+    send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_body(reason: str) -> bytes:
+    return orjson.dumps({"error": reason})

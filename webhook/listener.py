@@ -25,7 +25,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -55,6 +55,40 @@ class ConnectionEvents(Protocol):
     def connection_closed(self, reason: str) -> None: ...
 
 
+class RequestDeadlines:
+    """The request deadlines of every connection of one listener, checked by one timer.
+
+    A timer per request (``call_later``, then ``cancel``) costs more than parsing the request;
+    setting a number in a dict does not. A deadline fires up to one sweep interval late, a
+    tenth of the deadline at most.
+    """
+
+    def __init__(self) -> None:
+        self._due: dict[_RequestDeadline, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self, connection: _RequestDeadline, seconds: float) -> None:
+        loop = connection.loop
+        self._due[connection] = loop.time() + seconds
+        if self._timer is None:
+            interval = min(1.0, max(0.01, seconds / 10))
+            self._timer = loop.call_later(interval, self._sweep, loop, interval)
+
+    def disarm(self, connection: _RequestDeadline) -> None:
+        self._due.pop(connection, None)
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        now = loop.time()
+        expired = [connection for connection, due in self._due.items() if due <= now]
+        for connection in expired:
+            del self._due[connection]
+            connection.expired()
+        self._timer = loop.call_later(interval, self._sweep, loop, interval) if self._due else None
+
+
 @dataclass(slots=True)
 class ListenerState:
     """Shared by every connection of one listening socket."""
@@ -63,6 +97,7 @@ class ListenerState:
     limits: ConnectionLimits
     events: ConnectionEvents
     open_connections: int = 0
+    deadlines: RequestDeadlines = field(default_factory=RequestDeadlines)
 
 
 def guarded_protocol(state: ListenerState, parser: str = "auto") -> type[asyncio.Protocol]:
@@ -263,7 +298,7 @@ class _RequestDeadline(asyncio.Protocol):
     listener: ListenerState
     on_lost: Callable[[], None] | None = None
     arrived: float = 0.0
-    _deadline: asyncio.TimerHandle | None = None
+    _armed: bool = False
     _received: Any = None  # the cycle whose request arrived whole
     _stamped: Any = None  # the cycle whose scope has its arrival time
 
@@ -272,7 +307,7 @@ class _RequestDeadline(asyncio.Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._deadline is None and (self.cycle is None or self.cycle is self._received):
+        if not self._armed and (self.cycle is None or self.cycle is self._received):
             self.arrived = self.loop.time()
             self._arm()
         super().data_received(data)
@@ -292,17 +327,16 @@ class _RequestDeadline(asyncio.Protocol):
             self.on_lost = None
 
     def _arm(self) -> None:
-        self._disarm()
-        seconds = self.listener.limits.request_seconds
-        self._deadline = self.loop.call_later(seconds, self._expired)
+        self._armed = True
+        self.listener.deadlines.arm(self, self.listener.limits.request_seconds)
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        if self._armed:
+            self._armed = False
+            self.listener.deadlines.disarm(self)
 
-    def _expired(self) -> None:
-        self._deadline = None
+    def expired(self) -> None:
+        self._armed = False
         if not self.transport.is_closing():
             self.listener.events.connection_closed("request-timeout")
             log.debug("closing a connection that sent no complete request in time")
