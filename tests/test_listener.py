@@ -7,6 +7,7 @@ clients. Timeouts are shortened so that each case takes a fraction of a second.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -240,3 +241,25 @@ async def test_connections_over_the_cap_are_refused_and_the_slots_come_back(
     while server.state.open_connections:
         await asyncio.sleep(0.01)  # connection_lost runs on the server's next turn
     await served_normally(server)
+
+
+async def test_accepted_connections_send_without_nagle() -> None:
+    # Both loops set TCP_NODELAY on accepted sockets today; the listener sets it whatever the
+    # loop or version, so an answer written in two parts never waits for a delayed ACK.
+    from webhook.listener import _no_delay
+
+    seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+            _no_delay(transport)  # type: ignore[arg-type]
+            seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    server = await asyncio.get_running_loop().create_server(Probe, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(seen, MUST_HAPPEN_S) == 1
+    writer.close()
+    server.close()

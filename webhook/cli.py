@@ -49,6 +49,7 @@ ENVIRONMENT: Final = (
     ("PINHOOK_LOG_HTTP_TRACE", "--log-http-trace (1 or true)"),
     ("PINHOOK_HOST", "serve --host"),
     ("PINHOOK_PORT", "serve --port"),
+    ("PINHOOK_WORKERS", "serve --workers"),
     ("PINHOOK_METRICS_HOST", "serve --metrics-host"),
     ("PINHOOK_METRICS_PORT", "serve --metrics-port"),
     ("PINHOOK_CERT_DIR", "serve --cert-dir"),
@@ -61,6 +62,8 @@ ENVIRONMENT: Final = (
 )
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 EXIT_USAGE: Final = 2
+# More processes than this belong in more replicas.
+MAX_WORKERS: Final = 64
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -232,6 +235,13 @@ def _serve_flags(serve: argparse.ArgumentParser) -> None:
         "--port", type=int, default=_env("PORT", "8443"), help="HTTPS port (default: 8443)"
     )
     serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=_env("WORKERS", "1"),
+        help="processes answering on the port, each with its own digest cache (default: 1;"
+        " see Serving in the README)",
+    )
+    serve.add_argument(
         "--metrics-port",
         type=int,
         default=_env("METRICS_PORT"),
@@ -295,6 +305,16 @@ def _serve_flags(serve: argparse.ArgumentParser) -> None:
         help="kubeconfig file for the Kubernetes API (default: in-cluster config, else"
         " $KUBECONFIG or ~/.kube/config)",
     )
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{count}: expected 1 to {MAX_WORKERS}")
+    return count
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
@@ -397,7 +417,7 @@ def _check_config(path: Path) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import ServeOptions, serve
+    from .server import ServeOptions, serve, serve_workers
 
     settings = _settings(args.config)
     cert, key = args.cert, args.key
@@ -423,26 +443,30 @@ def _serve(args: argparse.Namespace) -> int:
         paths = certs.ensure_self_signed(args.cert_dir)
         cert, key = paths.cert, paths.key
         log.info("TLS certificate %s (CA: %s)", cert, paths.ca_cert)
-    metrics = Metrics()
-    runtime = Runtime(
-        settings,
-        config_path=args.config,
-        docker_config=args.docker_config,
-        pull_secrets=_pull_secrets(args.kube, args.kubeconfig, metrics),
-        metrics=metrics,
-        # A self-managed pinhook may patch its own webhook configuration and backstop policy:
-        # keep the CEL in them generated from the config it is serving.
-        config_syncs=(
-            [
-                MatchConditionsSync(lambda: _kube_client(args.kubeconfig), args.webhook_name),
-                PolicySync(
-                    lambda: _kube_client(args.kubeconfig), args.webhook_name, args.namespace
-                ),
-            ]
-            if args.self_managed
-            else []
-        ),
-    )
+
+    def make_runtime(worker: int) -> Runtime:
+        metrics = Metrics()
+        return Runtime(
+            settings,
+            config_path=args.config,
+            docker_config=args.docker_config,
+            pull_secrets=_pull_secrets(args.kube, args.kubeconfig, metrics),
+            metrics=metrics,
+            # A self-managed pinhook may patch its own webhook configuration and backstop
+            # policy: keep the CEL in them generated from the config it is serving (one
+            # worker is enough).
+            config_syncs=(
+                [
+                    MatchConditionsSync(lambda: _kube_client(args.kubeconfig), args.webhook_name),
+                    PolicySync(
+                        lambda: _kube_client(args.kubeconfig), args.webhook_name, args.namespace
+                    ),
+                ]
+                if args.self_managed and worker == 0
+                else []
+            ),
+        )
+
     options = ServeOptions(
         host=args.host,
         port=args.port,
@@ -451,9 +475,12 @@ def _serve(args: argparse.Namespace) -> int:
         server=settings.server,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        workers=args.workers,
     )
-    serve(runtime, options, background)
-    return 0
+    if options.workers == 1:
+        serve(make_runtime(0), options, background)
+        return 0
+    return serve_workers(make_runtime, options, background)
 
 
 async def _ensure_self_managed(

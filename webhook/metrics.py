@@ -6,6 +6,7 @@ a scraper needs no client certificate trust, and the admission port answers the 
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
@@ -327,14 +328,17 @@ class _CertificateExpiry(Collector):
         )
 
 
-def serve_metrics(metrics: Metrics, host: str, port: int) -> Callable[[], None]:
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int
+) -> tuple[socket.socket, Callable[[], None]]:
     """Serve ``/metrics`` over plain HTTP on ``host:port`` from a thread of its own; returns
-    the function that stops it. Raises OSError when the port cannot be had."""
-    server, thread = prometheus_client.start_http_server(port, addr=host, registry=metrics.registry)
+    its listening socket and the function that stops it. Raises OSError when the port cannot
+    be had."""
+    server, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
 
     def stop() -> None:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
 
-    return stop
+    return server.socket, stop

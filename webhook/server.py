@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from .app import create_app
 from .certs import CA_CERT_FILE, load_cert_info
@@ -31,6 +32,7 @@ from .memory import trim_periodically, tune_allocator
 from .metrics import Metrics, serve_metrics
 from .runtime import Runtime
 from .tls import ReloadingTLS
+from .workers import MetricsChannel, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class ServeOptions:
     # Prometheus metrics over plain HTTP on a port of their own; None: not served.
     metrics_host: str | None = None
     metrics_port: int | None = None
+    # Processes answering on the port (serve_workers); 1: this one.
+    workers: int = 1
 
 
 Background = Callable[[], Coroutine[Any, Any, None]]
@@ -153,7 +157,7 @@ def serve(runtime: Runtime, options: ServeOptions, background: Sequence[Backgrou
     """Bind, then serve until SIGTERM/SIGINT. Raises ListenError or CertificateError."""
     server, _listener = build_server(runtime, options, background)
     sock = bind(options.host, options.port)
-    stop_metrics = _serve_metrics(runtime, options)
+    _metrics_socket, stop_metrics = _serve_metrics(lambda: runtime.metrics.registry, options)
     tune_allocator()
     try:
         server.run(sockets=[sock])
@@ -162,17 +166,51 @@ def serve(runtime: Runtime, options: ServeOptions, background: Sequence[Backgrou
         log.info("pinhook stopped")
 
 
-def _serve_metrics(runtime: Runtime, options: ServeOptions) -> Callable[[], None]:
+def serve_workers(
+    make_runtime: Callable[[int], Runtime],
+    options: ServeOptions,
+    background: Sequence[Background] = (),
+) -> int:
+    """``options.workers`` processes on one port (see ``workers``); returns the exit status.
+
+    Worker 0 runs the ``background`` jobs (certificate renewal), once for the pod, and is the
+    one ``make_runtime`` may give the jobs that patch cluster objects.
+    Raises ListenError or CertificateError before any worker starts.
+    """
+    sockets = [bind(options.host, options.port, reuse_port=True) for _ in range(options.workers)]
+    ReloadingTLS(options.cert, options.key)  # a bad certificate is reported here, once
+
+    def main(index: int, sock: socket.socket, channel: MetricsChannel) -> None:
+        runtime = make_runtime(index)
+        server, _listener = build_server(runtime, options, background if index == 0 else ())
+        channel.in_worker(runtime.metrics.render)
+        tune_allocator()
+        server.run(sockets=[sock])
+
+    supervisor = Supervisor(sockets, main)
+    metrics_socket, stop_metrics = _serve_metrics(supervisor.metrics_registry, options)
+    supervisor.parent_only.extend(metrics_socket)
+    try:
+        return supervisor.run()
+    finally:
+        stop_metrics()
+        log.info("pinhook stopped")
+
+
+def _serve_metrics(
+    registry: Callable[[], CollectorRegistry], options: ServeOptions
+) -> tuple[list[socket.socket], Callable[[], None]]:
+    """The metrics port's socket (none when not served) and the function that stops it."""
     if options.metrics_port is None:
-        return lambda: None
+        return [], lambda: None
     host = options.metrics_host or options.host
     try:
-        stop = serve_metrics(runtime.metrics, host, options.metrics_port)
+        sock, stop = serve_metrics(registry(), host, options.metrics_port)
     except OSError as exc:
         where = f"{host}:{options.metrics_port}"
         raise ListenError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
     log.info("metrics on http://%s:%d/metrics", _url_host(host), options.metrics_port)
-    return stop
+    return [sock], stop
 
 
 def record_certificates(metrics: Metrics, cert: Path) -> None:
