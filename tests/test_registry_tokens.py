@@ -180,6 +180,20 @@ async def test_a_token_post_is_never_redirected(faults: FaultServer) -> None:
         assert post.headers["content-type"].startswith("application/x-www-form-urlencoded")
 
 
+async def test_a_refresh_token_post_is_sent_once(faults: FaultServer) -> None:
+    # The token service may have rotated the refresh token before its answer was lost: a
+    # retry would present a token it has just retired, and be refused.
+    challenge = f'Bearer realm="{faults.url}/token",service="s"'
+    faults.route(MANIFEST_PATH, error_reply(401, headers={"WWW-Authenticate": challenge}))
+    faults.route("/token", error_reply(503), method="POST")
+    async with RegistryClient(loopback_options(faults.host, max_attempts=3)) as client:
+        with pytest.raises(errors.RegistryUnavailable, match="503"):
+            await client.resolve_digest(
+                fault_ref(faults), [identity("refresh")], deadline=deadline_in(5)
+            )
+    assert faults.count("POST", "/token") == 1
+
+
 # -- registry tokens ----------------------------------------------------------------------
 
 

@@ -434,8 +434,10 @@ class Authenticator:
             "client_id": OAUTH_CLIENT_ID,
         }
         headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+        # Once: a token service that rotated the refresh token and lost its answer would
+        # refuse a retry, which presents the token it just retired.
         reply = await self._transport.exchange(
-            "POST", url, headers, target.deadline, content=urlencode(form).encode()
+            "POST", url, headers, target.deadline, content=urlencode(form).encode(), attempts=1
         )
         if reply.status in _POST_UNSUPPORTED or (reply.status == 405 and username):
             log.debug("token service %s answered POST with %d; GET", url.host, reply.status)
