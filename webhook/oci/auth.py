@@ -160,10 +160,15 @@ class Authenticator:
     """The challenge and token caches of one registry client; one per process."""
 
     def __init__(
-        self, transport: Transport, *, clock: Callable[[], float] = time.monotonic
+        self,
+        transport: Transport,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        cache_limit: int = TOKEN_CACHE_LIMIT,
     ) -> None:
         self._transport = transport
         self._clock = clock
+        self._limit = cache_limit  # entries in each cache below
         # (host, repository) -> the challenge last seen for it; host -> one that worked.
         self._challenges: dict[tuple[str, str], tuple[Challenge, float]] = {}
         self._proven: dict[str, tuple[Challenge, float]] = {}
@@ -222,7 +227,7 @@ class Authenticator:
 
     def _remember(self, target: Target, challenge: Challenge) -> None:
         expires = self._clock() + CHALLENGE_SECONDS
-        if len(self._challenges) >= TOKEN_CACHE_LIMIT:
+        if len(self._challenges) >= self._limit:
             self._challenges.clear()
         self._challenges[_repo_key(target)] = (challenge, expires)
         self._proven[target.host] = (challenge, expires)
@@ -328,7 +333,7 @@ class Authenticator:
         return token
 
     def _store_token(self, key: _TokenKey, token: _Token) -> None:
-        if len(self._tokens) >= TOKEN_CACHE_LIMIT:
+        if len(self._tokens) >= self._limit:
             now = time.monotonic()
             for old in [k for k, t in self._tokens.items() if t.expires_at <= now]:
                 del self._tokens[old]
@@ -396,7 +401,7 @@ class Authenticator:
     ) -> _Token:
         """A bearer token for an identity token (an OAuth2 refresh token)."""
         key = (credential.identity(), str(url), service)
-        if len(self._refresh_locks) >= TOKEN_CACHE_LIMIT:
+        if len(self._refresh_locks) >= self._limit:
             for idle in [k for k, held in self._refresh_locks.items() if not held.locked()]:
                 del self._refresh_locks[idle]
         lock = self._refresh_locks.setdefault(key, asyncio.Lock())
@@ -446,7 +451,7 @@ class Authenticator:
         return reply, True
 
     def _keep_refresh_token(self, key: _RefreshKey, refresh_token: str) -> None:
-        if key not in self._refresh_tokens and len(self._refresh_tokens) >= TOKEN_CACHE_LIMIT:
+        if key not in self._refresh_tokens and len(self._refresh_tokens) >= self._limit:
             oldest = next(iter(self._refresh_tokens))
             del self._refresh_tokens[oldest]
             self._refresh_locks.pop(oldest, None)
