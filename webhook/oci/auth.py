@@ -32,9 +32,11 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 from urllib.parse import urlencode
 
 import httpx
@@ -154,6 +156,52 @@ class _Sent:
 
 _TokenKey = tuple[str, str, str]  # host, scope, credential identity
 _RefreshKey = tuple[str, str, str]  # credential identity, realm, service
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(slots=True)
+class _Users:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    count: int = 0  # holding or waiting
+
+
+class _LockTable(Generic[K]):
+    """One lock per key, kept only while someone holds or awaits it.
+
+    The keys hold repositories from image names, so a table that kept them would grow with
+    every new name; evicting a lock that is held or awaited would let a second holder in.
+    Dropping each lock as its last user leaves does neither: the table holds no more locks
+    than there are lookups under way (see ``registry._Permits``).
+    """
+
+    def __init__(self) -> None:
+        self._users: dict[K, _Users] = {}
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    @asynccontextmanager
+    async def hold(self, key: K, deadline: float, host: str) -> AsyncIterator[None]:
+        users = self._users.setdefault(key, _Users())
+        users.count += 1
+        try:
+            await _acquire_within(users.lock, deadline, host)
+            try:
+                yield
+            finally:
+                users.lock.release()
+        finally:
+            users.count -= 1
+            if users.count == 0:
+                del self._users[key]
+
+
+async def _acquire_within(lock: asyncio.Lock, deadline: float, host: str) -> None:
+    try:
+        async with asyncio.timeout_at(deadline):
+            await lock.acquire()
+    except TimeoutError as exc:
+        raise DeadlineExceeded(f"waiting for a token for {host}") from exc
 
 
 class Authenticator:
@@ -173,12 +221,12 @@ class Authenticator:
         self._challenges: dict[tuple[str, str], tuple[Challenge, float]] = {}
         self._proven: dict[str, tuple[Challenge, float]] = {}
         self._tokens: dict[_TokenKey, _Token] = {}
-        self._token_locks: dict[_TokenKey, asyncio.Lock] = {}
+        self._token_locks: _LockTable[_TokenKey] = _LockTable()
         # (credential identity, realm, service) -> the refresh token that replaced the
         # credential's identity token; one exchange at a time for each, so none uses a token
         # another just rotated away.
         self._refresh_tokens: dict[_RefreshKey, str] = {}
-        self._refresh_locks: dict[_RefreshKey, asyncio.Lock] = {}
+        self._refresh_locks: _LockTable[_RefreshKey] = _LockTable()
 
     async def exchange(
         self, target: Target, method: str, url: str, headers: Mapping[str, str]
@@ -310,21 +358,13 @@ class Authenticator:
         if cached is not None:
             return cached, True
         # One fetch per key at a time: concurrent admissions of one image share a token.
-        lock = self._token_locks.setdefault(key, asyncio.Lock())
-        try:
-            async with asyncio.timeout_at(target.deadline):
-                await lock.acquire()
-        except TimeoutError as exc:
-            raise DeadlineExceeded(f"waiting for a token for {target.host}") from exc
-        try:
+        async with self._token_locks.hold(key, target.deadline, target.host):
             cached = self._usable_token(key, stale)
             if cached is not None:
                 return cached, True
             token = await self._fetch_token(challenge, target)
             self._store_token(key, token)
             return token, False
-        finally:
-            lock.release()
 
     def _usable_token(self, key: _TokenKey, stale: _Token | None) -> _Token | None:
         token = self._tokens.get(key)
@@ -337,7 +377,6 @@ class Authenticator:
             now = time.monotonic()
             for old in [k for k, t in self._tokens.items() if t.expires_at <= now]:
                 del self._tokens[old]
-                self._token_locks.pop(old, None)
         self._tokens[key] = token
 
     async def _fetch_token(self, challenge: Challenge, target: Target) -> _Token:
@@ -401,16 +440,7 @@ class Authenticator:
     ) -> _Token:
         """A bearer token for an identity token (an OAuth2 refresh token)."""
         key = (credential.identity(), str(url), service)
-        if len(self._refresh_locks) >= self._limit:
-            for idle in [k for k, held in self._refresh_locks.items() if not held.locked()]:
-                del self._refresh_locks[idle]
-        lock = self._refresh_locks.setdefault(key, asyncio.Lock())
-        try:
-            async with asyncio.timeout_at(target.deadline):
-                await lock.acquire()
-        except TimeoutError as exc:
-            raise DeadlineExceeded(f"waiting for a token for {target.host}") from exc
-        try:
+        async with self._refresh_locks.hold(key, target.deadline, target.host):
             refresh_token = self._refresh_tokens.get(key, credential.identity_token)
             try:
                 reply, oauth = await self._exchange_refresh_token(
@@ -424,8 +454,6 @@ class Authenticator:
             if rotated and rotated != refresh_token:
                 self._keep_refresh_token(key, rotated)
             return token
-        finally:
-            lock.release()
 
     async def _exchange_refresh_token(
         self, url: httpx.URL, service: str, target: Target, username: str, refresh_token: str
@@ -452,9 +480,7 @@ class Authenticator:
 
     def _keep_refresh_token(self, key: _RefreshKey, refresh_token: str) -> None:
         if key not in self._refresh_tokens and len(self._refresh_tokens) >= self._limit:
-            oldest = next(iter(self._refresh_tokens))
-            del self._refresh_tokens[oldest]
-            self._refresh_locks.pop(oldest, None)
+            del self._refresh_tokens[next(iter(self._refresh_tokens))]
         self._refresh_tokens[key] = refresh_token
 
 
