@@ -88,6 +88,24 @@ async def test_failing_token_requests_leave_no_lock_behind(
     assert len(auth._token_locks) == 0
 
 
+async def test_the_token_cache_holds_at_most_its_limit(
+    faults: FaultServer, transport: Transport
+) -> None:
+    # Before: only expired tokens were shed, so tokens of five minutes for new repositories
+    # grew the cache past its limit.
+    faults.route(URL_PATH, challenge(faults), error_reply(404, "MANIFEST_UNKNOWN"))
+    faults.route("/token", token("t"))
+    auth = Authenticator(transport, cache_limit=4)
+    for n in range(6):
+        assert await ask(auth, faults, target(faults, f"team/r{n}")) == 404
+    assert faults.count(path="/token") == 6
+    assert len(auth._tokens) == 4
+    assert await ask(auth, faults, target(faults, "team/r5")) == 404  # the newest: kept
+    assert faults.count(path="/token") == 6
+    assert await ask(auth, faults, target(faults, "team/r0")) == 404  # the oldest: evicted
+    assert faults.count(path="/token") == 7
+
+
 async def test_a_held_refresh_lock_is_not_evicted(
     faults: FaultServer, transport: Transport
 ) -> None:

@@ -220,7 +220,7 @@ class Authenticator:
         # (host, repository) -> the challenge last seen for it; host -> one that worked.
         self._challenges: dict[tuple[str, str], tuple[Challenge, float]] = {}
         self._proven: dict[str, tuple[Challenge, float]] = {}
-        self._tokens: dict[_TokenKey, _Token] = {}
+        self._tokens: dict[_TokenKey, _Token] = {}  # oldest first
         self._token_locks: _LockTable[_TokenKey] = _LockTable()
         # (credential identity, realm, service) -> the refresh token that replaced the
         # credential's identity token; one exchange at a time for each, so none uses a token
@@ -373,10 +373,14 @@ class Authenticator:
         return token
 
     def _store_token(self, key: _TokenKey, token: _Token) -> None:
+        """Keep ``token``, within the limit: expired tokens go first, then the oldest."""
+        self._tokens.pop(key, None)  # stored again last, as the newest
         if len(self._tokens) >= self._limit:
             now = time.monotonic()
             for old in [k for k, t in self._tokens.items() if t.expires_at <= now]:
                 del self._tokens[old]
+        while len(self._tokens) >= self._limit:
+            del self._tokens[next(iter(self._tokens))]
         self._tokens[key] = token
 
     async def _fetch_token(self, challenge: Challenge, target: Target) -> _Token:
