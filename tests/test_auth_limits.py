@@ -1,4 +1,5 @@
-"""The authenticator's caches and locks stay bounded, whatever repositories objects name.
+"""The authenticator's bookkeeping: its caches and locks stay bounded, whatever repositories
+objects name, and every token request is counted.
 
 Against the loopback fault server acting as registry and token service; the Authenticator is
 driven directly, with a small cache limit, so the limit is reached with a few repositories.
@@ -14,13 +15,15 @@ from urllib.parse import parse_qs
 import pytest
 
 from tests.faults import FaultServer, Reply, error_reply
-from tests.test_registry import deadline_in, loopback_options
+from tests.test_registry import MANIFEST_PATH, deadline_in, fault_ref, loopback_options
 from webhook import errors
+from webhook.metrics import Metrics
 from webhook.oci.auth import Authenticator, Target
-from webhook.oci.credential import Credential
+from webhook.oci.credential import ANONYMOUS, Credential
+from webhook.oci.registry import RegistryClient
 from webhook.oci.transport import Transport
 
-URL_PATH = "/v2/team/app/manifests/1.0"
+URL_PATH = MANIFEST_PATH
 
 
 @pytest.fixture
@@ -134,3 +137,69 @@ async def test_a_held_refresh_lock_is_not_evicted(
     assert await asyncio.gather(first, second) == [404, 404]
     # The second exchange for alice waited for the first, and presented what it rotated to.
     assert presented_refresh_tokens(faults) == ["a0", "a1", "b0", "a2"]
+
+
+# -- every token request is counted ---------------------------------------------------------
+
+
+def token_requests(metrics: Metrics, host: str, result: str) -> float | None:
+    labels = {"host": host, "result": result}
+    return metrics.registry.get_sample_value("pinhook_registry_token_requests_total", labels)
+
+
+@pytest.mark.parametrize(
+    ("realm", "answer", "seconds", "result", "error"),
+    [
+        ("/token", token("t"), 5, "ok", None),
+        ("/token", error_reply(401), 5, "rejected", errors.Unauthorized),
+        ("/token", Reply(200, {}, b"not json"), 5, "error", errors.ProtocolError),
+        ("/token", error_reply(503), 5, "unavailable", errors.RegistryUnavailable),
+        ("/token", Reply(hang=True), 0.5, "timeout", errors.DeadlineExceeded),
+        ("http://10.0.0.1/token", token("t"), 5, "forbidden-host", errors.ForbiddenHost),
+    ],
+    ids=["ok", "rejected", "protocol", "unavailable", "timeout", "forbidden-host"],
+)
+async def test_every_token_request_is_counted(
+    faults: FaultServer,
+    realm: str,
+    answer: Reply,
+    seconds: float,
+    result: str,
+    error: type[errors.ResolveError] | None,
+) -> None:
+    # Before: only ok, rejected and protocol errors were counted; a token service that was
+    # down, slow or forbidden left no trace in the metric.
+    url = realm if realm.startswith("http:") else f"{faults.url}{realm}"
+    bearer = error_reply(401, headers={"WWW-Authenticate": f'Bearer realm="{url}",service="s"'})
+    faults.route(URL_PATH, bearer, error_reply(404, "MANIFEST_UNKNOWN"))
+    faults.route("/token", answer)
+    metrics = Metrics()
+    options = loopback_options(faults.host, max_attempts=1)
+    async with RegistryClient(options, events=metrics) as client:
+        lookup = client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(seconds))
+        if error is None:
+            with pytest.raises(errors.NotFound):
+                await lookup
+        else:
+            with pytest.raises(error):
+                await lookup
+    assert token_requests(metrics, faults.host, result) == 1.0
+
+
+async def test_a_cancelled_token_request_is_not_counted(faults: FaultServer) -> None:
+    faults.route(URL_PATH, challenge(faults))
+    faults.route("/token", Reply(hang=True))
+    metrics = Metrics()
+    async with RegistryClient(loopback_options(faults.host), events=metrics) as client:
+        lookup = asyncio.create_task(
+            client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
+        )
+        await faults.hanging.wait()
+        lookup.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await lookup
+    counted = metrics.registry.get_sample_value
+    assert not any(
+        counted("pinhook_registry_token_requests_total", {"host": faults.host, "result": r})
+        for r in ("ok", "rejected", "error", "unavailable", "timeout", "forbidden-host")
+    )

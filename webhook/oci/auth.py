@@ -41,7 +41,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from ..errors import DeadlineExceeded, ForbiddenHost, ProtocolError
+from ..errors import DeadlineExceeded, ForbiddenHost, ProtocolError, RegistryUnavailable
 from .credential import Credential
 from .transport import Reply, Transport, describe, same_origin
 
@@ -387,11 +387,8 @@ class Authenticator:
         events = self._transport.events
         try:
             token = await self._token_for(challenge, target)
-        except Rejected:
-            events.token_request(target.host, "rejected")
-            raise
-        except ProtocolError:
-            events.token_request(target.host, "error")
+        except Exception as exc:  # every failure counts; a cancellation is none
+            events.token_request(target.host, _token_failure(exc))
             raise
         events.token_request(target.host, "ok")
         return token
@@ -486,6 +483,15 @@ class Authenticator:
         if key not in self._refresh_tokens and len(self._refresh_tokens) >= self._limit:
             del self._refresh_tokens[next(iter(self._refresh_tokens))]
         self._refresh_tokens[key] = refresh_token
+
+
+def _token_failure(exc: Exception) -> str:
+    """The result label of a failed token request, one of a few: a metric keeps every value."""
+    if isinstance(exc, Rejected):
+        return "rejected"
+    if isinstance(exc, DeadlineExceeded | RegistryUnavailable | ForbiddenHost):
+        return exc.reason  # timeout, unavailable, forbidden-host
+    return "error"  # the token service's answer was unusable, or something unforeseen
 
 
 def _token_key(target: Target) -> _TokenKey:
