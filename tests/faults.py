@@ -39,15 +39,17 @@ _REASONS = {
 class Reply:
     """One scripted answer.
 
-    ``hang`` never answers until the server is released (at stop); ``reset`` aborts the
-    connection with a TCP RST; ``raw_head`` replaces the status line and headers verbatim.
-    A HEAD request gets the headers of ``body`` without the body.
+    ``hang`` never answers until the server is released (at stop); ``gate`` answers once the
+    test sets it; ``reset`` aborts the connection with a TCP RST; ``raw_head`` replaces the
+    status line and headers verbatim. A HEAD request gets the headers of ``body`` without
+    the body.
     """
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     hang: bool = False
+    gate: asyncio.Event | None = None
     reset: bool = False
     raw_head: bytes | None = None
 
@@ -58,6 +60,7 @@ class Recorded:
     path: str
     query: str
     headers: dict[str, str]  # lower-case names
+    body: bytes = b""
 
 
 def sha256_digest(data: bytes) -> str:
@@ -106,7 +109,7 @@ class FaultServer:
         self._served: dict[tuple[str | None, str], int] = {}
         self.requests: list[Recorded] = []
         self.released = asyncio.Event()
-        self.hanging = asyncio.Event()  # set when a request starts hanging
+        self.hanging = asyncio.Event()  # set when a request starts hanging or waits at a gate
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -200,15 +203,19 @@ class FaultServer:
             if ":" in line:
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
+        body = b""
         if headers.get("content-length", "0").isdigit():
-            await reader.readexactly(int(headers.get("content-length", "0")))
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
         path, _, query = target.partition("?")
-        self.requests.append(Recorded(method, path, query, headers))
+        self.requests.append(Recorded(method, path, query, headers, body))
         reply = self._next_reply(method, path)
         if reply.hang:
             self.hanging.set()
             await self.released.wait()
             return False
+        if reply.gate is not None:
+            self.hanging.set()
+            await reply.gate.wait()
         if reply.reset:
             _abort_with_reset(writer)
             return False

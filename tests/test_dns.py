@@ -19,6 +19,7 @@ import pytest
 from tests.harness.fixtures import RegistryEnv
 from tests.harness.push import OCI_INDEX
 from webhook import errors
+from webhook.oci.credential import ANONYMOUS
 from webhook.oci.dns import HostResolver, IPAddress
 from webhook.oci.hostguard import GuardedBackend, HostGuard
 from webhook.oci.reference import ImageRef
@@ -155,16 +156,16 @@ async def test_a_pod_of_hanging_names_leaves_a_named_registry_resolving(
     )
     client = client_with(options)
     ref = ImageRef.parse(f"{named}/dns/app:1.0")
-    assert await client.resolve_digest(ref, [], deadline=deadline_in(5)) == pushed.digest
+    assert await client.resolve_digest(ref, ANONYMOUS, deadline=deadline_in(5)) == pushed.digest
     flood = [
         asyncio.ensure_future(
-            client.resolve_digest(ImageRef.parse(f"{h}/x:1"), [], deadline=deadline_in(20))
+            client.resolve_digest(ImageRef.parse(f"{h}/x:1"), ANONYMOUS, deadline=deadline_in(20))
         )
         for h in hanging
     ]
     await asyncio.sleep(0)
     # The registry in use answers while sixty lookups hang.
-    assert await client.resolve_digest(ref, [], deadline=deadline_in(2)) == pushed.digest
+    assert await client.resolve_digest(ref, ANONYMOUS, deadline=deadline_in(2)) == pushed.digest
     for task in flood:
         task.cancel()
     await asyncio.gather(*flood, return_exceptions=True)

@@ -16,6 +16,7 @@ from tests.faults import sha256_digest as digest_of
 from tests.test_registry import deadline_in, loopback_options
 from webhook import errors
 from webhook.metrics import Metrics
+from webhook.oci.credential import ANONYMOUS
 from webhook.oci.ratelimit import RateLimitWatch, parse_rate_limit
 from webhook.oci.reference import ImageRef
 from webhook.oci.registry import RegistryClient
@@ -62,7 +63,7 @@ async def test_the_rate_limit_docker_hub_states_is_a_gauge(
 ) -> None:
     body = sample_index()
     hub.route(NGINX_PATH, limited(manifest_reply(body), remaining=57))
-    assert await client.resolve_digest(NGINX, [], deadline=deadline_in(5)) == digest_of(body)
+    assert await client.resolve_digest(NGINX, ANONYMOUS, deadline=deadline_in(5)) == digest_of(body)
     assert [r.method for r in hub.requests] == ["HEAD"]  # HEAD is not counted by Docker Hub
     assert gauge(metrics, "pinhook_registry_ratelimit_remaining", hub.host) == 57
     assert gauge(metrics, "pinhook_registry_ratelimit_limit", hub.host) == 100
@@ -78,7 +79,7 @@ async def test_running_low_is_logged_once_per_window_not_per_request(
     hub.route(NGINX_PATH, *(limited(manifest_reply(body), remaining=n) for n in (9, 8, 7)))
     caplog.set_level(logging.WARNING, logger=LIMIT_LOG)
     for _ in range(3):
-        await client.resolve_digest(NGINX, [], deadline=deadline_in(5))
+        await client.resolve_digest(NGINX, ANONYMOUS, deadline=deadline_in(5))
     warnings = [r for r in caplog.records if r.name == LIMIT_LOG]
     assert len(warnings) == 1
     assert "9 of 100 pulls left per 6 h for 192.0.2.1" in warnings[0].getMessage()
@@ -93,7 +94,7 @@ async def test_other_registries_rate_limit_headers_are_not_read(
         options = loopback_options(other.host, hub.host, docker_hub_host=hub.host)
         async with RegistryClient(options, events=metrics) as client:
             ref = ImageRef.parse(f"{other.host}/team/app:1")
-            await client.resolve_digest(ref, [], deadline=deadline_in(5))
+            await client.resolve_digest(ref, ANONYMOUS, deadline=deadline_in(5))
         assert gauge(metrics, "pinhook_registry_ratelimit_remaining", other.host) is None
     assert not [r for r in caplog.records if r.name == LIMIT_LOG]
 
@@ -103,7 +104,7 @@ async def test_a_head_without_a_digest_is_asked_again_before_a_counted_get(
 ) -> None:
     body = sample_index()
     hub.route(NGINX_PATH, manifest_reply(body, digest=None), manifest_reply(body), method="HEAD")
-    assert await client.resolve_digest(NGINX, [], deadline=deadline_in(5)) == digest_of(body)
+    assert await client.resolve_digest(NGINX, ANONYMOUS, deadline=deadline_in(5)) == digest_of(body)
     assert [r.method for r in hub.requests] == ["HEAD", "HEAD"]
 
 
@@ -113,7 +114,7 @@ async def test_a_malformed_head_is_asked_again_before_a_counted_get(
     body = sample_index()
     malformed = Reply(raw_head=b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n")
     hub.route(NGINX_PATH, malformed, manifest_reply(body), method="HEAD")
-    assert await client.resolve_digest(NGINX, [], deadline=deadline_in(5)) == digest_of(body)
+    assert await client.resolve_digest(NGINX, ANONYMOUS, deadline=deadline_in(5)) == digest_of(body)
     assert [r.method for r in hub.requests] == ["HEAD", "HEAD"]
 
 
@@ -122,7 +123,7 @@ async def test_get_only_when_a_second_head_gives_no_digest_either(
 ) -> None:
     body = sample_index()
     hub.route(NGINX_PATH, manifest_reply(body, digest=None))
-    assert await client.resolve_digest(NGINX, [], deadline=deadline_in(5)) == digest_of(body)
+    assert await client.resolve_digest(NGINX, ANONYMOUS, deadline=deadline_in(5)) == digest_of(body)
     assert [r.method for r in hub.requests] == ["HEAD", "HEAD", "GET"]
 
 
@@ -130,7 +131,7 @@ async def test_405_goes_straight_to_get(hub: FaultServer, client: RegistryClient
     body = sample_index()
     hub.route(NGINX_PATH, error_reply(405), method="HEAD")
     hub.route(NGINX_PATH, manifest_reply(body), method="GET")
-    assert await client.resolve_digest(NGINX, [], deadline=deadline_in(5)) == digest_of(body)
+    assert await client.resolve_digest(NGINX, ANONYMOUS, deadline=deadline_in(5)) == digest_of(body)
     assert [r.method for r in hub.requests] == ["HEAD", "GET"]
 
 
@@ -139,7 +140,7 @@ async def test_an_exhausted_limit_is_not_retried(
 ) -> None:
     hub.route(NGINX_PATH, limited(error_reply(429, "TOOMANYREQUESTS"), remaining=0))
     with pytest.raises(errors.RegistryUnavailable, match="pull rate limit is exhausted"):
-        await client.resolve_digest(NGINX, [], deadline=deadline_in(5))
+        await client.resolve_digest(NGINX, ANONYMOUS, deadline=deadline_in(5))
     assert len(hub.requests) == 1  # three attempts otherwise; the window is hours long
     assert gauge(metrics, "pinhook_registry_ratelimit_remaining", hub.host) == 0
 

@@ -26,6 +26,7 @@ from webhook.config import Settings, load_settings
 from webhook.kube import NoPullSecrets
 from webhook.metrics import Metrics
 from webhook.mutate import Mutator
+from webhook.oci.credential import ANONYMOUS
 from webhook.oci.reference import ImageRef
 from webhook.oci.registry import RegistryClient
 from webhook.oci.transport import RegistryOptions
@@ -128,7 +129,7 @@ async def test_lookups_to_one_registry_are_bounded(faults: FaultServer) -> None:
         lookups = [
             asyncio.ensure_future(
                 client.resolve_digest(
-                    ImageRef.parse(f"{faults.host}/slow/app:1"), [], deadline=deadline_in(1)
+                    ImageRef.parse(f"{faults.host}/slow/app:1"), ANONYMOUS, deadline=deadline_in(1)
                 )
             )
             for _ in range(40)
@@ -153,14 +154,16 @@ async def test_a_registry_that_never_answers_leaves_the_pool_usable(
         for _round in range(3):  # deadlines land, again and again, while requests are open
             hanging = [
                 client.resolve_digest(
-                    ImageRef.parse(f"{faults.host}/hang/app:1"), [], deadline=deadline_in(0.3)
+                    ImageRef.parse(f"{faults.host}/hang/app:1"),
+                    ANONYMOUS,
+                    deadline=deadline_in(0.3),
                 )
                 for _ in range(8)
             ]
             outcome = await asyncio.gather(*hanging, return_exceptions=True)
             assert all(isinstance(result, errors.DeadlineExceeded) for result in outcome)
         digest = await client.resolve_digest(
-            ImageRef.parse(pushed.tag_ref), [], deadline=deadline_in(5)
+            ImageRef.parse(pushed.tag_ref), ANONYMOUS, deadline=deadline_in(5)
         )
     assert digest == pushed.digest
 
@@ -194,7 +197,7 @@ async def test_a_wedged_pool_is_replaced(faults: FaultServer) -> None:
         stuck = [
             asyncio.ensure_future(
                 client.resolve_digest(
-                    ImageRef.parse(f"{faults.host}/hang/app:1"), [], deadline=deadline_in(60)
+                    ImageRef.parse(f"{faults.host}/hang/app:1"), ANONYMOUS, deadline=deadline_in(60)
                 )
             )
             for _ in range(2)
@@ -205,7 +208,7 @@ async def test_a_wedged_pool_is_replaced(faults: FaultServer) -> None:
         failures = 0
         while True:
             try:
-                digest = await client.resolve_digest(good, [], deadline=deadline_in(0.2))
+                digest = await client.resolve_digest(good, ANONYMOUS, deadline=deadline_in(0.2))
                 break
             except errors.DeadlineExceeded:
                 failures += 1

@@ -17,7 +17,7 @@ from tests.test_registry import ALICE, BOB, deadline_in, loopback_options, uniqu
 from webhook import errors
 from webhook.config import load_settings, warnings_for
 from webhook.errors import ConfigError
-from webhook.oci.credential import Credentials
+from webhook.oci.credential import ANONYMOUS, Credentials
 from webhook.oci.mirror import Mirror
 from webhook.oci.reference import ImageRef
 from webhook.oci.registry import RegistryClient
@@ -43,7 +43,9 @@ async def test_the_digest_comes_from_the_mirror(
     pushed = registry.push.index(unique_repo("mirrored"), "v1")
     ref = ImageRef.parse(f"{upstream.host}/{pushed.repo}:v1")
     async with RegistryClient(mirrored(upstream.host, registry.url)) as client:
-        assert await client.resolve_digest(ref, [], deadline=deadline_in(10)) == pushed.digest
+        assert (
+            await client.resolve_digest(ref, ANONYMOUS, deadline=deadline_in(10)) == pushed.digest
+        )
     assert upstream.requests == []
     # containerd's ns= names the registry the mirror is asked for.
     manifests = f"/v2/{pushed.repo}/manifests/v1"
@@ -69,7 +71,7 @@ async def test_a_failing_mirror_falls_through_to_the_registry(
         options = mirrored(registry.host, broken.url, max_attempts=1)
         async with RegistryClient(options) as client:
             digest = await client.resolve_digest(
-                ImageRef.parse(pushed.tag_ref), [], deadline=deadline_in(10)
+                ImageRef.parse(pushed.tag_ref), ANONYMOUS, deadline=deadline_in(10)
             )
         assert digest == pushed.digest
         assert broken.count(path=f"/v2/{pushed.repo}/manifests/v1") >= 1
@@ -104,7 +106,7 @@ async def test_when_every_mirror_fails_the_registry_answers_and_the_error_names_
         ref = ImageRef.parse(f"{upstream.host}/team/app:v1")
         async with RegistryClient(mirrored(upstream.host, broken.url, max_attempts=1)) as client:
             with pytest.raises(errors.NotFound, match=f"mirror {broken.host}: .*503"):
-                await client.resolve_digest(ref, [], deadline=deadline_in(5))
+                await client.resolve_digest(ref, ANONYMOUS, deadline=deadline_in(5))
         assert upstream.count(path="/v2/team/app/manifests/v1") == 1
 
 
@@ -116,7 +118,7 @@ async def test_a_hanging_mirror_leaves_the_registry_time(
         hanging.route(f"/v2/{pushed.repo}/manifests/v1", Reply(hang=True))
         async with RegistryClient(mirrored(registry.host, hanging.url)) as client:
             digest = await client.resolve_digest(
-                ImageRef.parse(pushed.tag_ref), [], deadline=deadline_in(2)
+                ImageRef.parse(pushed.tag_ref), ANONYMOUS, deadline=deadline_in(2)
             )
         assert digest == pushed.digest
         assert hanging.hanging.is_set()
@@ -150,7 +152,7 @@ async def test_a_mirror_on_a_private_address_needs_the_allow_list(
     before = len(registry.registry.access_log())
     async with RegistryClient(options) as client:
         ref = ImageRef.parse(f"{upstream.host}/team/app:v1")
-        assert await client.resolve_digest(ref, [], deadline=deadline_in(5)) != ""
+        assert await client.resolve_digest(ref, ANONYMOUS, deadline=deadline_in(5)) != ""
     assert len(registry.registry.access_log()) == before  # never contacted
     assert upstream.count(path="/v2/team/app/manifests/v1") == 1
 

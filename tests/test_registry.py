@@ -28,7 +28,7 @@ from tests.harness.fixtures import RegistryEnv
 from tests.harness.push import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from webhook import certs, errors
 from webhook.oci.auth import parse_challenge
-from webhook.oci.credential import Credential
+from webhook.oci.credential import ANONYMOUS, Credential, Credentials
 from webhook.oci.reference import ImageRef
 from webhook.oci.registry import MANIFEST_MEDIA_TYPES, RegistryClient
 from webhook.oci.transport import RegistryOptions, parse_retry_after
@@ -79,7 +79,7 @@ async def test_multi_arch_index_resolves_to_the_pushed_index_digest(
     pushed = registry.push.index(unique_repo("multi"), "v1", media_type)
     async with RegistryClient(loopback_options(registry.host)) as client:
         digest = await client.resolve_digest(
-            ImageRef.parse(pushed.tag_ref), [], deadline=deadline_in(10)
+            ImageRef.parse(pushed.tag_ref), ANONYMOUS, deadline=deadline_in(10)
         )
     assert digest == pushed.digest
     assert digest not in pushed.manifest_digests  # not a platform manifest
@@ -92,7 +92,7 @@ async def test_single_manifest_resolves_to_its_digest(
     pushed = registry.push.image(unique_repo("single"), "v1", media_type)
     async with RegistryClient(loopback_options(registry.host)) as client:
         digest = await client.resolve_digest(
-            ImageRef.parse(pushed.tag_ref), [], deadline=deadline_in(10)
+            ImageRef.parse(pushed.tag_ref), ANONYMOUS, deadline=deadline_in(10)
         )
     assert digest == pushed.digest == sha256_digest(pushed.manifest)
 
@@ -102,7 +102,7 @@ async def test_unknown_tag_is_not_found(registry: RegistryEnv) -> None:
     ref = ImageRef.parse(f"{registry.host}/{pushed.repo}:no-such-tag")
     async with RegistryClient(loopback_options(registry.host)) as client:
         with pytest.raises(errors.NotFound):
-            await client.resolve_digest(ref, [], deadline=deadline_in(10))
+            await client.resolve_digest(ref, ANONYMOUS, deadline=deadline_in(10))
 
 
 async def test_manifest_exists_by_digest(registry: RegistryEnv) -> None:
@@ -110,15 +110,15 @@ async def test_manifest_exists_by_digest(registry: RegistryEnv) -> None:
     present = ImageRef.parse(pushed.digest_ref)
     absent = present.with_digest(sha256_digest(b"never pushed"))
     async with RegistryClient(loopback_options(registry.host)) as client:
-        assert await client.manifest_exists(present, [], deadline=deadline_in(10)) is True
-        assert await client.manifest_exists(absent, [], deadline=deadline_in(10)) is False
+        assert await client.manifest_exists(present, ANONYMOUS, deadline=deadline_in(10)) is True
+        assert await client.manifest_exists(absent, ANONYMOUS, deadline=deadline_in(10)) is False
 
 
 async def test_resolving_a_digest_reference_returns_that_digest(registry: RegistryEnv) -> None:
     pushed = registry.push.image(unique_repo("bydigest"), "v1")
     async with RegistryClient(loopback_options(registry.host)) as client:
         digest = await client.resolve_digest(
-            ImageRef.parse(pushed.digest_ref), [], deadline=deadline_in(10)
+            ImageRef.parse(pushed.digest_ref), ANONYMOUS, deadline=deadline_in(10)
         )
     assert digest == pushed.digest
 
@@ -127,10 +127,16 @@ async def test_basic_auth_with_the_right_credential(basic_registry: RegistryEnv)
     pushed = basic_registry.push.index(unique_repo("basic"), "v1")
     async with RegistryClient(loopback_options(basic_registry.host)) as client:
         ref = ImageRef.parse(pushed.tag_ref)
-        assert await client.resolve_digest(ref, [ALICE], deadline=deadline_in(10)) == pushed.digest
+        assert (
+            await client.resolve_digest(ref, Credentials((ALICE,)), deadline=deadline_in(10))
+            == pushed.digest
+        )
         # The challenge is remembered: the second resolve sends credentials up front.
         before = basic_registry.count_requests("HEAD", f"/v2/{pushed.repo}/manifests/v1")
-        assert await client.resolve_digest(ref, [ALICE], deadline=deadline_in(10)) == pushed.digest
+        assert (
+            await client.resolve_digest(ref, Credentials((ALICE,)), deadline=deadline_in(10))
+            == pushed.digest
+        )
         after = basic_registry.count_requests("HEAD", f"/v2/{pushed.repo}/manifests/v1")
     assert after - before == 1
 
@@ -140,7 +146,7 @@ async def test_basic_auth_wrong_password_is_unauthorized(basic_registry: Registr
     async with RegistryClient(loopback_options(basic_registry.host)) as client:
         with pytest.raises(errors.Unauthorized) as raised:
             await client.resolve_digest(
-                ImageRef.parse(pushed.tag_ref), [WRONG], deadline=deadline_in(10)
+                ImageRef.parse(pushed.tag_ref), Credentials((WRONG,)), deadline=deadline_in(10)
             )
     message = str(raised.value)
     assert basic_registry.host in message
@@ -153,7 +159,7 @@ async def test_basic_auth_anonymous_is_unauthorized(basic_registry: RegistryEnv)
     async with RegistryClient(loopback_options(basic_registry.host)) as client:
         with pytest.raises(errors.Unauthorized, match="anonymous"):
             await client.resolve_digest(
-                ImageRef.parse(pushed.tag_ref), [], deadline=deadline_in(10)
+                ImageRef.parse(pushed.tag_ref), ANONYMOUS, deadline=deadline_in(10)
             )
 
 
@@ -163,7 +169,14 @@ async def test_second_credential_is_tried_when_the_first_is_refused(
     pushed = basic_registry.push.index(unique_repo("basictwo"), "v1")
     async with RegistryClient(loopback_options(basic_registry.host)) as client:
         digest = await client.resolve_digest(
-            ImageRef.parse(pushed.tag_ref), [WRONG, ALICE], deadline=deadline_in(10)
+            ImageRef.parse(pushed.tag_ref),
+            Credentials(
+                (
+                    WRONG,
+                    ALICE,
+                )
+            ),
+            deadline=deadline_in(10),
         )
     assert digest == pushed.digest
 
@@ -175,12 +188,20 @@ async def test_token_auth_reuses_the_token(token_registry: RegistryEnv) -> None:
     ref = ImageRef.parse(pushed.tag_ref)
     token_registry.issuer.reset_counts()
     async with RegistryClient(loopback_options(token_registry.host)) as client:
-        assert await client.resolve_digest(ref, [BOB], deadline=deadline_in(10)) == pushed.digest
+        assert (
+            await client.resolve_digest(ref, Credentials((BOB,)), deadline=deadline_in(10))
+            == pushed.digest
+        )
         assert token_registry.issuer.request_count == 1
-        assert await client.resolve_digest(ref, [BOB], deadline=deadline_in(10)) == pushed.digest
+        assert (
+            await client.resolve_digest(ref, Credentials((BOB,)), deadline=deadline_in(10))
+            == pushed.digest
+        )
         assert token_registry.issuer.request_count == 1
         # Another repository is another scope: a new token.
-        await client.resolve_digest(ImageRef.parse(other.tag_ref), [BOB], deadline=deadline_in(10))
+        await client.resolve_digest(
+            ImageRef.parse(other.tag_ref), Credentials((BOB,)), deadline=deadline_in(10)
+        )
         assert token_registry.issuer.request_count == 2
     request = token_registry.issuer.requests[0]
     assert request.username == "bob"
@@ -194,8 +215,17 @@ async def test_token_auth_wrong_then_right_credential(token_registry: RegistryEn
     async with RegistryClient(loopback_options(token_registry.host)) as client:
         ref = ImageRef.parse(pushed.tag_ref)
         with pytest.raises(errors.Unauthorized, match="1 credential"):
-            await client.resolve_digest(ref, [wrong_bob], deadline=deadline_in(10))
-        digest = await client.resolve_digest(ref, [wrong_bob, BOB], deadline=deadline_in(10))
+            await client.resolve_digest(ref, Credentials((wrong_bob,)), deadline=deadline_in(10))
+        digest = await client.resolve_digest(
+            ref,
+            Credentials(
+                (
+                    wrong_bob,
+                    BOB,
+                )
+            ),
+            deadline=deadline_in(10),
+        )
     assert digest == pushed.digest
 
 
@@ -206,7 +236,10 @@ async def test_concurrent_resolves_share_one_token(token_registry: RegistryEnv) 
     token_registry.issuer.reset_counts()
     async with RegistryClient(loopback_options(token_registry.host)) as client:
         digests = await asyncio.gather(
-            *(client.resolve_digest(ref, [BOB], deadline=deadline_in(10)) for _ in range(8))
+            *(
+                client.resolve_digest(ref, Credentials((BOB,)), deadline=deadline_in(10))
+                for _ in range(8)
+            )
         )
     assert set(digests) == {pushed.digest}
     assert token_registry.issuer.request_count == 1
@@ -222,7 +255,16 @@ async def test_debug_logs_never_carry_secrets(
     async with RegistryClient(loopback_options(*hosts)) as client:
         for pushed, credential in ((basic, ALICE), (token, BOB)):
             ref = ImageRef.parse(pushed.tag_ref)
-            await client.resolve_digest(ref, [WRONG, credential], deadline=deadline_in(10))
+            await client.resolve_digest(
+                ref,
+                Credentials(
+                    (
+                        WRONG,
+                        credential,
+                    )
+                ),
+                deadline=deadline_in(10),
+            )
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("webhook.oci.")]
     assert any(message.startswith("HEAD ") for message in ours)  # exchanges are logged
     # httpx and httpcore log too, at the same level: nothing anywhere may carry a secret.
@@ -250,7 +292,7 @@ async def test_head_asks_for_all_four_manifest_types(
     faults: FaultServer, fault_client: RegistryClient
 ) -> None:
     faults.route(MANIFEST_PATH, manifest_reply(sample_index()))
-    await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+    await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
     (request,) = faults.requests
     assert request.method == "HEAD"
     assert [t.strip() for t in request.headers["accept"].split(",")] == list(MANIFEST_MEDIA_TYPES)
@@ -262,7 +304,9 @@ async def test_5xx_is_retried_then_succeeds(
 ) -> None:
     body = sample_index()
     faults.route(MANIFEST_PATH, *scripted(503, 502, then=manifest_reply(body)))
-    digest = await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+    digest = await fault_client.resolve_digest(
+        fault_ref(faults), ANONYMOUS, deadline=deadline_in(5)
+    )
     assert digest == sha256_digest(body)
     assert faults.count("HEAD", MANIFEST_PATH) == 3
 
@@ -272,7 +316,7 @@ async def test_5xx_after_the_last_attempt_is_unavailable(
 ) -> None:
     faults.route(MANIFEST_PATH, error_reply(500))
     with pytest.raises(errors.RegistryUnavailable, match="after 3 attempts"):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
     assert faults.count(path=MANIFEST_PATH) == 3
 
 
@@ -286,7 +330,7 @@ async def test_429_retry_after_is_honoured(
     )
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+    await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
     assert loop.time() - started >= 0.95  # backoff alone would be ~0.01 s
     assert faults.count("HEAD", MANIFEST_PATH) == 2
 
@@ -298,7 +342,7 @@ async def test_retry_after_beyond_the_deadline_fails_without_waiting(
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(errors.RegistryUnavailable, match="deadline"):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(2))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(2))
     assert loop.time() - started < 1
     assert faults.count(path=MANIFEST_PATH) == 1
 
@@ -311,7 +355,7 @@ async def test_slow_upstream_hits_the_deadline(
     started = loop.time()
     deadline = started + 0.3
     with pytest.raises(errors.DeadlineExceeded):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline)
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline)
     assert faults.hanging.is_set()
     assert loop.time() < deadline + 0.15
 
@@ -321,7 +365,7 @@ async def test_passed_deadline_sends_nothing(
 ) -> None:
     faults.route(MANIFEST_PATH, manifest_reply(sample_index()))
     with pytest.raises(errors.DeadlineExceeded):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(-1))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(-1))
     assert faults.requests == []
 
 
@@ -330,7 +374,9 @@ async def test_missing_digest_header_falls_back_to_hashing_the_get_body(
 ) -> None:
     body = sample_index()
     faults.route(MANIFEST_PATH, manifest_reply(body, digest=None))
-    digest = await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+    digest = await fault_client.resolve_digest(
+        fault_ref(faults), ANONYMOUS, deadline=deadline_in(5)
+    )
     assert digest == sha256_digest(body)
     assert [r.method for r in faults.requests] == ["HEAD", "GET"]
     assert "application/vnd.oci.image.index.v1+json" in faults.requests[1].headers["accept"]
@@ -346,7 +392,9 @@ async def test_content_length_minus_one_falls_back_to_get(
     ).encode()
     faults.route(MANIFEST_PATH, Reply(raw_head=head), method="HEAD")
     faults.route(MANIFEST_PATH, manifest_reply(body), method="GET")
-    digest = await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+    digest = await fault_client.resolve_digest(
+        fault_ref(faults), ANONYMOUS, deadline=deadline_in(5)
+    )
     assert digest == sha256_digest(body)
     assert faults.count("HEAD") == 1  # a malformed answer is not retried
     assert faults.count("GET") == 1
@@ -360,7 +408,9 @@ async def test_405_on_head_falls_back_to_get(
     faults.route(
         MANIFEST_PATH, manifest_reply(body, media_type=FAULT_DOCKER_MANIFEST), method="GET"
     )
-    digest = await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+    digest = await fault_client.resolve_digest(
+        fault_ref(faults), ANONYMOUS, deadline=deadline_in(5)
+    )
     assert digest == sha256_digest(body)
 
 
@@ -371,7 +421,7 @@ async def test_body_not_matching_its_digest_header_is_a_mismatch(
     faults.route(MANIFEST_PATH, Reply(200, {"Content-Type": OCI_INDEX}), method="HEAD")
     faults.route(MANIFEST_PATH, manifest_reply(body, digest=sha256_digest(b"other")), method="GET")
     with pytest.raises(errors.DigestMismatch):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
 
 
 async def test_registry_serving_another_digest_than_asked_is_a_mismatch(
@@ -383,7 +433,7 @@ async def test_registry_serving_another_digest_than_asked_is_a_mismatch(
     faults.route(path, manifest_reply(body))
     with pytest.raises(errors.DigestMismatch):
         await fault_client.resolve_digest(
-            ImageRef.parse(f"{faults.host}/team/app@{asked}"), [], deadline=deadline_in(5)
+            ImageRef.parse(f"{faults.host}/team/app@{asked}"), ANONYMOUS, deadline=deadline_in(5)
         )
 
 
@@ -392,14 +442,14 @@ async def test_invalid_digest_header_on_get_is_a_protocol_error(
 ) -> None:
     faults.route(MANIFEST_PATH, manifest_reply(sample_index(), digest="md5:abc"))
     with pytest.raises(errors.ProtocolError, match="invalid Docker-Content-Digest"):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
 
 
 async def test_schema1_answer_is_refused(faults: FaultServer, fault_client: RegistryClient) -> None:
     media_type = "application/vnd.docker.distribution.manifest.v1+prettyjws"
     faults.route(MANIFEST_PATH, manifest_reply(b"{}", media_type=media_type))
     with pytest.raises(errors.ProtocolError, match="schema1"):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
 
 
 async def test_connection_reset_is_retried_then_unavailable(
@@ -407,7 +457,7 @@ async def test_connection_reset_is_retried_then_unavailable(
 ) -> None:
     faults.route(MANIFEST_PATH, Reply(reset=True))
     with pytest.raises(errors.RegistryUnavailable, match="after 3 attempts"):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
     assert faults.count(path=MANIFEST_PATH) == 3
 
 
@@ -416,7 +466,9 @@ async def test_connection_reset_then_success(
 ) -> None:
     body = sample_index()
     faults.route(MANIFEST_PATH, Reply(reset=True), manifest_reply(body))
-    digest = await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+    digest = await fault_client.resolve_digest(
+        fault_ref(faults), ANONYMOUS, deadline=deadline_in(5)
+    )
     assert digest == sha256_digest(body)
     assert faults.count(path=MANIFEST_PATH) == 2
 
@@ -428,7 +480,7 @@ async def test_redirect_to_a_forbidden_host_is_refused(
         MANIFEST_PATH, Reply(307, {"Location": "http://169.254.169.254/latest/meta-data/"})
     )
     with pytest.raises(errors.ForbiddenHost):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
     assert faults.count() == 1
 
 
@@ -438,7 +490,9 @@ async def test_redirect_to_an_allowed_host_is_followed(
     body = sample_index()
     faults.route(MANIFEST_PATH, Reply(307, {"Location": "/elsewhere/manifest"}))
     faults.route("/elsewhere/manifest", manifest_reply(body))
-    digest = await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+    digest = await fault_client.resolve_digest(
+        fault_ref(faults), ANONYMOUS, deadline=deadline_in(5)
+    )
     assert digest == sha256_digest(body)
 
 
@@ -447,7 +501,7 @@ async def test_endless_redirects_are_a_protocol_error(
 ) -> None:
     faults.route(MANIFEST_PATH, Reply(302, {"Location": MANIFEST_PATH}))
     with pytest.raises(errors.ProtocolError, match="redirects"):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
     assert faults.count() == 6
 
 
@@ -456,7 +510,7 @@ async def test_image_host_outside_the_allow_list_is_refused(faults: FaultServer)
     options = RegistryOptions(insecure_registries=frozenset({faults.host}))
     async with RegistryClient(options) as client:
         with pytest.raises(errors.ForbiddenHost):
-            await client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+            await client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
     assert faults.requests == []
 
 
@@ -474,8 +528,8 @@ async def test_cached_token_refused_is_dropped_and_refetched_once(
         Reply(200, {"Content-Type": "application/json"}, b'{"token":"first"}'),
         Reply(200, {"Content-Type": "application/json"}, b'{"access_token":"second"}'),
     )
-    await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
-    await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+    await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
+    await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
     sent = [r.headers.get("authorization") for r in faults.requests_to(MANIFEST_PATH)]
     assert sent == [None, "Bearer first", "Bearer first", "Bearer second"]
     assert faults.count(path="/token") == 2
@@ -490,7 +544,9 @@ async def test_401_without_challenge_reuses_the_ping_challenge(
 ) -> None:
     faults.route(MANIFEST_PATH, error_reply(401), manifest_reply(sample_index()))
     faults.route("/v2/", error_reply(401, headers={"WWW-Authenticate": 'basic realm="gcr"'}))
-    await fault_client.resolve_digest(fault_ref(faults), [ALICE], deadline=deadline_in(5))
+    await fault_client.resolve_digest(
+        fault_ref(faults), Credentials((ALICE,)), deadline=deadline_in(5)
+    )
     sent = [r.headers.get("authorization") for r in faults.requests_to(MANIFEST_PATH)]
     assert sent[0] is None
     assert sent[1] is not None and sent[1].startswith("Basic ")
@@ -503,7 +559,14 @@ async def test_forbidden_for_every_credential_is_unauthorized(
     faults.route(MANIFEST_PATH, error_reply(403, "DENIED"))
     with pytest.raises(errors.Unauthorized, match="2 credential"):
         await fault_client.resolve_digest(
-            fault_ref(faults), [WRONG, ALICE], deadline=deadline_in(5)
+            fault_ref(faults),
+            Credentials(
+                (
+                    WRONG,
+                    ALICE,
+                )
+            ),
+            deadline=deadline_in(5),
         )
     assert faults.count(path=MANIFEST_PATH) == 3  # both credentials, then anonymous
 
@@ -530,7 +593,9 @@ async def test_https_registry_with_a_private_ca(
     tls_faults.route(MANIFEST_PATH, manifest_reply(body))
     options = RegistryOptions(allowed_hosts=frozenset({"127.0.0.1"}), ca_bundle=str(tls_files[0]))
     async with RegistryClient(options) as client:
-        digest = await client.resolve_digest(fault_ref(tls_faults), [], deadline=deadline_in(5))
+        digest = await client.resolve_digest(
+            fault_ref(tls_faults), ANONYMOUS, deadline=deadline_in(5)
+        )
     assert digest == sha256_digest(body)
 
 
@@ -541,7 +606,7 @@ async def test_https_registry_with_an_untrusted_certificate_is_not_retried(
     options = RegistryOptions(allowed_hosts=frozenset({"127.0.0.1"}))
     async with RegistryClient(options) as client:
         with pytest.raises(errors.RegistryUnavailable, match="certificate"):
-            await client.resolve_digest(fault_ref(tls_faults), [], deadline=deadline_in(5))
+            await client.resolve_digest(fault_ref(tls_faults), ANONYMOUS, deadline=deadline_in(5))
 
 
 async def test_plain_http_realm_of_an_https_registry_is_refused(
@@ -553,7 +618,9 @@ async def test_plain_http_realm_of_an_https_registry_is_refused(
     options = RegistryOptions(allowed_hosts=frozenset({"127.0.0.1"}), ca_bundle=str(tls_files[0]))
     async with RegistryClient(options) as client:
         with pytest.raises(errors.ProtocolError, match="plain http"):
-            await client.resolve_digest(fault_ref(tls_faults), [BOB], deadline=deadline_in(5))
+            await client.resolve_digest(
+                fault_ref(tls_faults), Credentials((BOB,)), deadline=deadline_in(5)
+            )
     assert faults.requests == []
     assert tls_faults.count("GET") == 0  # a policy refusal is not a reason to try GET
 
@@ -605,7 +672,7 @@ async def test_expired_token_is_not_reused_and_missing_expiry_defaults(
     fresh = b'{"token":"new"}'  # no expires_in, as ghcr.io answers: 60 s
     faults.route("/token", Reply(200, {}, stale), Reply(200, {}, fresh))
     for _ in range(3):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
     sent = [r.headers.get("authorization") for r in faults.requests_to(MANIFEST_PATH)]
     assert sent == [None, "Bearer old", "Bearer new", "Bearer new"]
     assert faults.count(path="/token") == 2
@@ -624,7 +691,9 @@ async def test_cross_origin_redirect_drops_the_authorization_header(
             # The manifest came from the redirect target: a digest is only taken from the
             # registry itself (see test_a_manifest_from_a_redirect_target_is_not_pinned).
             with pytest.raises(errors.ProtocolError, match="only taken from the registry"):
-                await client.resolve_digest(fault_ref(faults), [ALICE], deadline=deadline_in(5))
+                await client.resolve_digest(
+                    fault_ref(faults), Credentials((ALICE,)), deadline=deadline_in(5)
+                )
         assert faults.requests_to(MANIFEST_PATH)[1].headers["authorization"].startswith("Basic ")
         assert all("authorization" not in r.headers for r in other.requests_to("/m"))
 
@@ -644,7 +713,9 @@ async def test_a_redirect_targets_challenge_is_never_answered_with_the_registrys
         other.route("/token", Reply(200, {"Content-Type": "application/json"}, b'{"token":"b"}'))
         async with RegistryClient(loopback_options(faults.host, other.host)) as client:
             with pytest.raises(errors.ProtocolError, match="never sent to another host"):
-                await client.resolve_digest(fault_ref(faults), [ALICE], deadline=deadline_in(5))
+                await client.resolve_digest(
+                    fault_ref(faults), Credentials((ALICE,)), deadline=deadline_in(5)
+                )
         assert other.requests_to("/token") == []
         assert all("authorization" not in r.headers for r in other.requests)
         assert all("authorization" not in r.headers for r in faults.requests)
@@ -672,10 +743,10 @@ async def test_one_repositorys_unusable_challenge_does_not_fail_another(
         for _ in range(2):
             with pytest.raises(errors.ForbiddenHost):
                 await client.resolve_digest(
-                    ImageRef.parse(f"{faults.host}/team/x:1.0"), [], deadline=deadline_in(5)
+                    ImageRef.parse(f"{faults.host}/team/x:1.0"), ANONYMOUS, deadline=deadline_in(5)
                 )
         digest = await client.resolve_digest(
-            ImageRef.parse(f"{faults.host}/team/y:1.0"), [], deadline=deadline_in(5)
+            ImageRef.parse(f"{faults.host}/team/y:1.0"), ANONYMOUS, deadline=deadline_in(5)
         )
     assert digest == sha256_digest(body)
     assert len(faults.requests_to("/v2/team/x/manifests/1.0")) == 2
@@ -692,7 +763,7 @@ async def test_a_page_is_not_pinned_as_a_manifest(
     page = Reply(200, {"Content-Type": "text/html; charset=utf-8"}, b"<html>login</html>")
     faults.route(MANIFEST_PATH, page)
     with pytest.raises(errors.ProtocolError, match="answered text/html, not a manifest"):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
 
 
 async def test_json_that_is_not_a_manifest_is_not_pinned(
@@ -700,7 +771,7 @@ async def test_json_that_is_not_a_manifest_is_not_pinned(
 ) -> None:
     faults.route(MANIFEST_PATH, manifest_reply(b'{"hello": "world"}', digest=None))
     with pytest.raises(errors.ProtocolError, match="is not a manifest"):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
 
 
 async def test_a_head_digest_with_a_page_content_type_is_not_trusted(
@@ -711,7 +782,7 @@ async def test_a_head_digest_with_a_page_content_type_is_not_trusted(
     faults.route(MANIFEST_PATH, head, method="HEAD")
     faults.route(MANIFEST_PATH, Reply(200, {"Content-Type": "text/html"}, b"x"), method="GET")
     with pytest.raises(errors.ProtocolError, match="not a manifest"):
-        await fault_client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
 
 
 async def test_a_manifest_from_a_redirect_target_is_not_pinned(faults: FaultServer) -> None:
@@ -720,4 +791,4 @@ async def test_a_manifest_from_a_redirect_target_is_not_pinned(faults: FaultServ
         other.route("/m", manifest_reply(sample_index(), digest=None))
         async with RegistryClient(loopback_options(faults.host, other.host)) as client:
             with pytest.raises(errors.ProtocolError, match="only taken from the registry itself"):
-                await client.resolve_digest(fault_ref(faults), [], deadline=deadline_in(5))
+                await client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))

@@ -21,7 +21,7 @@ from tests.test_registry import ALICE, MANIFEST_PATH, deadline_in, fault_ref, lo
 from tests.test_registry import unique_repo as new_repo
 from webhook import errors
 from webhook.oci.auth import OAUTH_CLIENT_ID
-from webhook.oci.credential import Credential
+from webhook.oci.credential import Credential, Credentials
 from webhook.oci.reference import ImageRef
 from webhook.oci.registry import RegistryClient
 
@@ -62,9 +62,9 @@ async def test_an_identity_token_is_exchanged_with_an_oauth2_post(
     refresh = issuer.issue_refresh_token()
     ref = ImageRef.parse(pushed.tag_ref)
     for _ in range(2):  # the second one uses the cached bearer token
-        assert await client.resolve_digest(ref, [identity(refresh)], deadline=deadline_in(10)) == (
-            pushed.digest
-        )
+        assert await client.resolve_digest(
+            ref, Credentials((identity(refresh),)), deadline=deadline_in(10)
+        ) == (pushed.digest)
     [request] = issuer.requests
     assert (request.method, request.grant_type, request.status) == ("POST", "refresh_token", 200)
     assert request.client_id == OAUTH_CLIENT_ID
@@ -83,7 +83,7 @@ async def test_a_rotated_refresh_token_is_kept_for_the_next_exchange(
     with issuer.oauth(rotate=True):
         for pushed in (first, second):  # two scopes: two exchanges
             digest = await client.resolve_digest(
-                ImageRef.parse(pushed.tag_ref), [credential], deadline=deadline_in(10)
+                ImageRef.parse(pushed.tag_ref), Credentials((credential,)), deadline=deadline_in(10)
             )
             assert digest == pushed.digest
     presented = [r.refresh_token for r in issuer.requests]
@@ -110,7 +110,9 @@ async def test_a_token_service_without_oauth2_is_asked_with_get(
     refresh = issuer.issue_refresh_token()
     with issuer.oauth(post_status=post_status):
         digest = await client.resolve_digest(
-            ImageRef.parse(pushed.tag_ref), [identity(refresh, username)], deadline=deadline_in(10)
+            ImageRef.parse(pushed.tag_ref),
+            Credentials((identity(refresh, username),)),
+            deadline=deadline_in(10),
         )
     assert digest == pushed.digest
     post, get = issuer.requests
@@ -131,7 +133,9 @@ async def test_405_without_a_username_is_not_retried_with_get(
     refresh = issuer.issue_refresh_token()
     with issuer.oauth(post_status=405), pytest.raises(errors.ProtocolError, match="405"):
         await client.resolve_digest(
-            ImageRef.parse(pushed.tag_ref), [identity(refresh)], deadline=deadline_in(10)
+            ImageRef.parse(pushed.tag_ref),
+            Credentials((identity(refresh),)),
+            deadline=deadline_in(10),
         )
     assert [r.method for r in issuer.requests] == ["POST"]
 
@@ -147,7 +151,14 @@ async def test_a_refused_identity_token_moves_on_and_never_shows(
     good = Credential("bob", "builder", source="test bob")
     caplog.set_level(logging.DEBUG)
     digest = await client.resolve_digest(
-        ImageRef.parse(pushed.tag_ref), [identity(bad), good], deadline=deadline_in(10)
+        ImageRef.parse(pushed.tag_ref),
+        Credentials(
+            (
+                identity(bad),
+                good,
+            )
+        ),
+        deadline=deadline_in(10),
     )
     assert digest == pushed.digest
     # POST refused (400 invalid_grant), GET refused (401): the next credential is tried.
@@ -159,7 +170,7 @@ async def test_a_refused_identity_token_moves_on_and_never_shows(
     assert bad not in caplog.text
     with pytest.raises(errors.Unauthorized) as raised:
         await client.resolve_digest(
-            ImageRef.parse(pushed.tag_ref), [identity(bad)], deadline=deadline_in(10)
+            ImageRef.parse(pushed.tag_ref), Credentials((identity(bad),)), deadline=deadline_in(10)
         )
     assert bad not in str(raised.value)
 
@@ -172,12 +183,28 @@ async def test_a_token_post_is_never_redirected(faults: FaultServer) -> None:
         async with RegistryClient(loopback_options(faults.host, other.host)) as client:
             with pytest.raises(errors.ProtocolError, match="307"):
                 await client.resolve_digest(
-                    fault_ref(faults), [identity("secret-refresh")], deadline=deadline_in(5)
+                    fault_ref(faults),
+                    Credentials((identity("secret-refresh"),)),
+                    deadline=deadline_in(5),
                 )
         assert other.requests == []  # the refresh token in the form never left for it
         [post] = faults.requests_to("/token")
         assert post.method == "POST"
         assert post.headers["content-type"].startswith("application/x-www-form-urlencoded")
+
+
+async def test_a_refresh_token_post_is_sent_once(faults: FaultServer) -> None:
+    # The token service may have rotated the refresh token before its answer was lost: a
+    # retry would present a token it has just retired, and be refused.
+    challenge = f'Bearer realm="{faults.url}/token",service="s"'
+    faults.route(MANIFEST_PATH, error_reply(401, headers={"WWW-Authenticate": challenge}))
+    faults.route("/token", error_reply(503), method="POST")
+    async with RegistryClient(loopback_options(faults.host, max_attempts=3)) as client:
+        with pytest.raises(errors.RegistryUnavailable, match="503"):
+            await client.resolve_digest(
+                fault_ref(faults), Credentials((identity("refresh"),)), deadline=deadline_in(5)
+            )
+    assert faults.count("POST", "/token") == 1
 
 
 # -- registry tokens ----------------------------------------------------------------------
@@ -190,7 +217,7 @@ async def test_a_registry_token_is_sent_as_the_bearer_token(
     token = issuer.mint([Access("repository", pushed.repo, ("pull",))], subject="bob")
     credential = Credential("", "", source="test registry token", registry_token=token)
     digest = await client.resolve_digest(
-        ImageRef.parse(pushed.tag_ref), [credential], deadline=deadline_in(10)
+        ImageRef.parse(pushed.tag_ref), Credentials((credential,)), deadline=deadline_in(10)
     )
     assert digest == pushed.digest
     assert issuer.requests == []  # no token request: the registry took it as it is
@@ -203,7 +230,9 @@ async def test_a_refused_registry_token_is_not_sent_twice(faults: FaultServer) -
     credential = Credential("", "", source="test stale token", registry_token="stale")
     async with RegistryClient(loopback_options(faults.host)) as client:
         with pytest.raises(errors.Unauthorized):
-            await client.resolve_digest(fault_ref(faults), [credential], deadline=deadline_in(5))
+            await client.resolve_digest(
+                fault_ref(faults), Credentials((credential,)), deadline=deadline_in(5)
+            )
     sent = [r.headers.get("authorization") for r in faults.requests_to(MANIFEST_PATH)]
     # Unauthenticated, the registry token once, then anonymous access with its own token.
     assert sent == [None, "Bearer stale", None, "Bearer anon"]
@@ -224,7 +253,16 @@ async def test_a_token_does_not_answer_a_basic_challenge(
     basic = error_reply(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
     faults.route(MANIFEST_PATH, basic, basic, manifest_reply(sample_index()))
     async with RegistryClient(loopback_options(faults.host)) as client:
-        await client.resolve_digest(fault_ref(faults), [token_only, ALICE], deadline=deadline_in(5))
+        await client.resolve_digest(
+            fault_ref(faults),
+            Credentials(
+                (
+                    token_only,
+                    ALICE,
+                )
+            ),
+            deadline=deadline_in(5),
+        )
     sent = [r.headers.get("authorization") for r in faults.requests_to(MANIFEST_PATH)]
     alice = "Basic " + base64.b64encode(b"alice:wonderland").decode()
     # The token credential is skipped without a request of its own; ALICE answers.
@@ -238,7 +276,9 @@ async def test_an_empty_credential_is_anonymous_access_tried_once(
     empty = Credential("", "", source="test empty entry")
     async with RegistryClient(loopback_options(faults.host)) as client:
         with pytest.raises(errors.Unauthorized, match="anonymous"):
-            await client.resolve_digest(fault_ref(faults), [empty], deadline=deadline_in(5))
+            await client.resolve_digest(
+                fault_ref(faults), Credentials((empty,)), deadline=deadline_in(5)
+            )
     assert [r.headers.get("authorization") for r in faults.requests] == [None]
 
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.harness.fixtures import RegistryEnv, docker_config
+from tests.harness.redisserver import RunningRedis
 from tests.reviews import review
+from tests.test_sharedcache import eventually
 from webhook.admission import parse_review
-from webhook.config import load_settings_file
-from webhook.runtime import Runtime
+from webhook.config import RedisSettings, load_settings_file
+from webhook.oci.registry import RegistryClient
+from webhook.oci.transport import RegistryOptions
+from webhook.resolve import StaticDigestResolver
+from webhook.runtime import Runtime, _Resolving
+from webhook.sharedcache import RedisSharedCache
 
 
 def write_config(path: Path, host: str, extra: str = "", registry: str = "") -> Path:
@@ -108,3 +115,23 @@ async def test_a_config_directory_reloads_when_a_file_is_added(
         assert runtime.settings.require_digest
         ready, reason = runtime.readiness()
         assert ready and "requireDigest is set in both" in reason
+
+
+class _FailsToClose(RegistryClient):
+    async def aclose(self) -> None:
+        await super().aclose()
+        raise RuntimeError("the registry client failed to close")
+
+
+async def test_the_shared_cache_is_closed_when_the_registry_client_fails_to_close() -> None:
+    # Before: an exception from the client's aclose skipped the shared cache's, leaving its
+    # channel subscription and connections open.
+    with RunningRedis() as redis_server:
+        shared = RedisSharedCache(RedisSettings(url=redis_server.url, timeout_seconds=1))
+        await shared.__aenter__()
+        await eventually(lambda: shared.subscribed, "subscribed")
+        resolving = _Resolving(StaticDigestResolver({}), _FailsToClose(RegistryOptions()), shared)
+        with pytest.raises(RuntimeError, match="failed to close"):
+            await resolving.aclose()
+        assert resolving.client is not None and resolving.client._transport.http.is_closed
+        assert not shared.subscribed

@@ -29,6 +29,7 @@ from typing import Protocol, TypeVar
 from .config import CacheSettings
 from .errors import NotFound, ResolveError, Unauthorized
 from .kube import PullSecretSource
+from .metrics import EVICTED
 from .oci.credential import ANONYMOUS, Credential, Credentials, PullContext
 from .oci.credhelper import DockerConfig
 from .oci.credprovider import CredentialProviders
@@ -307,7 +308,7 @@ class CachingResolver:
             self._on_event("stale")
             return Resolution(stale, stale=True)
         if _bounded_put(self._entries, key, entry, self._settings.max_entries):
-            self._on_event("evicted")
+            self._on_event(EVICTED)
         self._failures.pop(scoped, None)
         return Resolution(entry.digest)
 

@@ -101,10 +101,12 @@ class _Resolving:
     owners: OwnerPins | None = None
 
     async def aclose(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-        if self.shared is not None:
-            await self.shared.aclose()
+        # Each is closed even when closing another fails (the stack raises once all have run).
+        async with AsyncExitStack() as closing:
+            if self.shared is not None:
+                closing.push_async_callback(self.shared.aclose)
+            if self.client is not None:
+                closing.push_async_callback(self.client.aclose)  # first: the stack unwinds
 
 
 class Runtime:

@@ -32,14 +32,16 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 from urllib.parse import urlencode
 
 import httpx
 
-from ..errors import DeadlineExceeded, ForbiddenHost, ProtocolError
+from ..errors import DeadlineExceeded, ForbiddenHost, ProtocolError, RegistryUnavailable
 from .credential import Credential
 from .transport import Reply, Transport, describe, same_origin
 
@@ -154,26 +156,77 @@ class _Sent:
 
 _TokenKey = tuple[str, str, str]  # host, scope, credential identity
 _RefreshKey = tuple[str, str, str]  # credential identity, realm, service
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(slots=True)
+class _Users:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    count: int = 0  # holding or waiting
+
+
+class _LockTable(Generic[K]):
+    """One lock per key, kept only while someone holds or awaits it.
+
+    The keys hold repositories from image names, so a table that kept them would grow with
+    every new name; evicting a lock that is held or awaited would let a second holder in.
+    Dropping each lock as its last user leaves does neither: the table holds no more locks
+    than there are lookups under way (see ``registry._Permits``).
+    """
+
+    def __init__(self) -> None:
+        self._users: dict[K, _Users] = {}
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    @asynccontextmanager
+    async def hold(self, key: K, deadline: float, host: str) -> AsyncIterator[None]:
+        users = self._users.setdefault(key, _Users())
+        users.count += 1
+        try:
+            await _acquire_within(users.lock, deadline, host)
+            try:
+                yield
+            finally:
+                users.lock.release()
+        finally:
+            users.count -= 1
+            if users.count == 0:
+                del self._users[key]
+
+
+async def _acquire_within(lock: asyncio.Lock, deadline: float, host: str) -> None:
+    try:
+        async with asyncio.timeout_at(deadline):
+            await lock.acquire()
+    except TimeoutError as exc:
+        raise DeadlineExceeded(f"waiting for a token for {host}") from exc
 
 
 class Authenticator:
     """The challenge and token caches of one registry client; one per process."""
 
     def __init__(
-        self, transport: Transport, *, clock: Callable[[], float] = time.monotonic
+        self,
+        transport: Transport,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        cache_limit: int = TOKEN_CACHE_LIMIT,
     ) -> None:
         self._transport = transport
         self._clock = clock
+        self._limit = cache_limit  # entries in each cache below
         # (host, repository) -> the challenge last seen for it; host -> one that worked.
         self._challenges: dict[tuple[str, str], tuple[Challenge, float]] = {}
         self._proven: dict[str, tuple[Challenge, float]] = {}
-        self._tokens: dict[_TokenKey, _Token] = {}
-        self._token_locks: dict[_TokenKey, asyncio.Lock] = {}
+        self._tokens: dict[_TokenKey, _Token] = {}  # oldest first
+        self._token_locks: _LockTable[_TokenKey] = _LockTable()
         # (credential identity, realm, service) -> the refresh token that replaced the
         # credential's identity token; one exchange at a time for each, so none uses a token
         # another just rotated away.
         self._refresh_tokens: dict[_RefreshKey, str] = {}
-        self._refresh_locks: dict[_RefreshKey, asyncio.Lock] = {}
+        self._refresh_locks: _LockTable[_RefreshKey] = _LockTable()
 
     async def exchange(
         self, target: Target, method: str, url: str, headers: Mapping[str, str]
@@ -222,7 +275,7 @@ class Authenticator:
 
     def _remember(self, target: Target, challenge: Challenge) -> None:
         expires = self._clock() + CHALLENGE_SECONDS
-        if len(self._challenges) >= TOKEN_CACHE_LIMIT:
+        if len(self._challenges) >= self._limit:
             self._challenges.clear()
         self._challenges[_repo_key(target)] = (challenge, expires)
         self._proven[target.host] = (challenge, expires)
@@ -305,21 +358,13 @@ class Authenticator:
         if cached is not None:
             return cached, True
         # One fetch per key at a time: concurrent admissions of one image share a token.
-        lock = self._token_locks.setdefault(key, asyncio.Lock())
-        try:
-            async with asyncio.timeout_at(target.deadline):
-                await lock.acquire()
-        except TimeoutError as exc:
-            raise DeadlineExceeded(f"waiting for a token for {target.host}") from exc
-        try:
+        async with self._token_locks.hold(key, target.deadline, target.host):
             cached = self._usable_token(key, stale)
             if cached is not None:
                 return cached, True
             token = await self._fetch_token(challenge, target)
             self._store_token(key, token)
             return token, False
-        finally:
-            lock.release()
 
     def _usable_token(self, key: _TokenKey, stale: _Token | None) -> _Token | None:
         token = self._tokens.get(key)
@@ -328,22 +373,22 @@ class Authenticator:
         return token
 
     def _store_token(self, key: _TokenKey, token: _Token) -> None:
-        if len(self._tokens) >= TOKEN_CACHE_LIMIT:
+        """Keep ``token``, within the limit: expired tokens go first, then the oldest."""
+        self._tokens.pop(key, None)  # stored again last, as the newest
+        if len(self._tokens) >= self._limit:
             now = time.monotonic()
             for old in [k for k, t in self._tokens.items() if t.expires_at <= now]:
                 del self._tokens[old]
-                self._token_locks.pop(old, None)
+        while len(self._tokens) >= self._limit:
+            del self._tokens[next(iter(self._tokens))]
         self._tokens[key] = token
 
     async def _fetch_token(self, challenge: Challenge, target: Target) -> _Token:
         events = self._transport.events
         try:
             token = await self._token_for(challenge, target)
-        except Rejected:
-            events.token_request(target.host, "rejected")
-            raise
-        except ProtocolError:
-            events.token_request(target.host, "error")
+        except Exception as exc:  # every failure counts; a cancellation is none
+            events.token_request(target.host, _token_failure(exc))
             raise
         events.token_request(target.host, "ok")
         return token
@@ -396,16 +441,7 @@ class Authenticator:
     ) -> _Token:
         """A bearer token for an identity token (an OAuth2 refresh token)."""
         key = (credential.identity(), str(url), service)
-        if len(self._refresh_locks) >= TOKEN_CACHE_LIMIT:
-            for idle in [k for k, held in self._refresh_locks.items() if not held.locked()]:
-                del self._refresh_locks[idle]
-        lock = self._refresh_locks.setdefault(key, asyncio.Lock())
-        try:
-            async with asyncio.timeout_at(target.deadline):
-                await lock.acquire()
-        except TimeoutError as exc:
-            raise DeadlineExceeded(f"waiting for a token for {target.host}") from exc
-        try:
+        async with self._refresh_locks.hold(key, target.deadline, target.host):
             refresh_token = self._refresh_tokens.get(key, credential.identity_token)
             try:
                 reply, oauth = await self._exchange_refresh_token(
@@ -419,8 +455,6 @@ class Authenticator:
             if rotated and rotated != refresh_token:
                 self._keep_refresh_token(key, rotated)
             return token
-        finally:
-            lock.release()
 
     async def _exchange_refresh_token(
         self, url: httpx.URL, service: str, target: Target, username: str, refresh_token: str
@@ -434,8 +468,10 @@ class Authenticator:
             "client_id": OAUTH_CLIENT_ID,
         }
         headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+        # Once: a token service that rotated the refresh token and lost its answer would
+        # refuse a retry, which presents the token it just retired.
         reply = await self._transport.exchange(
-            "POST", url, headers, target.deadline, content=urlencode(form).encode()
+            "POST", url, headers, target.deadline, content=urlencode(form).encode(), attempts=1
         )
         if reply.status in _POST_UNSUPPORTED or (reply.status == 405 and username):
             log.debug("token service %s answered POST with %d; GET", url.host, reply.status)
@@ -444,11 +480,18 @@ class Authenticator:
         return reply, True
 
     def _keep_refresh_token(self, key: _RefreshKey, refresh_token: str) -> None:
-        if key not in self._refresh_tokens and len(self._refresh_tokens) >= TOKEN_CACHE_LIMIT:
-            oldest = next(iter(self._refresh_tokens))
-            del self._refresh_tokens[oldest]
-            self._refresh_locks.pop(oldest, None)
+        if key not in self._refresh_tokens and len(self._refresh_tokens) >= self._limit:
+            del self._refresh_tokens[next(iter(self._refresh_tokens))]
         self._refresh_tokens[key] = refresh_token
+
+
+def _token_failure(exc: Exception) -> str:
+    """The result label of a failed token request, one of a few: a metric keeps every value."""
+    if isinstance(exc, Rejected):
+        return "rejected"
+    if isinstance(exc, DeadlineExceeded | RegistryUnavailable | ForbiddenHost):
+        return exc.reason  # timeout, unavailable, forbidden-host
+    return "error"  # the token service's answer was unusable, or something unforeseen
 
 
 def _token_key(target: Target) -> _TokenKey:

@@ -111,11 +111,7 @@ class RegistryClient:
         return tuple(m.image(ref) for m in self._options.mirrors.get(ref.registry.lower(), ()))
 
     async def resolve_digest(
-        self,
-        ref: ImageRef,
-        credentials: Credentials | Sequence[Credential],
-        *,
-        deadline: float,
+        self, ref: ImageRef, credentials: Credentials, *, deadline: float
     ) -> str:
         """The digest of the manifest the registry serves for ``ref``'s tag (or digest).
 
@@ -128,8 +124,6 @@ class RegistryClient:
         """
         if asyncio.get_running_loop().time() >= deadline:
             raise DeadlineExceeded(f"no time left to resolve {ref}")
-        if not isinstance(credentials, Credentials):
-            credentials = Credentials(tuple(credentials))
         failures: list[str] = []
         for mirror in self._options.mirrors.get(ref.registry.lower(), ()):
             try:
@@ -184,7 +178,7 @@ class RegistryClient:
         )
 
     async def manifest_exists(
-        self, ref: ImageRef, credentials: Credentials | Sequence[Credential], *, deadline: float
+        self, ref: ImageRef, credentials: Credentials, *, deadline: float
     ) -> bool:
         """Whether the registry has the manifest ``ref`` names by digest."""
         if ref.digest is None:

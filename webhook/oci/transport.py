@@ -187,14 +187,17 @@ class Transport:
         deadline: float,
         *,
         content: bytes | None = None,
+        attempts: int | None = None,
     ) -> Reply:
-        """One logical request, retried on 5xx, 429 and connection failures.
+        """One logical request, retried on 5xx, 429 and connection failures up to ``attempts``
+        times in all (by default the configured ``max_attempts``).
 
         A request with ``content`` (a token request's form, which may hold a refresh token)
         follows no redirect: its body would go wherever the answer points.
         """
         loop = asyncio.get_running_loop()
         shown = httpx.URL(url).copy_with(query=None)
+        limit = self._options.max_attempts if attempts is None else attempts
         attempt = 0
         while True:
             attempt += 1
@@ -211,8 +214,9 @@ class Transport:
                     return reply
                 problem = describe(reply)
                 self._refuse_exhausted_pull_limit(method, shown, reply)
-            if attempt >= self._options.max_attempts:
-                raise RegistryUnavailable(f"{method} {shown}: {problem} (after {attempt} attempts)")
+            if attempt >= limit:
+                tries = f" (after {attempt} attempts)" if attempt > 1 else ""
+                raise RegistryUnavailable(f"{method} {shown}: {problem}{tries}")
             delay = parse_retry_after(reply.headers.get("retry-after")) if reply else None
             if delay is None:
                 delay = self._options.backoff_base * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
