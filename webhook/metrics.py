@@ -184,7 +184,7 @@ class Metrics:
         self.token_requests = Counter(
             "pinhook_registry_token_requests",
             "Bearer tokens fetched from token services, by registry host and result (ok,"
-            " rejected, error); a cached token costs none",
+            " rejected, timeout, unavailable, forbidden-host, error); a cached token costs none",
             ["host", "result"],
             registry=self.registry,
         )
