@@ -365,7 +365,8 @@ async def test_require_digest_denies_an_invalid_reference(webhook_for: WebhookFa
     assert denied["allowed"] is False
     assert denied["status"]["code"] == 403
     assert denied["status"]["message"] == (
-        "pinhook: 'Nginx:1.27' at /spec/containers/1/image is not a valid reference"
+        "pinhook: /spec/containers/1/image: invalid reference 'Nginx:1.27':"
+        " repository name must be lowercase"
     )
     assert "patch" not in denied
     # In a kind that is only rewritten, it is left as it is, with a warning.
@@ -667,8 +668,7 @@ async def test_out_of_range_port_is_invalid_and_denied_under_require_digest() ->
         await hook.client.aclose()
     assert denied["allowed"] is False
     assert (
-        "/spec/predictor/custom/container/image is not a valid reference"
-        in (denied["status"]["message"])
+        "/spec/predictor/custom/container/image: invalid reference" in (denied["status"]["message"])
     )
 
 

@@ -32,6 +32,8 @@ SKIPPED: Final = "skipped"  # not looked at: kind off or unknown, excluded, skip
 AUDITED: Final = "audited"  # audit mode: computed, reported, not applied
 # Images that audit mode would have changed, in the images tally.
 WOULD_CHANGE: Final = "audited"
+# Room for "... (N more bytes)" at the end of a cut text: N is below the 8 MiB body limit.
+_CUT_MARK_BYTES: Final = 32
 
 
 class Decision(NamedTuple):
@@ -91,8 +93,8 @@ def decide(
             " pinhook handles in one object, and requireDigest is set"
         )
     elif invalid and require_digest:
-        field = invalid[0].field
-        denial = f"{field.image!r} at {field.pointer} is not a valid reference"
+        # The error quotes the image cut short: the image itself may be a megabyte.
+        denial = f"{invalid[0].field.pointer}: {invalid[0].error}"
     images: dict[str, int] = {"invalid": len(invalid)} if invalid else {}
     failures: dict[str, int] = {}
     outcome = AdmissionOutcome(warnings=list(plan.warnings), audit=dict(plan.audit))
@@ -131,6 +133,10 @@ def decide(
         images[kind] = images.get(kind, 0) + 1
     if denial is None and unpinned and require_digest:
         denial = f"cannot pin {_some(unpinned)} and requireDigest is set"
+    limits = plan.limits
+    if denial is not None:
+        # It becomes the status message, or the would-deny annotation and a warning.
+        denial = _cut(denial, limits.audit_annotation_bytes)
     if denial is not None and not audit:
         return Decision(_deny(denial), images, failures, DENIED, results)
     # What was left undone by pinhook's own limits comes first: a cap on warnings must not
@@ -144,7 +150,6 @@ def decide(
         )
     if not_looked_up:
         summary.append(f"pinhook: {len(not_looked_up)} images {not_looked_up[0]}")
-    limits = plan.limits
     outcome.warnings = _capped(summary + outcome.warnings, limits.warnings_per_response)
     if changed:
         outcome.audit["images"] = _bounded_json(changed, limits.audit_annotation_bytes)
@@ -193,6 +198,15 @@ def _capped(warnings: list[str], cap: int) -> list[str]:
         return warnings
     more = len(warnings) - (cap - 1)
     return [*warnings[: cap - 1], f"pinhook: {more} more warnings like these not shown"]
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` bytes of UTF-8, cut with a count of what was left out."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    kept = data[: limit - _CUT_MARK_BYTES].decode(errors="ignore")
+    return f"{kept}... ({len(data) - len(kept.encode())} more bytes)"
 
 
 def _bounded_json(items: list[str], limit: int) -> str:
