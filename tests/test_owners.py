@@ -118,6 +118,25 @@ async def test_owner_pinning_can_be_turned_off(
     assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{moved.digest}"
 
 
+async def test_audit_mode_records_no_owner_decision(
+    registry: RegistryEnv, build: Callable[..., Any]
+) -> None:
+    clock = Clock()
+    first = registry.push.image("rollout/audit", "stable")
+    image = first.tag_ref
+    audit = await build(registry.host, "mode: audit\n", clock)
+    request = parse_review(orjson.dumps(review(owned_pod(image, RS_A), namespace="web")))
+    assert audit.plan(request).owner is None
+    outcome = await audit.review(request)
+    assert outcome.audit["would-patch"] == f'["{image} -> {image}@{first.digest}"]'
+    assert audit.owners is not None and len(audit.owners) == 0
+    # After the switch to pin, the ReplicaSet's Pods get the tag's digest of now.
+    moved = registry.push.move_tag(first)
+    pin = await build(registry.host, "", clock)
+    pin.owners = audit.owners  # the same replica's owner map, carried over the reload
+    assert await admit(pin, owned_pod(image, RS_A)) == f"{image}@{moved.digest}"
+
+
 def test_the_owner_is_the_controller_and_its_revision() -> None:
     def owner(obj: dict[str, Any]) -> str | None:
         return pod_owner(obj, "web")

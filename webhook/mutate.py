@@ -172,7 +172,9 @@ class Mutator:
         if skip_ignored:
             problems.insert(0, SKIP_IGNORED)
         owner = None
-        if self.owners is not None and info.key == "pods":
+        # Only pin records an owner's decision: one taken in audit mode would outlive the
+        # switch to pin by ownerPinning.ttlSeconds and pin the owner's next Pods to it.
+        if self.owners is not None and mode is Mode.PIN and info.key == "pods":
             owner = pod_owner(obj, request.namespace)
         return RequestPlan(
             mode,
