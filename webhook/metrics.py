@@ -149,7 +149,8 @@ class Metrics:
         self.shared_cache_operations = Counter(
             "pinhook_shared_cache_operations",
             "Operations on the shared cache (Redis), by operation and result: hit, miss, ok,"
-            " busy (another replica holds the lookup), error, timeout, skipped (breaker open)",
+            " busy (another replica holds the lookup), error, timeout, skipped (breaker open),"
+            " deadline (the admission's time ran out first)",
             ["operation", "result"],
             registry=self.registry,
         )

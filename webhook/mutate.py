@@ -349,12 +349,12 @@ class Mutator:
                         f"{target.familiar_name()}; pinned tag {target.tag} there instead"
                     )
                 tagged = target.with_digest(None)
-                digest = await self._owner_digest(owner, tagged)
+                digest = await self._owner_digest(owner, tagged, deadline)
                 if digest is not None:
                     resolution = Resolution(digest)
                 else:
                     resolution = await self.resolver.resolve(tagged, scope, deadline)
-                    digest = await self._decide(owner, tagged, resolution.digest)
+                    digest = await self._decide(owner, tagged, resolution.digest, deadline)
                 if resolution.stale:
                     stale = f"registry failing for {target.familiar()}; used a cached digest"
                     warning = f"pinhook: {stale}" if warning is None else f"{warning}; {stale}"
@@ -365,15 +365,15 @@ class Mutator:
             failure = ResolveError(f"internal error ({type(exc).__name__})", reason="internal")
         return ImageResult(plan, render(plan, digest, self._output), digest, warning, failure)
 
-    async def _owner_digest(self, owner: str | None, ref: ImageRef) -> str | None:
+    async def _owner_digest(self, owner: str | None, ref: ImageRef, deadline: float) -> str | None:
         if owner is None or self.owners is None:
             return None
-        return await self.owners.recall(owner, ref)
+        return await self.owners.recall(owner, ref, deadline)
 
-    async def _decide(self, owner: str | None, ref: ImageRef, digest: str) -> str:
+    async def _decide(self, owner: str | None, ref: ImageRef, digest: str, deadline: float) -> str:
         if owner is None or self.owners is None:
             return digest
-        return await self.owners.decide(owner, ref, digest)
+        return await self.owners.decide(owner, ref, digest, deadline)
 
     # -- decide --------------------------------------------------------------------------------
 

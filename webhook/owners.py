@@ -59,11 +59,12 @@ class OwnerPins:
         self._decided.move_to_end(key)
         return digest
 
-    async def recall(self, owner: str, ref: ImageRef) -> str | None:
-        """The decision known here or in the fleet."""
+    async def recall(self, owner: str, ref: ImageRef, deadline: float) -> str | None:
+        """The decision known here or in the fleet; None when there is none, or the fleet did
+        not say by ``deadline`` (loop time)."""
         digest = self.peek(owner, ref)
         if digest is None and self._shared is not None:
-            digest = await self._shared.owner_digest(owner, _image(ref))
+            digest = await self._shared.owner_digest(owner, _image(ref), deadline)
             if digest is not None:
                 # Kept here no longer than the TTL from now: close enough to the fleet's.
                 self._keep(owner, ref, digest)
@@ -71,12 +72,14 @@ class OwnerPins:
             self._metrics.owner_pin("kept")
         return digest
 
-    async def decide(self, owner: str, ref: ImageRef, digest: str) -> str:
+    async def decide(self, owner: str, ref: ImageRef, digest: str, deadline: float) -> str:
         """Record ``digest`` for the owner unless another replica decided first; the digest
-        that holds."""
+        that holds (``digest`` itself when the fleet did not say by ``deadline``)."""
         decided = None
         if self._shared is not None:
-            decided = await self._shared.decide_owner(owner, _image(ref), digest, self._ttl)
+            decided = await self._shared.decide_owner(
+                owner, _image(ref), digest, self._ttl, deadline
+            )
         decided = decided or digest
         self._metrics.owner_pin("decided" if decided == digest else "kept")
         self._keep(owner, ref, decided)
