@@ -104,6 +104,21 @@ async def test_pods_of_one_replicaset_keep_its_digest_after_the_tag_moved(
     assert counts("pinhook_owner_pins_total", {"event": "decided"}) == 3
 
 
+async def test_decisions_kept_on_the_fast_path_are_counted(
+    registry: RegistryEnv, build: Callable[..., Any]
+) -> None:
+    pushed = [registry.push.image("rollout/two", tag) for tag in ("a", "b")]
+    mutator = await build(registry.host)
+    pod = owned_pod(pushed[0].tag_ref, RS_A)
+    pod["spec"]["containers"].append({"name": "d", "image": pushed[1].tag_ref})
+    for _ in range(3):
+        outcome = await mutator.review(parse_review(orjson.dumps(review(pod, namespace="web"))))
+        assert [op["value"] for op in outcome.patch] == [f"{p.tag_ref}@{p.digest}" for p in pushed]
+    counts = mutator.metrics.registry.get_sample_value
+    assert counts("pinhook_owner_pins_total", {"event": "decided"}) == 2
+    assert counts("pinhook_owner_pins_total", {"event": "kept"}) == 4  # two Pods, two images
+
+
 async def test_owner_pinning_can_be_turned_off(
     registry: RegistryEnv, build: Callable[..., Any]
 ) -> None:

@@ -237,6 +237,8 @@ class Mutator:
             results.append(result)
         if hits:
             self.metrics.cache_event("hit", hits)
+            if plan.owner is not None:
+                self.metrics.owner_pin("kept", hits)
         return results
 
     async def resolve(self, plan: RequestPlan, budget: float | None = None) -> list[ImageResult]:
@@ -272,6 +274,8 @@ class Mutator:
         )
         if hits:
             self.metrics.cache_event("hit", hits)
+            if owner is not None:
+                self.metrics.owner_pin("kept", hits)
         if pending:
             pending = self._within_lookup_limit(plans, pending, results)
         if pending:

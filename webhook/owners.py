@@ -47,7 +47,8 @@ class OwnerPins:
         return len(self._decided)
 
     def peek(self, owner: str, ref: ImageRef) -> str | None:
-        """The decision known here, without I/O (the fast path)."""
+        """The decision known here, without I/O (the fast path; its caller counts what it
+        kept, once per request)."""
         key = (owner, _image(ref))
         known = self._decided.get(key)
         if known is None:
