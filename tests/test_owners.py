@@ -104,6 +104,29 @@ async def test_pods_of_one_replicaset_keep_its_digest_after_the_tag_moved(
     assert counts("pinhook_owner_pins_total", {"event": "decided"}) == 3
 
 
+async def test_an_owners_first_pod_takes_the_fast_path_when_the_cache_knows_the_digest(
+    registry: RegistryEnv, build: Callable[..., Any]
+) -> None:
+    clock = Clock()
+    first = registry.push.image("rollout/fast", "stable")
+    image = first.tag_ref
+    mutator = await build(registry.host, "", clock)
+    assert await admit(mutator, owned_pod(image, None)) == f"{image}@{first.digest}"  # cached
+    request = parse_review(orjson.dumps(review(owned_pod(image, RS_A), namespace="web")))
+    results = mutator.settled(mutator.plan(request))
+    assert results is not None and [r.final for r in results] == [f"{image}@{first.digest}"]
+    # Taken as the owner's decision: it holds after the tag moved and the cache learnt it.
+    assert mutator.owners is not None
+    assert mutator.owners.peek(f"web/{RS_A}", ImageRef.parse(image)) == first.digest
+    moved = registry.push.move_tag(first)
+    clock.now += 61
+    assert await admit(mutator, owned_pod(image, None)) == f"{image}@{moved.digest}"
+    assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{first.digest}"
+    counts = mutator.metrics.registry.get_sample_value
+    assert counts("pinhook_owner_pins_total", {"event": "decided"}) == 1
+    assert counts("pinhook_owner_pins_total", {"event": "kept"}) == 1
+
+
 async def test_decisions_kept_on_the_fast_path_are_counted(
     registry: RegistryEnv, build: Callable[..., Any]
 ) -> None:

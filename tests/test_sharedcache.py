@@ -21,6 +21,7 @@ from tests.harness.fixtures import RegistryEnv
 from tests.harness.proxy import CountingProxy, ProxiedRequest
 from tests.harness.redisserver import RunningRedis
 from tests.reviews import apply_response, body, review
+from tests.test_hostile_objects import arrived_long_ago
 from webhook.admission import parse_review
 from webhook.app import create_app
 from webhook.config import CacheSettings, RedisSettings, load_settings
@@ -295,6 +296,35 @@ async def test_pods_of_one_replicaset_get_one_digest_on_every_replica(
     assert owner == first.digest.encode()
     ttl = redis_client.pttl(KEYS.owner(f"default/{RS_A}", f"{name}:stable"))
     assert 23 * 3600 * 1000 < ttl <= 24 * 3600 * 1000  # ownerPinning.ttlSeconds, a day
+
+
+async def test_an_overloaded_replica_pins_an_owners_first_pod_from_its_cache(
+    registry: RegistryEnv,
+    registry_proxy: CountingProxy,
+    redis_server: RunningRedis,
+    redis_client: redis.Redis,
+) -> None:
+    pushed = registry.push.image("fleet/busy", "1")
+    image = f"{registry_proxy.host}/fleet/busy:1"
+    text = config(registry_proxy.host, redis_server) + "requireDigest: true\n"
+    async with fleet(text, replicas=1) as (replica,):
+        assert await admit(replica, pod(image)) == f"{image}@{pushed.digest}"  # cached here
+        # The owner's first Pod waited 9 s behind a saturated CPU: no time to ask Redis for
+        # the owner's decision, but the cache knows the digest; a denial would be by policy.
+        late = arrived_long_ago(create_app(replica), seconds=9.0)
+        transport = httpx.ASGITransport(app=late)
+        async with httpx.AsyncClient(transport=transport, base_url="http://webhook") as client:
+            answer = await client.post(
+                "/mutate?timeout=10s", content=body(review(pod(image, RS_A)))
+            )
+        response = answer.json()["response"]
+        assert response["allowed"], response
+        stored = apply_response(pod(image, RS_A), response)
+        assert stored["spec"]["containers"][0]["image"] == f"{image}@{pushed.digest}"
+        # Not recorded as the owner's decision: the fleet's first decision may differ.
+        assert replica.mutator.owners is not None and len(replica.mutator.owners) == 0
+    name = ImageRef.parse(image).name
+    assert redis_client.get(KEYS.owner(f"default/{RS_A}", f"{name}:1")) is None
 
 
 async def test_the_first_owner_decision_in_the_fleet_wins(redis_server: RunningRedis) -> None:

@@ -46,6 +46,12 @@ class OwnerPins:
     def __len__(self) -> int:
         return len(self._decided)
 
+    @property
+    def alone(self) -> bool:
+        """Whether this replica's decisions are all there are (no shared cache): then one it
+        has not made yet was made by nobody."""
+        return self._shared is None
+
     def peek(self, owner: str, ref: ImageRef) -> str | None:
         """The decision known here, without I/O (the fast path; its caller counts what it
         kept, once per request)."""
@@ -59,6 +65,12 @@ class OwnerPins:
             return None
         self._decided.move_to_end(key)
         return digest
+
+    def adopt(self, owner: str, ref: ImageRef, digest: str) -> None:
+        """Record ``digest``, from the local cache, as the owner's first decision. Only when
+        ``alone``: with a shared cache another replica may have decided otherwise."""
+        self._metrics.owner_pin("decided")
+        self._keep(owner, ref, digest)
 
     async def recall(self, owner: str, ref: ImageRef, deadline: float) -> str | None:
         """The decision known here or in the fleet; None when there is none, or the fleet did
