@@ -29,9 +29,9 @@ PATCHED: Final = "patched"
 UNCHANGED: Final = "unchanged"  # looked at, nothing to change (or nothing could be)
 DENIED: Final = "denied"
 SKIPPED: Final = "skipped"  # not looked at: kind off or unknown, excluded, skip annotation
-AUDITED: Final = "audited"  # audit mode: computed, reported, not applied
-# Images that audit mode would have changed, in the images tally.
-WOULD_CHANGE: Final = "audited"
+# Audit mode: computed, reported, not applied. Also, in the images tally, the images audit
+# mode would have changed.
+AUDITED: Final = "audited"
 # Room for "... (N more bytes)" at the end of a cut text: N is below the 8 MiB body limit.
 _CUT_MARK_BYTES: Final = 32
 
@@ -127,7 +127,7 @@ def decide(
                 )
         if result.final != field.image:
             if audit and failure is None:
-                kind = WOULD_CHANGE
+                kind = AUDITED  # would have changed; nothing did
             outcome.patch.append({"op": "replace", "path": field.pointer, "value": result.final})
             changed.append(f"{field.image} -> {result.final}")
         images[kind] = images.get(kind, 0) + 1

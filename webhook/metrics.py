@@ -67,7 +67,8 @@ class Metrics:
         )
         self.images = Counter(
             "pinhook_images",
-            "Image references seen, by outcome (pinned, rewritten, unchanged, unpinned, invalid)",
+            "Image references seen, by outcome: pinned, rewritten, unchanged, unpinned, invalid,"
+            " audited (audit mode would have changed it), over-limit (past imagesPerObject)",
             ["outcome"],
             registry=self.registry,
         )
