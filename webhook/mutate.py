@@ -123,10 +123,6 @@ class Mutator:
             results = self._from_cache(plan)
         return self._record(decide(plan, results, unknown=unknown))
 
-    def timed_out(self, request: AdmissionRequest) -> AdmissionOutcome:
-        """The answer when a review overran its budget."""
-        return self.conclude(self.plan(request), None).outcome
-
     def failed(self, request: AdmissionRequest) -> Decision:
         """The decision when a review failed in pinhook itself: by policy, never an error.
 
