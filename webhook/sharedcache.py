@@ -9,9 +9,10 @@ subscribes to once (a poll is the fallback). Pods of one owner get one digest pe
 (``owner_digest``, ``decide_owner``: the first decision wins).
 
 Redis is an optimisation, never a dependency: every operation gives up after
-``timeoutSeconds``, and a circuit breaker leaves Redis alone for ``openSeconds`` after
-``failuresToOpen`` failures in a row, then lets one operation probe it. Meanwhile every
-method answers "unknown" and the replica works from its local cache and the registries.
+``timeoutSeconds`` (an owner's digest also at the admission's deadline, if sooner), and a
+circuit breaker leaves Redis alone for ``openSeconds`` after ``failuresToOpen`` failures in
+a row, then lets one operation probe it. Meanwhile every method answers "unknown" and the
+replica works from its local cache and the registries.
 
 Key schema, ``<p>`` being ``keyPrefix``:
 
