@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from webhook.config import FailurePolicy, OnFailure, OutputForm, load_settings
+from webhook.config import FailurePolicy, LimitSettings, OnFailure, OutputForm, load_settings
 from webhook.decide import decide
 from webhook.errors import InvalidReference, NotFound
 from webhook.kinds import Mode
@@ -105,7 +105,7 @@ def test_admitted_with_patch_warnings_in_order_and_a_full_tally() -> None:
 @pytest.mark.parametrize(
     ("policy", "message"),
     [
-        (REQUIRE, "pinhook: 'Bad:1' at /spec/containers/1/image is not a valid reference"),
+        (REQUIRE, "pinhook: /spec/containers/1/image: invalid reference 'Bad:1'"),
         (DENY, "pinhook: cannot pin example.com/app:1 (/spec/containers/2/image):"),
     ],
 )
@@ -204,6 +204,53 @@ def test_audit_of_a_timeout_is_admitted_with_what_pin_would_do() -> None:
     decision = decide(RequestPlan(Mode.AUDIT, REQUIRE), None)
     assert decision.outcome.allowed and decision.result == "audited"
     assert decision.outcome.audit["would-deny"] == "timed out resolving images"
+
+
+# --- what one answer may say -----------------------------------------------------------------
+
+
+def parsed_invalid(image: str, index: int = 0) -> InvalidImage:
+    """An invalid image with the error the parser really gives for it."""
+    field = ImageField(f"/spec/containers/{index}/image", image, NO_PULL)
+    with pytest.raises(InvalidReference) as error:
+        ImageRef.parse(image)
+    return InvalidImage(field, error.value)
+
+
+@pytest.mark.parametrize("mode", [Mode.PIN, Mode.AUDIT])
+def test_a_huge_invalid_image_gets_a_bounded_answer(mode: Mode) -> None:
+    huge = "Nginx:" + "x" * 200_000
+    plan_ = RequestPlan(mode, REQUIRE, "default", (parsed_invalid(huge),))
+    outcome = decide(plan_, []).outcome
+    said = [outcome.message or "", *outcome.warnings, *outcome.audit.values()]
+    assert sum(len(text) for text in said) < 2_000
+    # The denial quotes the image as the parser's error does: its start, cut short.
+    expected = "/spec/containers/0/image: invalid reference 'Nginx:xxx"
+    if mode is Mode.PIN:
+        assert not outcome.allowed
+        assert (outcome.message or "").startswith(f"pinhook: {expected}")
+    else:
+        assert outcome.allowed
+        assert outcome.audit["would-deny"].startswith(expected)
+        assert outcome.warnings[0].startswith(f"pinhook (audit mode): would deny: {expected}")
+
+
+@pytest.mark.parametrize("mode", [Mode.PIN, Mode.AUDIT])
+def test_a_long_denial_is_cut_to_the_annotation_limit(mode: Mode) -> None:
+    # Five valid but long names, all failing: the denial names them all.
+    images = [f"example.com/{'a' * 120}/{'b' * 120}/app{i}:1" for i in range(5)]
+    results = [result(image, i, failed=True) for i, image in enumerate(images)]
+    limits = LimitSettings(audit_annotation_bytes=256)
+    plan_ = RequestPlan(mode, REQUIRE, "default", tuple(r.plan for r in results), limits=limits)
+    outcome = decide(plan_, results).outcome
+    if mode is Mode.PIN:
+        denial = (outcome.message or "").removeprefix("pinhook: ")
+    else:
+        denial = outcome.audit["would-deny"]
+        assert outcome.warnings[0] == f"pinhook (audit mode): would deny: {denial}"
+    assert denial.startswith(f"cannot pin {images[0][:200]}")
+    assert len(denial.encode()) <= 256
+    assert denial.endswith(" more bytes)")
 
 
 def test_results_name_what_pinhook_did() -> None:

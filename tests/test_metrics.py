@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
 from tests.harness.fixtures import RegistryEnv
 from tests.harness.proxy import CountingProxy
 from webhook.config import CacheSettings, load_settings
@@ -85,3 +87,19 @@ def test_token_requests_are_bounded_by_host() -> None:
     assert (
         sample(metrics, "pinhook_registry_token_requests_total", host="other", result="ok") == 10.0
     )
+
+
+def test_no_created_series_and_no_change_to_other_registries() -> None:
+    metrics = Metrics()
+    metrics.images_seen({"pinned": 1})
+    metrics.admission_seconds.observe(0.01)
+    text = metrics.render().decode()
+    assert "pinhook_images_total" in text and "_created" not in text
+    assert sample(metrics, "pinhook_images_created", outcome="pinned") is None
+    # Asked for by name (/metrics?name[]=...), they are not there either.
+    asked = metrics.registry.restricted_registry(["pinhook_images_created"])
+    assert generate_latest(asked) == b""
+    # Importing pinhook changes nothing process-wide: another registry keeps its own.
+    other = CollectorRegistry()
+    Counter("library_events", "a library's own counter", registry=other).inc()
+    assert other.get_sample_value("library_events_created") is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from webhook.admission import AdmissionRequest, parse_review
 from webhook.app import create_app
 from webhook.config import Settings, load_settings
 from webhook.kube import NoPullSecrets
+from webhook.logs import FIELDS
 from webhook.metrics import Metrics
 from webhook.mutate import Mutator
 from webhook.oci.reference import ImageRef
@@ -365,7 +367,8 @@ async def test_require_digest_denies_an_invalid_reference(webhook_for: WebhookFa
     assert denied["allowed"] is False
     assert denied["status"]["code"] == 403
     assert denied["status"]["message"] == (
-        "pinhook: 'Nginx:1.27' at /spec/containers/1/image is not a valid reference"
+        "pinhook: /spec/containers/1/image: invalid reference 'Nginx:1.27':"
+        " repository name must be lowercase"
     )
     assert "patch" not in denied
     # In a kind that is only rewritten, it is left as it is, with a warning.
@@ -657,6 +660,41 @@ def inference_service_with_legacy(image: str) -> dict[str, Any]:
     return isvc
 
 
+def admission_fields(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("admission ")]
+    fields: dict[str, Any] = getattr(record, FIELDS)
+    return fields
+
+
+async def test_the_admission_log_line_stays_small_for_huge_invalid_images(
+    webhook_for: WebhookFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    hook = webhook_for("requireDigest: true\n")
+    huge = [f"Nginx{i}:" + "x" * 1_000_000 for i in range(5)]
+    with caplog.at_level(logging.INFO, logger="webhook.app"):
+        denied = await hook.send(review(pod_with(*huge)))
+    assert denied["allowed"] is False
+    fields = admission_fields(caplog)
+    assert len(fields["images"]) == 5
+    for logged, image in zip(fields["images"], huge, strict=True):
+        assert logged == f"{image[:256]}... invalid"
+    assert len(orjson.dumps(fields)) < 4_000
+
+
+async def test_the_admission_log_line_cuts_a_long_reason(
+    webhook_for: WebhookFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Long valid names the static resolver does not know: the denial names five of them.
+    hook = webhook_for("requireDigest: true\nlimits: {auditAnnotationBytes: 65536}\n")
+    images = [f"example.com/{'a' * 120}/{'b' * 120}/app{i}:1" for i in range(6)]
+    with caplog.at_level(logging.INFO, logger="webhook.app"):
+        denied = await hook.send(review(pod_with(*images)))
+    message = denied["status"]["message"]
+    assert len(message) > 1024
+    reason = admission_fields(caplog)["reason"]
+    assert reason == f"{message[:1024]}..."
+
+
 async def test_out_of_range_port_is_invalid_and_denied_under_require_digest() -> None:
     # Before: the port reached name resolution, OverflowError escaped as HTTP 500, and under
     # failurePolicy Ignore the API server admitted what requireDigest should have denied.
@@ -667,8 +705,7 @@ async def test_out_of_range_port_is_invalid_and_denied_under_require_digest() ->
         await hook.client.aclose()
     assert denied["allowed"] is False
     assert (
-        "/spec/predictor/custom/container/image is not a valid reference"
-        in (denied["status"]["message"])
+        "/spec/predictor/custom/container/image: invalid reference" in (denied["status"]["message"])
     )
 
 

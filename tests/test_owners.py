@@ -104,6 +104,44 @@ async def test_pods_of_one_replicaset_keep_its_digest_after_the_tag_moved(
     assert counts("pinhook_owner_pins_total", {"event": "decided"}) == 3
 
 
+async def test_an_owners_first_pod_takes_the_fast_path_when_the_cache_knows_the_digest(
+    registry: RegistryEnv, build: Callable[..., Any]
+) -> None:
+    clock = Clock()
+    first = registry.push.image("rollout/fast", "stable")
+    image = first.tag_ref
+    mutator = await build(registry.host, "", clock)
+    assert await admit(mutator, owned_pod(image, None)) == f"{image}@{first.digest}"  # cached
+    request = parse_review(orjson.dumps(review(owned_pod(image, RS_A), namespace="web")))
+    results = mutator.settled(mutator.plan(request))
+    assert results is not None and [r.final for r in results] == [f"{image}@{first.digest}"]
+    # Taken as the owner's decision: it holds after the tag moved and the cache learnt it.
+    assert mutator.owners is not None
+    assert mutator.owners.peek(f"web/{RS_A}", ImageRef.parse(image)) == first.digest
+    moved = registry.push.move_tag(first)
+    clock.now += 61
+    assert await admit(mutator, owned_pod(image, None)) == f"{image}@{moved.digest}"
+    assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{first.digest}"
+    counts = mutator.metrics.registry.get_sample_value
+    assert counts("pinhook_owner_pins_total", {"event": "decided"}) == 1
+    assert counts("pinhook_owner_pins_total", {"event": "kept"}) == 1
+
+
+async def test_decisions_kept_on_the_fast_path_are_counted(
+    registry: RegistryEnv, build: Callable[..., Any]
+) -> None:
+    pushed = [registry.push.image("rollout/two", tag) for tag in ("a", "b")]
+    mutator = await build(registry.host)
+    pod = owned_pod(pushed[0].tag_ref, RS_A)
+    pod["spec"]["containers"].append({"name": "d", "image": pushed[1].tag_ref})
+    for _ in range(3):
+        outcome = await mutator.review(parse_review(orjson.dumps(review(pod, namespace="web"))))
+        assert [op["value"] for op in outcome.patch] == [f"{p.tag_ref}@{p.digest}" for p in pushed]
+    counts = mutator.metrics.registry.get_sample_value
+    assert counts("pinhook_owner_pins_total", {"event": "decided"}) == 2
+    assert counts("pinhook_owner_pins_total", {"event": "kept"}) == 4  # two Pods, two images
+
+
 async def test_owner_pinning_can_be_turned_off(
     registry: RegistryEnv, build: Callable[..., Any]
 ) -> None:
@@ -116,6 +154,25 @@ async def test_owner_pinning_can_be_turned_off(
     moved = registry.push.move_tag(first)
     clock.now += 61
     assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{moved.digest}"
+
+
+async def test_audit_mode_records_no_owner_decision(
+    registry: RegistryEnv, build: Callable[..., Any]
+) -> None:
+    clock = Clock()
+    first = registry.push.image("rollout/audit", "stable")
+    image = first.tag_ref
+    audit = await build(registry.host, "mode: audit\n", clock)
+    request = parse_review(orjson.dumps(review(owned_pod(image, RS_A), namespace="web")))
+    assert audit.plan(request).owner is None
+    outcome = await audit.review(request)
+    assert outcome.audit["would-patch"] == f'["{image} -> {image}@{first.digest}"]'
+    assert audit.owners is not None and len(audit.owners) == 0
+    # After the switch to pin, the ReplicaSet's Pods get the tag's digest of now.
+    moved = registry.push.move_tag(first)
+    pin = await build(registry.host, "", clock)
+    pin.owners = audit.owners  # the same replica's owner map, carried over the reload
+    assert await admit(pin, owned_pod(image, RS_A)) == f"{image}@{moved.digest}"
 
 
 def test_the_owner_is_the_controller_and_its_revision() -> None:

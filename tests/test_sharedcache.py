@@ -12,21 +12,28 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import redis
 
 from tests.harness.fixtures import RegistryEnv
-from tests.harness.proxy import CountingProxy
+from tests.harness.proxy import CountingProxy, ProxiedRequest
 from tests.harness.redisserver import RunningRedis
-from tests.reviews import review
+from tests.reviews import apply_response, body, review
+from tests.test_hostile_objects import arrived_long_ago
 from webhook.admission import parse_review
+from webhook.app import create_app
 from webhook.config import CacheSettings, RedisSettings, load_settings
 from webhook.errors import ConfigError, NotFound
+from webhook.kube import NoPullSecrets
 from webhook.metrics import Metrics
+from webhook.mutate import Mutator
 from webhook.oci.reference import ImageRef
-from webhook.resolve import CachingResolver, PullScope
-from webhook.runtime import Runtime
+from webhook.oci.registry import RegistryClient
+from webhook.owners import OwnerPins
+from webhook.resolve import CachingResolver, PullScope, RegistryDigestResolver
+from webhook.runtime import Runtime, registry_options
 from webhook.sharedcache import (
     ANONYMOUS_SCOPE,
     BreakerState,
@@ -291,17 +298,47 @@ async def test_pods_of_one_replicaset_get_one_digest_on_every_replica(
     assert 23 * 3600 * 1000 < ttl <= 24 * 3600 * 1000  # ownerPinning.ttlSeconds, a day
 
 
+async def test_an_overloaded_replica_pins_an_owners_first_pod_from_its_cache(
+    registry: RegistryEnv,
+    registry_proxy: CountingProxy,
+    redis_server: RunningRedis,
+    redis_client: redis.Redis,
+) -> None:
+    pushed = registry.push.image("fleet/busy", "1")
+    image = f"{registry_proxy.host}/fleet/busy:1"
+    text = config(registry_proxy.host, redis_server) + "requireDigest: true\n"
+    async with fleet(text, replicas=1) as (replica,):
+        assert await admit(replica, pod(image)) == f"{image}@{pushed.digest}"  # cached here
+        # The owner's first Pod waited 9 s behind a saturated CPU: no time to ask Redis for
+        # the owner's decision, but the cache knows the digest; a denial would be by policy.
+        late = arrived_long_ago(create_app(replica), seconds=9.0)
+        transport = httpx.ASGITransport(app=late)
+        async with httpx.AsyncClient(transport=transport, base_url="http://webhook") as client:
+            answer = await client.post(
+                "/mutate?timeout=10s", content=body(review(pod(image, RS_A)))
+            )
+        response = answer.json()["response"]
+        assert response["allowed"], response
+        stored = apply_response(pod(image, RS_A), response)
+        assert stored["spec"]["containers"][0]["image"] == f"{image}@{pushed.digest}"
+        # Not recorded as the owner's decision: the fleet's first decision may differ.
+        assert replica.mutator.owners is not None and len(replica.mutator.owners) == 0
+    name = ImageRef.parse(image).name
+    assert redis_client.get(KEYS.owner(f"default/{RS_A}", f"{name}:1")) is None
+
+
 async def test_the_first_owner_decision_in_the_fleet_wins(redis_server: RunningRedis) -> None:
     settings = RedisSettings(url=address(redis_server), timeout_seconds=1)
     one, other = "sha256:" + "1" * 64, "sha256:" + "2" * 64
     async with RedisSharedCache(settings) as a, RedisSharedCache(settings) as b:
-        assert await a.owner_digest("web/rs", "r.example/app:1") is None
+        deadline = asyncio.get_running_loop().time() + 5
+        assert await a.owner_digest("web/rs", "r.example/app:1", deadline) is None
         decided = await asyncio.gather(
-            a.decide_owner("web/rs", "r.example/app:1", one, 60),
-            b.decide_owner("web/rs", "r.example/app:1", other, 60),
+            a.decide_owner("web/rs", "r.example/app:1", one, 60, deadline),
+            b.decide_owner("web/rs", "r.example/app:1", other, 60, deadline),
         )
         assert decided[0] == decided[1] in (one, other)
-        assert await b.owner_digest("web/rs", "r.example/app:1") == decided[0]
+        assert await b.owner_digest("web/rs", "r.example/app:1", deadline) == decided[0]
 
 
 # -- Redis down, slow, or back ------------------------------------------------------------
@@ -379,6 +416,94 @@ async def test_a_hanging_redis_costs_each_request_at_most_its_timeout(
             redis_server.resume()
     assert timeouts == 1
     assert skipped == 2
+
+
+# An owner's digest is asked on an admission's behalf: within its deadline, however long
+# timeoutSeconds (5 s here) would let Redis take. ?timeout=3s leaves the admission 1.5 s to
+# resolve, and app.py gives up on the whole review 0.75 s after that.
+HANGING_REDIS = "    timeoutSeconds: 5\n    openSeconds: 60\n    failuresToOpen: 5\n"
+
+
+def redis_config(registry_host: str, server: RunningRedis) -> str:
+    return config(registry_host, None) + (
+        f"cache:\n  redis:\n    url: {address(server)}\n{HANGING_REDIS}"
+    )
+
+
+async def admitted_in_time(service: Any, obj: dict[str, Any]) -> str:
+    """The image the API server would store after the webhook's answer over HTTP, with the
+    API server's ``?timeout=3s``."""
+    transport = httpx.ASGITransport(app=create_app(service))
+    async with httpx.AsyncClient(transport=transport, base_url="http://webhook") as client:
+        answer = await client.post("/mutate?timeout=3s", content=body(review(obj)))
+    response = answer.json()["response"]
+    assert response["allowed"], response
+    image: str = apply_response(obj, response)["spec"]["containers"][0]["image"]
+    return image
+
+
+async def test_a_hanging_redis_does_not_cost_an_owner_pod_its_pin(
+    registry: RegistryEnv, registry_proxy: CountingProxy, redis_server: RunningRedis
+) -> None:
+    pushed = registry.push.image("fleet/owned", "1")
+    image = f"{registry_proxy.host}/fleet/owned:1"
+    async with fleet(redis_config(registry_proxy.host, redis_server), replicas=1) as (replica,):
+        assert await admit(replica, pod(image)) == f"{image}@{pushed.digest}"  # cached here
+        redis_server.pause()
+        try:
+            # The owner's decision is not known by the deadline: the cached digest, recorded
+            # here only (Redis is not asked again once the deadline has passed).
+            pinned = await admitted_in_time(replica, pod(image, RS_A))
+        finally:
+            redis_server.resume()
+        assert pinned == f"{image}@{pushed.digest}"
+        assert operations(replica, "owner", "deadline") == 1
+        assert operations(replica, "decide", "deadline") == 1
+        assert replica.shared_cache.breaker.state is BreakerState.CLOSED
+
+
+async def test_redis_hanging_while_an_owner_decides_leaves_the_resolved_digest(
+    registry: RegistryEnv, registry_proxy: CountingProxy, redis_server: RunningRedis
+) -> None:
+    pushed = registry.push.image("fleet/deciding", "1")
+    image = f"{registry_proxy.host}/fleet/deciding:1"
+    settings = load_settings(redis_config(registry_proxy.host, redis_server))
+    assert settings.cache.redis is not None
+    metrics = Metrics()
+
+    class Replica:
+        """Owner decisions in Redis; digests in this replica's own cache only, so that the
+        registry's answer does not wait on Redis."""
+
+        def __init__(self, mutator: Mutator) -> None:
+            self.metrics = metrics
+            self.mutator = mutator
+
+        def readiness(self) -> tuple[bool, str]:
+            return True, "ok"
+
+    def pause_redis_at_the_registry(request: ProxiedRequest) -> None:
+        if "/manifests/" in request.path:
+            redis_server.pause()  # after the owner's recall, before its decision
+
+    async with (
+        RegistryClient(registry_options(settings)) as client,
+        RedisSharedCache(settings.cache.redis, metrics=metrics) as shared,
+    ):
+        cache = CachingResolver(RegistryDigestResolver(client, NoPullSecrets()), settings.cache)
+        owners = OwnerPins(settings.cache.owner_pinning, 100, shared, metrics=metrics)
+        replica = Replica(Mutator(settings, cache, metrics, owners))
+        registry_proxy.interceptor = pause_redis_at_the_registry
+        try:
+            pinned = await admitted_in_time(replica, pod(image, RS_A))
+        finally:
+            redis_server.resume()
+    assert pinned == f"{image}@{pushed.digest}"
+    value = metrics.registry.get_sample_value
+    labels = {"operation": "owner", "result": "miss"}
+    assert value("pinhook_shared_cache_operations_total", labels) == 1
+    labels = {"operation": "decide", "result": "deadline"}
+    assert value("pinhook_shared_cache_operations_total", labels) == 1
 
 
 async def test_a_replica_that_died_holding_the_lock_delays_the_others_by_its_expiry(

@@ -15,6 +15,7 @@ no patch, no denial; what pin would have done goes to the warnings, to the audit
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 import orjson
@@ -29,9 +30,11 @@ PATCHED: Final = "patched"
 UNCHANGED: Final = "unchanged"  # looked at, nothing to change (or nothing could be)
 DENIED: Final = "denied"
 SKIPPED: Final = "skipped"  # not looked at: kind off or unknown, excluded, skip annotation
-AUDITED: Final = "audited"  # audit mode: computed, reported, not applied
-# Images that audit mode would have changed, in the images tally.
-WOULD_CHANGE: Final = "audited"
+# Audit mode: computed, reported, not applied. Also, in the images tally, the images audit
+# mode would have changed.
+AUDITED: Final = "audited"
+# Room for "... (N more bytes)" at the end of a cut text: N is below the 8 MiB body limit.
+_CUT_MARK_BYTES: Final = 32
 
 
 class Decision(NamedTuple):
@@ -75,62 +78,109 @@ def decide(
     One pass over the results, in field order: the first deny rule an image meets decides
     the message; the tally counts every image either way.
     """
-    policy = plan.policy
-    audit = plan.mode is Mode.AUDIT
     if plan.skipped is not None:
         return Decision(AdmissionOutcome(audit=dict(plan.audit)), {}, {}, SKIPPED)
     if results is None:
-        outcome = _unresolved(policy, plan.mode, unknown)
-        return Decision(outcome, {}, {}, _result(outcome, audit))
-    require_digest = policy.require_digest and plan.mode in PINNING
-    invalid = [entry for entry in plan.images if isinstance(entry, InvalidImage)]
+        outcome = _unresolved(plan.policy, plan.mode, unknown)
+        return Decision(outcome, {}, {}, _result(outcome, plan.mode is Mode.AUDIT))
+    return _conclude(plan, results, _tally(plan, results))
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What the pass over a request's images found: the answer in the making (its warnings
+    and patch), the counts, and the first denial (None while nothing denies)."""
+
+    outcome: AdmissionOutcome
+    images: dict[str, int]
+    failures: dict[str, int]
+    changed: list[str]  # "image -> final"
+    unpinned: list[str]  # "image (reason)"
+    # Images not looked up for pinhook's lookup limit: how many, and why (all alike).
+    not_looked_up: int = 0
+    not_looked_up_why: str = ""
     denial: str | None = None
-    if plan.images_over_limit and require_digest:
-        denial = (
-            f"the object has more than {plan.limits.images_per_object} image fields, the most"
-            " pinhook handles in one object, and requireDigest is set"
-        )
-    elif invalid and require_digest:
-        field = invalid[0].field
-        denial = f"{field.image!r} at {field.pointer} is not a valid reference"
-    images: dict[str, int] = {"invalid": len(invalid)} if invalid else {}
-    failures: dict[str, int] = {}
-    outcome = AdmissionOutcome(warnings=list(plan.warnings), audit=dict(plan.audit))
-    outcome.warnings += [f"pinhook: {e.field.pointer}: {e.error}; left as is" for e in invalid]
-    changed: list[str] = []
-    unpinned: list[str] = []
-    not_looked_up: list[str] = []
+
+
+def _tally(plan: RequestPlan, results: Sequence[ImageResult]) -> _Tally:
+    """Every image of the request counted, with its warning and patch, in field order."""
+    policy = plan.policy
+    require_digest = policy.require_digest and plan.mode in PINNING
+    audit = plan.mode is Mode.AUDIT
+    invalid = [entry for entry in plan.images if isinstance(entry, InvalidImage)]
+    tally = _Tally(
+        AdmissionOutcome(warnings=list(plan.warnings), audit=dict(plan.audit)),
+        images={"invalid": len(invalid)} if invalid else {},
+        failures={},
+        changed=[],
+        unpinned=[],
+        denial=_object_denial(plan, invalid) if require_digest else None,
+    )
+    # Locals for the loop, which runs for every image of every request.
+    warnings = tally.outcome.warnings
+    patch = tally.outcome.patch
+    images = tally.images
+    failures = tally.failures
+    warnings += [f"pinhook: {e.field.pointer}: {e.error}; left as is" for e in invalid]
     for result in results:
         field, failure = result.plan.field, result.failure
         if result.warning:
-            outcome.warnings.append(result.warning)
+            warnings.append(result.warning)
         if failure is not None:
             kind = "unpinned"
             failures[failure.reason] = failures.get(failure.reason, 0) + 1
-            if denial is None and policy.on_failure is OnFailure.DENY:
-                denial = f"cannot pin {field.image} ({field.pointer}): {failure}"
+            if tally.denial is None and policy.on_failure is OnFailure.DENY:
+                tally.denial = f"cannot pin {field.image} ({field.pointer}): {failure}"
             if failure.reason == LIMIT:
                 # One warning for all of them: they fail alike, and may be thousands.
-                not_looked_up.append(str(failure))
+                if not tally.not_looked_up:
+                    tally.not_looked_up_why = str(failure)
+                tally.not_looked_up += 1
             else:
-                outcome.warnings.append(f"pinhook: {field.image} not pinned: {failure}")
-            unpinned.append(f"{field.image} ({failure.reason})")
+                warnings.append(f"pinhook: {field.image} not pinned: {failure}")
+            tally.unpinned.append(f"{field.image} ({failure.reason})")
         else:
             kind = _image_outcome(result)
-            if denial is None and require_digest and "@" not in result.final:
+            if tally.denial is None and require_digest and "@" not in result.final:
                 # In a registry never resolved (registry.skip), or rewritten without a digest.
-                denial = (
+                tally.denial = (
                     f"{field.image} ({field.pointer}) would not be pinned to a digest"
                     " and requireDigest is set"
                 )
         if result.final != field.image:
             if audit and failure is None:
-                kind = WOULD_CHANGE
-            outcome.patch.append({"op": "replace", "path": field.pointer, "value": result.final})
-            changed.append(f"{field.image} -> {result.final}")
+                kind = AUDITED  # would have changed; nothing did
+            patch.append({"op": "replace", "path": field.pointer, "value": result.final})
+            tally.changed.append(f"{field.image} -> {result.final}")
         images[kind] = images.get(kind, 0) + 1
-    if denial is None and unpinned and require_digest:
-        denial = f"cannot pin {_some(unpinned)} and requireDigest is set"
+    if tally.denial is None and tally.unpinned and require_digest:
+        tally.denial = f"cannot pin {_some(tally.unpinned)} and requireDigest is set"
+    return tally
+
+
+def _object_denial(plan: RequestPlan, invalid: list[InvalidImage]) -> str | None:
+    """Under requireDigest, what denies the object before any image is looked at."""
+    if plan.images_over_limit:
+        return (
+            f"the object has more than {plan.limits.images_per_object} image fields, the most"
+            " pinhook handles in one object, and requireDigest is set"
+        )
+    if invalid:
+        # The error quotes the image cut short: the image itself may be a megabyte.
+        return f"{invalid[0].field.pointer}: {invalid[0].error}"
+    return None
+
+
+def _conclude(plan: RequestPlan, results: Sequence[ImageResult], tally: _Tally) -> Decision:
+    """The answer from the tally: the denial, or the patch with its warnings and audit
+    annotations, all within the limits; in audit mode, what pin would have done, said."""
+    limits = plan.limits
+    images, failures, outcome = tally.images, tally.failures, tally.outcome
+    denial = tally.denial
+    if denial is not None:
+        # It becomes the status message, or the would-deny annotation and a warning.
+        denial = _cut(denial, limits.audit_annotation_bytes)
+    audit = plan.mode is Mode.AUDIT
     if denial is not None and not audit:
         return Decision(_deny(denial), images, failures, DENIED, results)
     # What was left undone by pinhook's own limits comes first: a cap on warnings must not
@@ -139,21 +189,21 @@ def decide(
     if plan.images_over_limit:
         images["over-limit"] = plan.images_over_limit
         summary.append(
-            f"pinhook: the object has more than {plan.limits.images_per_object} image fields;"
+            f"pinhook: the object has more than {limits.images_per_object} image fields;"
             " those past them were left as they are"
         )
-    if not_looked_up:
-        summary.append(f"pinhook: {len(not_looked_up)} images {not_looked_up[0]}")
-    limits = plan.limits
-    outcome.warnings = _capped(summary + outcome.warnings, limits.warnings_per_response)
-    if changed:
-        outcome.audit["images"] = _bounded_json(changed, limits.audit_annotation_bytes)
-    if unpinned:
-        outcome.audit["unpinned"] = _bounded_json(unpinned, limits.audit_annotation_bytes)
+    if tally.not_looked_up:
+        summary.append(f"pinhook: {tally.not_looked_up} images {tally.not_looked_up_why}")
+    if summary:
+        outcome.warnings[:0] = summary
+    outcome.warnings = _capped(outcome.warnings, limits.warnings_per_response)
+    if tally.changed:
+        outcome.audit["images"] = _bounded_json(tally.changed, limits.audit_annotation_bytes)
+    if tally.unpinned:
+        outcome.audit["unpinned"] = _bounded_json(tally.unpinned, limits.audit_annotation_bytes)
     if audit:
-        return Decision(
-            _audited(outcome, changed, denial, limits), images, failures, AUDITED, results
-        )
+        outcome = _audited(outcome, tally.changed, denial, limits)
+        return Decision(outcome, images, failures, AUDITED, results)
     return Decision(outcome, images, failures, PATCHED if outcome.patch else UNCHANGED, results)
 
 
@@ -193,6 +243,15 @@ def _capped(warnings: list[str], cap: int) -> list[str]:
         return warnings
     more = len(warnings) - (cap - 1)
     return [*warnings[: cap - 1], f"pinhook: {more} more warnings like these not shown"]
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` bytes of UTF-8, cut with a count of what was left out."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    kept = data[: limit - _CUT_MARK_BYTES].decode(errors="ignore")
+    return f"{kept}... ({len(data) - len(kept.encode())} more bytes)"
 
 
 def _bounded_json(items: list[str], limit: int) -> str:

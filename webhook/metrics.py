@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 
 import prometheus_client
@@ -22,7 +22,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, RestrictedRegistry
 
 from .kinds import KINDS
 
@@ -37,13 +38,9 @@ MAX_REGISTRY_HOSTS = 50
 _REGISTRY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
 
 
-# The _created series double every counter's series for a value nobody alerts on.
-prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-
-
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry: CollectorRegistry = _WithoutCreated(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.build_info = Gauge(
@@ -68,7 +65,8 @@ class Metrics:
         )
         self.images = Counter(
             "pinhook_images",
-            "Image references seen, by outcome (pinned, rewritten, unchanged, unpinned, invalid)",
+            "Image references seen, by outcome: pinned, rewritten, unchanged, unpinned, invalid,"
+            " audited (audit mode would have changed it), over-limit (past imagesPerObject)",
             ["outcome"],
             registry=self.registry,
         )
@@ -150,7 +148,8 @@ class Metrics:
         self.shared_cache_operations = Counter(
             "pinhook_shared_cache_operations",
             "Operations on the shared cache (Redis), by operation and result: hit, miss, ok,"
-            " busy (another replica holds the lookup), error, timeout, skipped (breaker open)",
+            " busy (another replica holds the lookup), error, timeout, skipped (breaker open),"
+            " deadline (the admission's time ran out first)",
             ["operation", "result"],
             registry=self.registry,
         )
@@ -278,6 +277,23 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WithoutCreated(CollectorRegistry):
+    """A registry that leaves out the ``_created`` series: they double every counter's
+    series for a value nobody alerts on. Here rather than by
+    ``prometheus_client.disable_created_metrics()``, which changes every registry of the
+    process, and would have to be called before anything is served."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            created = f"{metric.name}_created"
+            metric.samples = [sample for sample in metric.samples if sample.name != created]
+            yield metric
+
+    def restricted_registry(self, names: Iterable[str]) -> RestrictedRegistry:
+        # /metrics?name[]=... reads the collectors itself, past collect() above.
+        return super().restricted_registry(n for n in names if not n.endswith("_created"))
 
 
 # The cache event for an entry dropped by the LRU bound (``resolve.CachingResolver``).

@@ -18,7 +18,7 @@ import jsonpointer
 
 from .admission import AdmissionOutcome, AdmissionRequest
 from .config import SKIP_ANNOTATION, FailurePolicy, Settings
-from .decide import INTERNAL_ERROR, TIMED_OUT, Decision, Unknown, decide
+from .decide import INTERNAL_ERROR, OVERLOADED, TIMED_OUT, Decision, Unknown, decide
 from .errors import InvalidReference, ResolveError
 from .kinds import DEFAULT_MODES, Mode, kind_info
 from .locate import ImageField, locate
@@ -116,11 +116,12 @@ class Mutator:
     ) -> Decision:
         """The decision for ``plan`` (``decide``): the answer, and what became of each image
         for the admission log; counted in the metrics."""
+        if results is None and unknown is OVERLOADED and plan.owner is not None:
+            # No time to ask the fleet for the owner's decision, but this replica's cache may
+            # know every digest: better than an answer by policy (a denial under
+            # requireDigest). Only an owner's Pod can get here with everything cached.
+            results = self._from_cache(plan)
         return self._record(decide(plan, results, unknown=unknown))
-
-    def timed_out(self, request: AdmissionRequest) -> AdmissionOutcome:
-        """The answer when a review overran its budget."""
-        return self.conclude(self.plan(request), None).outcome
 
     def failed(self, request: AdmissionRequest) -> Decision:
         """The decision when a review failed in pinhook itself: by policy, never an error.
@@ -172,7 +173,9 @@ class Mutator:
         if skip_ignored:
             problems.insert(0, SKIP_IGNORED)
         owner = None
-        if self.owners is not None and info.key == "pods":
+        # Only pin records an owner's decision: one taken in audit mode would outlive the
+        # switch to pin by ownerPinning.ttlSeconds and pin the owner's next Pods to it.
+        if self.owners is not None and mode is Mode.PIN and info.key == "pods":
             owner = pod_owner(obj, request.namespace)
         return RequestPlan(
             mode,
@@ -223,18 +226,24 @@ class Mutator:
     def settled(self, plan: RequestPlan) -> list[ImageResult] | None:
         """Every image's result when none needs a registry (all digests cached), else None:
         the common request is answered without awaiting anything."""
+        owner = plan.owner
         results: list[ImageResult] = []
-        hits = 0
+        hits = adopted = 0
         for entry in plan.images:
             if isinstance(entry, InvalidImage):
                 continue
-            result = self._settle(entry, plan.owner)
+            result = self._settle(entry, owner)
+            if result is None and owner is not None:
+                result = self._adopt(entry, owner)
+                adopted += result is not None
             if result is None:
                 return None
             hits += entry.action is Action.RESOLVE
             results.append(result)
         if hits:
             self.metrics.cache_event("hit", hits)
+            if owner is not None and hits > adopted:
+                self.metrics.owner_pin("kept", hits - adopted)
         return results
 
     async def resolve(self, plan: RequestPlan, budget: float | None = None) -> list[ImageResult]:
@@ -270,6 +279,8 @@ class Mutator:
         )
         if hits:
             self.metrics.cache_event("hit", hits)
+            if owner is not None:
+                self.metrics.owner_pin("kept", hits)
         if pending:
             pending = self._within_lookup_limit(plans, pending, results)
         if pending:
@@ -308,7 +319,8 @@ class Mutator:
         """The result without waiting, when no registry is needed or the cache knows it.
 
         For a Pod with an owner, only the owner's decision will do: a fresher cache entry
-        (the tag moved) must not give one of its Pods another digest."""
+        (the tag moved) must not give one of its Pods another digest. (``_adopt`` makes the
+        owner's first decision from the cache where that is safe.)"""
         if plan.action in (Action.KEEP, Action.REWRITE):
             final = render(plan, plan.target.digest, self._output)
             return ImageResult(plan, final, None, moved_digest_warning(plan))
@@ -321,6 +333,38 @@ class Mutator:
                 final = render(plan, digest, self._output)
                 return ImageResult(plan, final, digest, moved_digest_warning(plan))
         return None
+
+    def _adopt(self, plan: ImagePlan, owner: str) -> ImageResult | None:
+        """For an owner with no decision yet, the local cache's digest, recorded as its
+        decision, when this replica's decisions are all there are (``OwnerPins.alone``).
+
+        With a shared cache, not: another replica may have decided this owner's digest
+        before the tag moved, and this cache may already hold the new one. The first Pod
+        of each owner on a replica then asks Redis (a round trip) rather than guess."""
+        owners = self.owners
+        if owners is None or not owners.alone:
+            return None
+        result = self._settle(plan)
+        if result is not None and result.digest is not None:
+            owners.adopt(owner, plan.target, result.digest)
+        return result
+
+    def _from_cache(self, plan: RequestPlan) -> list[ImageResult] | None:
+        """Every image's result from what this replica knows, owners' decisions first and
+        then the digest cache, recording nothing; None when something is not known."""
+        results: list[ImageResult] = []
+        hits = 0
+        for entry in plan.images:
+            if isinstance(entry, InvalidImage):
+                continue
+            result = self._settle(entry, plan.owner) or self._settle(entry)
+            if result is None:
+                return None
+            hits += entry.action is Action.RESOLVE
+            results.append(result)
+        if hits:
+            self.metrics.cache_event("hit", hits)
+        return results
 
     async def _ask(
         self, plan: ImagePlan, namespace: str | None, deadline: float, owner: str | None = None
@@ -347,12 +391,12 @@ class Mutator:
                         f"{target.familiar_name()}; pinned tag {target.tag} there instead"
                     )
                 tagged = target.with_digest(None)
-                digest = await self._owner_digest(owner, tagged)
+                digest = await self._owner_digest(owner, tagged, deadline)
                 if digest is not None:
                     resolution = Resolution(digest)
                 else:
                     resolution = await self.resolver.resolve(tagged, scope, deadline)
-                    digest = await self._decide(owner, tagged, resolution.digest)
+                    digest = await self._decide(owner, tagged, resolution.digest, deadline)
                 if resolution.stale:
                     stale = f"registry failing for {target.familiar()}; used a cached digest"
                     warning = f"pinhook: {stale}" if warning is None else f"{warning}; {stale}"
@@ -363,15 +407,15 @@ class Mutator:
             failure = ResolveError(f"internal error ({type(exc).__name__})", reason="internal")
         return ImageResult(plan, render(plan, digest, self._output), digest, warning, failure)
 
-    async def _owner_digest(self, owner: str | None, ref: ImageRef) -> str | None:
+    async def _owner_digest(self, owner: str | None, ref: ImageRef, deadline: float) -> str | None:
         if owner is None or self.owners is None:
             return None
-        return await self.owners.recall(owner, ref)
+        return await self.owners.recall(owner, ref, deadline)
 
-    async def _decide(self, owner: str | None, ref: ImageRef, digest: str) -> str:
+    async def _decide(self, owner: str | None, ref: ImageRef, digest: str, deadline: float) -> str:
         if owner is None or self.owners is None:
             return digest
-        return await self.owners.decide(owner, ref, digest)
+        return await self.owners.decide(owner, ref, digest, deadline)
 
     # -- decide --------------------------------------------------------------------------------
 

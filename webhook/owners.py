@@ -46,8 +46,15 @@ class OwnerPins:
     def __len__(self) -> int:
         return len(self._decided)
 
+    @property
+    def alone(self) -> bool:
+        """Whether this replica's decisions are all there are (no shared cache): then one it
+        has not made yet was made by nobody."""
+        return self._shared is None
+
     def peek(self, owner: str, ref: ImageRef) -> str | None:
-        """The decision known here, without I/O (the fast path)."""
+        """The decision known here, without I/O (the fast path; its caller counts what it
+        kept, once per request)."""
         key = (owner, _image(ref))
         known = self._decided.get(key)
         if known is None:
@@ -59,11 +66,18 @@ class OwnerPins:
         self._decided.move_to_end(key)
         return digest
 
-    async def recall(self, owner: str, ref: ImageRef) -> str | None:
-        """The decision known here or in the fleet."""
+    def adopt(self, owner: str, ref: ImageRef, digest: str) -> None:
+        """Record ``digest``, from the local cache, as the owner's first decision. Only when
+        ``alone``: with a shared cache another replica may have decided otherwise."""
+        self._metrics.owner_pin("decided")
+        self._keep(owner, ref, digest)
+
+    async def recall(self, owner: str, ref: ImageRef, deadline: float) -> str | None:
+        """The decision known here or in the fleet; None when there is none, or the fleet did
+        not say by ``deadline`` (loop time)."""
         digest = self.peek(owner, ref)
         if digest is None and self._shared is not None:
-            digest = await self._shared.owner_digest(owner, _image(ref))
+            digest = await self._shared.owner_digest(owner, _image(ref), deadline)
             if digest is not None:
                 # Kept here no longer than the TTL from now: close enough to the fleet's.
                 self._keep(owner, ref, digest)
@@ -71,12 +85,14 @@ class OwnerPins:
             self._metrics.owner_pin("kept")
         return digest
 
-    async def decide(self, owner: str, ref: ImageRef, digest: str) -> str:
+    async def decide(self, owner: str, ref: ImageRef, digest: str, deadline: float) -> str:
         """Record ``digest`` for the owner unless another replica decided first; the digest
-        that holds."""
+        that holds (``digest`` itself when the fleet did not say by ``deadline``)."""
         decided = None
         if self._shared is not None:
-            decided = await self._shared.decide_owner(owner, _image(ref), digest, self._ttl)
+            decided = await self._shared.decide_owner(
+                owner, _image(ref), digest, self._ttl, deadline
+            )
         decided = decided or digest
         self._metrics.owner_pin("decided" if decided == digest else "kept")
         self._keep(owner, ref, decided)

@@ -9,9 +9,10 @@ subscribes to once (a poll is the fallback). Pods of one owner get one digest pe
 (``owner_digest``, ``decide_owner``: the first decision wins).
 
 Redis is an optimisation, never a dependency: every operation gives up after
-``timeoutSeconds``, and a circuit breaker leaves Redis alone for ``openSeconds`` after
-``failuresToOpen`` failures in a row, then lets one operation probe it. Meanwhile every
-method answers "unknown" and the replica works from its local cache and the registries.
+``timeoutSeconds`` (an owner's digest also at the admission's deadline, if sooner), and a
+circuit breaker leaves Redis alone for ``openSeconds`` after ``failuresToOpen`` failures in
+a row, then lets one operation probe it. Meanwhile every method answers "unknown" and the
+replica works from its local cache and the registries.
 
 Key schema, ``<p>`` being ``keyPrefix``:
 
@@ -128,13 +129,18 @@ class SharedDigests(Protocol):
 
 
 class SharedOwners(Protocol):
-    """Where the digest decided for each owner's Pods is kept for the whole fleet."""
+    """Where the digest decided for each owner's Pods is kept for the whole fleet.
 
-    async def owner_digest(self, owner: str, image: str) -> str | None:
+    Both are asked on an admission's behalf: they give up at ``deadline`` (loop time), the
+    admission's, and answer None (unknown) then."""
+
+    async def owner_digest(self, owner: str, image: str, deadline: float) -> str | None:
         """The digest decided for ``owner``'s Pods and ``image`` (``name:tag``), if any."""
         ...
 
-    async def decide_owner(self, owner: str, image: str, digest: str, ttl: float) -> str | None:
+    async def decide_owner(
+        self, owner: str, image: str, digest: str, ttl: float, deadline: float
+    ) -> str | None:
         """Record ``digest`` unless a decision exists; the one that holds (None: unknown)."""
         ...
 
@@ -582,22 +588,25 @@ class RedisSharedCache:
 
     # -- owners --------------------------------------------------------------------------------
 
-    async def owner_digest(self, owner: str, image: str) -> str | None:
+    async def owner_digest(self, owner: str, image: str, deadline: float) -> str | None:
         key = self._keys.owner(owner, image)
         try:
-            value = await self._call("owner", lambda client: client.get(key))
+            value = await self._call("owner", lambda client: client.get(key), deadline)
         except _Unavailable:
             return None
         digest = _valid_digest(value)
         self._count("owner", "miss" if digest is None else "hit")
         return digest
 
-    async def decide_owner(self, owner: str, image: str, digest: str, ttl: float) -> str | None:
+    async def decide_owner(
+        self, owner: str, image: str, digest: str, ttl: float, deadline: float
+    ) -> str | None:
         key = self._keys.owner(owner, image)
         try:
             value = await self._call(
                 "decide",
                 lambda client: self._decide_script([key], [digest, _ms(ttl)], client=client),
+                deadline,
             )
         except _Unavailable:
             return None
@@ -607,19 +616,36 @@ class RedisSharedCache:
 
     # -- every operation -----------------------------------------------------------------------
 
-    async def _call(self, operation: str, action: Callable[[Redis], Awaitable[T]]) -> T:
-        """``action`` under the timeout and the breaker; raises _Unavailable (counted)."""
+    async def _call(
+        self,
+        operation: str,
+        action: Callable[[Redis], Awaitable[T]],
+        deadline: float | None = None,
+    ) -> T:
+        """``action`` under the timeout, the caller's ``deadline`` (loop time) if sooner, and
+        the breaker; raises _Unavailable (counted)."""
+        now = asyncio.get_running_loop().time()
+        if deadline is not None and deadline <= now:
+            self._count(operation, "deadline")
+            raise _Unavailable
         if not self._breaker.allow():
             self._count(operation, "skipped")
             raise _Unavailable
+        give_up = now + self._timeout
+        until = give_up if deadline is None else min(deadline, give_up)
         outcome = False
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(until):
                 result = await action(self._client)
             outcome = True
         except TimeoutError:
             outcome = True
-            self._failed(operation, "timeout", f"no answer within {self._timeout:g}s")
+            if until < give_up:
+                # The caller's time ran out first: says nothing of Redis, so no failure.
+                self._count(operation, "deadline")
+                self._breaker.abandoned()
+            else:
+                self._failed(operation, "timeout", f"no answer within {self._timeout:g}s")
             raise _Unavailable from None
         except (RedisError, OSError) as exc:
             outcome = True
