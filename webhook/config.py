@@ -532,6 +532,14 @@ def default_settings() -> Settings:
     return Settings()
 
 
+def settings_from(paths: Path | Sequence[Path] | None) -> Settings:
+    """The settings a command's ``--config`` names (one path, or several merged), else the
+    defaults."""
+    if isinstance(paths, Path):
+        paths = [paths]
+    return load_settings_files(paths) if paths else default_settings()
+
+
 def _describe(exc: ValidationError) -> list[str]:
     lines = []
     for error in exc.errors(include_url=False):

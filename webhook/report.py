@@ -37,9 +37,10 @@ from lightkube.resources.batch_v1 import CronJob, Job
 from lightkube.resources.core_v1 import Pod, Secret, ServiceAccount
 
 from .admission import AdmissionRequest
-from .config import FailurePolicy, Settings, default_settings, load_settings_file
+from .config import FailurePolicy, Settings, settings_from
 from .decide import DENIED, decide
 from .errors import PinhookError, ResolveError
+from .flags import add_config_flags
 from .kinds import KINDS, PINNING, KindInfo, Mode
 from .kube import StaticPullSecrets, async_client
 from .kubeerrors import (
@@ -549,14 +550,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         type=Path,
         help="kubeconfig file (default: in-cluster config, else $KUBECONFIG or ~/.kube/config)",
     )
-    report.add_argument(
-        "--config",
-        type=Path,
-        help="pinhook config.yaml, or a ConfigMap manifest holding it (default: built-in)",
-    )
-    report.add_argument(
-        "--docker-config", type=Path, help="docker config.json with registry credentials"
-    )
+    add_config_flags(report)
     report.add_argument(
         "-o",
         "--output",
@@ -567,10 +561,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def run(args: argparse.Namespace) -> int:
-    settings: Settings = (
-        load_settings_file(args.config) if args.config is not None else default_settings()
-    )
-    report = asyncio.run(_report(args, settings))
+    report = asyncio.run(_report(args, settings_from(args.config)))
     write(report, args.output)
     return 0
 
