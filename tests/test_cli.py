@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 import yaml
 
 from tests.harness.fixtures import RegistryEnv, docker_config
@@ -199,6 +200,30 @@ def test_a_bad_log_level_from_the_environment_is_one_line() -> None:
     )
     assert result.returncode == 2
     assert "log level 'loud'" in one_line(result)
+
+
+def test_every_command_with_one_config_reads_pinhook_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rewrites: [\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("output: digest-only\n")
+    monkeypatch.setenv("PINHOOK_CONFIG", str(bad))
+    parser = cli._parser()  # the environment is read when the parser is built
+    commands = {"serve": [], "review": [], "resolve": ["nginx"], "pin": [], "fn": [], "report": []}
+    for command, rest in commands.items():
+        assert parser.parse_args([command, *rest]).config == bad, command
+        given = parser.parse_args([command, "--config", str(good), *rest])
+        assert given.config == good, command  # a flag given wins
+    # report loads it before it reads the cluster: the config's error, not the cluster's.
+    nowhere = str(tmp_path / "no-kubeconfig")
+    result = pinhook("report", "--kubeconfig", nowhere)
+    assert result.returncode == 2
+    assert "bad.yaml: not valid YAML" in one_line(result)
+    result = pinhook("report", "--kubeconfig", nowhere, "--config", str(good))
+    assert result.returncode == 2
+    assert "not valid YAML" not in one_line(result)
 
 
 def test_log_flags_work_after_any_subcommand_and_before() -> None:

@@ -110,6 +110,12 @@ async def test_the_policy_is_patched_to_the_served_config(
     try:
         assert await sync(ENFORCE) is False  # already what the config generates
         assert _patches(api) == 0
+        # A namespace's mode alone changes where it enforces: audit there denies nothing.
+        audited = load_settings("{requireDigest: true, namespaces: {team-a: {mode: audit}}}")
+        assert await sync(audited) is True
+        live = api.get("validatingadmissionpolicies", "", "pinhook")
+        assert live is not None
+        assert "'team-a'" in live["spec"]["matchConditions"][0]["expression"]
         settings = load_settings(
             "{requireDigest: true, excludedNamespaces: [ci], kinds: {deployments.apps: pin}}"
         )

@@ -15,13 +15,14 @@ from tests.faults import FaultServer, Reply, error_reply, manifest_reply, sample
 from tests.harness.fixtures import RegistryEnv
 from tests.test_registry import ALICE, BOB, deadline_in, loopback_options, unique_repo
 from webhook import errors
-from webhook.config import load_settings, warnings_for
+from webhook.config import Settings, load_settings, warnings_for
 from webhook.errors import ConfigError
 from webhook.oci.credential import ANONYMOUS, Credentials
 from webhook.oci.mirror import Mirror
 from webhook.oci.reference import ImageRef
 from webhook.oci.registry import RegistryClient
 from webhook.oci.transport import RegistryOptions
+from webhook.runtime import registry_options
 
 
 @pytest.fixture
@@ -169,12 +170,21 @@ def test_mirror_settings_are_normalised() -> None:
         "    index.docker.io: [https://Mirror.GCR.io/, cache.internal:5000]\n"
         "    quay.io: [http://cache.internal:5000, 10.0.0.5:443]\n"
     )
+    # Parsed once, when the settings are validated: what the registry client is given.
     assert settings.registry.mirrors == {
-        "docker.io": ("https://mirror.gcr.io", "cache.internal:5000"),
-        "quay.io": ("http://cache.internal:5000", "10.0.0.5:443"),
+        "docker.io": (Mirror("https", "mirror.gcr.io"), Mirror(None, "cache.internal:5000")),
+        "quay.io": (Mirror("http", "cache.internal:5000"), Mirror(None, "10.0.0.5:443")),
     }
-    assert settings.registry.mirror_map["docker.io"][1] == Mirror(None, "cache.internal:5000")
+    assert registry_options(settings).mirrors == settings.registry.mirrors
     assert warnings_for(settings) == []
+    # Written back as URLs (config_hash dumps the settings), which read as the same settings.
+    dumped = settings.model_dump(by_alias=True)
+    assert dumped["registry"]["mirrors"]["docker.io"] == (
+        "https://mirror.gcr.io",
+        "cache.internal:5000",
+    )
+    assert Settings.model_validate(dumped).registry == settings.registry
+    assert "https://mirror.gcr.io" in settings.model_dump_json(by_alias=True)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +195,12 @@ def test_mirror_settings_are_normalised() -> None:
         ("{docker.io: [ftp://m.example]}", "scheme must be https or http"),
         ("{docker.io: ['https://user:hunter2@m.example']}", "must not hold a user or password"),
         ("{team: [https://m.example]}", "'team' is not a registry name"),
-        ("{docker.io: [a, b, c, d, e, f, g, h, i]}", "at most 8 mirrors"),
+        (
+            "{docker.io: [m0.example, m1.example, m2.example, m3.example, m4.example, m5.example,"
+            " m6.example, m7.example, m8.example]}",
+            "at most 8 mirrors",
+        ),
+        ("{docker.io: [{scheme: http, host: m.example}]}", "a mirror is a string"),
         ("{docker.io: [m.example], index.docker.io: [n.example]}", "given twice"),
     ],
 )

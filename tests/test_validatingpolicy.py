@@ -331,6 +331,62 @@ def test_enforced_in_the_namespaces_where_require_digest_applies(
         assert review(policy, tagged, namespace=namespace) == Answer(False, []), namespace
 
 
+@pytest.mark.parametrize(
+    ("config", "enforced", "not_enforced"),
+    [
+        # A namespace in audit, rewrite or off mode is never denied by pinhook: nor by the policy.
+        ("{requireDigest: true, namespaces: {team-a: {mode: audit}, team-r: {mode: rewrite},"
+         " team-o: {mode: 'off'}}}",
+         ["default", "team-p"], ["team-a", "team-r", "team-o"]),
+        # Audit everywhere but one namespace that pins under requireDigest: armed for that one.
+        ("{mode: audit, namespaces: {payments: {mode: pin, requireDigest: true}}}",
+         ["payments"], ["default", "team-a", ""]),
+        # Pinned there, but requireDigest does not apply there.
+        ("{mode: audit, requireDigest: true, namespaces: {shop: {mode: pin, requireDigest: false},"
+         " payments: {mode: pin}}}",
+         ["payments"], ["shop", "default"]),
+    ],
+)  # fmt: skip
+def test_enforced_only_where_the_namespace_pins(
+    config: str, enforced: list[str], not_enforced: list[str]
+) -> None:
+    policy = policy_object(load_settings(config))
+    assert armed(policy)
+    tagged = _pod(UNPINNED)
+    for namespace in enforced:
+        assert review(policy, tagged, namespace=namespace).denials, namespace
+    for namespace in not_enforced:
+        assert review(policy, tagged, namespace=namespace) == Answer(False, []), namespace
+
+
+def test_kinds_pinned_in_different_namespaces_are_enforced_each_in_its_own() -> None:
+    # Pods pin everywhere; the other kinds audit, except in `payments`, where everything pins.
+    settings = load_settings(
+        "{mode: audit, kinds: {pods: pin}, requireDigest: true,"
+        " namespaces: {payments: {mode: pin}, lab: {mode: audit}}}"
+    )
+    policy = policy_object(settings)
+    isvc, pointers = _pinned_everywhere(load("isvc-canary.yaml"))
+    tagged_isvc = with_images(isvc, {pointers[0]: UNPINNED})
+    assert review(policy, _pod(UNPINNED), namespace="default").denials
+    assert review(policy, tagged_isvc, namespace="payments").denials
+    assert review(policy, _pod(UNPINNED), namespace="payments").denials
+    assert not review(policy, tagged_isvc, namespace="default").matched
+    assert not review(policy, _pod(UNPINNED), namespace="lab").matched
+    assert not review(policy, tagged_isvc, namespace="lab").matched
+    assert review(policy, isvc, namespace="payments") == Answer(True, [])
+
+
+def test_a_kind_enforced_nowhere_is_not_in_the_rules() -> None:
+    # InferenceServices pin only where requireDigest does not apply.
+    settings = load_settings(
+        "{mode: audit, kinds: {pods: pin}, requireDigest: true,"
+        " namespaces: {lab: {mode: pin, requireDigest: false}}}"
+    )
+    rules = policy_object(settings)["spec"]["matchConstraints"]["resourceRules"]
+    assert [rule["resources"][0] for rule in rules] == ["pods"]
+
+
 def test_cluster_scoped_kinds_fall_under_the_global_policy() -> None:
     storage = load("clusterstoragecontainer.yaml")
     assert "namespace" not in storage["metadata"]

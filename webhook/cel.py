@@ -73,6 +73,11 @@ def cel_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def cel_list(texts: Iterable[str]) -> str:
+    """A CEL list literal of strings."""
+    return "[" + ", ".join(cel_string(text) for text in texts) + "]"
+
+
 def _fields(spec: Spec, path: str) -> list[tuple[str, Spec]]:
     """The leaves of ``spec`` (one image field each), each under its own parents only."""
     match spec:

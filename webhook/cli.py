@@ -20,9 +20,10 @@ from lightkube import AsyncClient
 from . import certs, install, krm, logs, pin, report, version
 from .admission import AdmissionRequest, parse_review, render_response
 from .conditionsync import MatchConditionsSync
-from .config import Settings, default_settings, load_settings_file, warnings_for
+from .config import load_settings_file, settings_from, warnings_for
 from .configfiles import read_text
 from .errors import ConfigError, InvalidReference, PinhookError
+from .flags import add_config_flags, env, path_env
 from .kube import (
     KubePullSecrets,
     PullSecretSource,
@@ -42,7 +43,7 @@ log = logging.getLogger(__spec__.name if __spec__ is not None else __name__)
 
 # Every environment variable pinhook reads, and the flag it stands in for.
 ENVIRONMENT: Final = (
-    ("PINHOOK_CONFIG", "--config"),
+    ("PINHOOK_CONFIG", "--config (not of webhook-config, validating-policy, install)"),
     ("PINHOOK_DOCKER_CONFIG_FILE", "--docker-config"),
     ("PINHOOK_LOG_LEVEL", "--log-level"),
     ("PINHOOK_LOG_FORMAT", "--log-format"),
@@ -66,12 +67,8 @@ EXIT_USAGE: Final = 2
 MAX_WORKERS: Final = 64
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"PINHOOK_{name}", default)
-
-
 def _env_flag(name: str) -> bool:
-    return (_env(name) or "").strip().lower() in _TRUE
+    return (env(name) or "").strip().lower() in _TRUE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "review",
         help="answer an AdmissionReview, or show what pinhook does to manifests, offline",
     )
-    _config_flags(review)
+    add_config_flags(review)
     review.add_argument(
         "file",
         nargs="?",
@@ -147,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     resolve = commands.add_parser("resolve", help="print the rewritten, pinned form of images")
-    _config_flags(resolve)
+    add_config_flags(resolve)
     resolve.add_argument("images", nargs="+", metavar="IMAGE", help="image references")
     resolve.add_argument(
         "-o",
@@ -200,13 +197,13 @@ def _log_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     group.add_argument(
         "--log-level",
         choices=logs.LEVELS,
-        default=_env("LOG_LEVEL", "info") if defaults else argparse.SUPPRESS,
+        default=env("LOG_LEVEL", "info") if defaults else argparse.SUPPRESS,
         help="least severe level logged (default: info)",
     )
     group.add_argument(
         "--log-format",
         choices=logs.FORMATS,
-        default=_env("LOG_FORMAT") if defaults else argparse.SUPPRESS,
+        default=env("LOG_FORMAT") if defaults else argparse.SUPPRESS,
         help="json (one object per line) or text (default: text on a terminal, else json)",
     )
     group.add_argument(
@@ -227,41 +224,41 @@ def _everywhere(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve_flags(serve: argparse.ArgumentParser) -> None:
-    _config_flags(serve)
+    add_config_flags(serve)
     serve.add_argument(
-        "--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (127.0.0.1)"
+        "--host", default=env("HOST", "127.0.0.1"), help="address to listen on (127.0.0.1)"
     )
     serve.add_argument(
-        "--port", type=int, default=_env("PORT", "8443"), help="HTTPS port (default: 8443)"
+        "--port", type=int, default=env("PORT", "8443"), help="HTTPS port (default: 8443)"
     )
     serve.add_argument(
         "--workers",
         type=_worker_count,
-        default=_env("WORKERS", "1"),
+        default=env("WORKERS", "1"),
         help="processes answering on the port, each with its own digest cache (default: 1;"
         " see Serving in the README)",
     )
     serve.add_argument(
         "--metrics-port",
         type=int,
-        default=_env("METRICS_PORT"),
+        default=env("METRICS_PORT"),
         help="serve Prometheus metrics over plain HTTP on this port (default: not served;"
         " the manifests use 9090)",
     )
     serve.add_argument(
         "--metrics-host",
-        default=_env("METRICS_HOST"),
+        default=env("METRICS_HOST"),
         help="address for the metrics port (default: --host)",
     )
     serve.add_argument(
         "--cert-dir",
         type=Path,
-        default=Path(_env("CERT_DIR", "certs") or "certs"),
+        default=Path(env("CERT_DIR", "certs") or "certs"),
         help="directory with tls.crt and tls.key; a self-signed pair for localhost is"
         " generated there when none exists (default: ./certs)",
     )
-    serve.add_argument("--cert", type=Path, default=_path_env("CERT"), help="certificate file")
-    serve.add_argument("--key", type=Path, default=_path_env("KEY"), help="private key file")
+    serve.add_argument("--cert", type=Path, default=path_env("CERT"), help="certificate file")
+    serve.add_argument("--key", type=Path, default=path_env("KEY"), help="private key file")
     serve.add_argument(
         "--self-managed",
         action="store_true",
@@ -295,7 +292,7 @@ def _serve_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--kube",
         choices=("auto", "on", "off"),
-        default=_env("KUBE", "auto"),
+        default=env("KUBE", "auto"),
         help="read pull secrets and ServiceAccounts through the Kubernetes API"
         " (auto: in a cluster, or when --kubeconfig is given)",
     )
@@ -315,31 +312,6 @@ def _worker_count(text: str) -> int:
     if not 1 <= count <= MAX_WORKERS:
         raise argparse.ArgumentTypeError(f"{count}: expected 1 to {MAX_WORKERS}")
     return count
-
-
-def _config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=_path_env("CONFIG"),
-        help="config.yaml, a ConfigMap manifest holding it, or a directory of *.yaml files"
-        " merged into one (a ConfigMap volume); default: the built-in map",
-    )
-    parser.add_argument(
-        "--docker-config",
-        type=Path,
-        default=_path_env("DOCKER_CONFIG_FILE"),
-        help="docker config.json with registry credentials",
-    )
-
-
-def _path_env(name: str) -> Path | None:
-    value = _env(name)
-    return Path(value) if value else None
-
-
-def _settings(path: Path | None) -> Settings:
-    return load_settings_file(path) if path is not None else default_settings()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -419,7 +391,7 @@ def _check_config(path: Path) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import ServeOptions, serve, serve_workers
 
-    settings = _settings(args.config)
+    settings = settings_from(args.config)
     cert, key = args.cert, args.key
     if (cert is None) != (key is None):
         raise ConfigError("--cert and --key go together")
@@ -529,7 +501,7 @@ def _review(args: argparse.Namespace) -> int:
             (o for o in objects if isinstance(o, dict)), default_namespace=args.namespace
         )
     runtime = Runtime(
-        _settings(args.config), docker_config=args.docker_config, pull_secrets=secrets
+        settings_from(args.config), docker_config=args.docker_config, pull_secrets=secrets
     )
     texts = [(name, _read_input(name)) for name in given]
     return asyncio.run(_answer_inputs(args, runtime, texts))
@@ -640,7 +612,7 @@ def _title(request: AdmissionRequest) -> str:
 
 async def _resolve(args: argparse.Namespace) -> int:
     """Each image on its own: an invalid one is reported and the others still resolve."""
-    runtime = Runtime(_settings(args.config), docker_config=args.docker_config)
+    runtime = Runtime(settings_from(args.config), docker_config=args.docker_config)
     rows: list[dict[str, Any]] = []
     valid: list[str] = []
     for image in args.images:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -18,6 +18,8 @@ from pydantic import (
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
+    PlainSerializer,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
     field_validator,
@@ -226,6 +228,19 @@ class CacheSettings(_Model):
     owner_pinning: OwnerPinningSettings = OwnerPinningSettings()
 
 
+def _mirror(value: Any) -> Mirror:
+    """A mirror as written (``scheme://host[:port]`` or ``host[:port]``), parsed once."""
+    if isinstance(value, Mirror):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a mirror is a string: https://host[:port], http://… or host[:port]")
+    return Mirror.parse(value)  # ValueError: reported at the mirror
+
+
+# Read from and written as its URL (``config_hash`` dumps the settings).
+MirrorURL = Annotated[Mirror, PlainValidator(_mirror), PlainSerializer(str, return_type=str)]
+
+
 class RegistrySettings(_Model):
     timeout_seconds: float = Field(default=8.0, gt=0, le=30)
     insecure: tuple[str, ...] = ()
@@ -243,42 +258,34 @@ class RegistrySettings(_Model):
     # How long a credential provider or docker credential helper may run. A request waits at
     # most its own deadline; a slower answer is still cached for the requests that follow.
     credential_exec_timeout_seconds: float = Field(default=30.0, gt=0, le=60)
-    # Registry -> pull-through caches asked first, in order, to resolve its tags.
-    mirrors: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-
-    _mirrors: dict[str, tuple[Mirror, ...]] = PrivateAttr()
+    # Registry (normalised: docker.io for index.docker.io) -> pull-through caches asked first,
+    # in order, to resolve its tags.
+    mirrors: dict[str, tuple[MirrorURL, ...]] = Field(default_factory=dict)
 
     @field_validator("mirrors")
     @classmethod
-    def _mirror_lists(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-        lists: dict[str, tuple[str, ...]] = {}
-        for registry, urls in value.items():
+    def _mirror_lists(cls, value: dict[str, tuple[Mirror, ...]]) -> dict[str, tuple[Mirror, ...]]:
+        lists: dict[str, tuple[Mirror, ...]] = {}
+        for registry, mirrors in value.items():
             name = registry_name(registry)
             if name in lists:
                 raise ValueError(f"{registry!r}: the mirrors of {name} are given twice")
-            if len(urls) > MAX_MIRRORS:
+            if len(mirrors) > MAX_MIRRORS:
                 raise ValueError(f"{registry!r}: at most {MAX_MIRRORS} mirrors")
-            lists[name] = tuple(str(Mirror.parse(url)) for url in urls)
+            lists[name] = mirrors
         return lists
 
     @model_validator(mode="after")
-    def _compile_mirrors(self) -> RegistrySettings:
+    def _plain_http_mirrors_are_insecure(self) -> RegistrySettings:
         insecure = {host.strip().lower() for host in self.insecure}
-        for urls in self.mirrors.values():
-            for mirror in map(Mirror.parse, urls):
+        for mirrors in self.mirrors.values():
+            for mirror in mirrors:
                 if mirror.scheme == "http" and mirror.host not in insecure:
                     raise ValueError(
                         f"mirrors: {mirror} is plain HTTP:"
                         f" list {mirror.host} in registry.insecure too"
                     )
-        self._mirrors = {
-            registry: tuple(map(Mirror.parse, urls)) for registry, urls in self.mirrors.items()
-        }
         return self
-
-    @property
-    def mirror_map(self) -> dict[str, tuple[Mirror, ...]]:
-        return self._mirrors
 
     @model_validator(mode="after")
     def _provider_paths(self) -> RegistrySettings:
@@ -504,7 +511,7 @@ def warnings_for(settings: Settings) -> list[str]:
     if path is not None and not path.is_file():
         found.append(f"registry.dockerConfig: {path} does not exist (here)")
     allowed = {host.strip().lower() for host in settings.registry.allowed_hosts}
-    for mirrors in settings.registry.mirror_map.values():
+    for mirrors in settings.registry.mirrors.values():
         for mirror in mirrors:
             bare, _ = split_host_port(mirror.host)
             keys = {bare, f"[{bare}]", mirror.host}
@@ -518,6 +525,14 @@ def warnings_for(settings: Settings) -> list[str]:
 
 def default_settings() -> Settings:
     return Settings()
+
+
+def settings_from(paths: Path | Sequence[Path] | None) -> Settings:
+    """The settings a command's ``--config`` names (one path, or several merged), else the
+    defaults."""
+    if isinstance(paths, Path):
+        paths = [paths]
+    return load_settings_files(paths) if paths else default_settings()
 
 
 def _describe(exc: ValidationError) -> list[str]:

@@ -26,7 +26,7 @@ from lightkube.resources.admissionregistration_v1 import (
 )
 
 from . import certs
-from .config import Settings, default_settings, load_settings_files
+from .config import settings_from
 from .errors import ConfigError, PinhookError
 from .kinds import KIND_KEYS
 from .kubeerrors import KubeError, KubeNotFound, KubeUnconfigured, KubeUnreachable, kube_errors
@@ -237,16 +237,14 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings_files(args.config) if args.config else default_settings()
-
-
 def _policy(args: argparse.Namespace, namespace: str | None) -> list[dict[str, Any]]:
-    return build_validating_policy(_settings(args), name=args.name, own_namespace=namespace)
+    return build_validating_policy(
+        settings_from(args.config), name=args.name, own_namespace=namespace
+    )
 
 
 def _configuration(args: argparse.Namespace) -> dict[str, Any]:
-    settings = _settings(args)
+    settings = settings_from(args.config)
     if args.url is not None and args.ca is None:
         print(
             "warning: --url without --ca: the configuration gets no caBundle, so the API server"

@@ -27,7 +27,7 @@ from typing import Any, Final
 import orjson
 import yaml
 
-from .config import Settings, load_settings
+from .config import Settings, load_settings, settings_from
 from .errors import ConfigError
 from .kube import PullSecretSource
 from .pin import (
@@ -43,7 +43,6 @@ from .pin import (
     add_settings_flags,
     edited_text,
     judge,
-    load_settings_flag,
     metadata_field,
     parse,
     plan_documents,
@@ -121,7 +120,7 @@ def _is_list(data: Any) -> bool:
 def function_options(config: Any, args: argparse.Namespace) -> FunctionOptions:
     """Settings and failure policy from ``functionConfig``, falling back to the flags."""
     if config is None:
-        return FunctionOptions(load_settings_flag(args.config), args.on_failure)
+        return FunctionOptions(settings_from(args.config), args.on_failure)
     if not isinstance(config, dict) or config.get("kind") != "ConfigMap":
         raise ConfigError("functionConfig must be a ConfigMap (data: config.yaml, onFailure)")
     data = config.get("data") or {}
@@ -134,7 +133,7 @@ def function_options(config: Any, args: argparse.Namespace) -> FunctionOptions:
         )
     text = data.get(SETTINGS_KEY)
     settings = (
-        load_settings_flag(args.config)
+        settings_from(args.config)
         if text is None
         else load_settings(str(text), source=f"functionConfig data[{SETTINGS_KEY!r}]")
     )

@@ -35,9 +35,10 @@ from typing import Any, Final, TextIO
 import yaml
 
 from .admission import AdmissionRequest
-from .config import Settings, default_settings, load_settings_file
+from .config import Settings, settings_from
 from .decide import decide
 from .errors import PinhookError
+from .flags import add_config_flags
 from .kube import PullSecretSource, StaticPullSecrets
 from .mutate import Mutator
 from .plan import Action, ImagePlan, ImageResult, InvalidImage, RequestPlan, render
@@ -527,23 +528,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """``--config``, ``--docker-config`` and ``--pull-secrets`` (shared with ``fn``)."""
-    parser.add_argument(
-        "--config",
-        type=Path,
-        help="pinhook config.yaml, or a ConfigMap manifest holding it (default: built-in)",
-    )
-    parser.add_argument(
-        "--docker-config", type=Path, help="docker config.json with registry credentials"
-    )
+    add_config_flags(parser)
     parser.add_argument(
         "--pull-secrets",
         type=Path,
         help="YAML of Secrets and ServiceAccounts whose imagePullSecrets apply, as in a cluster",
     )
-
-
-def load_settings_flag(path: Path | None) -> Settings:
-    return load_settings_file(path) if path is not None else default_settings()
 
 
 def pull_secrets_flag(path: Path | None, namespace: str) -> StaticPullSecrets | None:
@@ -566,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
         raise PinInputError("-i cannot write standard input back; leave out -i to get stdout")
     if files == ["-"] and sys.stdin.isatty():
         raise PinInputError("no input: give -f FILE|DIR, or pipe manifests to standard input")
-    settings = load_settings_flag(args.config)
+    settings = settings_from(args.config)
     secrets = pull_secrets_flag(args.pull_secrets, args.namespace)
     sources = read_sources(files)
     return asyncio.run(_pin(args, settings, secrets, sources))

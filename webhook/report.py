@@ -4,10 +4,11 @@ The step before a rollout: it reads every object of every kind in the kind table
 workload templates, KServe and Knative objects) from the live cluster, finds their images with
 the same locators as the webhook, and says for each distinct image where it is used, whether it
 is pinned, what the rewrite map would make of it, whether its tag still resolves and to which
-digest (through the same runtime, resolver, cache and credentials as ``pinhook resolve``, so one
-registry lookup per distinct tag and credentials), and whether the digest running differs from
-the tag's digest now (a moved tag). The summary says which objects ``enforce`` (``requireDigest``,
-decided by ``decide`` as at admission) would deny.
+digest (through the same runtime, registry client and credentials as ``pinhook resolve``, one
+registry lookup per distinct tag and set of credentials that apply), and whether the digest
+running differs from the tag's digest now (a moved tag). The summary says which objects
+``enforce`` (``requireDigest``, decided by ``decide`` as at admission) would deny, each judged on
+the lookup with its own credentials.
 
 Custom resources whose CRD is not installed are skipped with a note, as are kinds the
 credentials may not list.
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +39,10 @@ from lightkube.resources.batch_v1 import CronJob, Job
 from lightkube.resources.core_v1 import Pod, Secret, ServiceAccount
 
 from .admission import AdmissionRequest
-from .config import FailurePolicy, Settings, default_settings, load_settings_file
+from .config import FailurePolicy, Settings, settings_from
 from .decide import DENIED, decide
 from .errors import PinhookError, ResolveError
+from .flags import add_config_flags
 from .kinds import KINDS, PINNING, KindInfo, Mode
 from .kube import StaticPullSecrets, async_client
 from .kubeerrors import (
@@ -51,9 +54,16 @@ from .kubeerrors import (
 )
 from .locate import ImageField, locate
 from .mutate import Mutator
+from .oci.credential import Credentials
 from .oci.reference import ImageRef
 from .plan import Action, ImagePlan, ImageResult, InvalidImage, render
-from .resolve import PullScope
+from .resolve import (
+    CachingResolver,
+    DigestResolver,
+    DigestSource,
+    PullScope,
+    StaticDigestResolver,
+)
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -103,10 +113,13 @@ class Use:
 
 @dataclass(slots=True)
 class ImageRow:
-    """What the report says about one distinct image string."""
+    """What the report says about one distinct image string, for the objects that pull it with
+    the same credentials (an image used in namespaces with different pull secrets gets a row
+    for each set)."""
 
     image: str
     uses: list[Use] = field(default_factory=list)
+    credentials: tuple[str, ...] = ()  # where they come from; none: anonymous
     pinned: bool = False  # the reference carries a digest
     rewritten_to: str | None = None  # what the rewrite map makes of it, when it changes it
     final: str | None = None  # what pin mode would write
@@ -120,6 +133,7 @@ class ImageRow:
         return {
             "image": self.image,
             "uses": [str(use) for use in self.uses],
+            "credentials": list(self.credentials),
             "pinned": self.pinned,
             "rewrittenTo": self.rewritten_to,
             "final": self.final,
@@ -139,14 +153,20 @@ class Report:
     denied: list[str]  # objects enforce would deny, with the reason
 
     def summary(self) -> dict[str, int]:
+        """Counts of distinct images: one is unresolvable (or moved) when it is with any of
+        the credentials it is used with."""
+
+        def images(holds: Callable[[ImageRow], bool]) -> int:
+            return len({row.image for row in self.images if holds(row)})
+
         return {
             "objects": self.objects,
-            "images": len(self.images),
-            "pinned": sum(row.pinned for row in self.images),
-            "unpinned": sum(not row.pinned for row in self.images),
-            "rewritten": sum(row.rewritten_to is not None for row in self.images),
-            "unresolvable": sum(row.error is not None for row in self.images),
-            "moved": sum(bool(row.moved) for row in self.images),
+            "images": images(lambda row: True),
+            "pinned": images(lambda row: row.pinned),
+            "unpinned": images(lambda row: not row.pinned),
+            "rewritten": images(lambda row: row.rewritten_to is not None),
+            "unresolvable": images(lambda row: row.error is not None),
+            "moved": images(lambda row: bool(row.moved)),
             "enforceWouldDeny": len(self.denied),
         }
 
@@ -320,24 +340,54 @@ async def read_pull_secrets(
 
 # --- building the report --------------------------------------------------------------------
 
+# One image in one scope: the images of objects whose pull secrets are the same share one.
+_Where = tuple[str, PullScope]
+
+
+# The credentials that apply; None: nothing to look up (invalid, or a bare digest); the error
+# when finding them failed (a credential provider past the deadline).
+_Applying = Credentials | ResolveError | None
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """One row's lookup: the credentials that apply, and a scope they apply in."""
+
+    row: ImageRow
+    scope: PullScope
+    credentials: _Applying
+
 
 class _Builder:
-    def __init__(self, mutator: Mutator, deadline_seconds: float) -> None:
+    """Rows keyed by the image and the credentials that apply to it.
+
+    The webhook's cache shares a digest between every set of credentials, but an admission that
+    finds nothing cached looks the tag up with the object's own: an image that resolves with
+    one namespace's pull secret may not resolve in another namespace without it, and enforce
+    would deny there. So each set of credentials gets its own lookup, straight from the source
+    behind the cache, and each object is judged on the row of its own credentials; objects
+    whose credentials are the same (none at all, most often) share one row and one lookup.
+    """
+
+    def __init__(self, mutator: Mutator, source: DigestSource, deadline_seconds: float) -> None:
         self._mutator = mutator
+        self._source = source
         self._seconds = deadline_seconds
-        self.rows: dict[str, ImageRow] = {}
-        self._first_scope: dict[str, PullScope] = {}
+        self._uses: dict[_Where, list[Use]] = {}
+        self._lookups: dict[tuple[str, str], _Lookup] = {}  # by image and credentials key
+        self._row_of: dict[_Where, ImageRow] = {}
+        self._digests: dict[tuple[str, str], asyncio.Task[str]] = {}
         self.denied: list[str] = []
+
+    @property
+    def rows(self) -> list[ImageRow]:
+        return [lookup.row for lookup in self._lookups.values()]
 
     def add(self, found: Found) -> list[ImageField]:
         """Record the object's image fields; returns them."""
         located = locate(found.info, found.obj)
         running = running_digests(found.obj) if found.info.kind == "Pod" else {}
         for image_field in located.fields:
-            row = self.rows.get(image_field.image)
-            if row is None:
-                row = self.rows[image_field.image] = ImageRow(image_field.image)
-                self._first_scope[image_field.image] = PullScope(found.namespace, image_field.pull)
             use = Use(
                 found.info.kind,
                 found.namespace,
@@ -345,21 +395,57 @@ class _Builder:
                 field_path(image_field.pointer),
                 running.get(image_field.pointer),
             )
-            row.uses.append(use)
+            where = (image_field.image, PullScope(found.namespace, image_field.pull))
+            self._uses.setdefault(where, []).append(use)
         return list(located.fields)
+
+    async def group(self) -> None:
+        """Find the credentials that apply to each image in each scope, and make the rows."""
+        gate = asyncio.Semaphore(CONCURRENT_LOOKUPS)
+
+        async def credentials(where: _Where) -> _Applying:
+            async with gate:
+                return await self._credentials(*where)
+
+        wheres = list(self._uses)
+        found = await asyncio.gather(*(credentials(where) for where in wheres))
+        for (image, scope), applying in zip(wheres, found, strict=True):
+            key = (image, _key(applying))
+            lookup = self._lookups.get(key)
+            if lookup is None:
+                row = ImageRow(image, credentials=_sources(applying))
+                lookup = self._lookups[key] = _Lookup(row, scope, applying)
+            lookup.row.uses.extend(self._uses[image, scope])
+            self._row_of[image, scope] = lookup.row
+
+    async def _credentials(self, image: str, scope: PullScope) -> _Applying:
+        (planned,) = self._mutator.plan_fields([ImageField("/image", image, scope.pull)], Mode.PIN)
+        if isinstance(planned, InvalidImage):
+            return None
+        target = planned.target
+        if target.tag is None and target.digest is not None:
+            return None
+        try:
+            return await self._source.credentials(target.with_digest(None), scope, self._deadline())
+        except ResolveError as exc:
+            return exc
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self._seconds
 
     async def resolve(self, advance: Callable[[], None]) -> None:
         gate = asyncio.Semaphore(CONCURRENT_LOOKUPS)
 
-        async def one(row: ImageRow) -> None:
+        async def one(lookup: _Lookup) -> None:
             async with gate:
-                await self._resolve_row(row)
+                await self._resolve_row(lookup)
             advance()
 
-        await asyncio.gather(*(one(row) for row in self.rows.values()))
+        await asyncio.gather(*(one(lookup) for lookup in self._lookups.values()))
 
-    async def _resolve_row(self, row: ImageRow) -> None:
-        image_field = ImageField("/image", row.image, self._first_scope[row.image].pull)
+    async def _resolve_row(self, lookup: _Lookup) -> None:
+        row, scope = lookup.row, lookup.scope
+        image_field = ImageField("/image", row.image, scope.pull)
         (planned,) = self._mutator.plan_fields([image_field], Mode.PIN)
         if isinstance(planned, InvalidImage):
             row.error, row.reason = f"invalid reference: {planned.error}", "invalid"
@@ -370,13 +456,15 @@ class _Builder:
         row.running_digest = planned.original.digest or next(
             (use.running_digest for use in row.uses if use.running_digest), None
         )
-        scope = self._first_scope[row.image]
         target = planned.target
-        if target.tag is None and target.digest is not None:
+        credentials = lookup.credentials
+        if credentials is None:
             row.final = render(planned, target.digest, self._mutator.settings.output)
             return  # a digest without a tag: nothing to look up
         try:
-            row.tag_digest = await self._lookup(target.with_digest(None), scope)
+            if isinstance(credentials, ResolveError):
+                raise credentials
+            row.tag_digest = await self._lookup(target.with_digest(None), credentials)
         except ResolveError as exc:
             row.error, row.reason = str(exc), exc.reason
         digest = row.tag_digest if planned.action is Action.RESOLVE else target.digest
@@ -385,23 +473,30 @@ class _Builder:
             await self._moved(row, planned, scope)
 
     async def _moved(self, row: ImageRow, planned: ImagePlan, scope: PullScope) -> None:
-        """Compare with the tag where the image runs from: the original repository."""
+        """Compare with the tag where the image runs from: the original repository (with the
+        credentials that apply there for the row's first object)."""
         original = planned.original
         if original.tag is None and original.digest is not None:
             return
         current = row.tag_digest if not planned.rewritten else None
         if current is None and planned.rewritten:
+            tagged = original.with_digest(None)
             try:
-                current = await self._lookup(original.with_digest(None), scope)
+                credentials = await self._source.credentials(tagged, scope, self._deadline())
+                current = await self._lookup(tagged, credentials)
             except ResolveError:
                 return
         if current is not None:
             row.moved = current != row.running_digest
 
-    async def _lookup(self, ref: ImageRef, scope: PullScope) -> str:
-        deadline = asyncio.get_running_loop().time() + self._seconds
-        resolution = await self._mutator.resolver.resolve(ref, scope, deadline)
-        return resolution.digest
+    async def _lookup(self, ref: ImageRef, credentials: Credentials) -> str:
+        """The tag's digest with these credentials: asked once, however many rows ask."""
+        key = (str(ref), credentials.key)
+        task = self._digests.get(key)
+        if task is None:
+            digest = self._source.digest(ref, credentials, self._deadline())
+            task = self._digests[key] = asyncio.ensure_future(digest)
+        return await task
 
     def judge(self, found: Found, fields: list[ImageField]) -> None:
         """Record the object when enforce would deny it."""
@@ -416,18 +511,19 @@ class _Builder:
             old_obj=None,
             name=found.name,
         )
-        results = [self._result(f) for f in fields]
+        results = [self._result(f, found.namespace) for f in fields]
         denial = enforce_denial(self._mutator, request, [r for r in results if r is not None])
         if denial is not None:
             where = f"{found.namespace}/" if found.namespace else ""
             self.denied.append(f"{found.info.kind} {where}{found.name}: {denial}")
 
-    def _result(self, image_field: ImageField) -> ImageResult | None:
-        """The image's result as the webhook would see it, from the row's lookup."""
+    def _result(self, image_field: ImageField, namespace: str | None) -> ImageResult | None:
+        """The image's result as the webhook would see it, from the lookup with the
+        credentials that apply to this object."""
         (planned,) = self._mutator.plan_fields([image_field], Mode.PIN)
         if isinstance(planned, InvalidImage):
             return None
-        row = self.rows[image_field.image]
+        row = self._row_of[image_field.image, PullScope(namespace, image_field.pull)]
         failure = None
         digest: str | None = None
         if planned.action is Action.RESOLVE:
@@ -440,19 +536,56 @@ class _Builder:
         return ImageResult(planned, final, digest, None, failure)
 
 
+def _key(applying: _Applying) -> str:
+    """What tells rows of one image apart."""
+    if isinstance(applying, Credentials):
+        return applying.key
+    return "" if applying is None else f"\0{applying.reason}: {applying}"
+
+
+def _sources(credentials: _Applying) -> tuple[str, ...]:
+    """Where the credentials come from (``secret ns/name``, ``docker config …``), mirrors'
+    included; nothing for none."""
+    if not isinstance(credentials, Credentials):
+        return ()
+    found = [c.source for c in credentials.items]
+    found += [c.source for _, items in credentials.mirrors for c in items]
+    return tuple(dict.fromkeys(source for source in found if source))
+
+
+def digest_source(resolver: DigestResolver) -> DigestSource:
+    """Where the report asks, per set of credentials: the source behind the cache, whose
+    digests would answer for every set."""
+    if isinstance(resolver, CachingResolver):
+        return resolver.source
+    if isinstance(resolver, StaticDigestResolver):
+        return resolver
+    raise TypeError(f"no digest source behind {type(resolver).__name__}")
+
+
 async def build_report(
     client: AsyncClient, runtime: Runtime, namespaces: Sequence[str] | None
 ) -> Report:
     notes: list[str] = []
     found = await read_objects(client, namespaces, notes)
-    builder = _Builder(runtime.mutator, runtime.settings.registry.timeout_seconds)
+    report = await report_of(found, runtime)
+    report.notes[:0] = notes
+    return report
+
+
+async def report_of(found: Sequence[Found], runtime: Runtime) -> Report:
+    """The report on objects already read, resolving with the runtime's credentials."""
+    mutator = runtime.mutator
+    seconds = runtime.settings.registry.timeout_seconds
+    builder = _Builder(mutator, digest_source(mutator.resolver), seconds)
     fields = [builder.add(item) for item in found]
+    await builder.group()
     with _progress(len(found), len(builder.rows)) as advance:
         await builder.resolve(advance)
     for item, item_fields in zip(found, fields, strict=True):
         builder.judge(item, item_fields)
-    rows = sorted(builder.rows.values(), key=lambda row: row.image)
-    return Report(rows, len(found), notes, builder.denied)
+    rows = sorted(builder.rows, key=lambda row: (row.image, row.credentials))
+    return Report(rows, len(found), [], builder.denied)
 
 
 @contextlib.contextmanager
@@ -481,6 +614,7 @@ def print_table(report: Report, stream: Any = None) -> None:
     table = Table(box=box.SIMPLE)
     for column in ("image", "used by", "pinned", "rewritten to", "tag now", "moved"):
         table.add_column(column)
+    rows_of = Counter(row.image for row in report.images)
     for row in report.images:
         uses = [str(use) for use in row.uses]
         shown = "\n".join(uses[:USES_SHOWN])
@@ -489,7 +623,7 @@ def print_table(report: Report, stream: Any = None) -> None:
         tag_now = row.tag_digest or (f"error: {row.reason}" if row.error else "-")
         moved = "-" if row.moved is None else ("yes" if row.moved else "no")
         table.add_row(
-            row.image,
+            _label(row, rows_of[row.image] > 1),
             shown,
             "yes" if row.pinned else "no",
             row.rewritten_to or "-",
@@ -499,7 +633,7 @@ def print_table(report: Report, stream: Any = None) -> None:
     console.print(table)
     for row in report.images:
         if row.error:
-            console.print(f"{row.image}: {row.error}")
+            console.print(f"{_label(row, rows_of[row.image] > 1)}: {row.error}")
     summary = ", ".join(f"{key} {value}" for key, value in report.summary().items())
     console.print(f"summary: {summary}")
     if report.denied:
@@ -510,6 +644,13 @@ def print_table(report: Report, stream: Any = None) -> None:
         console.print("enforce (requireDigest) would deny nothing listed here")
     for note in report.notes:
         console.print(f"note: {note}")
+
+
+def _label(row: ImageRow, shared: bool) -> str:
+    """The image, and when it has several rows, the credentials that tell them apart."""
+    if not shared:
+        return row.image
+    return f"{row.image} (credentials: {', '.join(row.credentials) or 'none'})"
 
 
 def write(report: Report, output: str) -> None:
@@ -549,14 +690,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         type=Path,
         help="kubeconfig file (default: in-cluster config, else $KUBECONFIG or ~/.kube/config)",
     )
-    report.add_argument(
-        "--config",
-        type=Path,
-        help="pinhook config.yaml, or a ConfigMap manifest holding it (default: built-in)",
-    )
-    report.add_argument(
-        "--docker-config", type=Path, help="docker config.json with registry credentials"
-    )
+    add_config_flags(report)
     report.add_argument(
         "-o",
         "--output",
@@ -567,10 +701,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def run(args: argparse.Namespace) -> int:
-    settings: Settings = (
-        load_settings_file(args.config) if args.config is not None else default_settings()
-    )
-    report = asyncio.run(_report(args, settings))
+    report = asyncio.run(_report(args, settings_from(args.config)))
     write(report, args.output)
     return 0
 

@@ -260,6 +260,11 @@ class CachingResolver:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def source(self) -> DigestSource:
+        """What the cache asks on a miss (``pinhook report`` asks it per set of credentials)."""
+        return self._inner
+
     def peek(self, ref: ImageRef) -> str | None:
         key = (ref.name, ref.tag_or_latest())
         entry = self._entries.get(key)

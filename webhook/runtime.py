@@ -61,7 +61,7 @@ def registry_options(settings: Settings) -> RegistryOptions:
         max_attempts=registry.max_attempts,
         concurrency=registry.concurrency,
         concurrency_per_registry=registry.concurrency_per_registry,
-        mirrors=registry.mirror_map,
+        mirrors=registry.mirrors,
     )
 
 

@@ -6,14 +6,19 @@ Pure: no I/O. Generated from the same settings and kind table as the webhook con
 Validating admission runs after every mutating webhook, so with pinhook up the objects it sees
 are already pinned and the policy never denies; it denies what would be stored unpinned.
 
-* What: every image field of every kind in ``pin`` mode (``cel.cel_image_fields``) must end
-  in a valid digest (``webhookconfig.PINNED``, the test pinhook itself uses). One validation
-  per field, so that the message names the kind and the field (and, where CEL can, the image).
-* Where: the namespaces where ``requireDigest`` applies, globally or per namespace, never the
-  excluded ones, pinhook's own namespace or kube-system; cluster-scoped objects under the global
-  policy (``webhookconfig.namespaces_where``), as a ``matchCondition`` on ``request.namespace``.
-  Where ``skipAnnotation`` honours ``pinhook.dev/skip`` under ``requireDigest`` (never, unless
-  set to ``honoured``), annotated objects are let through too, as pinhook lets them through.
+* What: every image field of every kind in ``pin`` mode somewhere (``cel.cel_image_fields``)
+  must end in a valid digest (``webhookconfig.PINNED``, the test pinhook itself uses). One
+  validation per field, so that the message names the kind and the field (and, where CEL can,
+  the image).
+* Where: for each kind, the namespaces where ``requireDigest`` applies (globally or per
+  namespace) and the kind's mode there (``Settings.mode_for``, a namespace's ``mode`` included)
+  is ``pin``: never where pinhook only audits, rewrites or is off, as pinhook denies nothing
+  there, nor in the excluded namespaces, pinhook's own or kube-system; cluster-scoped objects
+  under the global settings (``webhookconfig.namespaces_where``). As a ``matchCondition`` on
+  ``request.namespace``, one per group of kinds enforced in the same namespaces when they
+  differ. Where ``skipAnnotation`` honours ``pinhook.dev/skip`` under ``requireDigest``
+  (never, unless set to ``honoured``), annotated objects are let through too, as pinhook lets
+  them through.
 * UPDATE: an unpinned image that the old object already had (in any of its fields) passes,
   as pinhook leaves unchanged images alone: objects stored before the policy (or in a namespace
   enforced later) can still be labelled, have finalizers removed or be deleted; an UPDATE cannot
@@ -26,7 +31,8 @@ are already pinned and the policy never denies; it denies what would be stored u
   below the budget (tests/e2e/test_backstop.py).
 * Size: one validation per field is some 150 KiB for the default kinds, under the 256 KiB that
   ``kubectl apply`` (client-side) can keep in its last-applied annotation.
-* A policy that nothing is enforced by (no ``requireDigest``, no pinned kind) is kept disarmed
+* A policy that nothing is enforced by (no namespace with ``requireDigest`` where some kind
+  pins) is kept disarmed
   by a ``false`` matchCondition rather than left out, so that syncing it (``policysync``) can
   switch enforcement off with a patch.
 """
@@ -36,7 +42,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from .cel import CelImages, cel_image_fields, cel_images, cel_string
+from .cel import CelImages, cel_image_fields, cel_images, cel_list, cel_string
 from .config import Settings
 from .kinds import KINDS, KindInfo, Mode
 from .webhookconfig import (
@@ -64,9 +70,14 @@ def policy_object(
     settings: Settings, *, name: str = "pinhook", own_namespace: str | None = "pinhook-system"
 ) -> dict[str, Any]:
     excluded = excluded_namespaces(settings, own_namespace)
-    enforced = namespaces_where(settings, lambda policy: policy.require_digest, excluded)
-    kinds = [info for info in KINDS if settings.mode_for(info.key) is Mode.PIN]
-    armed = bool(kinds) and not enforced.empty
+    enforced = {
+        info: where
+        for info in KINDS
+        if Mode.PIN in settings.modes_for(info.key)
+        and not (where := enforced_namespaces(settings, info, excluded)).empty
+    }
+    kinds = list(enforced)
+    armed = bool(kinds)
     checked = kinds or [KINDS[0]]  # a policy needs a rule and a validation, armed or not
     variables: list[dict[str, str]] = []
     validations: list[dict[str, str]] = []
@@ -126,19 +137,49 @@ def _rule(info: KindInfo) -> dict[str, Any]:
     }
 
 
+def enforced_namespaces(
+    settings: Settings, info: KindInfo, excluded: tuple[str, ...]
+) -> NamespaceSet:
+    """Where the policy checks objects of ``info``: ``requireDigest`` applies and the kind is
+    pinned. Audit promises never to deny, and rewrite and off pin nothing."""
+
+    def holds(namespace: str | None) -> bool:
+        return (
+            settings.policy_for(namespace).require_digest
+            and settings.mode_for(info.key, namespace) is Mode.PIN
+        )
+
+    return namespaces_where(settings, holds, excluded)
+
+
 def _conditions(
-    settings: Settings, enforced: NamespaceSet, excluded: tuple[str, ...]
+    settings: Settings, enforced: dict[KindInfo, NamespaceSet], excluded: tuple[str, ...]
 ) -> list[dict[str, str]]:
-    conditions = [{"name": "require-digest-applies", "expression": enforced.has_request()}]
-    honoured = namespaces_where(
-        settings,
-        lambda policy: policy.require_digest and settings.skip_honoured(policy),
-        excluded,
-    )
+    conditions = [{"name": "require-digest-applies", "expression": _applies(enforced)}]
+
+    def honoured_here(namespace: str | None) -> bool:
+        policy = settings.policy_for(namespace)
+        return policy.require_digest and settings.skip_honoured(policy)
+
+    honoured = namespaces_where(settings, honoured_here, excluded)
     if not honoured.empty:
         expression = f"{honoured.lacks_request()} ||\n{NOT_SKIPPED}"
         conditions.append({"name": "not-skipped", "expression": expression})
     return conditions
+
+
+def _applies(enforced: dict[KindInfo, NamespaceSet]) -> str:
+    """CEL: the request is for a kind enforced in its namespace. When every kind is enforced in
+    the same namespaces (the usual case), a test of the namespace alone."""
+    groups: dict[NamespaceSet, list[str]] = {}
+    for info, where in enforced.items():
+        groups.setdefault(where, []).append(info.resource)
+    if len(groups) == 1:
+        return next(iter(groups)).has_request()
+    return " ||\n".join(
+        f"(request.resource.resource in {cel_list(resources)} && {where.has_request()})"
+        for where, resources in groups.items()
+    )
 
 
 def _disarmed() -> dict[str, str]:

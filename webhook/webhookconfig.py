@@ -24,8 +24,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .cel import CelTest, cel_images, cel_string
-from .config import SKIP_ANNOTATION, FailurePolicy, Settings
+from .cel import CelTest, cel_images, cel_list, cel_string
+from .config import SKIP_ANNOTATION, Settings
 from .errors import ConfigError
 from .kinds import KINDS, KSERVE, PINNING, KindInfo, Mode
 from .oci.reference import DIGEST_HEX_LENGTHS, DOCKER_HUB, DOCKER_HUB_LEGACY
@@ -227,33 +227,31 @@ class NamespaceSet:
 
     def has_request(self) -> str:
         """CEL: the request's namespace is in the set."""
-        listed = f"request.namespace in {_cel_list(self.names)}"
+        listed = f"request.namespace in {cel_list(self.names)}"
         return f"!({listed})" if self.complement else listed
 
     def lacks_request(self) -> str:
         """CEL: the request's namespace is not in the set."""
-        listed = f"request.namespace in {_cel_list(self.names)}"
+        listed = f"request.namespace in {cel_list(self.names)}"
         return listed if self.complement else f"!({listed})"
 
 
 def namespaces_where(
-    settings: Settings, holds: Callable[[FailurePolicy], bool], never: Iterable[str] = ()
+    settings: Settings, holds: Callable[[str | None], bool], never: Iterable[str] = ()
 ) -> NamespaceSet:
-    """The namespaces (and the cluster scope) whose policy ``holds``, ``never`` left out."""
+    """The namespaces (and the cluster scope) where ``holds``, ``never`` left out.
+
+    ``holds`` is asked about each namespace the settings name and about None (every other
+    namespace, and the cluster scope), which is all the settings can tell apart.
+    """
     left_out = tuple(never)
-    default = holds(settings.policy_for(None))
+    default = holds(None)
     differ = tuple(
-        name
-        for name in settings.namespaces
-        if name not in left_out and holds(settings.policy_for(name)) != default
+        name for name in settings.namespaces if name not in left_out and holds(name) != default
     )
     if default:
         return NamespaceSet(tuple(dict.fromkeys((*left_out, *differ))), complement=True)
     return NamespaceSet(differ, complement=False)
-
-
-def _cel_list(names: Iterable[str]) -> str:
-    return "[" + ", ".join(cel_string(name) for name in names) + "]"
 
 
 # --- matchConditions ---------------------------------------------------------------------
@@ -294,7 +292,9 @@ def not_skipped_condition(settings: Settings) -> dict[str, str] | None:
     is down under failurePolicy Fail, and dropped where it is not, or anyone able to annotate
     an object would keep it away from pinhook.
     """
-    honoured = namespaces_where(settings, settings.skip_honoured)
+    honoured = namespaces_where(
+        settings, lambda namespace: settings.skip_honoured(settings.policy_for(namespace))
+    )
     if honoured.empty:
         return None
     if honoured.everything:

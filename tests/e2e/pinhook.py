@@ -113,6 +113,7 @@ def config_text(
     enforce: bool = False,
     more_rules: Sequence[tuple[str, str]] = (),
     require_digest_in: Sequence[str] = (),
+    audit_in: Sequence[str] = (),
 ) -> str:
     """Resolve at the loopback test registry; move MOVED_PREFIX there.
 
@@ -120,14 +121,16 @@ def config_text(
     there then proves that the API server never called it (the namespaceSelector), not that
     pinhook chose to do nothing. ``more_hosts`` are further loopback registries pinhook may
     reach; ``enforce`` is the enforce component's policy (requireDigest, onFailure deny);
-    ``require_digest_in`` sets requireDigest in those namespaces only.
+    ``require_digest_in`` sets requireDigest in those namespaces only; ``audit_in`` sets it
+    in those too, in audit mode (which never denies).
     """
     hosts = ", ".join(f'"{host}"' for host in (registry_host, *more_hosts))
     rules = [(f"{MOVED_PREFIX}/", f"{registry_host}/e2e"), *more_rules]
     policy = "requireDigest: true\nonFailure: deny\n" if enforce else ""
-    if require_digest_in:
-        overrides = ", ".join(f"{name}: {{requireDigest: true}}" for name in require_digest_in)
-        policy += f"namespaces: {{{overrides}}}\n"
+    overrides = [f"{name}: {{requireDigest: true}}" for name in require_digest_in]
+    overrides += [f"{name}: {{requireDigest: true, mode: audit}}" for name in audit_in]
+    if overrides:
+        policy += f"namespaces: {{{', '.join(overrides)}}}\n"
     return (
         "resolver: registry\n"
         "excludedNamespaces: []\n"

@@ -3,7 +3,8 @@
 pinhook is registered with ``failurePolicy: Ignore`` and ``pinhook install
 --validating-policy``, then stopped: from then on the API server admits without pinhook, and
 only the policy stands between an unpinned image and the store. requireDigest applies in one
-namespace of the test's own (the policy's reach stays inside it). The API server compiles a new
+namespace of the test's own (the policy's reach stays inside it), and in another in audit mode,
+where neither pinhook nor the policy may deny. The API server compiles a new
 policy a moment after it is written, with no event for it: the module probes until the policy
 denies, as the suite does for webhooks.
 """
@@ -39,6 +40,7 @@ class Backstop:
     name: str  # of the webhook configuration, the policy and its binding
     namespace: str  # where requireDigest applies
     lenient: str  # where it does not
+    audited: str  # where it does, in audit mode
     port: int  # where pinhook listened, and listens again when restarted
     config: Path
 
@@ -67,14 +69,16 @@ def backstop(
     run = cluster.run_id()
     namespace = namespaces.create(f"pinhook-e2e-{run}-backstop")
     lenient = namespaces.create(f"pinhook-e2e-{run}-lenient")
+    audited = namespaces.create(f"pinhook-e2e-{run}-audited")
     config = write_config(
         pinhook_setup.workdir / f"backstop-{run}.yaml",
         e2e_registry.host,
         require_digest_in=[namespace],
+        audit_in=[audited],
     )
     name = f"pinhook-e2e-{run}-backstop"
     state = Backstop(
-        kube, pinhook_setup, e2e_registry, name, namespace, lenient, free_port(), config
+        kube, pinhook_setup, e2e_registry, name, namespace, lenient, audited, free_port(), config
     )
     app = e2e_registry.app
     # Stored unpinned before there was any policy: an object an UPDATE may still change.
@@ -150,6 +154,15 @@ def test_only_where_require_digest_applies(backstop: Backstop) -> None:
     image = backstop.registry.app.tag_ref
     stored = cluster.create_and_read_back(
         backstop.kube, cluster.pod("tagged", image, backstop.lenient)
+    )
+    assert container_images(stored, "spec", "containers") == [image]
+
+
+def test_not_where_pinhook_only_audits(backstop: Backstop) -> None:
+    # requireDigest applies there, but audit mode promises never to deny: nor does the policy.
+    image = backstop.registry.app.tag_ref
+    stored = cluster.create_and_read_back(
+        backstop.kube, cluster.pod("audited", image, backstop.audited)
     )
     assert container_images(stored, "spec", "containers") == [image]
 
