@@ -8,6 +8,7 @@ driven directly, with a small cache limit, so the limit is reached with a few re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qs
@@ -107,6 +108,24 @@ async def test_the_token_cache_holds_at_most_its_limit(
     assert faults.count(path="/token") == 6
     assert await ask(auth, faults, target(faults, "team/r0")) == 404  # the oldest: evicted
     assert faults.count(path="/token") == 7
+
+
+async def test_the_challenges_proven_per_host_are_bounded_too(faults: FaultServer) -> None:
+    # Before: the challenge each host answered with was kept per host with no limit, so
+    # images naming ever new registry hosts grew it without end.
+    hosts = [f"registry-{n}.example" for n in range(10)]
+    # Each host challenges once, then answers.
+    faults.route(URL_PATH, *[challenge(faults), error_reply(404, "MANIFEST_UNKNOWN")] * 10)
+    faults.route("/token", token("t"))
+    transport = Transport(loopback_options(faults.host, *hosts, max_attempts=1))
+    try:
+        auth = Authenticator(transport, cache_limit=4)
+        for host in hosts:
+            where = dataclasses.replace(target(faults, "team/app"), host=host)
+            assert await ask(auth, faults, where) == 404
+        assert 0 < len(auth._proven) <= 4
+    finally:
+        await transport.aclose()
 
 
 async def test_a_held_refresh_lock_is_not_evicted(

@@ -275,8 +275,9 @@ class Authenticator:
 
     def _remember(self, target: Target, challenge: Challenge) -> None:
         expires = self._clock() + CHALLENGE_SECONDS
-        if len(self._challenges) >= self._limit:
-            self._challenges.clear()
+        for known in (self._challenges, self._proven):
+            if len(known) >= self._limit:
+                known.clear()
         self._challenges[_repo_key(target)] = (challenge, expires)
         self._proven[target.host] = (challenge, expires)
 
