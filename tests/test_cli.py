@@ -202,7 +202,7 @@ def test_a_bad_log_level_from_the_environment_is_one_line() -> None:
     assert "log level 'loud'" in one_line(result)
 
 
-def test_every_command_with_one_config_reads_pinhook_config(
+def test_every_command_with_a_config_reads_pinhook_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bad = tmp_path / "bad.yaml"
@@ -216,6 +216,15 @@ def test_every_command_with_one_config_reads_pinhook_config(
         assert parser.parse_args([command, *rest]).config == bad, command
         given = parser.parse_args([command, "--config", str(good), *rest])
         assert given.config == good, command  # a flag given wins
+    # Before: the commands that merge several files ignored it.
+    merging = {"webhook-config": [], "validating-policy": [], "install": ["--url", "https://x"]}
+    for command, rest in merging.items():
+        assert parser.parse_args([command, *rest]).config == [bad], command
+        given = parser.parse_args([command, "--config", str(good), "--config", str(bad), *rest])
+        assert given.config == [good, bad], command  # flags given replace it
+    result = pinhook("webhook-config")
+    assert result.returncode == 2
+    assert "bad.yaml: not valid YAML" in one_line(result)
     # report loads it before it reads the cluster: the config's error, not the cluster's.
     nowhere = str(tmp_path / "no-kubeconfig")
     result = pinhook("report", "--kubeconfig", nowhere)

@@ -43,7 +43,7 @@ log = logging.getLogger(__spec__.name if __spec__ is not None else __name__)
 
 # Every environment variable pinhook reads, and the flag it stands in for.
 ENVIRONMENT: Final = (
-    ("PINHOOK_CONFIG", "--config (not of webhook-config, validating-policy, install)"),
+    ("PINHOOK_CONFIG", "--config"),
     ("PINHOOK_DOCKER_CONFIG_FILE", "--docker-config"),
     ("PINHOOK_LOG_LEVEL", "--log-level"),
     ("PINHOOK_LOG_FORMAT", "--log-format"),

@@ -28,6 +28,7 @@ from lightkube.resources.admissionregistration_v1 import (
 from . import certs
 from .config import settings_from
 from .errors import ConfigError, PinhookError
+from .flags import add_config_files_flag
 from .kinds import KIND_KEYS
 from .kubeerrors import KubeError, KubeNotFound, KubeUnconfigured, KubeUnreachable, kube_errors
 from .validatingpolicy import armed, build_validating_policy
@@ -98,7 +99,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "validating-policy",
         help="print the ValidatingAdmissionPolicy (and binding) that backs up requireDigest",
     )
-    _config_flag(policy)
+    add_config_files_flag(policy)
     _name_flag(policy)
     policy.add_argument(
         "--namespace",
@@ -148,16 +149,6 @@ def _target_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
     )
 
 
-def _config_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        action="append",
-        help="pinhook config.yaml, a directory of *.yaml, or a ConfigMap holding them;"
-        " repeatable, all merged (default: built-in)",
-    )
-
-
 def _name_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--name", default=DEFAULT_NAME, help="configuration name (default: pinhook)"
@@ -165,7 +156,7 @@ def _name_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _shape_flags(parser: argparse.ArgumentParser) -> None:
-    _config_flag(parser)
+    add_config_files_flag(parser)
     _name_flag(parser)
     parser.add_argument(
         "--failure-policy",
