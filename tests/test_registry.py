@@ -4,6 +4,7 @@ import asyncio
 import base64
 import logging
 import ssl
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -207,6 +208,38 @@ async def test_token_auth_reuses_the_token(token_registry: RegistryEnv) -> None:
     assert request.username == "bob"
     assert request.scopes == (f"repository:{pushed.repo}:pull",)
     assert request.service == token_registry.issuer.service
+
+
+class _ImportsAsked:
+    """A meta path finder that records every import that reaches the finders: one a module
+    already imported never does."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        self.names.append(name)
+
+
+async def test_a_lookup_imports_nothing(token_registry: RegistryEnv) -> None:
+    # Before: httpcore tried `import sniffio` on every request, and without sniffio installed
+    # each failed import searched sys.path again: 0.4 ms of every registry request.
+    pushed = [token_registry.push.image(unique_repo("imports"), "v1") for _ in range(2)]
+    asked = _ImportsAsked()
+    async with RegistryClient(loopback_options(token_registry.host)) as client:
+        first = ImageRef.parse(pushed[0].tag_ref)
+        await client.resolve_digest(first, Credentials((BOB,)), deadline=deadline_in(10))
+        sys.meta_path.insert(0, asked)
+        try:
+            # A new repository: a challenge, a token and a HEAD, all on open connections.
+            second = ImageRef.parse(pushed[1].tag_ref)
+            digest = await client.resolve_digest(
+                second, Credentials((BOB,)), deadline=deadline_in(10)
+            )
+        finally:
+            sys.meta_path.remove(asked)
+    assert digest == pushed[1].digest
+    assert asked.names == []
 
 
 async def test_token_auth_wrong_then_right_credential(token_registry: RegistryEnv) -> None:
