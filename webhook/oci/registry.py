@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from functools import lru_cache
 from types import TracebackType
 from urllib.parse import quote
 
@@ -331,6 +332,12 @@ def _head_digest(head: Reply, target: Target, ref: ImageRef) -> str | None:
     return _trusted_head_digest(head, target)
 
 
+@lru_cache(maxsize=256)
+def _base_url(text: str) -> httpx.URL:
+    """A registry's base URL, parsed once: every answer is checked against it."""
+    return httpx.URL(text)
+
+
 def _trusted_head_digest(reply: Reply, target: Target) -> str | None:
     """The HEAD answer's digest if it can be trusted without fetching the body: a valid
     digest of one of the manifest types asked for, from the registry itself."""
@@ -340,7 +347,7 @@ def _trusted_head_digest(reply: Reply, target: Target) -> str | None:
         return None
     if _media_type(reply) not in MANIFEST_MEDIA_TYPES:
         return None
-    if not same_origin(reply.url, httpx.URL(target.base_url)):
+    if not same_origin(reply.url, _base_url(target.base_url)):
         return None
     return digest
 
@@ -366,7 +373,7 @@ def _check_manifest(reply: Reply, target: Target, ref: ImageRef) -> None:
     declared = document.get("mediaType")
     if declared is not None and declared != media_type:
         raise ProtocolError(f"{ref}: a {declared} manifest served as {media_type}")
-    if ref.digest is None and not same_origin(reply.url, httpx.URL(target.base_url)):
+    if ref.digest is None and not same_origin(reply.url, _base_url(target.base_url)):
         raise ProtocolError(
             f"{ref}: the manifest came from {reply.url.host}, not {target.host}; a digest is"
             " only taken from the registry itself"

@@ -196,7 +196,7 @@ class Transport:
         follows no redirect: its body would go wherever the answer points.
         """
         loop = asyncio.get_running_loop()
-        shown = httpx.URL(url).copy_with(query=None)
+        url = httpx.URL(url)
         limit = self._options.max_attempts if attempts is None else attempts
         attempt = 0
         while True:
@@ -204,16 +204,17 @@ class Transport:
             reply: Reply | None = None
             try:
                 if content is None:
-                    reply = await self._follow_redirects(method, httpx.URL(url), headers, deadline)
+                    reply = await self._follow_redirects(method, url, headers, deadline)
                 else:
-                    reply = await self._send(method, httpx.URL(url), headers, deadline, content)
+                    reply = await self._send(method, url, headers, deadline, content)
             except _Transient as exc:
                 problem = str(exc)
             else:
                 if not _is_retryable(reply.status):
                     return reply
                 problem = describe(reply)
-                self._refuse_exhausted_pull_limit(method, shown, reply)
+                self._refuse_exhausted_pull_limit(method, url, reply)
+            shown = _shown(url)
             if attempt >= limit:
                 tries = f" (after {attempt} attempts)" if attempt > 1 else ""
                 raise RegistryUnavailable(f"{method} {shown}: {problem}{tries}")
@@ -251,7 +252,7 @@ class Transport:
         if url.scheme == "http" and not (self.is_insecure(hostport) or self.is_insecure(url.host)):
             raise ProtocolError(f"refusing a redirect to plain http {url}")
 
-    def _refuse_exhausted_pull_limit(self, method: str, shown: httpx.URL, reply: Reply) -> None:
+    def _refuse_exhausted_pull_limit(self, method: str, url: httpx.URL, reply: Reply) -> None:
         """A 429 from Docker Hub with no pulls left: the window is hours long, so retrying
         within a deadline of seconds only adds requests."""
         if reply.status != 429 or _hostport(reply.url) != self._hub_host:
@@ -259,7 +260,8 @@ class Transport:
         stated = self._hub_limit.observe(self._hub_host, reply.headers)
         if stated is not None and stated.exhausted:
             raise RegistryUnavailable(
-                f"{method} {shown}: Docker Hub's pull rate limit is exhausted ({stated.describe()})"
+                f"{method} {_shown(url)}: Docker Hub's pull rate limit is exhausted"
+                f" ({stated.describe()})"
             )
 
     async def _send(
@@ -271,10 +273,9 @@ class Transport:
         content: bytes | None = None,
     ) -> Reply:
         loop = asyncio.get_running_loop()
-        shown = url.copy_with(query=None)
         remaining = deadline - loop.time()
         if remaining <= 0:
-            raise DeadlineExceeded(f"{method} {shown}: deadline exceeded")
+            raise DeadlineExceeded(f"{method} {_shown(url)}: deadline exceeded")
         request = self.http.build_request(
             method, url, headers=headers, content=content, timeout=httpx.Timeout(remaining)
         )
@@ -285,7 +286,7 @@ class Transport:
             # shield: the deadline ends this wait, never the request inside the pool.
             return await asyncio.wait_for(asyncio.shield(task), remaining)
         except TimeoutError:
-            raise DeadlineExceeded(f"{method} {shown}: deadline exceeded") from None
+            raise DeadlineExceeded(f"{method} {_shown(url)}: deadline exceeded") from None
 
     def _settled(self, task: asyncio.Task[object]) -> None:
         self._background.discard(task)
@@ -298,7 +299,6 @@ class Transport:
         """One request and its body, in its own task; errors classified for the caller."""
         loop = asyncio.get_running_loop()
         method, url = request.method, request.url
-        shown = url.copy_with(query=None)
         started = time.monotonic()
         try:
             response = await client.send(request, stream=True)
@@ -309,21 +309,21 @@ class Transport:
                 await response.aclose()
         except TimeoutError as exc:
             raise DeadlineExceeded(
-                f"{method} {shown}: body still arriving at the deadline"
+                f"{method} {_shown(url)}: body still arriving at the deadline"
             ) from exc
         except httpx.PoolTimeout as exc:
             self._pool_timed_out(client)
             raise DeadlineExceeded(
-                f"{method} {shown}: no connection free before the deadline"
+                f"{method} {_shown(url)}: no connection free before the deadline"
             ) from exc
         except httpx.TimeoutException as exc:
             if loop.time() >= deadline:
-                raise DeadlineExceeded(f"{method} {shown}: deadline exceeded") from exc
+                raise DeadlineExceeded(f"{method} {_shown(url)}: deadline exceeded") from exc
             raise _Transient(f"{type(exc).__name__}") from exc
         except httpx.TransportError as exc:
-            raise _classify_transport_error(method, shown, exc) from exc
+            raise _classify_transport_error(method, _shown(url), exc) from exc
         except httpx.DecodingError as exc:
-            raise ProtocolError(f"{method} {shown}: undecodable body") from exc
+            raise ProtocolError(f"{method} {_shown(url)}: undecodable body") from exc
         self._pool_timeouts = 0
         host = _hostport(url)
         self._events.registry_request(
@@ -331,7 +331,8 @@ class Transport:
         )
         if host == self._hub_host and response.status_code != 429:  # 429: see exchange
             self._hub_limit.observe(host, response.headers)
-        log.debug("%s %s -> %d", method, shown, response.status_code)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s -> %d", method, _shown(url), response.status_code)
         return Reply(method, url, response.status_code, response.headers, body)
 
     def _pool_timed_out(self, client: httpx.AsyncClient) -> None:
@@ -356,6 +357,13 @@ class Transport:
 async def _close_later(client: httpx.AsyncClient) -> None:
     await asyncio.sleep(RETIRED_CLIENT_GRACE_SECONDS)
     await client.aclose()
+
+
+def _shown(url: httpx.URL) -> httpx.URL:
+    """``url`` as errors and logs show it: without its query, which may carry a token
+    service's account or scope. Built only when shown: parsing URLs is a good part of what
+    a registry request costs pinhook."""
+    return url.copy_with(query=None)
 
 
 def _hostport(url: httpx.URL) -> str:
