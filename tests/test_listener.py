@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from webhook import certs
-from webhook.listener import ConnectionLimits, ListenerState, guarded_protocol
+from webhook.listener import ConnectionLimits, ListenerState, RequestDeadlines, guarded_protocol
 from webhook.tls import server_context
 
 LIMITS = ConnectionLimits(
@@ -263,3 +263,46 @@ async def test_accepted_connections_send_without_nagle() -> None:
     assert await asyncio.wait_for(seen, MUST_HAPPEN_S) == 1
     writer.close()
     server.close()
+
+
+class _Armed:
+    """What RequestDeadlines needs of a connection: its loop, and what to do when it expires."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fails: bool = False) -> None:
+        self.loop = loop
+        self.fails = fails
+        self.closed = asyncio.Event()
+
+    def expired(self) -> None:
+        self.closed.set()
+        if self.fails:
+            raise RuntimeError("closing failed")
+
+
+async def test_a_shorter_deadline_shortens_the_sweep_at_once() -> None:
+    # Before: the sweep kept the interval of the first deadline armed (a tenth of 10 s) until
+    # no connection was armed, so a limit reloaded to 0.2 s fired up to a second late.
+    loop = asyncio.get_running_loop()
+    deadlines = RequestDeadlines()
+    deadlines.arm(_Armed(loop), 10.0)  # type: ignore[arg-type]
+    short = _Armed(loop)
+    deadlines.arm(short, 0.2)  # type: ignore[arg-type]
+    assert deadlines._timer is not None
+    assert deadlines._timer.when() - loop.time() <= 0.02 + 0.005
+    await asyncio.wait_for(short.closed.wait(), MUST_HAPPEN_S)
+
+
+async def test_a_failure_closing_one_connection_does_not_end_the_sweeps() -> None:
+    # Before: an exception from one connection ended the sweep before it scheduled the next,
+    # and the timer it left behind kept arm() from starting another: no slow client was ever
+    # cut off again.
+    loop = asyncio.get_running_loop()
+    deadlines = RequestDeadlines()
+    failing, other = _Armed(loop, fails=True), _Armed(loop)
+    deadlines.arm(failing, 0.05)  # type: ignore[arg-type]
+    deadlines.arm(other, 0.05)  # type: ignore[arg-type]
+    await asyncio.wait_for(other.closed.wait(), MUST_HAPPEN_S)
+    later = _Armed(loop)
+    deadlines.arm(later, 0.05)  # type: ignore[arg-type]
+    await asyncio.wait_for(later.closed.wait(), MUST_HAPPEN_S)
+    assert len(deadlines) == 0

@@ -60,19 +60,24 @@ class RequestDeadlines:
 
     A timer per request (``call_later``, then ``cancel``) costs more than parsing the request;
     setting a number in a dict does not. A deadline fires up to one sweep interval late, a
-    tenth of the deadline at most.
+    tenth of the deadline at most: a shorter deadline (a reloaded limit) shortens the
+    interval at once.
     """
 
     def __init__(self) -> None:
         self._due: dict[_RequestDeadline, float] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._interval = 0.0
 
     def arm(self, connection: _RequestDeadline, seconds: float) -> None:
         loop = connection.loop
         self._due[connection] = loop.time() + seconds
-        if self._timer is None:
-            interval = min(1.0, max(0.01, seconds / 10))
-            self._timer = loop.call_later(interval, self._sweep, loop, interval)
+        interval = min(1.0, max(0.01, seconds / 10))
+        if self._timer is None or interval < self._interval:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._interval = interval
+            self._timer = loop.call_later(interval, self._sweep, loop)
 
     def disarm(self, connection: _RequestDeadline) -> None:
         self._due.pop(connection, None)
@@ -80,13 +85,18 @@ class RequestDeadlines:
     def __len__(self) -> int:
         return len(self._due)
 
-    def _sweep(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        now = loop.time()
-        expired = [connection for connection, due in self._due.items() if due <= now]
-        for connection in expired:
-            del self._due[connection]
-            connection.expired()
-        self._timer = loop.call_later(interval, self._sweep, loop, interval) if self._due else None
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            now = loop.time()
+            expired = [connection for connection, due in self._due.items() if due <= now]
+            for connection in expired:
+                del self._due[connection]
+                try:
+                    connection.expired()
+                except Exception:  # one connection's failure must not end every deadline
+                    log.exception("closing a connection past its request deadline failed")
+        finally:
+            self._timer = loop.call_later(self._interval, self._sweep, loop) if self._due else None
 
 
 @dataclass(slots=True)
