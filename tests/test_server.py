@@ -236,6 +236,31 @@ def test_slow_and_silent_clients_are_cut_off_while_others_are_served(
         sock.close()
 
 
+def test_websocket_upgrades_are_plain_requests_and_free_their_connection(
+    tmp_path: Path,
+) -> None:
+    # Before: with a WebSocket library installed (wsproto is, here), uvicorn handed an
+    # upgrade request to its WebSocket protocol, the listener never saw the connection end,
+    # and its slot stayed taken: maxConnections such requests refused every later client.
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG + "server:\n  maxConnections: 2\n")
+    server = Served(["--config", str(config)], cwd=tmp_path)
+    try:
+        upgrade = (
+            b"GET /mutate HTTP/1.1\r\nHost: pinhook\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        for _ in range(3):
+            with tls_socket(server) as sock:
+                sock.sendall(upgrade)
+                assert sock.recv(1024).startswith(b"HTTP/1.1 405 ")
+        with server.client(server.cwd / "certs" / "ca.crt") as client:
+            assert client.post("/mutate", json=review(pod(NGINX))).status_code == 200
+    finally:
+        server.stop()
+
+
 def test_the_event_loop_keeps_answering_while_a_huge_object_is_processed(served: Served) -> None:
     huge = {
         "apiVersion": "v1",

@@ -141,6 +141,9 @@ def build_server(
         port=options.port,
         # TLS is done by the listener's protocol, under its handshake deadline.
         http=guarded_protocol(listener),
+        # Only HTTP: an upgrade handed to a WebSocket protocol (when a WebSocket library is
+        # installed) would leave the listener's connection count without its end.
+        ws="none",
         loop="auto",  # uvloop when installed
         log_config=None,  # pinhook's logging, set up by the CLI
         access_log=False,
