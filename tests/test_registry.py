@@ -538,6 +538,25 @@ async def test_endless_redirects_are_a_protocol_error(
     assert faults.count() == 6
 
 
+@pytest.mark.parametrize(
+    ("location", "problem"),
+    [
+        ("ftp://127.0.0.1/m?X-Sig=secret", "unsupported URL ftp://127.0.0.1/m"),
+        ("http://127.0.0.1:1/m?X-Sig=secret", "plain http http://127.0.0.1:1/m"),
+    ],
+)
+async def test_a_refused_redirect_is_shown_without_its_query(
+    faults: FaultServer, fault_client: RegistryClient, location: str, problem: str
+) -> None:
+    # Before: the error showed the redirect target whole, and a target's query may hold a
+    # signature (presigned storage URLs) or a token service's account.
+    faults.route(MANIFEST_PATH, Reply(307, {"Location": location}))
+    with pytest.raises(errors.ProtocolError) as refused:
+        await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
+    assert problem in str(refused.value)
+    assert "secret" not in str(refused.value)
+
+
 async def test_image_host_outside_the_allow_list_is_refused(faults: FaultServer) -> None:
     faults.route(MANIFEST_PATH, manifest_reply(sample_index()))
     options = RegistryOptions(insecure_registries=frozenset({faults.host}))

@@ -242,15 +242,15 @@ class Transport:
             if not same_origin(following, current):
                 current_headers.pop("Authorization", None)  # never hand a secret to another host
             current = following
-        raise ProtocolError(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
+        raise ProtocolError(f"{method} {_shown(url)}: more than {MAX_REDIRECTS} redirects")
 
     async def _check_redirect(self, url: httpx.URL, deadline: float) -> None:
         if url.scheme not in ("http", "https") or not url.host:
-            raise ProtocolError(f"redirect to unsupported URL {url}")
+            raise ProtocolError(f"redirect to unsupported URL {_shown(url)}")
         await self.guard.check(url.host, url.port, deadline=deadline)
         hostport = url.netloc.decode("ascii")
         if url.scheme == "http" and not (self.is_insecure(hostport) or self.is_insecure(url.host)):
-            raise ProtocolError(f"refusing a redirect to plain http {url}")
+            raise ProtocolError(f"refusing a redirect to plain http {_shown(url)}")
 
     def _refuse_exhausted_pull_limit(self, method: str, url: httpx.URL, reply: Reply) -> None:
         """A 429 from Docker Hub with no pulls left: the window is hours long, so retrying
