@@ -98,6 +98,15 @@ def test_every_worker_follows_a_config_change(fleet: Served) -> None:
         with fleet.client(ca) as client:
             answer = client.post("/mutate", json=review(pod(NGINX))).json()["response"]
         assert fake_digest(NGINX) not in str(answer)
+    # Before: a worker started again served the config the parent read at its start, and
+    # took the file's newer stamp for that config's, so it never caught up.
+    os.kill(min(worker_pids(fleet.process.pid)), signal.SIGKILL)
+    fleet.wait_for("starting it again")
+    fleet.wait_for("pinhook listening on")
+    for _ in range(20):
+        with fleet.client(ca) as client:
+            answer = client.post("/mutate", json=review(pod(NGINX))).json()["response"]
+        assert fake_digest(NGINX) not in str(answer)
 
 
 def test_every_worker_follows_a_certificate_change(fleet: Served) -> None:

@@ -21,7 +21,7 @@ from . import certs, install, krm, logs, pin, report, version
 from .admission import AdmissionRequest, parse_review, render_response
 from .conditionsync import MatchConditionsSync
 from .config import load_settings_file, settings_from, warnings_for
-from .configfiles import read_text
+from .configfiles import config_stamp, read_text
 from .errors import ConfigError, InvalidReference, PinhookError
 from .flags import add_config_flags, env, path_env
 from .kube import (
@@ -391,6 +391,8 @@ def _check_config(path: Path) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import ServeOptions, serve, serve_workers
 
+    # Before the settings are read: a worker started again later compares its file with this.
+    stamp = config_stamp(args.config) if args.config is not None else None
     settings = settings_from(args.config)
     cert, key = args.cert, args.key
     if (cert is None) != (key is None):
@@ -421,6 +423,7 @@ def _serve(args: argparse.Namespace) -> int:
         return Runtime(
             settings,
             config_path=args.config,
+            config_stamp=stamp,
             docker_config=args.docker_config,
             pull_secrets=_pull_secrets(args.kube, args.kubeconfig, metrics),
             metrics=metrics,

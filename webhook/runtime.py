@@ -122,6 +122,7 @@ class Runtime:
         metrics: Metrics | None = None,
         config_syncs: Sequence[ConfigSync] = (),
         environ: Mapping[str, str] | None = None,
+        config_stamp: Hashable | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         # Where the shared cache's password may come from ($PINHOOK_REDIS_PASSWORD).
@@ -140,7 +141,9 @@ class Runtime:
         self._mutator: Mutator | None = None
         self._config_error: str | None = None
         self._followers: list[Callable[[Settings], None]] = []
-        self._config_stamp: Hashable = None
+        # The config file's stamp when ``settings`` were read from it (None: read it at
+        # start). A runtime started later than that (a restarted worker) catches up at start.
+        self._config_stamp: Hashable = config_stamp
         self.metrics.cache_entries.set_function(self._cached_digests)
 
     async def __aenter__(self) -> Runtime:
@@ -154,11 +157,14 @@ class Runtime:
     async def _start(self) -> None:
         if isinstance(self._pull_secrets, KubePullSecrets):
             await self._stack.enter_async_context(self._pull_secrets)
-        self._config_stamp = self._stamp()
+        if self._config_stamp is None:
+            self._config_stamp = self._stamp()
         await self._apply(self._settings)
         for sync in self._config_syncs:
             self._stack.push_async_callback(sync.aclose)
-            await sync(self._settings)
+        if not await self.reload_config():  # applied and synced when the file changed since
+            for sync in self._config_syncs:
+                await sync(self._settings)
 
     async def __aexit__(
         self,
