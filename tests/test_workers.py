@@ -3,10 +3,14 @@ reload in every worker, a dead worker started again, a clean stop."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +21,7 @@ from tests.reviews import fake_digest, review
 from tests.test_operating import serve_once
 from tests.test_server import CONFIG, NGINX, Served, free_port, peer_certificate, pod
 from webhook import certs
+from webhook.workers import MetricsChannel, WorkersCollector, answer_forever
 
 WORKERS = 2
 # How long a test waits for something that must happen: generous, for a loaded CI machine.
@@ -148,9 +153,16 @@ def _is_zombie_of_init(pid: int) -> bool:
         return True
 
 
-def test_a_busy_port_is_reported_once_before_any_worker_starts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_busy_port_is_reported_once_before_any_worker_starts(
+    tmp_path: Path, shared: bool
+) -> None:
+    # Before (shared): a holder that set SO_REUSEPORT too, such as a second pinhook, got the
+    # port split with it, silently.
     (tmp_path / "config.yaml").write_text(CONFIG)
     with socket.socket() as holder:
+        if shared:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
@@ -169,3 +181,98 @@ def test_worker_count_out_of_range_is_a_usage_error(tmp_path: Path, count: str) 
     assert done.returncode == 2
     assert "--workers" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_workers_stop_when_their_parent_is_killed(fleet: Served) -> None:
+    # Before: a SIGKILLed parent left its workers serving on, holding the port, unseen.
+    pids = worker_pids(fleet.process.pid)
+    fleet.process.kill()
+    fleet.process.wait(timeout=MUST_HAPPEN_S)
+    eventually(
+        lambda: all(not Path(f"/proc/{pid}").exists() or _is_zombie_of_init(pid) for pid in pids),
+        "every worker stopped",
+    )
+
+
+_STUCK_FLEET = """
+import signal, socket, sys, time
+from webhook.server import bind_shared
+from webhook.workers import Supervisor
+
+def main(index, sock, channel):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker stuck past any stop
+    print("worker", flush=True)
+    while True:
+        time.sleep(1)
+
+supervisor = Supervisor(bind_shared("127.0.0.1", 0, 2), main)
+supervisor.stop_grace_seconds = 0.5
+sys.exit(supervisor.run())
+"""
+
+
+def test_a_stop_ends_stuck_workers_after_the_grace_period(tmp_path: Path) -> None:
+    # Before: the parent waited in os.wait() for a worker to exit before it even began the
+    # grace period: workers that ignore SIGTERM kept it from ever stopping.
+    fleet = subprocess.Popen(
+        [sys.executable, "-c", _STUCK_FLEET], stdout=subprocess.PIPE, text=True, cwd=Path.cwd()
+    )
+    try:
+        assert fleet.stdout is not None
+        for _ in range(2):
+            assert fleet.stdout.readline() == "worker\n"
+        pids = worker_pids(fleet.pid)
+        fleet.send_signal(signal.SIGTERM)
+        assert fleet.wait(timeout=MUST_HAPPEN_S) == 0
+        assert all(not Path(f"/proc/{pid}").exists() for pid in pids)  # killed and reaped
+    finally:
+        fleet.kill()
+        fleet.wait()
+
+
+def _exposition(value: int) -> bytes:
+    return f"# TYPE pinhook_scrapes_total counter\npinhook_scrapes_total {value}\n".encode()
+
+
+def test_a_late_answer_never_stands_for_a_later_scrape() -> None:
+    # Before: an answer that missed its scrape was read by the next scrape as its own, and
+    # every scrape after that was one answer behind.
+    calls = itertools.count(1)
+    released = threading.Event()
+
+    def render() -> bytes:
+        call = next(calls)
+        if call == 1:
+            released.wait(MUST_HAPPEN_S)  # later than the scrape waits
+        return _exposition(call)
+
+    channel = MetricsChannel()
+    threading.Thread(
+        target=answer_forever, args=(channel._worker, render, lambda: None), daemon=True
+    ).start()
+    collector = WorkersCollector(lambda: [(0, channel)])
+    try:
+        assert list(collector.collect()) == []  # not answered in time: left out
+        released.set()
+        (family,) = collector.collect()
+        assert [sample.value for sample in family.samples] == [2.0]
+    finally:
+        channel.close()
+
+
+def test_one_worker_answering_garbage_leaves_the_others_scraped() -> None:
+    # Before: one unreadable answer raised out of the scrape, and no worker's metrics were
+    # served.
+    channels = [MetricsChannel(), MetricsChannel()]
+    answers = [lambda: b"\xff\xfe not metrics", lambda: _exposition(7)]
+    for channel, render in zip(channels, answers, strict=True):
+        threading.Thread(
+            target=answer_forever, args=(channel._worker, render, lambda: None), daemon=True
+        ).start()
+    collector = WorkersCollector(lambda: list(enumerate(channels)))
+    try:
+        (family,) = collector.collect()
+        assert [(s.labels, s.value) for s in family.samples] == [({"worker": "1"}, 7.0)]
+    finally:
+        for channel in channels:
+            channel.close()

@@ -89,6 +89,16 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def bind_shared(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one port (SO_REUSEPORT), once the port is known to be
+    free: SO_REUSEPORT alone would share it with any process of the same user that set it too
+    (a second pinhook, or workers left behind), and port 0 would give each its own."""
+    probe = bind(host, port)
+    port = probe.getsockname()[1]
+    probe.close()
+    return [bind(host, port, reuse_port=True) for _ in range(count)]
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, saying "listening" only once it is."""
 
@@ -180,7 +190,7 @@ def serve_workers(
     one ``make_runtime`` may give the jobs that patch cluster objects.
     Raises ListenError or CertificateError before any worker starts.
     """
-    sockets = [bind(options.host, options.port, reuse_port=True) for _ in range(options.workers)]
+    sockets = bind_shared(options.host, options.port, options.workers)
     ReloadingTLS(options.cert, options.key)  # a bad certificate is reported here, once
 
     def main(index: int, sock: socket.socket, channel: MetricsChannel) -> None:

@@ -4,7 +4,8 @@ The parent binds N listening sockets with SO_REUSEPORT before it forks, so a bus
 reported once, by the process that was started; the kernel then spreads new connections over
 the workers by their addresses. Each worker is a whole pinhook: its own event loop, runtime,
 digest cache, config and certificate watchers. A worker that dies is started again; one that
-keeps dying at start stops the lot, since every other would die the same way.
+keeps dying at start stops the lot, since every other would die the same way. A worker whose
+parent is gone (its end of the metrics socket pair closes) stops too.
 
 Metrics: each worker keeps its own counters, and the parent serves the metrics port, asking
 every worker for its exposition over a socket pair and labelling each series with
@@ -40,51 +41,109 @@ EARLY_EXITS_BEFORE_GIVING_UP: Final = 3
 # How long a scrape waits for a worker's metrics; a busy worker is left out of that scrape.
 SCRAPE_TIMEOUT_SECONDS: Final = 2.0
 STOP_GRACE_SECONDS: Final = 15.0
-_LENGTH = struct.Struct("!Q")
+# How often the parent looks for workers that exited, and for a stop.
+SUPERVISE_INTERVAL_SECONDS: Final = 0.2
+_STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
+_REQUEST = struct.Struct("!Q")  # the request's number
+_ANSWER = struct.Struct("!QQ")  # the number it answers, the length of the exposition
 
 
 class MetricsChannel:
-    """One worker's metrics, asked for by the parent over a socket pair."""
+    """One worker's metrics, asked for by the parent over a socket pair.
+
+    Each request carries a number that its answer repeats. An answer that comes too late for
+    its scrape is read and dropped by the next one, and what a timeout cut short is kept for
+    it, so one slow answer never puts the parent out of step with the worker.
+    """
 
     def __init__(self) -> None:
         self._parent, self._worker = socket.socketpair()
-        self._lock = threading.Lock()
+        self._asked = 0
+        self._unread = bytearray()
 
     def in_worker(self, render: Callable[[], bytes]) -> None:
-        """In the worker: answer every request with ``render()``, from a thread."""
+        """In the worker: answer every request with ``render()``, from a thread; when the
+        parent is gone (the pair ends), stop the worker."""
         self._parent.close()
         conn = self._worker
         threading.Thread(
-            target=_answer_forever, args=(conn, render), name="pinhook-metrics", daemon=True
+            target=answer_forever,
+            args=(conn, render, _stop_this_worker),
+            name="pinhook-metrics",
+            daemon=True,
         ).start()
 
     def in_parent(self) -> None:
         self._worker.close()
 
-    def fetch(self, timeout: float = SCRAPE_TIMEOUT_SECONDS) -> bytes | None:
-        """In the parent: the worker's exposition, or None if it does not answer in time."""
-        with self._lock:
-            conn = self._parent
-            try:
-                conn.settimeout(timeout)
-                conn.sendall(b"?")
-                (length,) = _LENGTH.unpack(_read_exactly(conn, _LENGTH.size))
-                return _read_exactly(conn, length)
-            except (OSError, EOFError):
-                # Out of step (a late answer would be read as the next one): start afresh on
-                # the worker's next start.
+    def ask(self) -> bool:
+        """In the parent: ask the worker for its exposition (see ``answer``)."""
+        self._asked += 1
+        try:
+            self._parent.settimeout(SCRAPE_TIMEOUT_SECONDS)
+            self._parent.sendall(_REQUEST.pack(self._asked))
+        except OSError:
+            return False
+        return True
+
+    def answer(self, deadline: float) -> bytes | None:
+        """The answer to the last ``ask``, or None when it has not come by ``deadline``
+        (``time.monotonic``) or the worker is gone."""
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                number, body = frame
+                if number == self._asked:
+                    return body
+                continue  # the late answer to an earlier scrape
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return None
+            try:
+                self._parent.settimeout(left)
+                chunk = self._parent.recv(1 << 20)
+            except OSError:  # a timeout included
+                return None
+            if not chunk:
+                return None
+            self._unread += chunk
+
+    def _frame(self) -> tuple[int, bytes] | None:
+        if len(self._unread) < _ANSWER.size:
+            return None
+        number, length = _ANSWER.unpack_from(self._unread)
+        end = _ANSWER.size + length
+        if len(self._unread) < end:
+            return None
+        body = bytes(self._unread[_ANSWER.size : end])
+        del self._unread[:end]
+        return number, body
 
     def close(self) -> None:
         self._parent.close()
         self._worker.close()
 
 
-def _answer_forever(conn: socket.socket, render: Callable[[], bytes]) -> None:
-    with contextlib.suppress(OSError, EOFError), conn:
-        while _read_exactly(conn, 1):
-            body = render()
-            conn.sendall(_LENGTH.pack(len(body)) + body)
+def answer_forever(
+    conn: socket.socket, render: Callable[[], bytes], parent_gone: Callable[[], None]
+) -> None:
+    """The worker's end of a MetricsChannel: each request answered with ``render()``, until
+    the pair ends, when ``parent_gone()``."""
+    with conn:
+        try:
+            while True:
+                (number,) = _REQUEST.unpack(_read_exactly(conn, _REQUEST.size))
+                body = render()
+                conn.sendall(_ANSWER.pack(number, len(body)) + body)
+        except (EOFError, OSError):
+            parent_gone()
+
+
+def _stop_this_worker() -> None:
+    # The parent is gone (killed, even by SIGKILL): a worker without its supervisor would
+    # hold the port and serve on, unseen. Stop as on SIGTERM.
+    log.warning("the supervising process is gone; stopping")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _read_exactly(conn: socket.socket, size: int) -> bytes:
@@ -100,28 +159,45 @@ def _read_exactly(conn: socket.socket, size: int) -> bytes:
 
 
 class WorkersCollector:
-    """Every worker's metrics as one exposition, each series labelled with its worker."""
+    """Every worker's metrics as one exposition, each series labelled with its worker.
+
+    Every worker is asked at once and the scrape waits at most SCRAPE_TIMEOUT_SECONDS in
+    all; a worker that does not answer in time, or answers what cannot be read, is left out
+    of that scrape.
+    """
 
     def __init__(self, channels: Callable[[], Iterable[tuple[int, MetricsChannel]]]) -> None:
         self._channels = channels
+        self._lock = threading.Lock()  # one scrape at a time: they share the channels
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
-        for index, channel in self._channels():
-            text = channel.fetch()
-            if text is None:
-                continue
-            for family in text_string_to_metric_families(text.decode()):
-                merged = families.get(family.name)
-                if merged is None:
-                    merged = Metric(family.name, family.documentation, family.type, family.unit)
-                    families[family.name] = merged
-                for sample in family.samples:
-                    labels = {**sample.labels, WORKER_LABEL: str(index)}
-                    merged.add_sample(
-                        sample.name, labels, sample.value, sample.timestamp, sample.exemplar
-                    )
+        with self._lock:
+            asked = [(index, channel) for index, channel in self._channels() if channel.ask()]
+            deadline = time.monotonic() + SCRAPE_TIMEOUT_SECONDS
+            for index, channel in asked:
+                text = channel.answer(deadline)
+                if text is None:
+                    log.debug("worker %d did not answer this scrape in time", index)
+                    continue
+                try:
+                    parsed = list(text_string_to_metric_families(text.decode()))
+                except (ValueError, UnicodeDecodeError) as exc:
+                    log.warning("worker %d answered unreadable metrics: %s", index, exc)
+                    continue
+                _merge(families, parsed, index)
         return iter(families.values())
+
+
+def _merge(families: dict[str, Metric], parsed: Iterable[Metric], index: int) -> None:
+    for family in parsed:
+        merged = families.get(family.name)
+        if merged is None:
+            merged = Metric(family.name, family.documentation, family.type, family.unit)
+            families[family.name] = merged
+        for sample in family.samples:
+            labels = {**sample.labels, WORKER_LABEL: str(index)}
+            merged.add_sample(sample.name, labels, sample.value, sample.timestamp, sample.exemplar)
 
 
 @dataclass
@@ -146,6 +222,7 @@ class Supervisor:
         self.parent_only: list[socket.socket] = []
         self._stopping = False
         self._early_exits = 0
+        self.stop_grace_seconds = STOP_GRACE_SECONDS
 
     def metrics_registry(self) -> CollectorRegistry:
         registry = CollectorRegistry(auto_describe=False)
@@ -154,16 +231,16 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until told to stop; the exit status for the process."""
-        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._stop) for sig in _STOP_SIGNALS}
         try:
             for worker in self._workers:
                 self._start(worker)
             log.info("pinhook serving with %d workers", len(self._workers))
             return self._supervise()
         finally:
+            self._stop_all()  # under our handlers: a second signal must not cut it short
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self._stop_all()
 
     def _live_channels(self) -> list[tuple[int, MetricsChannel]]:
         return [(w.index, w.channel) for w in self._workers if w.pid]
@@ -171,36 +248,49 @@ class Supervisor:
     def _start(self, worker: _Worker) -> None:
         worker.channel.close()
         worker.channel = MetricsChannel()
-        pid = os.fork()
-        if pid == 0:  # the worker
-            status = 1
-            try:
-                for other in self._workers:
-                    if other is not worker:
-                        other.sock.close()
-                        other.channel.close()
-                for sock in self.parent_only:
-                    sock.close()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)  # uvicorn installs its own
-                self._main(worker.index, worker.sock, worker.channel)
-                status = 0
-            except BaseException:
-                log.exception("worker %d failed", worker.index)
-            finally:
-                logging.shutdown()
-                os._exit(status)
+        # Blocked across the fork: a stop signal arriving before the worker has its own
+        # handlers waits for them, instead of running the parent's handler in the worker.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker; never returns
+                self._run_worker(worker)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         worker.channel.in_parent()
         worker.pid = pid
         worker.started = time.monotonic()
 
+    def _run_worker(self, worker: _Worker) -> None:
+        status = 1
+        try:
+            for other in self._workers:
+                if other is not worker:
+                    other.sock.close()
+                    other.channel.close()
+            for sock in self.parent_only:
+                sock.close()
+            for sig in _STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)  # uvicorn installs its own
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            self._main(worker.index, worker.sock, worker.channel)
+            status = 0
+        except BaseException:
+            log.exception("worker %d failed", worker.index)
+        finally:
+            logging.shutdown()
+            os._exit(status)
+
     def _supervise(self) -> int:
+        # Polled, not a blocking wait: Python resumes os.wait() after a signal handler, so a
+        # stop would wait for some worker to exit first.
         while not self._stopping:
             try:
-                pid, status = os.wait()
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return 1
-            except InterruptedError:
+            if pid == 0:
+                time.sleep(SUPERVISE_INTERVAL_SECONDS)
                 continue
             worker = next((w for w in self._workers if w.pid == pid), None)
             if worker is None:
@@ -219,23 +309,26 @@ class Supervisor:
                     worker.index,
                     code,
                 )
-                return code or 1
+                return code if code > 0 else 1  # killed by a signal: code is -signum
             log.warning(
                 "worker %d (pid %d) exited with %d; starting it again", worker.index, pid, code
             )
             self._start(worker)
         return 0
 
-    def _stop(self, signum: int, _frame: FrameType | None) -> None:
+    def _stop(self, _signum: int, _frame: FrameType | None) -> None:
         self._stopping = True
+
+    def _signal_workers(self, sig: signal.Signals) -> None:
         for worker in self._workers:
             if worker.pid:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signal.SIGTERM)
+                    os.kill(worker.pid, sig)
 
     def _stop_all(self) -> None:
-        self._stop(signal.SIGTERM, None)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        self._stopping = True
+        self._signal_workers(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_grace_seconds
         for worker in self._workers:
             if not worker.pid:
                 continue
@@ -243,7 +336,7 @@ class Supervisor:
                 done, _ = os.waitpid(worker.pid, os.WNOHANG)
                 if done:
                     break
-                time.sleep(0.05)
+                time.sleep(SUPERVISE_INTERVAL_SECONDS / 4)
             else:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
