@@ -40,7 +40,8 @@ class Reply:
     """One scripted answer.
 
     ``hang`` never answers until the server is released (at stop); ``gate`` answers once the
-    test sets it; ``reset`` aborts the connection with a TCP RST; ``raw_head`` replaces the
+    test sets it; ``reset`` aborts the connection with a TCP RST; ``close`` closes it once
+    answered, without saying so (as a server's idle timeout does); ``raw_head`` replaces the
     status line and headers verbatim. A HEAD request gets the headers of ``body`` without
     the body.
     """
@@ -51,6 +52,7 @@ class Reply:
     hang: bool = False
     gate: asyncio.Event | None = None
     reset: bool = False
+    close: bool = False
     raw_head: bytes | None = None
 
 
@@ -110,6 +112,7 @@ class FaultServer:
         self.requests: list[Recorded] = []
         self.released = asyncio.Event()
         self.hanging = asyncio.Event()  # set when a request starts hanging or waits at a gate
+        self.closed = asyncio.Event()  # set when the server has closed a connection
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -190,6 +193,7 @@ class FaultServer:
         finally:
             self._connections.discard(task)
             writer.close()
+            self.closed.set()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         try:
@@ -221,7 +225,7 @@ class FaultServer:
             return False
         writer.write(_encode(reply, method))
         await writer.drain()
-        return True
+        return not reply.close
 
 
 def _encode(reply: Reply, method: str) -> bytes:

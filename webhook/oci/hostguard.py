@@ -23,6 +23,7 @@ import httpcore
 
 from .. import errors
 from .dns import HostResolver, IPAddress
+from .streams import AsyncioBackend
 
 DEFAULT_LOOKUP_SECONDS = 10.0
 # Not covered by the ipaddress module's is_private in every Python version.
@@ -132,7 +133,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     def __init__(self, guard: HostGuard, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
         self._guard = guard
-        self._inner = inner or httpcore.AnyIOBackend()
+        self._inner = inner or AsyncioBackend()
 
     async def connect_tcp(
         self,

@@ -119,8 +119,31 @@ class _Transient(Exception):
     """A connection-level failure worth retrying."""
 
 
+class Connections:
+    """One generation of pooled keep-alive connections (replaced should the pool wedge).
+
+    Requests go to httpx's transport directly: pinhook follows redirects itself and keeps no
+    cookies, and the client's layers for those (its cookie jar above all) cost more CPU than
+    the rest of a registry request's own Python.
+    """
+
+    def __init__(self, transport: httpx.AsyncHTTPTransport) -> None:
+        self._transport = transport
+        self.is_closed = False
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """The response with its body still to be read (and closed)."""
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        return response
+
+    async def aclose(self) -> None:
+        self.is_closed = True
+        await self._transport.aclose()
+
+
 class Transport:
-    """One pooled ``httpx.AsyncClient`` (keep-alive) for the process, with the host guard."""
+    """One pool of keep-alive connections for the process, with the host guard."""
 
     def __init__(
         self,
@@ -139,18 +162,20 @@ class Transport:
         self._verify: ssl.SSLContext | bool = True
         if options.ca_bundle is not None:
             self._verify = ssl.create_default_context(cafile=options.ca_bundle)
+        self._headers = {"User-Agent": options.user_agent, "Accept-Encoding": "identity"}
         self.http = self._new_client()
         self._pool_timeouts = 0
         self._background: set[asyncio.Task[object]] = set()
 
-    def _new_client(self) -> httpx.AsyncClient:
+    def _new_client(self) -> Connections:
         limits = httpx.Limits(
             max_connections=self._options.max_connections,
             max_keepalive_connections=self._options.max_connections,
         )
         transport = httpx.AsyncHTTPTransport(verify=self._verify, limits=limits)
-        # The same pool httpx builds, connecting through the guard (httpx has no parameter
-        # for a network backend; its pool is the documented httpcore one).
+        # The same pool httpx builds, connecting through the guard on the loop's own streams
+        # (httpx has no parameter for a network backend; its pool is the documented httpcore
+        # one).
         transport._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(verify=self._verify),
             max_connections=limits.max_connections,
@@ -158,11 +183,7 @@ class Transport:
             keepalive_expiry=limits.keepalive_expiry,
             network_backend=GuardedBackend(self.guard),
         )
-        return httpx.AsyncClient(
-            headers={"User-Agent": self._options.user_agent, "Accept-Encoding": "identity"},
-            follow_redirects=False,
-            transport=transport,
-        )
+        return Connections(transport)
 
     async def aclose(self) -> None:
         for task in list(self._background):
@@ -276,8 +297,12 @@ class Transport:
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise DeadlineExceeded(f"{method} {_shown(url)}: deadline exceeded")
-        request = self.http.build_request(
-            method, url, headers=headers, content=content, timeout=httpx.Timeout(remaining)
+        request = httpx.Request(
+            method,
+            url,
+            headers={**self._headers, **headers},
+            content=content,
+            extensions={"timeout": httpx.Timeout(remaining).as_dict()},
         )
         task = loop.create_task(self._fetch(self.http, request, deadline))
         self._background.add(task)
@@ -293,15 +318,13 @@ class Transport:
         if not task.cancelled():
             task.exception()  # retrieved: a caller that gave up already has its answer
 
-    async def _fetch(
-        self, client: httpx.AsyncClient, request: httpx.Request, deadline: float
-    ) -> Reply:
+    async def _fetch(self, client: Connections, request: httpx.Request, deadline: float) -> Reply:
         """One request and its body, in its own task; errors classified for the caller."""
         loop = asyncio.get_running_loop()
         method, url = request.method, request.url
         started = time.monotonic()
         try:
-            response = await client.send(request, stream=True)
+            response = await client.send(request)
             try:
                 async with asyncio.timeout_at(deadline + BODY_GRACE_SECONDS):
                     body = await _read_limited(response, MANIFEST_SIZE_LIMIT)
@@ -335,7 +358,7 @@ class Transport:
             log.debug("%s %s -> %d", method, _shown(url), response.status_code)
         return Reply(method, url, response.status_code, response.headers, body)
 
-    def _pool_timed_out(self, client: httpx.AsyncClient) -> None:
+    def _pool_timed_out(self, client: Connections) -> None:
         if client is not self.http:
             return  # a retired client's stragglers
         self._pool_timeouts += 1
@@ -354,7 +377,7 @@ class Transport:
         retire.add_done_callback(self._settled)
 
 
-async def _close_later(client: httpx.AsyncClient) -> None:
+async def _close_later(client: Connections) -> None:
     await asyncio.sleep(RETIRED_CLIENT_GRACE_SECONDS)
     await client.aclose()
 
