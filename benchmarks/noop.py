@@ -1,11 +1,15 @@
 """The do-nothing webhook pinhook is measured against: decode the review, echo its uid, allow.
 
+With ANSWER, a file holding an AdmissionResponse, it answers every review with that response
+and the review's uid instead: the floor for any webhook that answers this workload with what
+pinhook answers (the same bytes to send), without working anything out.
+
 It runs on the stack `pinhook serve` runs on (uvicorn, with uvloop and httptools when
 installed, TLS from the same certificate) and, like pinhook's ``/mutate``, as plain ASGI
 without FastAPI's routing and request objects, so the ratio measures pinhook's own work.
 The benchmark reads which loop and parser each server really loaded from /proc.
 
-    noop.py PORT CERT KEY
+    noop.py PORT CERT KEY [ANSWER]
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import uvicorn
 
 Message = MutableMapping[str, Any]
 HEADERS = [(b"content-type", b"application/json")]
+# The response given to every review, when one was named (see the module's docstring).
+ANSWER: dict[str, Any] = {"allowed": True}
 
 
 async def app(
@@ -41,7 +47,7 @@ async def app(
             {
                 "apiVersion": review["apiVersion"],
                 "kind": "AdmissionReview",
-                "response": {"uid": review["request"]["uid"], "allowed": True},
+                "response": {**ANSWER, "uid": review["request"]["uid"]},
             }
         )
     else:  # /healthz
@@ -57,6 +63,9 @@ def _installed(module: str) -> bool:
 
 if __name__ == "__main__":
     port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    if len(sys.argv) > 4:
+        with open(sys.argv[4], "rb") as answer:
+            ANSWER = orjson.loads(answer.read())
     uvicorn.run(
         app,
         host="127.0.0.1",

@@ -121,9 +121,15 @@ def _pinhook(
     )
 
 
-def _noop(ctx: Context) -> contextlib.AbstractContextManager[Server]:
+def _noop(
+    ctx: Context, name: str = "noop", answer: Path | None = None
+) -> contextlib.AbstractContextManager[Server]:
     return serving(
-        "noop", noop_command(ctx.certs), path="/mutate", certs=ctx.certs, workdir=ctx.workdir
+        name,
+        noop_command(ctx.certs, answer),
+        path="/mutate",
+        certs=ctx.certs,
+        workdir=ctx.workdir,
     )
 
 
@@ -187,24 +193,42 @@ def _seeded(registry: Registry, refs: list[tuple[str, str]]) -> dict[str, str]:
 
 # --- 1. warm -----------------------------------------------------------------------------
 
+FIXED_ANSWER = "fixed-answer"
+
 
 def warm(ctx: Context) -> Outcome:
-    """Every digest cached: pinhook vs the do-nothing webhook (and the peer), interleaved."""
+    """Every digest cached: pinhook vs the do-nothing webhook (and the peer), interleaved.
+
+    Also the do-nothing webhook answering with pinhook's own answer (``fixed-answer``): what
+    reading the review and sending that answer cost on this stack, whoever works it out.
+    """
     s = ctx.settings
     outcome = Outcome()
     with Registry(ctx.workdir) as registry, ExitStack() as stack:
         pod = kserve_pod(registry)
         body_file = ctx.workdir / "warm-review.json"
         body_file.write_bytes(admission(pod, namespace="models"))
+        pinhook = stack.enter_context(_pinhook(ctx, pinhook_config(registry.host)))
+        pinned, traffic, answers = {}, {}, {}
+        pinned["pinhook"], traffic["pinhook"], answers["pinhook"] = _probe(
+            ctx, pinhook, registry, body_file
+        )
+        answer_file = ctx.workdir / "warm-answer.json"
+        answer_file.write_bytes(orjson.dumps(answers["pinhook"]))
         servers = [
             stack.enter_context(_noop(ctx)),
-            stack.enter_context(_pinhook(ctx, pinhook_config(registry.host))),
+            stack.enter_context(_noop(ctx, FIXED_ANSWER, answer_file)),
+            pinhook,
         ]
         if ctx.peer_binary is not None:
             servers.append(stack.enter_context(_peer(ctx)))
-        pinned, traffic = {}, {}
         for server in servers:
-            pinned[server.name], traffic[server.name] = _probe(ctx, server, registry, body_file)
+            if server is not pinhook:
+                pinned[server.name], traffic[server.name], answers[server.name] = _probe(
+                    ctx, server, registry, body_file
+                )
+        if answers[FIXED_ANSWER]["patch"] != answers["pinhook"]["patch"]:
+            raise BenchError("the fixed-answer webhook does not answer as pinhook does")
         for server in servers:  # warm-up, not recorded
             throughput_round(server, body_file, 1, s.concurrency, ctx.certs)
         rounds = _interleaved(ctx, servers, body_file, registry.pids)
@@ -237,8 +261,11 @@ def warm(ctx: Context) -> Outcome:
     return outcome
 
 
-def _probe(ctx: Context, server: Server, registry: Registry, body_file: Path) -> tuple[int, float]:
-    """Images the server pins in the workload, and registry requests one admission causes."""
+def _probe(
+    ctx: Context, server: Server, registry: Registry, body_file: Path
+) -> tuple[int, float, dict[str, Any]]:
+    """Images the server pins in the workload, registry requests one admission causes, and
+    the server's answer."""
     with Admissions(server, ctx.certs) as client:
         status, response, _ = client.post(body_file.read_bytes())
         if status != 200 or not response.get("allowed"):
@@ -247,7 +274,7 @@ def _probe(ctx: Context, server: Server, registry: Registry, body_file: Path) ->
         before = registry.requests_served()
         status, response, _ = client.post(body_file.read_bytes())
     after = registry.requests_served()
-    return pinned_images(response), float(after - before)
+    return pinned_images(response), float(after - before), response
 
 
 def _interleaved(

@@ -347,10 +347,13 @@ def metrics_port(server: Server) -> int | None:
     return int(args[args.index("--metrics-port") + 1]) if "--metrics-port" in args else None
 
 
-def noop_command(certs: CertPaths) -> Callable[[int], list[str]]:
+def noop_command(certs: CertPaths, answer: Path | None = None) -> Callable[[int], list[str]]:
+    """The do-nothing webhook; with ``answer``, answering every review with that response."""
+
     def command(port: int) -> list[str]:
         noop = str(ROOT / "benchmarks" / "noop.py")
-        return [sys.executable, noop, str(port), str(certs.cert), str(certs.key)]
+        extra = [str(answer)] if answer is not None else []
+        return [sys.executable, noop, str(port), str(certs.cert), str(certs.key), *extra]
 
     return command
 
