@@ -12,6 +12,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, Final
 
 import jsonpointer
@@ -38,6 +39,7 @@ from .plan import (
     pod_owner,
     render,
 )
+from .recall import Recall
 from .resolve import DigestResolver, PullScope, Resolution
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,9 @@ class Mutator:
         # Parsing and rewriting depend only on the image string and the mode under one config,
         # and a cluster runs few distinct images: remember the plan of each.
         self._plans: dict[tuple[str, Mode], tuple[ImageRef, ImageRef, bool, Action, str]] = {}
+        # Whole requests alike: the plan of a set of image fields, and the last decision
+        # answered for it from the cache while its digests stay the same.
+        self._recall = Recall()
 
     def budget(self, timeout: str | None = None) -> float:
         """Seconds the registries may take: the configured deadline, or less when the API
@@ -121,7 +126,14 @@ class Mutator:
             # know every digest: better than an answer by policy (a denial under
             # requireDigest). Only an owner's Pod can get here with everything cached.
             results = self._from_cache(plan)
-        return self._record(decide(plan, results, unknown=unknown))
+        if results is not None:
+            recalled = self._recall.decision(plan, results)
+            if recalled is not None:
+                return self._record(recalled)
+        decision = decide(plan, results, unknown=unknown)
+        if results is not None:
+            self._recall.keep_decision(plan, results, decision)
+        return self._record(decision)
 
     def failed(self, request: AdmissionRequest) -> Decision:
         """The decision when a review failed in pinhook itself: by policy, never an error.
@@ -164,6 +176,28 @@ class Mutator:
                 return RequestPlan(mode, policy, audit={"skipped": reason}, skipped=reason)
             skip_ignored = True
         located = locate(info, obj, self._limits.images_per_object)
+        owner = None
+        # Only pin records an owner's decision: one taken in audit mode would outlive the
+        # switch to pin by ownerPinning.ttlSeconds and pin the owner's next Pods to it.
+        if self.owners is not None and mode is Mode.PIN and info.key == "pods":
+            owner = pod_owner(obj, request.namespace)
+        # The first Pod of a ReplicaSet plans for all of them; not an UPDATE, whose plan
+        # depends on the old object too.
+        recall_key: tuple[object, ...] | None = None
+        if request.operation == "CREATE":
+            recall_key = (
+                info.key,
+                request.namespace,
+                owner,
+                skip_ignored,
+                located.fields,
+                located.problems,
+                located.fields_over_limit,
+                located.problems_over_limit,
+            )
+            recalled = self._recall.plan(recall_key)
+            if recalled is not None:
+                return recalled
         fields = located.fields
         if request.operation == "UPDATE":
             fields = tuple(field for field in fields if not _unchanged(field, request.old_obj))
@@ -172,12 +206,7 @@ class Mutator:
             problems.append(f"pinhook: {located.problems_over_limit} more fields were unreadable")
         if skip_ignored:
             problems.insert(0, SKIP_IGNORED)
-        owner = None
-        # Only pin records an owner's decision: one taken in audit mode would outlive the
-        # switch to pin by ownerPinning.ttlSeconds and pin the owner's next Pods to it.
-        if self.owners is not None and mode is Mode.PIN and info.key == "pods":
-            owner = pod_owner(obj, request.namespace)
-        return RequestPlan(
+        plan = RequestPlan(
             mode,
             policy,
             request.namespace,
@@ -187,6 +216,9 @@ class Mutator:
             images_over_limit=located.fields_over_limit,
             owner=owner,
         )
+        if recall_key is not None:
+            self._recall.keep_plan(recall_key, plan)
+        return plan
 
     def plan_fields(
         self, fields: Sequence[ImageField], mode: Mode = Mode.PIN
@@ -226,6 +258,48 @@ class Mutator:
     def settled(self, plan: RequestPlan) -> list[ImageResult] | None:
         """Every image's result when none needs a registry (all digests cached), else None:
         the common request is answered without awaiting anything."""
+        if self._recall.kept(plan):
+            return self._settled_again(plan)
+        return self._settled_now(plan)
+
+    def _settled_again(self, plan: RequestPlan) -> list[ImageResult] | None:
+        """For a plan made before: the results last settled for it while the cache (or the
+        owner's decisions) hold the same digests, else settled now (and kept)."""
+        owner, owners = plan.owner, self.owners
+        peek = self.resolver.peek
+        if owner is not None and owners is not None:
+            peek = partial(owners.peek, owner)
+        digests: list[str | None] = []
+        hits = 0
+        for entry in plan.images:
+            if isinstance(entry, InvalidImage):
+                continue
+            action = entry.action
+            if action is Action.RESOLVE:
+                digest = peek(entry.target)
+                if digest is None:  # not known, or an owner's first Pod (see _adopt)
+                    break
+                digests.append(digest)
+                hits += 1
+            elif action is Action.VERIFY:
+                return None
+            else:
+                digests.append(None)
+        else:
+            settled = self._recall.settled(plan, tuple(digests))
+            if settled is not None:
+                if hits:
+                    self.metrics.cache_event("hit", hits)
+                    if owner is not None:
+                        self.metrics.owner_pin("kept", hits)
+                return settled.results
+        results = self._settled_now(plan)
+        if results is not None:
+            # From the results: an owner's first Pod may have adopted a digest just now.
+            self._recall.keep_settled(plan, tuple([r.digest for r in results]), results)
+        return results
+
+    def _settled_now(self, plan: RequestPlan) -> list[ImageResult] | None:
         owner = plan.owner
         results: list[ImageResult] = []
         hits = adopted = 0

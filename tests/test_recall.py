@@ -1,0 +1,154 @@
+"""Like objects answered alike (``webhook.recall``): the plan and decision of the first Pod of a
+template serve the next ones while the cache holds the same digests, and never a moment
+longer. Against a real registry whose tags move."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.harness.fixtures import RegistryEnv
+from tests.harness.push import PushedImage
+from tests.reviews import review
+from webhook.admission import AdmissionOutcome, parse_review
+from webhook.config import load_settings
+from webhook.kinds import Mode
+from webhook.kube import NoPullSecrets
+from webhook.metrics import Metrics
+from webhook.mutate import Mutator
+from webhook.oci.registry import RegistryClient
+from webhook.owners import OwnerPins
+from webhook.plan import RequestPlan
+from webhook.recall import Recall
+from webhook.resolve import CachingResolver, RegistryDigestResolver
+from webhook.runtime import registry_options
+
+Build = Callable[..., Any]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def build() -> AsyncIterator[Build]:
+    async with AsyncExitStack() as stack:
+
+        async def make(host: str, clock: Clock, extra: str = "") -> Mutator:
+            settings = load_settings(
+                f'registry:\n  insecure: ["{host}"]\n  allowedHosts: ["{host}"]\n'
+                f"cache:\n  ttlSeconds: 60\n  negativeTtlSeconds: 30\n{extra}"
+            )
+            client = await stack.enter_async_context(RegistryClient(registry_options(settings)))
+            inner = RegistryDigestResolver(client, NoPullSecrets())
+            cache = CachingResolver(inner, settings.cache, clock=clock)
+            metrics = Metrics()
+            owners = OwnerPins(settings.cache.owner_pinning, 100, metrics=metrics, clock=clock)
+            return Mutator(settings, cache, metrics, owners)
+
+        yield make
+
+
+def pod(name: str, *images: str) -> dict[str, Any]:
+    containers = [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"containers": containers},
+    }
+
+
+async def admit(mutator: Mutator, obj: dict[str, Any], **kwargs: Any) -> AdmissionOutcome:
+    request = parse_review(orjson.dumps(review(obj, namespace="web", **kwargs)))
+    return await mutator.review(request)
+
+
+def pinned(outcome: AdmissionOutcome) -> list[str]:
+    return [op["value"] for op in outcome.patch]
+
+
+def at(image: PushedImage) -> list[str]:
+    return [f"{image.tag_ref}@{image.digest}"]
+
+
+async def test_like_pods_get_the_first_ones_answer(registry: RegistryEnv, build: Build) -> None:
+    images = [registry.push.image("recall/app", "v1"), registry.push.image("recall/side", "v2")]
+    mutator: Mutator = await build(registry.host, Clock())
+    refs = [image.tag_ref for image in images]
+    first = await admit(mutator, pod("web-a", *refs))
+    second = await admit(mutator, pod("web-b", *refs))
+    third = await admit(mutator, pod("web-c", *refs))
+    assert pinned(first) == [f"{image.tag_ref}@{image.digest}" for image in images]
+    assert second == first
+    assert third is second  # decided once for the template, then recalled
+    hits = mutator.metrics.registry.get_sample_value
+    assert hits("pinhook_digest_cache_events_total", {"event": "hit"}) == 4  # 2 images, 2 Pods
+
+
+async def test_a_moved_tag_is_pinned_anew_once_the_cache_learns_it(
+    registry: RegistryEnv, build: Build
+) -> None:
+    clock = Clock()
+    image = registry.push.image("recall/moving", "stable")
+    mutator: Mutator = await build(registry.host, clock)
+    assert pinned(await admit(mutator, pod("a", image.tag_ref))) == [
+        f"{image.tag_ref}@{image.digest}"
+    ]
+    assert pinned(await admit(mutator, pod("b", image.tag_ref))) == [
+        f"{image.tag_ref}@{image.digest}"
+    ]
+    moved = registry.push.move_tag(image)
+    clock.now += 61  # the cache entry expires: the next Pod asks the registry again
+    assert pinned(await admit(mutator, pod("c", image.tag_ref))) == [
+        f"{moved.tag_ref}@{moved.digest}"
+    ]
+    assert pinned(await admit(mutator, pod("d", image.tag_ref))) == [
+        f"{moved.tag_ref}@{moved.digest}"
+    ]
+
+
+async def test_a_failed_lookup_is_never_recalled(registry: RegistryEnv, build: Build) -> None:
+    clock = Clock()
+    mutator: Mutator = await build(registry.host, clock)
+    missing = f"{registry.host}/recall/later:v1"
+    first = await admit(mutator, pod("a", missing))
+    assert first.patch == [] and "not pinned" in first.warnings[0]
+    pushed = registry.push.image("recall/later", "v1")
+    clock.now += 31  # past the negative entry
+    assert pinned(await admit(mutator, pod("b", missing))) == at(pushed)
+
+
+async def test_an_update_is_planned_against_its_old_object_every_time(
+    registry: RegistryEnv, build: Build
+) -> None:
+    images = [registry.push.image("recall/up", tag) for tag in ("v1", "v2")]
+    mutator: Mutator = await build(registry.host, Clock())
+    new = pod("a", images[0].tag_ref, images[1].tag_ref)
+    unchanged_first = pod("a", images[0].tag_ref, "nginx:1.27")
+    unchanged_both = pod("a", images[0].tag_ref, images[1].tag_ref)
+    one = await admit(mutator, new, operation="UPDATE", old=unchanged_first)
+    assert [op["path"] for op in one.patch] == ["/spec/containers/1/image"]
+    none = await admit(mutator, new, operation="UPDATE", old=unchanged_both)
+    assert none.patch == []
+
+
+def test_recall_forgets_everything_past_its_size() -> None:
+    recall = Recall(size=2)
+    plans = [RequestPlan(Mode.PIN, load_settings("").policy_for(None), f"ns{i}") for i in range(3)]
+    for i, plan in enumerate(plans[:2]):
+        recall.keep_plan(i, plan)
+    recall.keep_settled(plans[0], (), [])
+    recall.keep_plan(2, plans[2])
+    assert recall.plan(0) is None and recall.plan(1) is None and recall.plan(2) is plans[2]
+    assert not recall.kept(plans[0]) and recall.kept(plans[2])
+    assert recall.settled(plans[0], ()) is None
