@@ -201,7 +201,7 @@ from webhook.workers import Supervisor
 
 def main(index, sock, channel):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker stuck past any stop
-    os.write(1, b"worker\n")  # one write: two workers' lines never interleave
+    os.write(1, b"worker\\n")  # one write: two workers' lines never interleave
     while True:
         time.sleep(1)
 
