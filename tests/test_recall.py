@@ -19,11 +19,14 @@ from webhook.admission import AdmissionOutcome, parse_review
 from webhook.config import load_settings
 from webhook.kinds import Mode
 from webhook.kube import NoPullSecrets
+from webhook.locate import ImageField
 from webhook.metrics import Metrics
 from webhook.mutate import Mutator
+from webhook.oci.credential import PullContext
+from webhook.oci.reference import ImageRef
 from webhook.oci.registry import RegistryClient
 from webhook.owners import OwnerPins
-from webhook.plan import RequestPlan
+from webhook.plan import Action, ImagePlan, RequestPlan
 from webhook.recall import Recall
 from webhook.resolve import CachingResolver, RegistryDigestResolver
 from webhook.runtime import registry_options
@@ -152,3 +155,19 @@ def test_recall_forgets_everything_past_its_size() -> None:
     assert recall.plan(0) is None and recall.plan(1) is None and recall.plan(2) is plans[2]
     assert not recall.kept(plans[0]) and recall.kept(plans[2])
     assert recall.settled(plans[0], ()) is None
+
+
+def test_recall_holds_a_bounded_number_of_images_whatever_the_objects() -> None:
+    policy = load_settings("").policy_for(None)
+    field = ImageField("/spec/containers/0/image", "nginx:1.27", PullContext())
+    ref = ImageRef.parse("nginx:1.27")
+    image = ImagePlan(field, ref, ref, False, Action.RESOLVE, "nginx")
+    recall = Recall(size=100, images=10)
+    big = RequestPlan(Mode.PIN, policy, "big", (image,) * 11)
+    recall.keep_plan("big", big)
+    assert recall.plan("big") is None  # more images than all of the recall may hold
+    plans = [RequestPlan(Mode.PIN, policy, f"ns{i}", (image,) * 4) for i in range(3)]
+    for i, plan in enumerate(plans):
+        recall.keep_plan(i, plan)
+    # 4 + 4 fit, the third 4 would make 12: the first two are forgotten.
+    assert recall.plan(0) is None and recall.plan(1) is None and recall.plan(2) is plans[2]

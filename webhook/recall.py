@@ -20,9 +20,12 @@ from typing import NamedTuple
 from .decide import Decision
 from .plan import ImageResult, RequestPlan
 
-# Sets of image fields remembered; past this all are forgotten at once (a cluster runs far
-# fewer templates than this, and forgetting only costs planning them again).
+# Sets of image fields remembered, and image fields in all of them; past either, all are
+# forgotten at once (a cluster runs far fewer templates than this, and forgetting only costs
+# planning them again). The second bound holds memory to a few MiB whatever the objects are:
+# a thousand objects of a thousand images each would otherwise be a gigabyte.
 RECALL_SIZE = 1024
+RECALL_IMAGES = 8192
 
 
 class _Settled(NamedTuple):
@@ -33,8 +36,10 @@ class _Settled(NamedTuple):
 
 
 class Recall:
-    def __init__(self, size: int = RECALL_SIZE) -> None:
+    def __init__(self, size: int = RECALL_SIZE, images: int = RECALL_IMAGES) -> None:
         self._size = size
+        self._max_images = images
+        self._images = 0  # image fields in the plans kept
         self._plans: dict[Hashable, RequestPlan] = {}
         # The plans above by id: they are held there, so no other object can have their id.
         self._kept: dict[int, RequestPlan] = {}
@@ -44,14 +49,19 @@ class Recall:
         return self._plans.get(key)
 
     def keep_plan(self, key: Hashable, plan: RequestPlan) -> None:
-        if len(self._plans) >= self._size:
+        images = len(plan.images)
+        if images > self._max_images:
+            return
+        if len(self._plans) >= self._size or self._images + images > self._max_images:
             # Planning may run on a worker thread (a huge object): a race loses an entry at
             # worst, and every plan recalled is a whole one.
             self._settled.clear()
             self._kept.clear()
             self._plans.clear()
+            self._images = 0
         self._plans[key] = plan
         self._kept[id(plan)] = plan
+        self._images += images
 
     def kept(self, plan: RequestPlan) -> bool:
         """Whether ``plan`` came from here: only those are settled and decided again."""
