@@ -113,6 +113,7 @@ class FaultServer:
         self.released = asyncio.Event()
         self.hanging = asyncio.Event()  # set when a request starts hanging or waits at a gate
         self.closed = asyncio.Event()  # set when the server has closed a connection
+        self.connections = 0  # accepted so far
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -185,6 +186,7 @@ class FaultServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        self.connections += 1
         try:
             while await self._serve_one(reader, writer):
                 pass

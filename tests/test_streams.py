@@ -4,19 +4,24 @@ backend did for it, done on the loop itself."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from tests.faults import FaultServer, Reply, manifest_reply, sample_index
 from tests.test_registry import deadline_in, fault_ref, loopback_options
-from webhook import errors
+from webhook import certs, errors
 from webhook.oci.credential import ANONYMOUS
 from webhook.oci.registry import RegistryClient
 from webhook.oci.streams import _HIGH_WATER, _Stream
 from webhook.oci.transport import MANIFEST_SIZE_LIMIT, RegistryOptions, Transport
 
 MANIFEST_PATH = "/v2/team/app/manifests/v1"
+
+# pinhook serves on uvloop in production: its transports and TLS are its own.
+pytestmark = pytest.mark.both_loops
 
 
 @pytest.fixture
@@ -99,6 +104,26 @@ async def test_a_registry_that_stops_answering_ends_at_the_deadline(faults: Faul
     async with RegistryClient(loopback_options(faults.host)) as client:
         with pytest.raises(errors.DeadlineExceeded):
             await client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(0.3))
+
+
+async def test_a_tls_registry_answers_over_the_same_connection(tmp_path: Path) -> None:
+    paths = certs.write(certs.generate(["localhost"], ["127.0.0.1"]), tmp_path / "tls")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(paths.cert, paths.key)
+    body = sample_index()
+    options = RegistryOptions(allowed_hosts=frozenset({"127.0.0.1"}), ca_bundle=str(paths.ca_cert))
+    async with FaultServer(tls=context) as server:
+        server.route(MANIFEST_PATH, manifest_reply(body))
+        transport = Transport(options)
+        try:
+            for _ in range(3):
+                reply = await transport.exchange(
+                    "GET", f"{server.url}{MANIFEST_PATH}", {}, deadline_in(5)
+                )
+                assert reply.body == body
+        finally:
+            await transport.aclose()
+        assert server.connections == 1  # kept alive
 
 
 async def test_plain_http_where_tls_was_expected_says_so() -> None:
