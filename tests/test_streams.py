@@ -4,10 +4,16 @@ backend did for it, done on the loop itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpcore
+import httpx
 import pytest
 
 from tests.faults import FaultServer, Reply, manifest_reply, sample_index
@@ -15,7 +21,7 @@ from tests.test_registry import deadline_in, fault_ref, loopback_options
 from webhook import certs, errors
 from webhook.oci.credential import ANONYMOUS
 from webhook.oci.registry import RegistryClient
-from webhook.oci.streams import _HIGH_WATER, _Stream
+from webhook.oci.streams import _HIGH_WATER, AsyncioBackend, _Stream
 from webhook.oci.transport import MANIFEST_SIZE_LIMIT, RegistryOptions, Transport
 
 MANIFEST_PATH = "/v2/team/app/manifests/v1"
@@ -106,8 +112,10 @@ async def test_a_registry_that_stops_answering_ends_at_the_deadline(faults: Faul
             await client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(0.3))
 
 
-async def test_a_tls_registry_answers_over_the_same_connection(tmp_path: Path) -> None:
-    paths = certs.write(certs.generate(["localhost"], ["127.0.0.1"]), tmp_path / "tls")
+async def test_a_tls_registry_answers_over_the_same_connection(
+    tls_files: certs.CertPaths,
+) -> None:
+    paths = tls_files
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(paths.cert, paths.key)
     body = sample_index()
@@ -124,6 +132,85 @@ async def test_a_tls_registry_answers_over_the_same_connection(tmp_path: Path) -
         finally:
             await transport.aclose()
         assert server.connections == 1  # kept alive
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> certs.CertPaths:
+    return certs.write(certs.generate(["localhost"], ["127.0.0.1"]), tmp_path / "tls")
+
+
+async def test_a_peer_that_closed_before_the_handshake_is_a_connect_error(
+    tls_files: certs.CertPaths,
+) -> None:
+    """A balancer with no backend accepts and closes: no TLS stream comes of it, and nothing
+    fails inside the loop (uvloop would log a traceback, asyncio wait for its timeout)."""
+    closed = asyncio.Event()
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        await writer.wait_closed()
+        closed.set()
+
+    loop = asyncio.get_running_loop()
+    failures: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
+    server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        tcp = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
+        await closed.wait()
+        client = ssl.create_default_context(cafile=str(tls_files.ca_cert))
+        with pytest.raises(httpcore.ConnectError):  # not ConnectTimeout: no wait
+            await tcp.start_tls(client, "localhost", timeout=5)
+    finally:
+        server.close()
+        await server.wait_closed()
+        loop.set_exception_handler(None)
+    assert failures == []
+
+
+async def test_closing_a_tls_stream_closes_its_socket_at_once(tls_files: certs.CertPaths) -> None:
+    """No wait for a close_notify the registry may never send (the loop would hold the socket
+    for 30 s): the registry sees the connection end at once."""
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tls_files.cert, tls_files.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    ended = threading.Event()
+    failures: list[BaseException] = []
+
+    def registry() -> None:  # answers one request, then says nothing more
+        try:
+            connection, _ = listener.accept()
+            with server_tls.wrap_socket(connection, server_side=True) as tls:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += tls.recv(4096)
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                raw = socket.socket(fileno=os.dup(tls.fileno()))  # below TLS, as the kernel
+                raw.settimeout(10)
+                with raw, contextlib.suppress(ConnectionResetError):
+                    while raw.recv(4096):  # a close_notify, if the client sends one
+                        pass
+                ended.set()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=registry, daemon=True)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        tcp = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
+        client = ssl.create_default_context(cafile=str(tls_files.ca_cert))
+        stream = await tcp.start_tls(client, "localhost", timeout=5)
+        await stream.write(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n", timeout=5)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += await stream.read(4096, timeout=5)
+        await stream.aclose()
+        await asyncio.to_thread(thread.join, 15)
+    finally:
+        listener.close()
+    assert failures == [] and ended.is_set()
 
 
 async def test_plain_http_where_tls_was_expected_says_so() -> None:
@@ -148,3 +235,17 @@ async def test_plain_http_where_tls_was_expected_says_so() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_retired_pool_opens_no_connection(faults: FaultServer) -> None:
+    """A pool replaced after wedging is closed for good: a straggler's request through it would
+    open a connection nothing closes again."""
+    transport = Transport(loopback_options(faults.host))
+    retired = transport.http
+    await retired.aclose()
+    try:
+        with pytest.raises(httpx.ConnectError, match="closed"):
+            await retired.send(httpx.Request("GET", f"{faults.url}{MANIFEST_PATH}"))
+    finally:
+        await transport.aclose()
+    assert faults.connections == 0

@@ -60,7 +60,8 @@ class _Stream(asyncio.Protocol):
         self._eof = True
         self._lost = exc
         self._wake_reader()
-        self._wake_writer(exc)
+        # A write waiting to drain did not go out, however the connection ended.
+        self._wake_writer(exc or ConnectionResetError("connection lost"))
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -116,9 +117,12 @@ class _Stream(asyncio.Protocol):
 
 
 class AsyncioStream(httpcore.AsyncNetworkStream):
-    def __init__(self, stream: _Stream, transport: asyncio.Transport) -> None:
+    def __init__(
+        self, stream: _Stream, transport: asyncio.Transport, raw: asyncio.Transport | None = None
+    ) -> None:
         self._stream = stream
         self._transport = transport
+        self._raw = raw  # the TCP transport under a TLS one
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         try:
@@ -141,9 +145,10 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise httpcore.WriteError(str(exc) or type(exc).__name__) from exc
 
     async def aclose(self) -> None:
-        # No wait for the peer's close_notify: the pool closes idle connections in the
-        # request path, and TLS shutdown is bounded by the loop's own timeout.
-        self._transport.close()
+        # Under TLS, the TCP connection is closed (what is written still goes out) without a
+        # TLS shutdown, as httpcore's own backends do: waiting for the peer's close_notify
+        # would hold a hung registry's socket for the loop's 30 s.
+        (self._raw or self._transport).close()
 
     async def start_tls(
         self,
@@ -151,6 +156,11 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> httpcore.AsyncNetworkStream:
+        if self._stream.readable() or self._transport.is_closing():
+            # The peer closed first (a balancer with no backend): handing a closing transport
+            # to TLS would fail inside the loop, or wait for a handshake that cannot come.
+            self._transport.abort()
+            raise httpcore.ConnectError("connection closed before the TLS handshake")
         loop = asyncio.get_running_loop()
         stream = _Stream()
         try:
@@ -164,10 +174,12 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         except (OSError, ssl.SSLError) as exc:
             self._transport.abort()
             raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-        if transport is None:  # the connection closed during the handshake
+        if transport is None or transport.get_extra_info("ssl_object") is None:
+            # Closed during the handshake: some loops then return a transport all the same.
+            self._transport.abort()
             raise httpcore.ConnectError("connection closed during the TLS handshake")
         stream.connection_made(transport)
-        return AsyncioStream(stream, transport)
+        return AsyncioStream(stream, transport, raw=self._transport)
 
     def get_extra_info(self, info: str) -> Any:
         transport = self._transport

@@ -133,6 +133,8 @@ class Connections:
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """The response with its body still to be read (and closed)."""
+        if self.is_closed:  # a retired pool: its connections would never be closed again
+            raise httpx.ConnectError("the connection pool was closed", request=request)
         response = await self._transport.handle_async_request(request)
         response.request = request
         return response
