@@ -157,17 +157,24 @@ def test_recall_forgets_everything_past_its_size() -> None:
     assert recall.settled(plans[0], ()) is None
 
 
-def test_recall_holds_a_bounded_number_of_images_whatever_the_objects() -> None:
+def test_recall_holds_a_bounded_amount_of_text_whatever_the_objects() -> None:
     policy = load_settings("").policy_for(None)
-    field = ImageField("/spec/containers/0/image", "nginx:1.27", PullContext())
-    ref = ImageRef.parse("nginx:1.27")
-    image = ImagePlan(field, ref, ref, False, Action.RESOLVE, "nginx")
-    recall = Recall(size=100, images=10)
-    big = RequestPlan(Mode.PIN, policy, "big", (image,) * 11)
-    recall.keep_plan("big", big)
-    assert recall.plan("big") is None  # more images than all of the recall may hold
-    plans = [RequestPlan(Mode.PIN, policy, f"ns{i}", (image,) * 4) for i in range(3)]
+
+    def plan_of(namespace: str, image: str, count: int = 1) -> RequestPlan:
+        field = ImageField("/spec/containers/0/image", image, PullContext())
+        ref = ImageRef.parse("nginx:1.27")
+        entry = ImagePlan(field, ref, ref, False, Action.RESOLVE, "nginx")
+        return RequestPlan(Mode.PIN, policy, namespace, (entry,) * count)
+
+    recall = Recall(size=100, characters=1000, object_characters=400)
+    huge = plan_of("huge", "x" * 1_000_000)  # an invalid image of a megabyte
+    recall.keep_plan("huge", huge)
+    assert recall.plan("huge") is None and not recall.kept(huge)
+    many = plan_of("many", "nginx:1.27", 50)  # 50 fields of 35 characters
+    recall.keep_plan("many", many)
+    assert recall.plan("many") is None
+    plans = [plan_of(f"ns{i}", "n" * 300) for i in range(4)]  # 325 characters each
     for i, plan in enumerate(plans):
         recall.keep_plan(i, plan)
-    # 4 + 4 fit, the third 4 would make 12: the first two are forgotten.
-    assert recall.plan(0) is None and recall.plan(1) is None and recall.plan(2) is plans[2]
+    # Three fit in 1000 characters; the fourth makes everything go.
+    assert [recall.plan(i) for i in range(4)] == [None, None, None, plans[3]]

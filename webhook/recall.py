@@ -20,12 +20,16 @@ from typing import NamedTuple
 from .decide import Decision
 from .plan import ImageResult, RequestPlan
 
-# Sets of image fields remembered, and image fields in all of them; past either, all are
-# forgotten at once (a cluster runs far fewer templates than this, and forgetting only costs
-# planning them again). The second bound holds memory to a few MiB whatever the objects are:
-# a thousand objects of a thousand images each would otherwise be a gigabyte.
+# Sets of image fields remembered, and the characters of their image fields (pointers, images,
+# pull secret and service account names, problems); past either, all are forgotten at once (a
+# cluster runs far fewer templates than this, and forgetting only costs planning them again).
+# The second bound holds memory to a few MiB whatever the objects are: a thousand objects of a
+# thousand images, or of one invalid image of a megabyte, would otherwise be gigabytes. A
+# Pod's fields are a few hundred characters each.
 RECALL_SIZE = 1024
-RECALL_IMAGES = 8192
+RECALL_CHARACTERS = 1024 * 1024
+# An object whose fields come to more than this is planned afresh every time.
+RECALL_OBJECT_CHARACTERS = 16 * 1024
 
 
 class _Settled(NamedTuple):
@@ -36,10 +40,16 @@ class _Settled(NamedTuple):
 
 
 class Recall:
-    def __init__(self, size: int = RECALL_SIZE, images: int = RECALL_IMAGES) -> None:
+    def __init__(
+        self,
+        size: int = RECALL_SIZE,
+        characters: int = RECALL_CHARACTERS,
+        object_characters: int = RECALL_OBJECT_CHARACTERS,
+    ) -> None:
         self._size = size
-        self._max_images = images
-        self._images = 0  # image fields in the plans kept
+        self._max_characters = characters
+        self._max_object_characters = object_characters
+        self._characters = 0  # in the plans kept
         self._plans: dict[Hashable, RequestPlan] = {}
         # The plans above by id: they are held there, so no other object can have their id.
         self._kept: dict[int, RequestPlan] = {}
@@ -49,19 +59,19 @@ class Recall:
         return self._plans.get(key)
 
     def keep_plan(self, key: Hashable, plan: RequestPlan) -> None:
-        images = len(plan.images)
-        if images > self._max_images:
+        characters = _characters(plan)
+        if characters > self._max_object_characters:
             return
-        if len(self._plans) >= self._size or self._images + images > self._max_images:
-            # Planning may run on a worker thread (a huge object): a race loses an entry at
-            # worst, and every plan recalled is a whole one.
+        if len(self._plans) >= self._size or (self._characters + characters > self._max_characters):
+            # Planning may run on a worker thread (a huge object): a race loses an entry, or
+            # miscounts one, at worst; every plan recalled is a whole one.
             self._settled.clear()
             self._kept.clear()
             self._plans.clear()
-            self._images = 0
+            self._characters = 0
         self._plans[key] = plan
         self._kept[id(plan)] = plan
-        self._images += images
+        self._characters += characters
 
     def kept(self, plan: RequestPlan) -> bool:
         """Whether ``plan`` came from here: only those are settled and decided again."""
@@ -96,3 +106,15 @@ class Recall:
         settled = self._settled.get(id(plan))
         if settled is not None and settled.plan is plan and settled.results is results:
             self._settled[id(plan)] = settled._replace(decision=decision)
+
+
+def _characters(plan: RequestPlan) -> int:
+    """The text of ``plan``'s image fields and problems, which everything kept for it (its key,
+    final images, patch and annotations) is a small multiple of."""
+    total = sum(len(problem) for problem in plan.warnings)
+    for entry in plan.images:
+        field = entry.field
+        pull = field.pull
+        total += len(field.pointer) + len(field.image) + len(pull.service_account or "")
+        total += sum(len(name) for name in pull.image_pull_secrets)
+    return total
