@@ -21,6 +21,17 @@ def load_object(name: str) -> dict[str, Any]:
     return data
 
 
+def plain_pod(*images: str, name: str = "app") -> dict[str, Any]:
+    """A Pod with one container per image and nothing else."""
+    containers = [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"containers": containers},
+    }
+
+
 def fake_digest(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.harness.fixtures import RegistryEnv
 from tests.harness.push import PushedImage
-from tests.reviews import review
+from tests.reviews import plain_pod, review
 from webhook.admission import AdmissionOutcome, parse_review
 from webhook.config import load_settings
 from webhook.kinds import Mode
@@ -62,13 +62,7 @@ async def build() -> AsyncIterator[Build]:
 
 
 def pod(name: str, *images: str) -> dict[str, Any]:
-    containers = [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {"containers": containers},
-    }
+    return plain_pod(*images, name=name)
 
 
 async def admit(mutator: Mutator, obj: dict[str, Any], **kwargs: Any) -> AdmissionOutcome:

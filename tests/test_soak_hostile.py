@@ -24,7 +24,7 @@ import pytest
 
 from tests.faults import FaultServer, Reply
 from tests.harness.fixtures import RegistryEnv
-from tests.reviews import apply_response, review
+from tests.reviews import apply_response, plain_pod, review
 from tests.test_server import Served
 
 pytestmark = pytest.mark.slow
@@ -42,25 +42,19 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def pod(*images: str, name: str = "soak") -> dict[str, Any]:
-    containers = [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {"containers": containers},
-    }
-
-
 class Mix:
     """One hostile or normal admission after another, in turn, as request bodies made
     beforehand (the test's own encoding must not eat the machine it measures)."""
 
     def __init__(self, good: str, registry: str, hanging: str) -> None:
         self.turn = 0
-        self.good = orjson.dumps(review(pod(good)))
-        self.invalid = orjson.dumps(review(pod("Nope:1", "host:99999999999999999999/x:1", good)))
-        self.huge = orjson.dumps(review(pod(*(f"example.invalid/huge:{i}" for i in range(20_000)))))
+        self.good = orjson.dumps(review(plain_pod(good)))
+        self.invalid = orjson.dumps(
+            review(plain_pod("Nope:1", "host:99999999999999999999/x:1", good))
+        )
+        self.huge = orjson.dumps(
+            review(plain_pod(*(f"example.invalid/huge:{i}" for i in range(20_000))))
+        )
         self.registry, self.hanging = registry, hanging
 
     def next(self) -> bytes:
@@ -69,13 +63,13 @@ class Mix:
         match n % 10:
             case 0:  # thousands of new tags in one object
                 images = (f"{self.registry}/soak/flood:t{n}-{i}" for i in range(2000))
-                return orjson.dumps(review(pod(*images)))
+                return orjson.dumps(review(plain_pod(*images)))
             case 1:  # a huge object
                 return self.huge
             case 2:  # invalid references, one with an out-of-range port
                 return self.invalid
             case 3:  # a registry that never answers
-                return orjson.dumps(review(pod(f"{self.hanging}/stuck/app:{n}")))
+                return orjson.dumps(review(plain_pod(f"{self.hanging}/stuck/app:{n}")))
             case _:  # normal
                 return self.good
 
@@ -167,7 +161,7 @@ async def soak(
         after = rss_mib(served.process.pid)
         assert after - baseline < 30, (baseline, after)
         # And a normal admission still pins.
-        document = review(pod(good))
+        document = review(plain_pod(good))
         answer = await http.post("/mutate?timeout=10s", json=document)
         stored = apply_response(document["request"]["object"], answer.json()["response"])
         assert stored["spec"]["containers"][0]["image"] == f"{good}@{digest}"
