@@ -165,11 +165,11 @@ class Transport:
         if options.ca_bundle is not None:
             self._verify = ssl.create_default_context(cafile=options.ca_bundle)
         self._headers = {"User-Agent": options.user_agent, "Accept-Encoding": "identity"}
-        self.http = self._new_client()
+        self.http = self._new_pool()
         self._pool_timeouts = 0
         self._background: set[asyncio.Task[object]] = set()
 
-    def _new_client(self) -> Connections:
+    def _new_pool(self) -> Connections:
         limits = httpx.Limits(
             max_connections=self._options.max_connections,
             max_keepalive_connections=self._options.max_connections,
@@ -320,13 +320,13 @@ class Transport:
         if not task.cancelled():
             task.exception()  # retrieved: a caller that gave up already has its answer
 
-    async def _fetch(self, client: Connections, request: httpx.Request, deadline: float) -> Reply:
+    async def _fetch(self, pool: Connections, request: httpx.Request, deadline: float) -> Reply:
         """One request and its body, in its own task; errors classified for the caller."""
         loop = asyncio.get_running_loop()
         method, url = request.method, request.url
         started = time.monotonic()
         try:
-            response = await client.send(request)
+            response = await pool.send(request)
             try:
                 async with asyncio.timeout_at(deadline + BODY_GRACE_SECONDS):
                     body = await _read_limited(response, MANIFEST_SIZE_LIMIT)
@@ -337,7 +337,7 @@ class Transport:
                 f"{method} {_shown(url)}: body still arriving at the deadline"
             ) from exc
         except httpx.PoolTimeout as exc:
-            self._pool_timed_out(client)
+            self._pool_timed_out(pool)
             raise DeadlineExceeded(
                 f"{method} {_shown(url)}: no connection free before the deadline"
             ) from exc
@@ -360,28 +360,28 @@ class Transport:
             log.debug("%s %s -> %d", method, _shown(url), response.status_code)
         return Reply(method, url, response.status_code, response.headers, body)
 
-    def _pool_timed_out(self, client: Connections) -> None:
-        if client is not self.http:
-            return  # a retired client's stragglers
+    def _pool_timed_out(self, pool: Connections) -> None:
+        if pool is not self.http:
+            return  # a retired pool's stragglers
         self._pool_timeouts += 1
         if self._pool_timeouts < POOL_TIMEOUTS_BEFORE_REBUILD:
             return
         log.warning(
             "registry connection pool answered nothing but pool timeouts %d times in a row;"
-            " replacing the HTTP client",
+            " replacing it",
             self._pool_timeouts,
         )
         self._pool_timeouts = 0
-        self.http = self._new_client()
+        self.http = self._new_pool()
         self._events.registry_client_rebuilt()
-        retire = asyncio.get_running_loop().create_task(_close_later(client))
+        retire = asyncio.get_running_loop().create_task(_close_later(pool))
         self._background.add(retire)
         retire.add_done_callback(self._settled)
 
 
-async def _close_later(client: Connections) -> None:
+async def _close_later(pool: Connections) -> None:
     await asyncio.sleep(RETIRED_CLIENT_GRACE_SECONDS)
-    await client.aclose()
+    await pool.aclose()
 
 
 def _shown(url: httpx.URL) -> httpx.URL:
