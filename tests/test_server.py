@@ -93,6 +93,15 @@ class Served:
         self._pump_thread.join(timeout=15)  # every line it wrote is in self.lines
 
 
+def test_a_stop_signal_is_logged_and_exits_0(tmp_path: Path) -> None:
+    # Before: uvicorn raised SIGTERM again once it had shut down, and the default handler
+    # ended the process there (status 143), before the metrics port closed or the log said so.
+    server = Served([], cwd=tmp_path)
+    server.stop()
+    assert server.process.returncode == 0
+    server.wait_for("pinhook stopped", timeout=1)
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
     config = tmp_path / "config.yaml"

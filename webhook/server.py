@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -173,10 +175,44 @@ def serve(runtime: Runtime, options: ServeOptions, background: Sequence[Backgrou
     _metrics_socket, stop_metrics = _serve_metrics(lambda: runtime.metrics.registry, options)
     tune_allocator()
     try:
-        server.run(sockets=[sock])
+        with _stopped_by_signals():
+            server.run(sockets=[sock])
     finally:
         stop_metrics()
         log.info("pinhook stopped")
+
+
+class _StopRequested(BaseException):
+    """SIGTERM or SIGINT, raised again by uvicorn once it has shut down gracefully."""
+
+
+def _stop_requested(signum: int, _frame: object) -> None:
+    raise _StopRequested(signum)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """A stop signal ends the block, not the process.
+
+    uvicorn handles SIGTERM and SIGINT while it serves; once it has shut down it restores
+    the handlers it found and raises the signal again, and with the default ones the
+    process dies there: before its metrics port is closed and the stop is logged, with
+    status 143. The handlers it finds are these: the stop ends ``run`` instead, and pinhook
+    exits 0 as any server stopped on request. A signal before uvicorn handles them ends
+    the start the same way.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, _stop_requested) for sig in stops}
+    try:
+        yield
+    except _StopRequested:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def serve_workers(
