@@ -46,7 +46,7 @@ from benchmarks.stack import (
     serving,
 )
 from tests.harness.redisserver import RedisNotInstalled, RunningRedis
-from tests.reviews import load_object, review
+from tests.reviews import load_object, plain_pod, review
 from webhook.certs import CertPaths
 
 Row = tuple[str, str]
@@ -169,17 +169,6 @@ def _swap_images(value: Any, moved: dict[str, str]) -> Any:
     if isinstance(value, list):
         return [_swap_images(item, moved) for item in value]
     return moved.get(value, value) if isinstance(value, str) else value
-
-
-def plain_pod(images: list[str], *, name: str = "app") -> dict[str, Any]:
-    """A Pod with one container per image and no pull secrets."""
-    containers = [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {"containers": containers},
-    }
 
 
 def admission(obj: dict[str, Any], namespace: str = "default") -> bytes:
@@ -414,7 +403,7 @@ def _cold_lookups(
 
 def _admit_one(client: Admissions, registry: Registry) -> Callable[[str, str], float]:
     def admit(repo: str, tag: str) -> float:
-        pod = plain_pod([f"{registry.host}/{repo}:{tag}"])
+        pod = plain_pod(f"{registry.host}/{repo}:{tag}")
         status, response, seconds = client.post(admission(pod))
         if status != 200 or pinned_images(response) != 1:
             raise BenchError(f"{client.server.name} did not pin {repo}:{tag}: {status} {response}")
@@ -494,7 +483,7 @@ def slow_registry(ctx: Context) -> Outcome:
         before = {name: registry.traffic(f"slow/{name}/") for name in names}
         for k in range(pods):
             for name, client in clients.items():
-                pod = plain_pod([f"{registry.host}/{repo}:{tag}" for repo, tag in images(name, k)])
+                pod = plain_pod(*[f"{registry.host}/{repo}:{tag}" for repo, tag in images(name, k)])
                 status, response, took = client.post(admission(pod))
                 if status != 200 or pinned_images(response) != len(KSERVE_IMAGES):
                     raise BenchError(f"{name} did not pin the 5 images: {status} {response}")
@@ -529,7 +518,7 @@ def rollout_traffic(ctx: Context) -> Outcome:
     outcome = Outcome()
     with Registry(ctx.workdir) as registry:
         _seeded(registry, [(repo, tag)])
-        pod = plain_pod([f"{registry.host}/{repo}:{tag}"])
+        pod = plain_pod(f"{registry.host}/{repo}:{tag}")
         bodies = [
             admission(pod, namespace=f"team-{i % s.rollout_namespaces}")
             for i in range(s.rollout_admissions)
@@ -572,7 +561,7 @@ def tag_burst(ctx: Context) -> Outcome:
     with Registry(ctx.workdir) as registry:
         _seeded(registry, refs)
         bodies = [
-            admission(plain_pod([f"{registry.host}/{repo}:{tag}"]), namespace=f"team-{i % 20}")
+            admission(plain_pod(f"{registry.host}/{repo}:{tag}"), namespace=f"team-{i % 20}")
             for i, (repo, tag) in enumerate(refs)
         ]
         with _pinhook(ctx, pinhook_config(registry.host)) as server:
@@ -605,7 +594,7 @@ def memory(ctx: Context) -> Outcome:
     with Registry(ctx.workdir) as registry:
         _seeded(registry, refs)
         images = [f"{registry.host}/{repo}:{tag}" for repo, tag in refs]
-        bodies = [admission(plain_pod(images[i : i + 5])) for i in range(0, n, 5)]
+        bodies = [admission(plain_pod(*images[i : i + 5])) for i in range(0, n, 5)]
         config = pinhook_config(registry.host, extra=f"cache:\n  maxEntries: {n}\n")
         with _pinhook(ctx, config) as server:
             idle = rss_mib(server.pid)
@@ -786,7 +775,7 @@ def _scale_out_case(
         for tag in tags:
             image = f"{registry.host}/{name}:{tag}"
             bodies = [
-                admission(plain_pod([image], name=f"web-{i}"), namespace=f"team-{i % 20}")
+                admission(plain_pod(image, name=f"web-{i}"), namespace=f"team-{i % 20}")
                 for i in range(s.rollout_admissions)
             ]
             before = registry.traffic(name)
