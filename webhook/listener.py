@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 ARRIVED: Final = "pinhook.arrived"
 
 
+# What a connection's TLS layer decrypts in one read; more waits for the next read.
+DECRYPTED_BYTES: Final = 64 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     handshake_seconds: float = 10.0  # TCP accept to TLS established
@@ -108,6 +112,8 @@ class ListenerState:
     events: ConnectionEvents
     open_connections: int = 0
     deadlines: RequestDeadlines = field(default_factory=RequestDeadlines)
+    # Where every connection's TLS layer puts what it decrypts (see _Decrypted).
+    decrypted: memoryview = field(default_factory=lambda: memoryview(bytearray(DECRYPTED_BYTES)))
 
 
 def guarded_protocol(state: ListenerState, parser: str = "auto") -> type[asyncio.Protocol]:
@@ -205,7 +211,7 @@ class GuardedConnection(asyncio.Protocol):
         http.arrived = self._accepted
         # From here the TLS transport talks to `http`, whose connection_lost frees the slot.
         http.on_lost = self._release
-        tls.set_protocol(http)
+        tls.set_protocol(_Decrypted(http, self.listener.decrypted))
         http.connection_made(tls)
         pending.hand_over(http)
 
@@ -224,6 +230,42 @@ class GuardedConnection(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self.listener.open_connections -= 1
+
+
+class _Decrypted(asyncio.BufferedProtocol):
+    """The TLS transport's protocol, in front of uvicorn's: what it decrypts is read into one
+    buffer shared by the listener's connections and handed on as ``data_received``.
+
+    For a protocol that takes ``data_received``, both loops' TLS layers read each record into a
+    new 256 KiB bytes object. Under the fixed mmap threshold (``memory.py``) that is a mapping
+    made, shrunk and unmapped on every request, three system calls and a page fault. Reading
+    into a buffer the protocol gives costs none; the buffer can be shared because each read is
+    copied out before the next one starts.
+    """
+
+    __slots__ = ("_buffer", "_http")
+
+    def __init__(self, http: _RequestDeadline, buffer: memoryview) -> None:
+        self._http = http
+        self._buffer = buffer
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._http.data_received(bytes(self._buffer[:nbytes]))
+
+    def eof_received(self) -> bool | None:
+        return self._http.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._http.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._http.resume_writing()
 
 
 class _Pending(asyncio.Protocol):
