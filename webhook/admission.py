@@ -47,10 +47,19 @@ class AdmissionOutcome:
 
 def parse_review(body: bytes) -> AdmissionRequest:
     """Decode and check the envelope; raises InvalidReview with a reason a person can act on."""
+    return read_review(decode_review(body))
+
+
+def decode_review(body: bytes) -> Any:
+    """The body as JSON, not yet checked (see ``read_review``)."""
     try:
-        review = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidReview(f"body is not JSON: {exc}") from None
+
+
+def read_review(review: Any) -> AdmissionRequest:
+    """Check a decoded body's envelope; raises InvalidReview with a reason a person can act on."""
     if not isinstance(review, dict):
         raise InvalidReview("body is not a JSON object")
     api_version = review.get("apiVersion")

@@ -3,7 +3,9 @@
 ``POST /mutate`` is plain ASGI, in front of FastAPI: it is every admission of the cluster, and
 FastAPI's routing, middleware and Request/Response objects cost more per request than
 pinhook's own work on a cached image. It reads the raw body once, decodes it once (orjson)
-and writes the answer with orjson. FastAPI serves the rest (health, readiness, 404s) and runs
+and writes the answer with orjson; a review that differs from an earlier one only in its uid
+(the Pods of one ReplicaSet) is answered as that one was, while its decision stands
+(``answers.py``). FastAPI serves the rest (health, readiness, 404s) and runs
 the lifespan.
 """
 
@@ -22,9 +24,12 @@ from fastapi import FastAPI, Response
 from .admission import (
     MAX_BODY_BYTES,
     AdmissionRequest,
+    decode_review,
     parse_review,
+    read_review,
     render_response,
 )
+from .answers import Answer, Answers, like_review
 from .decide import DENIED, OVERLOADED, SKIPPED, Decision
 from .errors import InvalidReview
 from .listener import ARRIVED
@@ -97,6 +102,7 @@ class AdmissionApp:
     def __init__(self, service: Service, rest: FastAPI) -> None:
         self.service = service
         self.rest = rest
+        self._answers: Answers | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != "/mutate":
@@ -119,13 +125,17 @@ class AdmissionApp:
         if body is None:
             return 413, _error_body(f"body larger than {MAX_BODY_BYTES} bytes")
         mutator = service.mutator
+        answers = self._answers
+        if answers is None or answers.mutator is not mutator:
+            answers = self._answers = Answers(mutator)
+        answer: Answer | None = None
         try:
             if len(body) > LARGE_BODY_BYTES:
                 # Decoding and walking a huge object is CPU that cannot be capped: a worker
                 # thread, so that the loop keeps answering everyone else meanwhile.
                 review, plan = await asyncio.to_thread(_read_and_plan, mutator, body)
             else:
-                review, plan = _read_and_plan(mutator, body)
+                review, plan, answer = _recall_or_plan(answers, body)
         except InvalidReview as exc:
             service.metrics.admission("", "", "invalid")
             return 400, _error_body(str(exc))
@@ -138,12 +148,23 @@ class AdmissionApp:
             # 500: under failurePolicy Ignore a 500 would admit what requireDigest denies.
             log.exception("review %s of %s failed; answered by policy", review.uid, review.kind)
             decision = mutator.failed(review)
+        if answer is not None:
+            if answer.decision is decision:
+                service.metrics.answers_recalled.inc()
+            elif not answers.settle(answer, decision, _log_fields(review, plan, decision)):
+                answer = None
         seconds = loop.time() - arrived
         service.metrics.admission(review.kind, review.operation, decision.result)
         service.metrics.admission_seconds.observe(seconds)
-        if log.isEnabledFor(logging.INFO):
-            log_admission(review, plan, decision, seconds)
-        return 200, render_response(review.api_version, review.uid, decision.outcome)
+        if answer is None:
+            if log.isEnabledFor(logging.INFO):
+                log_admission(_log_fields(review, plan, decision), decision.result, seconds)
+            return 200, render_response(review.api_version, review.uid, decision.outcome)
+        if log.isEnabledFor(logging.INFO) and answer.log_fields is not None:
+            fields = dict(answer.log_fields)
+            fields["uid"] = review.uid
+            log_admission(fields, decision.result, seconds)
+        return 200, answer.response(review.uid)
 
 
 @asynccontextmanager
@@ -161,8 +182,26 @@ class _PlanFailed(Exception):
 
 def _read_and_plan(mutator: Mutator, body: bytes) -> tuple[AdmissionRequest, RequestPlan]:
     review = parse_review(body)
+    return review, _planned(mutator, review)
+
+
+def _recall_or_plan(
+    answers: Answers, body: bytes
+) -> tuple[AdmissionRequest, RequestPlan, Answer | None]:
+    """The review and its plan: recalled when a review like it (``answers.py``) was planned."""
+    decoded = decode_review(body)
+    like = like_review(body, decoded)
+    answer = answers.get(like.key) if like is not None else None
+    if like is not None and answer is not None:
+        return answer.request(like.uid), answer.plan, answer
+    review = read_review(decoded)
+    plan = _planned(answers.mutator, review)
+    return review, plan, answers.keep(like.key, review, plan) if like is not None else None
+
+
+def _planned(mutator: Mutator, review: AdmissionRequest) -> RequestPlan:
     try:
-        return review, mutator.plan(review)
+        return mutator.plan(review)
     except Exception as exc:
         log.exception("planning review %s of %s failed", review.uid, review.kind)
         raise _PlanFailed(review) from exc
@@ -203,14 +242,20 @@ async def _answer(
     return mutator.conclude(plan, results)
 
 
-def log_admission(
-    review: AdmissionRequest, plan: RequestPlan | None, decision: Decision, seconds: float
-) -> None:
-    """The one INFO line of an admission: who asked for what, what pinhook did, how long it
-    took, and what became of each image (the first MAX_LOGGED_IMAGES, the rest counted).
+def log_admission(fields: dict[str, object], result: str, seconds: float) -> None:
+    """The one INFO line of an admission, with ``fields`` (``_log_fields``) and its duration.
 
-    Built only when INFO is enabled: the caller checks, so a quiet pinhook formats nothing.
+    Called only when INFO is enabled: the caller checks, so a quiet pinhook formats nothing.
     """
+    fields["durationMs"] = round(seconds * 1000, 2)
+    log.info("admission %s", result, extra={FIELDS: fields})
+
+
+def _log_fields(
+    review: AdmissionRequest, plan: RequestPlan | None, decision: Decision
+) -> dict[str, object]:
+    """Who asked for what, what pinhook did, and what became of each image (the first
+    MAX_LOGGED_IMAGES, the rest counted); the duration is set by ``log_admission``."""
     images: list[str] = []
     more = 0
     for result in decision.results:
@@ -239,7 +284,7 @@ def log_admission(
         "operation": review.operation,
         "dryRun": review.dry_run,
         "outcome": decision.result,
-        "durationMs": round(seconds * 1000, 2),
+        "durationMs": 0.0,
         "images": images,
     }
     if more:
@@ -248,7 +293,7 @@ def log_admission(
         fields["reason"] = _shortened(decision.outcome.message, MAX_LOGGED_REASON)
     elif decision.result == SKIPPED and plan is not None and plan.skipped:
         fields["reason"] = plan.skipped
-    log.info("admission %s", decision.result, extra={FIELDS: fields})
+    return fields
 
 
 def _shortened(text: str, limit: int) -> str:

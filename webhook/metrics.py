@@ -179,6 +179,12 @@ class Metrics:
             ["event"],
             registry=self.registry,
         )
+        self.answers_recalled = Counter(
+            "pinhook_answers_recalled",
+            "Admissions answered with the answer to an earlier review that differed only in its"
+            " uid (the Pods of one ReplicaSet), its digests still cached",
+            registry=self.registry,
+        )
 
         self.token_requests = Counter(
             "pinhook_registry_token_requests",

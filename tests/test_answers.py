@@ -1,0 +1,245 @@
+"""Reviews that differ only in their uid (``webhook.answers``): the first one's answer serves
+the next ones, each with its own uid, while the decision still stands, and never otherwise.
+Through the ASGI app, against a real registry whose tags move."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.harness.fixtures import RegistryEnv
+from tests.reviews import plain_pod, review
+from webhook.admission import AdmissionRequest
+from webhook.answers import Answers
+from webhook.app import create_app
+from webhook.config import load_settings
+from webhook.decide import Decision
+from webhook.kinds import Mode
+from webhook.kube import NoPullSecrets
+from webhook.metrics import Metrics
+from webhook.mutate import Mutator
+from webhook.oci.registry import RegistryClient
+from webhook.plan import RequestPlan
+from webhook.resolve import CachingResolver, RegistryDigestResolver
+from webhook.runtime import registry_options
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Webhook:
+    """pinhook's ASGI app over a real registry, its mutator swappable as a reload swaps it."""
+
+    def __init__(self, mutator: Mutator) -> None:
+        self.metrics = mutator.metrics
+        self.mutator = mutator
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(self)), base_url="http://webhook"
+        )
+
+    def readiness(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    async def post(self, body: bytes) -> httpx.Response:
+        return await self.client.post("/mutate", content=body)
+
+    async def answer(self, doc: dict[str, Any]) -> dict[str, Any]:
+        reply = await self.post(orjson.dumps(doc))
+        assert reply.status_code == 200, reply.text
+        response: dict[str, Any] = reply.json()["response"]
+        assert response["uid"] == doc["request"]["uid"]
+        return response
+
+    def recalled(self) -> float:
+        return self.metrics.registry.get_sample_value("pinhook_answers_recalled_total") or 0.0
+
+
+Build = Callable[..., Any]
+
+
+@pytest.fixture
+async def build() -> AsyncIterator[Build]:
+    async with AsyncExitStack() as stack:
+
+        async def make(host: str, clock: Clock, extra: str = "") -> Mutator:
+            settings = load_settings(
+                f'registry:\n  insecure: ["{host}"]\n  allowedHosts: ["{host}"]\n'
+                f"cache:\n  ttlSeconds: 60\n  negativeTtlSeconds: 30\n{extra}"
+            )
+            client = await stack.enter_async_context(RegistryClient(registry_options(settings)))
+            inner = RegistryDigestResolver(client, NoPullSecrets())
+            return Mutator(settings, CachingResolver(inner, settings.cache, clock=clock), Metrics())
+
+        async def webhook(host: str, clock: Clock, extra: str = "") -> Webhook:
+            hook = Webhook(await make(host, clock, extra))
+            stack.push_async_callback(hook.client.aclose)
+            return hook
+
+        make.webhook = webhook  # type: ignore[attr-defined]
+        yield make
+
+
+def replica(obj: dict[str, Any]) -> dict[str, Any]:
+    """The review of one more Pod of a ReplicaSet: the same as the last but for its uid."""
+    return review(copy.deepcopy(obj), namespace="web")
+
+
+def patched_images(response: dict[str, Any]) -> list[str]:
+    return [op["value"] for op in orjson.loads(base64.b64decode(response.get("patch", "")))]
+
+
+async def test_replicas_get_the_first_answer_each_with_its_own_uid(
+    registry: RegistryEnv, build: Build, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = [registry.push.image("answers/app", "v1"), registry.push.image("answers/side", "v2")]
+    hook: Webhook = await build.webhook(registry.host, Clock())  # type: ignore[attr-defined]
+    pod = plain_pod(*[image.tag_ref for image in images], name="")
+    with caplog.at_level(logging.INFO, logger="webhook.app"):
+        answers = [await hook.answer(replica(pod)) for _ in range(4)]
+    expected = [f"{image.tag_ref}@{image.digest}" for image in images]
+    assert [patched_images(answer) for answer in answers] == [expected] * 4
+    assert [{**answer, "uid": ""} for answer in answers[1:]] == [{**answers[0], "uid": ""}] * 3
+    # The first was resolved and the second decided from the cache; the rest recalled that.
+    assert hook.recalled() == 2
+    logged = [getattr(r, "fields", {}).get("uid") for r in caplog.records if "admission" in r.msg]
+    assert logged == [answer["uid"] for answer in answers]
+
+
+async def test_a_review_that_differs_beyond_its_uid_is_answered_afresh(
+    registry: RegistryEnv, build: Build
+) -> None:
+    app, side = registry.push.image("answers/one", "v1"), registry.push.image("answers/two", "v1")
+    hook: Webhook = await build.webhook(registry.host, Clock())  # type: ignore[attr-defined]
+    pod = plain_pod(app.tag_ref, name="")
+    for _ in range(3):
+        await hook.answer(replica(pod))
+    recalled = hook.recalled()
+    other = plain_pod(side.tag_ref, name="")
+    annotated = copy.deepcopy(pod)
+    annotated["metadata"]["annotations"] = {"team": "a"}
+    assert patched_images(await hook.answer(replica(other))) == [f"{side.tag_ref}@{side.digest}"]
+    assert patched_images(await hook.answer(replica(annotated))) == [f"{app.tag_ref}@{app.digest}"]
+    dry = review(copy.deepcopy(pod), namespace="web", dry_run=True)
+    assert patched_images(await hook.answer(dry)) == [f"{app.tag_ref}@{app.digest}"]
+    assert hook.recalled() == recalled
+
+
+async def test_a_moved_tag_is_pinned_anew_once_the_cache_learns_it(
+    registry: RegistryEnv, build: Build
+) -> None:
+    clock = Clock()
+    image = registry.push.image("answers/moving", "stable")
+    hook: Webhook = await build.webhook(registry.host, clock)  # type: ignore[attr-defined]
+    pod = plain_pod(image.tag_ref, name="")
+    for _ in range(3):
+        assert patched_images(await hook.answer(replica(pod))) == [
+            f"{image.tag_ref}@{image.digest}"
+        ]
+    moved = registry.push.move_tag(image)
+    clock.now += 61  # the cache entry expires: the next review asks the registry again
+    for _ in range(3):
+        assert patched_images(await hook.answer(replica(pod))) == [
+            f"{moved.tag_ref}@{moved.digest}"
+        ]
+
+
+async def test_a_new_configuration_starts_afresh(registry: RegistryEnv, build: Build) -> None:
+    image = registry.push.image("answers/conf", "v1")
+    clock = Clock()
+    hook: Webhook = await build.webhook(registry.host, clock)  # type: ignore[attr-defined]
+    pod = plain_pod(image.tag_ref, name="")
+    for _ in range(3):
+        assert patched_images(await hook.answer(replica(pod))) != []
+    hook.mutator = await build(registry.host, clock, "kinds:\n  pods: off\n")
+    assert "patch" not in await hook.answer(replica(pod))
+
+
+async def test_an_alike_review_is_checked_for_its_uid(registry: RegistryEnv, build: Build) -> None:
+    image = registry.push.image("answers/uid", "v1")
+    hook: Webhook = await build.webhook(registry.host, Clock())  # type: ignore[attr-defined]
+    doc = replica(plain_pod(image.tag_ref, name=""))
+    for _ in range(3):
+        doc["request"]["uid"] = str(uuid.uuid4())
+        await hook.answer(doc)
+    for uid in ("", 7, None):
+        doc["request"]["uid"] = uid
+        reply = await hook.post(orjson.dumps(doc))
+        assert reply.status_code == 400 and "request.uid" in reply.json()["error"]
+
+
+async def test_updates_are_not_kept(registry: RegistryEnv, build: Build) -> None:
+    image = registry.push.image("answers/update", "v1")
+    hook: Webhook = await build.webhook(registry.host, Clock())  # type: ignore[attr-defined]
+    pod = plain_pod(image.tag_ref, name="web")
+    for _ in range(3):
+        doc = review(copy.deepcopy(pod), namespace="web", operation="UPDATE", old=plain_pod("x"))
+        assert patched_images(await hook.answer(doc)) == [f"{image.tag_ref}@{image.digest}"]
+    assert hook.recalled() == 0
+
+
+def _request() -> AdmissionRequest:
+    return AdmissionRequest("admission.k8s.io/v1", "u", "", "Pod", "CREATE", "ns", {}, None)
+
+
+def _plan() -> RequestPlan:
+    return RequestPlan(Mode.PIN, load_settings("").policy_for(None))
+
+
+def test_answers_forget_everything_past_their_size_or_bytes() -> None:
+    mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
+    answers = Answers(mutator, size=2, max_bytes=10_000)
+    for key in (b"a", b"b"):
+        answers.keep(key, _request(), _plan())
+    answers.keep(b"c", _request(), _plan())
+    assert (answers.get(b"a"), answers.get(b"b")) == (None, None) and len(answers) == 1
+    answers.keep(b"x" * 9_000, _request(), _plan())
+    answers.keep(b"y" * 2_000, _request(), _plan())  # 11,000 bytes of keys: all go first
+    assert len(answers) == 1 and answers.get(b"y" * 2_000) is not None
+
+
+def test_a_kept_review_holds_no_object() -> None:
+    mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
+    answers = Answers(mutator)
+    request = _request()._replace(obj={"spec": "x" * 100_000}, old_obj={"big": True})
+    answer = answers.keep(b"k", request, _plan())
+    assert answer.review.obj is None and answer.review.old_obj is None
+    assert answer.request("new").uid == "new"
+
+
+def test_a_rendered_answer_counts_against_the_bytes() -> None:
+    mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
+    answers = Answers(mutator, max_bytes=200)
+    answer = answers.keep(b"k", _request(), _plan())
+    decision = Decision(mutator.failed(_request()).outcome, {}, {})
+    decision.outcome.warnings.append("w" * 300)
+    assert not answers.settle(answer, decision, {})
+    assert answer.decision is None
+
+
+def test_an_answer_holding_the_uids_stand_in_is_rendered_whole_every_time() -> None:
+    """The answer is rendered once with a stand-in for the uid and cut there; an answer whose
+    own text holds the stand-in cannot be cut, and is never kept."""
+    mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
+    answers = Answers(mutator)
+    answer = answers.keep(b"k", _request(), _plan())
+    decision = Decision(mutator.failed(_request()).outcome, {}, {})
+    decision.outcome.warnings.append("\x00pinhook-uid\x00")
+    assert not answers.settle(answer, decision, {})
+    decision.outcome.warnings[-1] = "pinhook-uid"
+    assert answers.settle(answer, decision, {})
+    assert orjson.loads(answer.response('a"b'))["response"]["uid"] == 'a"b'
