@@ -124,6 +124,25 @@ def _content_length(headers: bytes) -> int:
     return int(headers[at + 15 : headers.index(b"\r\n", at)].strip())
 
 
+class Requests:
+    """The requests to send, in turn; with a ``counter`` mark, each one sent is written anew
+    with the number of requests sent so far (from ``first``, 8 hex digits) over the mark."""
+
+    def __init__(self, requests: list[bytes], counter: bytes | None, first: int) -> None:
+        self._split = [request.split(counter) if counter else [request] for request in requests]
+        self._sent = first
+
+    def __len__(self) -> int:
+        return len(self._split)
+
+    def __getitem__(self, index: int) -> bytes:
+        parts = self._split[index]
+        if len(parts) == 1:
+            return parts[0]
+        self._sent += 1
+        return (b"%08x" % (self._sent % 2**32)).join(parts)
+
+
 def _requests(url: str, bodies: list[bytes]) -> list[bytes]:
     parts = urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -135,11 +154,17 @@ def _requests(url: str, bodies: list[bytes]) -> list[bytes]:
 
 
 async def drive(
-    url: str, ca: str, bodies: list[bytes], concurrency: int, seconds: float | None
+    url: str,
+    ca: str,
+    bodies: list[bytes],
+    concurrency: int,
+    seconds: float | None,
+    counter: bytes | None = None,
+    first: int = 0,
 ) -> Results:
     parts = urlsplit(url)
     tls = ssl.create_default_context(cafile=ca)
-    requests = _requests(url, bodies)
+    requests = Requests(_requests(url, bodies), counter, first)
     connections = [
         Connection(parts.hostname or "127.0.0.1", parts.port or 443, tls)
         for _ in range(min(concurrency, len(requests)) if seconds is None else concurrency)
@@ -187,10 +212,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--counter", help="the mark each request's number is written over")
+    parser.add_argument("--first", type=int, default=0, help="the first request's number")
     args = parser.parse_args()
     bodies = [line for line in args.bodies.read_bytes().splitlines() if line]
+    counter = args.counter.encode() if args.counter else None
     with asyncio.Runner(loop_factory=_fast_loop()) as runner:
-        results = runner.run(drive(args.url, args.ca, bodies, args.concurrency, args.seconds))
+        results = runner.run(
+            drive(args.url, args.ca, bodies, args.concurrency, args.seconds, counter, args.first)
+        )
     args.out.write_bytes(orjson.dumps(results, option=orjson.OPT_NON_STR_KEYS))
 
 

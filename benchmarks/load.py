@@ -7,6 +7,7 @@ figure comes with the CPU it cost per request.
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,12 @@ from webhook.certs import CertPaths
 CLIENT = ROOT / "benchmarks" / "client.py"
 WRK_SCRIPT = ROOT / "benchmarks" / "wrk.lua"
 DEADLINE_SECONDS = 10.0  # the API server's timeoutSeconds the admissions are sent with
+# In a timed round every request is a new one, as the API server's are: the load generator
+# writes a request counter (8 hex digits, from a random start) over each COUNTER in the body.
+# The review's uid gets one; a workload may place more (an annotation) to make each review
+# differ in its object too.
+COUNTER = "XXXXXXXX"
+FRESH_UID = f"{COUNTER}-0000-4000-8000-000000000000"
 
 
 def load_generator() -> str:
@@ -59,12 +66,14 @@ def throughput_round(
     """Drive ``server`` with the one review in ``body_file`` for ``seconds``; ``backend``: the
     processes behind it (registry, token issuer), whose CPU is counted too."""
     server.check_owner()
+    body_file = _with_fresh_uids(body_file)
+    first = random.randrange(2**31)
     backend_before = sum(cpu_seconds(pid) for pid in backend)
     cpu_before = cpu_seconds(server.pid)
     if which_wrk() is not None:
-        figures = _wrk(server, body_file, seconds, concurrency)
+        figures = _wrk(server, body_file, seconds, concurrency, first)
     else:
-        figures = _client_round(server, body_file, seconds, concurrency, certs)
+        figures = _client_round(server, body_file, seconds, concurrency, certs, first)
     cpu = cpu_seconds(server.pid) - cpu_before
     backend_cpu = sum(cpu_seconds(pid) for pid in backend) - backend_before
     server.check_owner()
@@ -80,7 +89,16 @@ def throughput_round(
     )
 
 
-def _wrk(server: Server, body_file: Path, seconds: int, concurrency: int) -> Round:
+def _with_fresh_uids(body_file: Path) -> Path:
+    """A copy of the review in ``body_file`` whose uid the load generator renews per request."""
+    review = orjson.loads(body_file.read_bytes())
+    review["request"]["uid"] = FRESH_UID
+    fresh = body_file.with_suffix(".fresh-uids.json")
+    fresh.write_bytes(orjson.dumps(review))
+    return fresh
+
+
+def _wrk(server: Server, body_file: Path, seconds: int, concurrency: int, first: int) -> Round:
     command = [
         "wrk",
         "-t1",
@@ -92,7 +110,7 @@ def _wrk(server: Server, body_file: Path, seconds: int, concurrency: int) -> Rou
         str(WRK_SCRIPT),
         server.url(),
     ]
-    env = os.environ | {"PINHOOK_BENCH_BODY": str(body_file)}
+    env = os.environ | {"PINHOOK_BENCH_BODY": str(body_file), "PINHOOK_BENCH_FIRST": str(first)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("PINHOOK-WRK ")), None)
     if done.returncode != 0 or line is None:
@@ -110,9 +128,9 @@ def _wrk(server: Server, body_file: Path, seconds: int, concurrency: int) -> Rou
 
 
 def _client_round(
-    server: Server, body_file: Path, seconds: int, concurrency: int, certs: CertPaths
+    server: Server, body_file: Path, seconds: int, concurrency: int, certs: CertPaths, first: int
 ) -> Round:
-    burst = _run_client(server, body_file, concurrency, certs, seconds=seconds)
+    burst = _run_client(server, body_file, concurrency, certs, seconds=seconds, first=first)
     latencies = sorted(burst["latencies"])
     return Round(
         len(latencies),
@@ -196,6 +214,7 @@ def _run_client(
     certs: CertPaths,
     *,
     seconds: float | None = None,
+    first: int | None = None,
 ) -> dict[str, Any]:
     out = body_file.with_suffix(".result.json")
     command = [
@@ -211,6 +230,8 @@ def _run_client(
     ]
     if seconds is not None:
         command += ["--seconds", str(seconds)]
+    if first is not None:
+        command += ["--counter", COUNTER, "--first", str(first)]
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
     if done.returncode != 0:
         raise BenchError(f"load client failed ({done.returncode}):\n{done.stderr[-3000:]}")

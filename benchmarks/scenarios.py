@@ -16,11 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from benchmarks.load import (
+    COUNTER,
     DEADLINE_SECONDS,
     Burst,
     Round,
@@ -183,6 +184,15 @@ def _seeded(registry: Registry, refs: list[tuple[str, str]]) -> dict[str, str]:
 # --- 1. warm -----------------------------------------------------------------------------
 
 FIXED_ANSWER = "fixed-answer"
+# pinhook again, on reviews that each differ in their object too (an annotation): no review is
+# like another, so none is answered as an earlier one was (``webhook/answers.py``).
+UNLIKE = "pinhook, unlike reviews"
+
+
+class Workload(NamedTuple):
+    name: str
+    server: Server
+    body_file: Path
 
 
 def warm(ctx: Context) -> Outcome:
@@ -190,6 +200,8 @@ def warm(ctx: Context) -> Outcome:
 
     Also the do-nothing webhook answering with pinhook's own answer (``fixed-answer``): what
     reading the review and sending that answer cost on this stack, whoever works it out.
+    The reviews are those of one ReplicaSet's Pods, alike but for their uid; ``UNLIKE`` sends
+    pinhook reviews that differ in their object as well.
     """
     s = ctx.settings
     outcome = Outcome()
@@ -197,6 +209,8 @@ def warm(ctx: Context) -> Outcome:
         pod = kserve_pod(registry)
         body_file = ctx.workdir / "warm-review.json"
         body_file.write_bytes(admission(pod, namespace="models"))
+        unlike_file = ctx.workdir / "warm-review-unlike.json"
+        unlike_file.write_bytes(admission(_annotated(pod, f"unlike-{COUNTER}"), "models"))
         pinhook = stack.enter_context(_pinhook(ctx, pinhook_config(registry.host)))
         pinned, traffic, answers = {}, {}, {}
         pinned["pinhook"], traffic["pinhook"], answers["pinhook"] = _probe(
@@ -211,25 +225,28 @@ def warm(ctx: Context) -> Outcome:
         ]
         if ctx.peer_binary is not None:
             servers.append(stack.enter_context(_peer(ctx)))
-        for server in servers:
-            if server is not pinhook:
-                pinned[server.name], traffic[server.name], answers[server.name] = _probe(
-                    ctx, server, registry, body_file
+        workloads = [Workload(server.name, server, body_file) for server in servers]
+        workloads.insert(3, Workload(UNLIKE, pinhook, unlike_file))
+        for workload in workloads:
+            if workload.name != "pinhook":
+                pinned[workload.name], traffic[workload.name], answers[workload.name] = _probe(
+                    ctx, workload.server, registry, workload.body_file
                 )
         if answers[FIXED_ANSWER]["patch"] != answers["pinhook"]["patch"]:
             raise BenchError("the fixed-answer webhook does not answer as pinhook does")
-        for server in servers:  # warm-up, not recorded
-            throughput_round(server, body_file, 1, s.concurrency, ctx.certs)
-        rounds = _interleaved(ctx, servers, body_file, registry.pids)
+        for workload in workloads:  # warm-up, not recorded
+            throughput_round(workload.server, workload.body_file, 1, s.concurrency, ctx.certs)
+        rounds = _interleaved(ctx, workloads, registry.pids)
         figures = {
-            server.name: _round_figures(rounds[server.name], server, pinned, traffic)
-            for server in servers
+            workload.name: _round_figures(rounds[workload.name], workload, pinned, traffic)
+            for workload in workloads
         }
     outcome.figures = {"servers": figures, "ratios": _warm_ratios(figures)}
     outcome.figures["method"] = (
         f"{s.rounds} interleaved rounds of {s.round_seconds}s per server, concurrency"
-        f" {s.concurrency}, medians; a 5-image KServe predictor Pod; pinhook on its production"
-        " registry resolver, every digest cached"
+        f" {s.concurrency}, medians; a 5-image KServe predictor Pod, a new uid per request"
+        f" ('{UNLIKE}': a new annotation too); pinhook on its production registry resolver,"
+        " every digest cached"
     )
     for name, f in figures.items():
         outcome.row(
@@ -241,13 +258,19 @@ def warm(ctx: Context) -> Outcome:
             f" {f['registry_cpu_us_per_request']['median']:.0f} us of their CPU per admission"
             + (f" [{f['stack']}]" if f["stack"] else ""),
         )
-    for against, r in outcome.figures["ratios"].items():
+    for label, r in outcome.figures["ratios"].items():
         outcome.row(
-            f"pinhook / {against}",
+            label,
             f"throughput {r['rps']:.2f}x, p50 {r['p50']:.2f}x, p99 {r['p99']:.2f}x,"
             f" CPU {r['cpu']:.2f}x ({r['cpu_extra_us']:+.0f} us/req)",
         )
     return outcome
+
+
+def _annotated(obj: dict[str, Any], value: str) -> dict[str, Any]:
+    annotated = copy.deepcopy(obj)
+    annotated.setdefault("metadata", {}).setdefault("annotations", {})["bench/unlike"] = value
+    return annotated
 
 
 def _probe(
@@ -255,36 +278,43 @@ def _probe(
 ) -> tuple[int, float, dict[str, Any]]:
     """Images the server pins in the workload, registry requests one admission causes, and
     the server's answer."""
+    review = orjson.loads(body_file.read_bytes())
     with Admissions(server, ctx.certs) as client:
-        status, response, _ = client.post(body_file.read_bytes())
-        if status != 200 or not response.get("allowed"):
-            raise BenchError(f"{server.name} answered the workload with {status}: {response}")
-        # The first admission resolves; the second shows what the steady state costs.
-        before = registry.requests_served()
-        status, response, _ = client.post(body_file.read_bytes())
+        for n in range(2):
+            # The first admission resolves; the second shows what the steady state costs.
+            before = registry.requests_served()
+            uid = review["request"]["uid"] = f"probe-{n}"
+            status, response, _ = client.post(orjson.dumps(review))
+            if status != 200 or not response.get("allowed") or response.get("uid") != uid:
+                raise BenchError(f"{server.name} answered review {uid} with {status}: {response}")
     after = registry.requests_served()
     return pinned_images(response), float(after - before), response
 
 
 def _interleaved(
-    ctx: Context, servers: list[Server], body_file: Path, backend: tuple[int, ...]
+    ctx: Context, workloads: list[Workload], backend: tuple[int, ...]
 ) -> dict[str, list[Round]]:
     """Alternating short rounds, the order reversed every round: a noisy neighbour or a
     thermal drift hits every server alike."""
     s = ctx.settings
-    rounds: dict[str, list[Round]] = {server.name: [] for server in servers}
+    rounds: dict[str, list[Round]] = {workload.name: [] for workload in workloads}
     for n in range(s.rounds):
-        for server in servers if n % 2 == 0 else reversed(servers):
-            rounds[server.name].append(
+        for workload in workloads if n % 2 == 0 else reversed(workloads):
+            rounds[workload.name].append(
                 throughput_round(
-                    server, body_file, s.round_seconds, s.concurrency, ctx.certs, backend
+                    workload.server,
+                    workload.body_file,
+                    s.round_seconds,
+                    s.concurrency,
+                    ctx.certs,
+                    backend,
                 )
             )
     return rounds
 
 
 def _round_figures(
-    rounds: list[Round], server: Server, pinned: dict[str, int], traffic: dict[str, float]
+    rounds: list[Round], workload: Workload, pinned: dict[str, int], traffic: dict[str, float]
 ) -> dict[str, Any]:
     return {
         "rps": spread([r.rps for r in rounds]),
@@ -294,30 +324,37 @@ def _round_figures(
         "registry_cpu_us_per_request": spread([r.backend_cpu_us for r in rounds]),
         "requests": sum(r.requests for r in rounds),
         "errors": sum(r.errors for r in rounds),
-        "images_pinned": pinned[server.name],
-        "registry_requests_per_admission": traffic[server.name],
-        "stack": server.stack,
+        "images_pinned": pinned[workload.name],
+        "registry_requests_per_admission": traffic[workload.name],
+        "stack": workload.server.stack,
     }
 
 
 def _warm_ratios(figures: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    mine = figures["pinhook"]
+    """pinhook's figures over every other server's, and over the do-nothing webhook's on
+    unlike reviews, keyed "pinhook / noop" and so on."""
     ratios = {}
     for name, other in figures.items():
-        if name == "pinhook":
+        if name in ("pinhook", UNLIKE):
             continue
-        ratios[name] = {
-            "rps": round(mine["rps"]["median"] / other["rps"]["median"], 3),
-            "p50": round(mine["p50_ms"]["median"] / other["p50_ms"]["median"], 3),
-            "p99": round(mine["p99_ms"]["median"] / other["p99_ms"]["median"], 3),
-            "cpu": round(
-                mine["cpu_us_per_request"]["median"] / other["cpu_us_per_request"]["median"], 3
-            ),
-            "cpu_extra_us": round(
-                mine["cpu_us_per_request"]["median"] - other["cpu_us_per_request"]["median"], 1
-            ),
-        }
+        ratios[f"pinhook / {name}"] = _ratio(figures["pinhook"], other)
+    if UNLIKE in figures and "noop" in figures:
+        ratios[f"{UNLIKE} / noop"] = _ratio(figures[UNLIKE], figures["noop"])
     return ratios
+
+
+def _ratio(mine: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
+    return {
+        "rps": round(mine["rps"]["median"] / other["rps"]["median"], 3),
+        "p50": round(mine["p50_ms"]["median"] / other["p50_ms"]["median"], 3),
+        "p99": round(mine["p99_ms"]["median"] / other["p99_ms"]["median"], 3),
+        "cpu": round(
+            mine["cpu_us_per_request"]["median"] / other["cpu_us_per_request"]["median"], 3
+        ),
+        "cpu_extra_us": round(
+            mine["cpu_us_per_request"]["median"] - other["cpu_us_per_request"]["median"], 1
+        ),
+    }
 
 
 # --- 2. cold versus direct ---------------------------------------------------------------

@@ -7,6 +7,21 @@ local file = assert(io.open(os.getenv("PINHOOK_BENCH_BODY"), "rb"))
 wrk.body = file:read("*a")
 file:close()
 
+-- Each request is a new one: the count of requests sent (from $PINHOOK_BENCH_FIRST, 8 hex
+-- digits) is written over each XXXXXXXX of the body (the review's uid, and whatever else the
+-- workload marked), as benchmarks/load.py describes.
+local parts = {}
+for part in (wrk.body .. "XXXXXXXX"):gmatch("(.-)XXXXXXXX") do
+  parts[#parts + 1] = part
+end
+if #parts > 1 then
+  local sent = tonumber(os.getenv("PINHOOK_BENCH_FIRST") or "0")
+  request = function()
+    sent = (sent + 1) % 4294967296
+    return wrk.format(nil, nil, nil, table.concat(parts, string.format("%08x", sent)))
+  end
+end
+
 done = function(summary, latency, requests)
   local errors = summary.errors
   io.write(string.format(
