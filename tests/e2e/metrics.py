@@ -19,6 +19,7 @@ ADMISSIONS: Final = "pinhook_admission_requests_total"
 IMAGES: Final = "pinhook_images_total"
 CONFIG_RELOADS: Final = "pinhook_config_reloads_total"
 CONFIG_VALID: Final = "pinhook_config_last_reload_valid"
+ANSWERS_RECALLED: Final = "pinhook_answers_recalled_total"
 SCRAPE_TIMEOUT_S: Final = 5.0
 
 

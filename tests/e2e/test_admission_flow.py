@@ -21,7 +21,7 @@ from tests.e2e import cluster
 from tests.e2e.cluster import Namespaces, container_images
 from tests.e2e.conftest import E2ERegistry, PinhookSetup, registered_pinhook
 from tests.e2e.kubectl import Kubectl
-from tests.e2e.metrics import IMAGES, scrape
+from tests.e2e.metrics import ANSWERS_RECALLED, IMAGES, scrape
 from tests.e2e.pinhook import NO_MATCH_CONDITIONS_ENV, Pinhook, moved_ref
 from tests.e2e.servers import (
     ADD_ANNOTATION,
@@ -136,6 +136,29 @@ def test_deployment_pods_are_pinned_and_its_only_replica_set_keeps_the_tags(
     metrics = scrape(live.pinhook)
     assert metrics.admissions("ReplicaSet", "CREATE") == 0
     assert metrics.admissions("Deployment", "CREATE") == 0
+
+
+def test_the_pods_of_one_scale_up_are_answered_as_the_first_one_was(live: Live) -> None:
+    """The API server sends the Pods of one ReplicaSet's scale-up as reviews alike but for
+    their uid: one template, one manager, no name yet (generateName, named after admission),
+    managed fields stamped to the second. pinhook answers them as it answered the first
+    (5 of 6 here, when written; at least one whatever seconds the scale-up spans, as long as
+    the controller creates more than one Pod a second).
+    """
+    app = live.registry.app
+    labels = {"app.kubernetes.io/name": "scale-up"}
+    replicas = 6
+    before = scrape(live.pinhook).value(ANSWERS_RECALLED)
+    live.kube.create(
+        codecs.from_dict(
+            cluster.deployment("scale-up", app.tag_ref, live.namespace, replicas, labels=labels)
+        )
+    )
+    pods = cluster.wait_for_pods(live.kube, live.namespace, labels, replicas, ROLLOUT_S)
+    assert [container_images(p, "spec", "containers") for p in pods] == [
+        [live.registry.pinned]
+    ] * replicas
+    assert scrape(live.pinhook).value(ANSWERS_RECALLED) - before >= 1
 
 
 # --- UPDATE -----------------------------------------------------------------------------
