@@ -7,9 +7,8 @@ from __future__ import annotations
 import base64
 import copy
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -18,6 +17,7 @@ import orjson
 import pytest
 
 from tests.harness.fixtures import RegistryEnv
+from tests.registry_mutators import Clock, registry_mutator
 from tests.reviews import plain_pod, review
 from webhook.admission import AdmissionRequest
 from webhook.answers import Answers
@@ -25,21 +25,9 @@ from webhook.app import create_app
 from webhook.config import load_settings
 from webhook.decide import Decision
 from webhook.kinds import Mode
-from webhook.kube import NoPullSecrets
 from webhook.metrics import Metrics
 from webhook.mutate import Mutator
-from webhook.oci.registry import RegistryClient
 from webhook.plan import RequestPlan
-from webhook.resolve import CachingResolver, RegistryDigestResolver
-from webhook.runtime import registry_options
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Webhook:
@@ -69,29 +57,16 @@ class Webhook:
         return self.metrics.registry.get_sample_value("pinhook_answers_recalled_total") or 0.0
 
 
-Build = Callable[..., Any]
-
-
 @pytest.fixture
-async def build() -> AsyncIterator[Build]:
+async def stack() -> AsyncIterator[AsyncExitStack]:
     async with AsyncExitStack() as stack:
+        yield stack
 
-        async def make(host: str, clock: Clock, extra: str = "") -> Mutator:
-            settings = load_settings(
-                f'registry:\n  insecure: ["{host}"]\n  allowedHosts: ["{host}"]\n'
-                f"cache:\n  ttlSeconds: 60\n  negativeTtlSeconds: 30\n{extra}"
-            )
-            client = await stack.enter_async_context(RegistryClient(registry_options(settings)))
-            inner = RegistryDigestResolver(client, NoPullSecrets())
-            return Mutator(settings, CachingResolver(inner, settings.cache, clock=clock), Metrics())
 
-        async def webhook(host: str, clock: Clock, extra: str = "") -> Webhook:
-            hook = Webhook(await make(host, clock, extra))
-            stack.push_async_callback(hook.client.aclose)
-            return hook
-
-        make.webhook = webhook  # type: ignore[attr-defined]
-        yield make
+async def webhook(stack: AsyncExitStack, host: str, clock: Clock, extra: str = "") -> Webhook:
+    hook = Webhook(await registry_mutator(stack, host, clock, extra))
+    stack.push_async_callback(hook.client.aclose)
+    return hook
 
 
 def replica(obj: dict[str, Any]) -> dict[str, Any]:
@@ -104,10 +79,10 @@ def patched_images(response: dict[str, Any]) -> list[str]:
 
 
 async def test_replicas_get_the_first_answer_each_with_its_own_uid(
-    registry: RegistryEnv, build: Build, caplog: pytest.LogCaptureFixture
+    registry: RegistryEnv, stack: AsyncExitStack, caplog: pytest.LogCaptureFixture
 ) -> None:
     images = [registry.push.image("answers/app", "v1"), registry.push.image("answers/side", "v2")]
-    hook: Webhook = await build.webhook(registry.host, Clock())  # type: ignore[attr-defined]
+    hook = await webhook(stack, registry.host, Clock())
     pod = plain_pod(*[image.tag_ref for image in images], name="")
     with caplog.at_level(logging.INFO, logger="webhook.app"):
         answers = [await hook.answer(replica(pod)) for _ in range(4)]
@@ -121,10 +96,10 @@ async def test_replicas_get_the_first_answer_each_with_its_own_uid(
 
 
 async def test_a_review_that_differs_beyond_its_uid_is_answered_afresh(
-    registry: RegistryEnv, build: Build
+    registry: RegistryEnv, stack: AsyncExitStack
 ) -> None:
     app, side = registry.push.image("answers/one", "v1"), registry.push.image("answers/two", "v1")
-    hook: Webhook = await build.webhook(registry.host, Clock())  # type: ignore[attr-defined]
+    hook = await webhook(stack, registry.host, Clock())
     pod = plain_pod(app.tag_ref, name="")
     for _ in range(3):
         await hook.answer(replica(pod))
@@ -140,11 +115,11 @@ async def test_a_review_that_differs_beyond_its_uid_is_answered_afresh(
 
 
 async def test_a_moved_tag_is_pinned_anew_once_the_cache_learns_it(
-    registry: RegistryEnv, build: Build
+    registry: RegistryEnv, stack: AsyncExitStack
 ) -> None:
     clock = Clock()
     image = registry.push.image("answers/moving", "stable")
-    hook: Webhook = await build.webhook(registry.host, clock)  # type: ignore[attr-defined]
+    hook = await webhook(stack, registry.host, clock)
     pod = plain_pod(image.tag_ref, name="")
     for _ in range(3):
         assert patched_images(await hook.answer(replica(pod))) == [
@@ -158,20 +133,24 @@ async def test_a_moved_tag_is_pinned_anew_once_the_cache_learns_it(
         ]
 
 
-async def test_a_new_configuration_starts_afresh(registry: RegistryEnv, build: Build) -> None:
+async def test_a_new_configuration_starts_afresh(
+    registry: RegistryEnv, stack: AsyncExitStack
+) -> None:
     image = registry.push.image("answers/conf", "v1")
     clock = Clock()
-    hook: Webhook = await build.webhook(registry.host, clock)  # type: ignore[attr-defined]
+    hook = await webhook(stack, registry.host, clock)
     pod = plain_pod(image.tag_ref, name="")
     for _ in range(3):
         assert patched_images(await hook.answer(replica(pod))) != []
-    hook.mutator = await build(registry.host, clock, "kinds:\n  pods: off\n")
+    hook.mutator = await registry_mutator(stack, registry.host, clock, "kinds:\n  pods: off\n")
     assert "patch" not in await hook.answer(replica(pod))
 
 
-async def test_an_alike_review_is_checked_for_its_uid(registry: RegistryEnv, build: Build) -> None:
+async def test_an_alike_review_is_checked_for_its_uid(
+    registry: RegistryEnv, stack: AsyncExitStack
+) -> None:
     image = registry.push.image("answers/uid", "v1")
-    hook: Webhook = await build.webhook(registry.host, Clock())  # type: ignore[attr-defined]
+    hook = await webhook(stack, registry.host, Clock())
     doc = replica(plain_pod(image.tag_ref, name=""))
     for _ in range(3):
         doc["request"]["uid"] = str(uuid.uuid4())
@@ -182,9 +161,9 @@ async def test_an_alike_review_is_checked_for_its_uid(registry: RegistryEnv, bui
         assert reply.status_code == 400 and "request.uid" in reply.json()["error"]
 
 
-async def test_updates_are_not_kept(registry: RegistryEnv, build: Build) -> None:
+async def test_updates_are_not_kept(registry: RegistryEnv, stack: AsyncExitStack) -> None:
     image = registry.push.image("answers/update", "v1")
-    hook: Webhook = await build.webhook(registry.host, Clock())  # type: ignore[attr-defined]
+    hook = await webhook(stack, registry.host, Clock())
     pod = plain_pod(image.tag_ref, name="web")
     for _ in range(3):
         doc = review(copy.deepcopy(pod), namespace="web", operation="UPDATE", old=plain_pod("x"))

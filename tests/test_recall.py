@@ -4,7 +4,6 @@ longer. Against a real registry whose tags move."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -14,32 +13,19 @@ import pytest
 
 from tests.harness.fixtures import RegistryEnv
 from tests.harness.push import PushedImage
+from tests.registry_mutators import Clock, registry_mutator
 from tests.reviews import plain_pod, review
 from webhook.admission import AdmissionOutcome, parse_review
 from webhook.config import load_settings
 from webhook.kinds import Mode
-from webhook.kube import NoPullSecrets
 from webhook.locate import ImageField
-from webhook.metrics import Metrics
 from webhook.mutate import Mutator
 from webhook.oci.credential import PullContext
 from webhook.oci.reference import ImageRef
-from webhook.oci.registry import RegistryClient
-from webhook.owners import OwnerPins
 from webhook.plan import Action, ImagePlan, RequestPlan
 from webhook.recall import Recall
-from webhook.resolve import CachingResolver, RegistryDigestResolver
-from webhook.runtime import registry_options
 
 Build = Callable[..., Any]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -47,16 +33,7 @@ async def build() -> AsyncIterator[Build]:
     async with AsyncExitStack() as stack:
 
         async def make(host: str, clock: Clock, extra: str = "") -> Mutator:
-            settings = load_settings(
-                f'registry:\n  insecure: ["{host}"]\n  allowedHosts: ["{host}"]\n'
-                f"cache:\n  ttlSeconds: 60\n  negativeTtlSeconds: 30\n{extra}"
-            )
-            client = await stack.enter_async_context(RegistryClient(registry_options(settings)))
-            inner = RegistryDigestResolver(client, NoPullSecrets())
-            cache = CachingResolver(inner, settings.cache, clock=clock)
-            metrics = Metrics()
-            owners = OwnerPins(settings.cache.owner_pinning, 100, metrics=metrics, clock=clock)
-            return Mutator(settings, cache, metrics, owners)
+            return await registry_mutator(stack, host, clock, extra)
 
         yield make
 

@@ -113,12 +113,7 @@ def test_deployment_pods_are_pinned_and_its_only_replica_set_keeps_the_tags(
 ) -> None:
     app = live.registry.app
     labels = {"app.kubernetes.io/name": "rollout"}
-    live.kube.create(
-        codecs.from_dict(
-            cluster.deployment("rollout", app.tag_ref, live.namespace, REPLICAS, labels=labels)
-        )
-    )
-    pods = cluster.wait_for_pods(live.kube, live.namespace, labels, REPLICAS, ROLLOUT_S)
+    pods = _deployed_pods(live, "rollout", REPLICAS, labels)
     # The controller-manager created the Pods; the API server sent each to pinhook.
     assert [container_images(p, "spec", "containers") for p in pods] == [
         [live.registry.pinned]
@@ -145,20 +140,24 @@ def test_the_pods_of_one_scale_up_are_answered_as_the_first_one_was(live: Live) 
     (5 of 6 here, when written; at least one whatever seconds the scale-up spans, as long as
     the controller creates more than one Pod a second).
     """
-    app = live.registry.app
-    labels = {"app.kubernetes.io/name": "scale-up"}
     replicas = 6
     before = scrape(live.pinhook).value(ANSWERS_RECALLED)
-    live.kube.create(
-        codecs.from_dict(
-            cluster.deployment("scale-up", app.tag_ref, live.namespace, replicas, labels=labels)
-        )
-    )
-    pods = cluster.wait_for_pods(live.kube, live.namespace, labels, replicas, ROLLOUT_S)
+    pods = _deployed_pods(live, "scale-up", replicas, {"app.kubernetes.io/name": "scale-up"})
     assert [container_images(p, "spec", "containers") for p in pods] == [
         [live.registry.pinned]
     ] * replicas
     assert scrape(live.pinhook).value(ANSWERS_RECALLED) - before >= 1
+
+
+def _deployed_pods(
+    live: Live, name: str, replicas: int, labels: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The Pods the controller-manager creates for a new Deployment of the suite's image."""
+    document = cluster.deployment(
+        name, live.registry.app.tag_ref, live.namespace, replicas, labels=labels
+    )
+    live.kube.create(codecs.from_dict(document))
+    return cluster.wait_for_pods(live.kube, live.namespace, labels, replicas, ROLLOUT_S)
 
 
 # --- UPDATE -----------------------------------------------------------------------------
