@@ -202,12 +202,19 @@ def test_a_kept_review_holds_no_object() -> None:
 
 def test_a_rendered_answer_counts_against_the_bytes() -> None:
     mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
-    answers = Answers(mutator, max_bytes=200)
-    answer = answers.keep(b"k", _request(), _plan())
+    answers = Answers(mutator, max_bytes=1000)
+    other = answers.keep(b"other", _request(), _plan())
     decision = Decision(mutator.failed(_request()).outcome, {}, {})
-    decision.outcome.warnings.append("w" * 300)
+    decision.outcome.warnings.append("w" * 500)
+    assert answers.settle(other, decision, {})
+    answer = answers.keep(b"k", _request(), _plan())
+    # No room for a second answer of 500 characters: the other one goes to make it.
+    assert answers.settle(answer, decision, {"images": ["i" * 100]})
+    assert answers.get(b"other") is None and answers.get(b"k") is answer
+    # One that could never fit is not kept rendered.
+    decision.outcome.warnings.append("w" * 1000)
     assert not answers.settle(answer, decision, {})
-    assert answer.decision is None
+    assert answer.log_fields == {"images": ["i" * 100]}
 
 
 def test_an_answer_holding_the_uids_stand_in_is_rendered_whole_every_time() -> None:

@@ -31,10 +31,12 @@ from .decide import Decision
 from .mutate import Mutator
 from .plan import RequestPlan
 
-# Reviews remembered, and the bytes of their keys and answers; past either, all are forgotten
-# at once (a cluster scales far fewer templates at once than this).
-ANSWERS_SIZE: Final = 1024
-ANSWERS_BYTES: Final = 4 * 1024 * 1024
+# Reviews remembered, and the text of their keys, answers and log fields; past either, all
+# are forgotten at once. A scale-up needs one entry per template and second, and an entry only
+# pays while its Pods are being created: a few hundred cover many scale-ups at once, in about
+# 5 MiB of resident memory.
+ANSWERS_SIZE: Final = 256
+ANSWERS_BYTES: Final = 1024 * 1024
 # A review body longer than this is read afresh every time (a Pod's is a few KiB).
 ANSWER_BODY_BYTES: Final = 32 * 1024
 # Rendered in place of the uid, then cut out: what comes before and after it in the answer.
@@ -121,11 +123,31 @@ class Answers:
         if len(parts) != 2:
             return False
         if self._answers.get(answer.key) is answer:  # not forgotten while it was decided
-            added = sum(map(len, parts)) - len(answer.before_uid) - len(answer.after_uid)
+            added = sum(map(len, parts)) + _text(log_fields) - _text(answer.log_fields)
+            added -= len(answer.before_uid) + len(answer.after_uid)
             if self._bytes + added > self._max_bytes:
-                return False
+                # Room for this one, the latest: the others go, as in keep().
+                own = len(answer.key) + added + len(answer.before_uid) + len(answer.after_uid)
+                own += _text(answer.log_fields)
+                if own > self._max_bytes:
+                    return False
+                self._answers = {answer.key: answer}
+                self._bytes = own - added
             self._bytes += added
         answer.decision = decision
         answer.before_uid, answer.after_uid = parts
         answer.log_fields = log_fields
         return True
+
+
+def _text(log_fields: dict[str, object] | None) -> int:
+    """About the characters of ``log_fields`` (its images are most of it)."""
+    if log_fields is None:
+        return 0
+    total = 0
+    for value in log_fields.values():
+        if isinstance(value, list):
+            total += sum(len(str(item)) for item in value)
+        else:
+            total += len(str(value))
+    return total
