@@ -249,3 +249,51 @@ async def test_a_retired_pool_opens_no_connection(faults: FaultServer) -> None:
     finally:
         await transport.aclose()
     assert faults.connections == 0
+
+
+async def _fetch_at_once(transport: Transport, url: str, count: int) -> None:
+    await asyncio.gather(
+        *(transport.exchange("GET", url, {}, deadline_in(5), attempts=1) for _ in range(count))
+    )
+
+
+async def test_the_pool_keeps_its_books_in_one_pass_over_its_connections(
+    faults: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpcore 1.0's pool listed all its connections again for each idle one, on every
+    request added or removed: a quarter of pinhook's CPU in a burst of new tags."""
+    body = sample_index()
+    faults.route(MANIFEST_PATH, Reply(200, manifest_reply(body).headers, body))
+    transport = Transport(loopback_options(faults.host))
+    url = f"{faults.url}{MANIFEST_PATH}"
+    calls = 0
+    is_idle = httpcore.AsyncHTTPConnection.is_idle
+
+    def counted(connection: httpcore.AsyncHTTPConnection) -> bool:
+        nonlocal calls
+        calls += 1
+        return is_idle(connection)
+
+    try:
+        await _fetch_at_once(transport, url, 30)  # 30 connections, then idle in the pool
+        opened = faults.connections
+        monkeypatch.setattr(httpcore.AsyncHTTPConnection, "is_idle", counted)
+        await transport.exchange("GET", url, {}, deadline_in(5), attempts=1)
+    finally:
+        await transport.aclose()
+    assert opened >= 20 and faults.connections == opened  # one of them was reused
+    assert calls <= 4 * opened
+
+
+async def test_the_pool_holds_its_limit_and_serves_every_queued_request(
+    faults: FaultServer,
+) -> None:
+    body = sample_index()
+    faults.route(MANIFEST_PATH, Reply(200, manifest_reply(body).headers, body))
+    transport = Transport(loopback_options(faults.host, max_connections=4))
+    try:
+        await _fetch_at_once(transport, f"{faults.url}{MANIFEST_PATH}", 40)
+    finally:
+        await transport.aclose()
+    assert faults.count("GET", MANIFEST_PATH) == 40
+    assert faults.connections == 4
