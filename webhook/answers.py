@@ -114,30 +114,34 @@ class Answers:
         return answer
 
     def settle(self, answer: Answer, decision: Decision, log_fields: dict[str, object]) -> bool:
-        """Render ``decision`` once for ``answer``'s like reviews; False when it cannot be
-        (the uid's stand-in shows up in the answer's own text), and every one is rendered."""
+        """Render ``decision`` once for ``answer``'s like reviews; False when it cannot be (the
+        uid's stand-in shows up in the answer's own text, or the answer alone is over the
+        bytes), and every one is rendered."""
         review = answer.review
         parts = render_response(review.api_version, _UID_MARK, decision.outcome).split(
             _UID_MARK_JSON
         )
         if len(parts) != 2:
             return False
+        size = len(answer.key) + sum(map(len, parts)) + _text(log_fields)
+        if size > self._max_bytes:
+            return False
         if self._answers.get(answer.key) is answer:  # not forgotten while it was decided
-            added = sum(map(len, parts)) + _text(log_fields) - _text(answer.log_fields)
-            added -= len(answer.before_uid) + len(answer.after_uid)
-            if self._bytes + added > self._max_bytes:
-                # Room for this one, the latest: the others go, as in keep().
-                own = len(answer.key) + added + len(answer.before_uid) + len(answer.after_uid)
-                own += _text(answer.log_fields)
-                if own > self._max_bytes:
-                    return False
+            self._bytes += size - _size(answer)
+            if self._bytes > self._max_bytes:  # room for this one, the latest: the others go
                 self._answers = {answer.key: answer}
-                self._bytes = own - added
-            self._bytes += added
+                self._bytes = size
         answer.decision = decision
         answer.before_uid, answer.after_uid = parts
         answer.log_fields = log_fields
         return True
+
+
+def _size(answer: Answer) -> int:
+    """What ``answer`` counts against ``ANSWERS_BYTES``."""
+    return (
+        len(answer.key) + len(answer.before_uid) + len(answer.after_uid) + _text(answer.log_fields)
+    )
 
 
 def _text(log_fields: dict[str, object] | None) -> int:
