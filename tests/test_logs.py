@@ -116,3 +116,89 @@ def test_timestamps_follow_the_clock_across_seconds() -> None:
         expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
         expected += f".{int(record.msecs):03d}Z"
         assert json.loads(formatter.format(record))["time"] == expected
+
+
+FIELDS = {"uid": "", "kind": "Pod", "durationMs": 0.0, "images": ['a "quoted" b', "c=d e"]}
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_line_is_what_the_formatter_writes_for_its_record(fmt: str) -> None:
+    """Written whole the first time, from its cut afterwards: the same text either way."""
+    stream, log = emitted(fmt)
+    line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    for uid, ms in (("u-1", 1.25), ("u-2", 0.0), ('u"3', 12.5)):
+        line.write(uid, ms)
+        extra = {logs.FIELDS: {**FIELDS, "uid": uid, "durationMs": ms}}
+        log.info("admission patched", extra=extra)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 6
+    for written, logged in zip(lines[::2], lines[1::2], strict=True):
+        if fmt == "json":
+            direct, through = json.loads(written), json.loads(logged)
+            assert direct.pop("time").endswith("Z") and through.pop("time").endswith("Z")
+            assert direct == through
+        else:
+            assert written.split(" ", 1)[1] == logged.split(" ", 1)[1]
+            assert written.split(" ", 1)[0].endswith("Z")
+    assert "uid=u-1 kind=Pod durationMs=1.25 images=" in stream.getvalue() or fmt == "json"
+
+
+def test_a_line_follows_logging_set_up_again() -> None:
+    first, log = emitted("json")
+    line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    line.write("u-1", 1.0)
+    line.write("u-2", 1.0)
+    second, _ = emitted("text")
+    line.write("u-3", 1.0)
+    assert [json.loads(x)["uid"] for x in first.getvalue().splitlines()] == ["u-1", "u-2"]
+    assert "uid=u-3 " in second.getvalue()
+
+
+def test_a_line_skips_logging_records_while_logging_is_as_setup_left_it() -> None:
+    stream, log = emitted("json")
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counting(*args: object, **kwargs: object) -> logging.LogRecord:
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    logging.setLogRecordFactory(counting)
+    try:
+        line.write("u-1", 0.5)
+        line.write("u-2", 0.5)
+    finally:
+        logging.setLogRecordFactory(factory)
+    assert made == []
+    assert [json.loads(x)["uid"] for x in stream.getvalue().splitlines()] == ["u-1", "u-2"]
+
+
+def test_a_line_goes_through_logging_once_another_handler_listens() -> None:
+    stream, log = emitted("json")
+    line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    seen: list[logging.LogRecord] = []
+    listener = logging.Handler()
+    listener.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(listener)
+    line.write("u-3", 2.0)
+    (record,) = seen
+    assert record.getMessage() == "admission patched"
+    assert getattr(record, logs.FIELDS) == {**FIELDS, "uid": "u-3", "durationMs": 2.0}
+    assert json.loads(stream.getvalue())["uid"] == "u-3"  # and setup's handler still has it
+
+
+def test_a_line_holding_a_stand_in_is_written_whole() -> None:
+    stream, log = emitted("text")
+    fields = {**FIELDS, "images": ["pinhookBlank1x7Q"]}
+    line = logs.Line(log, "admission patched", fields, ("uid", "durationMs"))
+    line.write("u-4", 3.0)
+    line.write("u-5", 4.0)
+    assert "uid=u-4 kind=Pod durationMs=3.0 images=pinhookBlank1x7Q" in stream.getvalue()
+    assert "uid=u-5 kind=Pod durationMs=4.0 images=pinhookBlank1x7Q" in stream.getvalue()
+
+
+def test_a_line_below_the_level_is_not_written() -> None:
+    stream, log = emitted("json", level="warning")
+    logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs")).write("u-5", 1.0)
+    assert stream.getvalue() == ""

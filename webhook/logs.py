@@ -67,7 +67,7 @@ def setup(
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
     _record_only_what_is_written()
-    handler = logging.StreamHandler(stream)
+    handler = _LineHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -116,12 +116,12 @@ class _Timestamps:
         self._second = -1
         self._prefix = ""
 
-    def __call__(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
+    def __call__(self, created: float, msecs: float) -> str:
+        second = int(created)
         if second != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._prefix}.{int(record.msecs):03d}Z"
+        return f"{self._prefix}.{int(msecs):03d}Z"
 
 
 def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
@@ -129,42 +129,229 @@ def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
     return fields if isinstance(fields, Mapping) else {}
 
 
-class JsonFormatter(logging.Formatter):
+class _LineFormatter(logging.Formatter):
+    """A record as one line: ``render`` of its parts, which ``Line`` fills in too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timestamp = _Timestamps()
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return self.render(
+            self.timestamp(record.created, record.msecs),
+            record.levelname,
+            record.name,
+            _message(record),
+            _fields(record),
+            exc,
+        )
+
+    def render(
+        self,
+        when: str,
+        level: str,
+        logger: str,
+        message: str,
+        fields: Mapping[str, Any],
+        exc: str | None = None,
+    ) -> str:
+        raise NotImplementedError
+
+    def value(self, value: Any) -> str:
+        """How a field's value is written in a line."""
+        raise NotImplementedError
+
+
+class JsonFormatter(_LineFormatter):
     """One JSON object per line: time, level, logger, msg, the record's fields, exc."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._timestamp = _Timestamps()
-
-    def format(self, record: logging.LogRecord) -> str:
+    def render(
+        self,
+        when: str,
+        level: str,
+        logger: str,
+        message: str,
+        fields: Mapping[str, Any],
+        exc: str | None = None,
+    ) -> str:
         entry: dict[str, Any] = {
-            "time": self._timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": _RENAMED.get(record.name, record.name),
-            "msg": _message(record),
+            "time": when,
+            "level": level.lower(),
+            "logger": _RENAMED.get(logger, logger),
+            "msg": message,
         }
-        entry.update(_fields(record))
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        entry.update(fields)
+        if exc is not None:
+            entry["exc"] = exc
         return orjson.dumps(entry, default=str).decode()
 
+    def value(self, value: Any) -> str:
+        return orjson.dumps(value, default=str).decode()
 
-class TextFormatter(logging.Formatter):
+
+class TextFormatter(_LineFormatter):
     """``TIME LEVEL logger: message key=value ...`` on one line."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._timestamp = _Timestamps()
-
-    def format(self, record: logging.LogRecord) -> str:
-        name = _RENAMED.get(record.name, record.name)
-        line = f"{self._timestamp(record)} {record.levelname} {name}: {_one_line(_message(record))}"
-        fields = _fields(record)
+    def render(
+        self,
+        when: str,
+        level: str,
+        logger: str,
+        message: str,
+        fields: Mapping[str, Any],
+        exc: str | None = None,
+    ) -> str:
+        name = _RENAMED.get(logger, logger)
+        line = f"{when} {level} {name}: {_one_line(message)}"
         if fields:
             line += " " + " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-        if record.exc_info:
-            line += " exc=" + _one_line(self.formatException(record.exc_info))
+        if exc is not None:
+            line += " exc=" + _one_line(exc)
         return line
+
+    def value(self, value: Any) -> str:
+        return _text_value(value)
+
+
+class Line:
+    """One INFO line of ``logger`` whose message and fields are known but for a few
+    (``blanks``) and the time. pinhook writes one per admission, and the same admission line
+    again for each Pod of a ReplicaSet: a record through ``logging`` (the record, the logger's
+    walk to its handler, the formatter) costs four times what the line itself does.
+
+    The line is written straight to the handler ``setup`` installed while the logger's records
+    go to that handler alone, as ``setup`` leaves it; otherwise (another handler added, as
+    pytest's log capture does, or a filter) it goes through ``logging`` as any record would.
+    Either way the text is what the formatter writes for such a record. Written a second time,
+    it is rendered once more with stand-ins for the blanks and the time, and cut there: from
+    then on only the blanks and the time are written out.
+    """
+
+    __slots__ = ("_blanks", "_fields", "_handler", "_logger", "_message", "_parts", "size")
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        message: str,
+        fields: Mapping[str, Any],
+        blanks: tuple[str, ...],
+    ) -> None:
+        self._logger = logger
+        self._message = message
+        self._fields = fields
+        self._blanks = blanks
+        self._handler: _LineHandler | None = None  # the handler last written to
+        self._parts: tuple[str, ...] | None = None  # cut for that handler; () if it cannot be
+        # What the line holds in memory, about: an answer kept for later Pods counts it.
+        self.size = len(message) + _size(fields)
+
+    def write(self, *values: Any) -> None:
+        """The line, with ``values`` in place of the blanks (in their order) and the time now."""
+        handler = _direct_handler(self._logger)
+        if handler is None:
+            self._logger.info(self._message, extra={FIELDS: self._filled(values)})
+            return
+        formatter = handler.formatter
+        created = time.time()
+        when = formatter.timestamp(created, (created % 1) * 1000)
+        parts = self._parts
+        if handler is not self._handler:  # the first line, or logging was set up again
+            self._handler, self._parts = handler, None
+            parts = None
+        elif parts is None:
+            parts = self._parts = _cut(
+                formatter, self._logger.name, self._message, self._fields, self._blanks
+            )
+        if not parts:
+            line = formatter.render(
+                when, "INFO", self._logger.name, self._message, self._filled(values)
+            )
+            handler.write(line)
+            return
+        text = [parts[0], formatter.value(when)]
+        for part, value in zip(parts[1:-1], values, strict=True):
+            text += (part, formatter.value(value))
+        text.append(parts[-1])
+        handler.write("".join(text))
+
+    def _filled(self, values: tuple[Any, ...]) -> dict[str, Any]:
+        fields = dict(self._fields)
+        fields.update(zip(self._blanks, values, strict=True))
+        return fields
+
+
+class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler ``setup`` installs; ``Line`` writes to it directly."""
+
+    formatter: _LineFormatter
+
+    def write(self, line: str) -> None:
+        """What ``emit`` does with a formatted record."""
+        try:
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write(line + self.terminator)
+                self.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": line}))
+
+
+def _direct_handler(logger: logging.Logger) -> _LineHandler | None:
+    """The handler ``setup`` installed, when ``logger``'s INFO records go to it alone."""
+    if not logger.isEnabledFor(logging.INFO):
+        return None
+    node: logging.Logger | None = logger
+    while node is not None and node.parent is not None:  # up to the root, which has none
+        if node.handlers or node.filters or not node.propagate:
+            return None
+        node = node.parent
+    if node is None or node.filters or len(node.handlers) != 1:
+        return None
+    handler = node.handlers[0]
+    if type(handler) is not _LineHandler or handler.filters or handler.level > logging.INFO:
+        return None
+    return handler
+
+
+# Stands in for a blank, and for the time, in the line rendered once: plain letters, which
+# both formats write as they are (JSON in quotes), and no image name or message holds.
+_STAND_IN = "pinhookBlank{}x7Q"
+
+
+def _cut(
+    formatter: _LineFormatter,
+    logger: str,
+    message: str,
+    fields: Mapping[str, Any],
+    blanks: tuple[str, ...],
+) -> tuple[str, ...]:
+    """The line rendered with stand-ins for the time and ``blanks``, cut at them; empty when
+    a stand-in shows up elsewhere in it (then each line is rendered whole)."""
+    stand_ins = [_STAND_IN.format(i) for i in range(len(blanks) + 1)]
+    filled = dict(fields)
+    filled.update(zip(blanks, stand_ins[1:], strict=True))
+    text = formatter.render(stand_ins[0], "INFO", logger, message, filled)
+    parts: list[str] = []
+    for stand_in in stand_ins:
+        before, found, text = text.partition(formatter.value(stand_in))
+        if not found or stand_in in before:
+            return ()
+        parts.append(before)
+    if any(stand_in in text for stand_in in stand_ins):
+        return ()
+    parts.append(text)
+    return tuple(parts)
+
+
+def _size(fields: Mapping[str, Any]) -> int:
+    """About the characters of ``fields`` (lists of text are most of a line)."""
+    total = 0
+    for value in fields.values():
+        if isinstance(value, list):
+            total += sum(len(str(item)) for item in value)
+        else:
+            total += len(str(value))
+    return total
 
 
 def _one_line(text: str) -> str:
