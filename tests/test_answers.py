@@ -25,6 +25,7 @@ from webhook.app import create_app
 from webhook.config import load_settings
 from webhook.decide import Decision
 from webhook.kinds import Mode
+from webhook.logs import Line
 from webhook.metrics import Metrics
 from webhook.mutate import Mutator
 from webhook.plan import RequestPlan
@@ -161,6 +162,77 @@ async def test_an_alike_review_is_checked_for_its_uid(
         assert reply.status_code == 400 and "request.uid" in reply.json()["error"]
 
 
+async def test_a_uid_before_the_requests_is_never_cut_out_for_it(
+    registry: RegistryEnv, stack: AsyncExitStack
+) -> None:
+    """The body is cut at its first uid; when that is another's (here a user's, written
+    before the request's), nothing is kept under that cut, and each review is read whole."""
+    image = registry.push.image("answers/order", "v1")
+    hook = await webhook(stack, registry.host, Clock())
+    doc = replica(plain_pod(image.tag_ref, name=""))
+    request = doc["request"]
+    user = {"username": "u", "uid": "same-user"}
+    for _ in range(3):
+        request["uid"] = str(uuid.uuid4())
+        doc["request"] = {"userInfo": user, **{k: v for k, v in request.items() if k != "userInfo"}}
+        answer = await hook.answer(doc)  # checks the uid it echoes
+        assert patched_images(answer) == [f"{image.tag_ref}@{image.digest}"]
+    assert hook.recalled() == 0
+    # The user's uid changes and the request's stays: still answered for the request's.
+    user["uid"] = "other-user"
+    assert (await hook.answer(doc))["uid"] == doc["request"]["uid"]
+
+
+@pytest.mark.parametrize("uid", ["a b", "a\\u0062", "\u00e9t\u00e9", "x" * 129])
+async def test_a_uid_that_is_not_plain_is_answered_but_never_recalled(
+    registry: RegistryEnv, stack: AsyncExitStack, uid: str
+) -> None:
+    image = registry.push.image("answers/plain", "v1")
+    hook = await webhook(stack, registry.host, Clock())
+    pod = plain_pod(image.tag_ref, name="")
+    for n in range(3):
+        doc = replica(pod)
+        doc["request"]["uid"] = f"{uid}{n}"
+        assert (await hook.answer(doc))["uid"] == f"{uid}{n}"
+    assert hook.recalled() == 0
+
+
+async def test_only_the_same_bytes_share_an_answer(
+    registry: RegistryEnv, stack: AsyncExitStack
+) -> None:
+    """Bodies that decode alike but are written differently are read each on its own."""
+    image = registry.push.image("answers/bytes", "v1")
+    hook = await webhook(stack, registry.host, Clock())
+    doc = replica(plain_pod(image.tag_ref, name=""))
+    for _ in range(2):
+        await hook.answer(doc)
+    recalled = hook.recalled()
+    spaced = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+    reply = await hook.post(spaced)
+    assert reply.status_code == 200 and reply.json()["response"]["uid"] == doc["request"]["uid"]
+    assert hook.recalled() == recalled
+    reply = await hook.post(spaced.replace(doc["request"]["uid"].encode(), b"fresh-uid", 1))
+    assert reply.json()["response"]["uid"] == "fresh-uid"
+
+
+async def test_a_body_that_is_not_json_is_refused_with_its_own_offsets(
+    registry: RegistryEnv, stack: AsyncExitStack
+) -> None:
+    hook = await webhook(stack, registry.host, Clock())
+    body = orjson.dumps(replica(plain_pod("nginx:1", name="")))[:-1]
+    reply = await hook.post(body)
+    assert reply.status_code == 400
+    assert reply.json()["error"] == f"body is not JSON: {_json_error(body)}"
+
+
+def _json_error(body: bytes) -> str:
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return str(exc)
+    raise AssertionError("valid JSON")
+
+
 async def test_updates_are_not_kept(registry: RegistryEnv, stack: AsyncExitStack) -> None:
     image = registry.push.image("answers/update", "v1")
     hook = await webhook(stack, registry.host, Clock())
@@ -173,6 +245,10 @@ async def test_updates_are_not_kept(registry: RegistryEnv, stack: AsyncExitStack
 
 def _request() -> AdmissionRequest:
     return AdmissionRequest("admission.k8s.io/v1", "u", "", "Pod", "CREATE", "ns", {}, None)
+
+
+def _line(fields: dict[str, object] | None = None) -> Line:
+    return Line(logging.getLogger("webhook.app"), "admission patched", fields or {}, ())
 
 
 def _plan() -> RequestPlan:
@@ -206,15 +282,16 @@ def test_a_rendered_answer_counts_against_the_bytes() -> None:
     other = answers.keep(b"other", _request(), _plan())
     decision = Decision(mutator.failed(_request()).outcome, {}, {})
     decision.outcome.warnings.append("w" * 500)
-    assert answers.settle(other, decision, {})
+    assert answers.settle(other, decision, _line())
     answer = answers.keep(b"k", _request(), _plan())
     # No room for a second answer of 500 characters: the other one goes to make it.
-    assert answers.settle(answer, decision, {"images": ["i" * 100]})
+    line = _line({"images": ["i" * 100]})
+    assert answers.settle(answer, decision, line)
     assert answers.get(b"other") is None and answers.get(b"k") is answer
     # One that could never fit is not kept rendered.
     decision.outcome.warnings.append("w" * 1000)
-    assert not answers.settle(answer, decision, {})
-    assert answer.log_fields == {"images": ["i" * 100]}
+    assert not answers.settle(answer, decision, _line())
+    assert answer.log_line is line
 
 
 def test_an_answer_holding_the_uids_stand_in_is_rendered_whole_every_time() -> None:
@@ -225,7 +302,7 @@ def test_an_answer_holding_the_uids_stand_in_is_rendered_whole_every_time() -> N
     answer = answers.keep(b"k", _request(), _plan())
     decision = Decision(mutator.failed(_request()).outcome, {}, {})
     decision.outcome.warnings.append("\x00pinhook-uid\x00")
-    assert not answers.settle(answer, decision, {})
+    assert not answers.settle(answer, decision, _line())
     decision.outcome.warnings[-1] = "pinhook-uid"
-    assert answers.settle(answer, decision, {})
+    assert answers.settle(answer, decision, _line())
     assert orjson.loads(answer.response('a"b'))["response"]["uid"] == 'a"b'

@@ -5,22 +5,24 @@ the request's uid: one controller creates them from one template, under one serv
 in one burst; they have no name yet (``generateName``) and their managed fields carry the same
 second. For such a review, pinhook skips what it did for the first one:
 
-* checking the envelope, finding the image fields and planning them (the plan is kept);
+* decoding the body, checking the envelope, finding the image fields and planning them (the
+  plan is kept);
 * while the decision stands (``recall.py``: the cache still holds the same digests, and so the
-  very same ``Decision`` comes back), rendering the answer and the admission log's fields.
+  very same ``Decision`` comes back), rendering the answer and the admission log line.
 
 What still runs for every review: the cache lookups that tell whether the decision stands
-(``Mutator.settled`` and ``conclude``), the metrics and the log line. A decision that does not
-stand (a digest moved or expired) is made and rendered afresh, as for any review.
+(``Mutator.settled`` and ``conclude``), the metrics and the log line's uid, time and duration.
+A decision that does not stand (a digest moved or expired) is made and rendered afresh, as for
+any review.
 
-The key is the decoded review encoded again with its uid left out: two reviews share an
-answer only if they decode to the same values in the same order, however they were spaced or
-escaped. Only CREATE is kept (as in ``recall.py``). One ``Answers`` serves one ``Mutator``,
-so a new configuration starts afresh.
-"""
+The key is the body's bytes with the request's uid cut out (``like_review``): two reviews share
+an answer only if they are the same bytes but for that uid, a plain one, so they decode to the
+same values but for it. Only CREATE is kept (as in ``recall.py``). One ``Answers`` serves one
+``Mutator``, so a new configuration starts afresh."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -28,6 +30,7 @@ import orjson
 
 from .admission import AdmissionRequest, render_response
 from .decide import Decision
+from .logs import Line
 from .mutate import Mutator
 from .plan import RequestPlan
 
@@ -42,31 +45,58 @@ ANSWER_BODY_BYTES: Final = 32 * 1024
 # Rendered in place of the uid, then cut out: what comes before and after it in the answer.
 _UID_MARK: Final = "\x00pinhook-uid\x00"
 _UID_MARK_JSON: Final = orjson.dumps(_UID_MARK)
+# Where a review body's uid is, and what a uid must be to be cut out of it. The API server
+# writes the request's uid first (AdmissionRequest's first field), but any body may hold
+# other uids (userInfo.uid), before it or not: ``decoded_like`` tells which one was cut.
+_UID_FIELD: Final = b'"uid":"'
+_PLAIN_UID: Final = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_UID_STAND_IN_TEXT: Final = "pinhook-uid-stand-in"
+_UID_STAND_IN: Final = _UID_STAND_IN_TEXT.encode()
 
 
 class LikeReview(NamedTuple):
-    key: bytes  # the review without its uid
+    """A review body cut around its uid: what like reviews share, and what each has alone."""
+
+    key: bytes  # the body without its uid
     uid: str
+    at: int  # where the uid was cut out
 
 
-def like_review(body: bytes, decoded: Any) -> LikeReview | None:
-    """The key of a decoded review body, or None when it has no uid or is not kept."""
-    if len(body) > ANSWER_BODY_BYTES or not isinstance(decoded, dict):
+def like_review(body: bytes) -> LikeReview | None:
+    """``body`` cut around the first uid in it, or None when it has none, the uid is not
+    plain (letters, digits, ``-._:``; an API server's are UUIDs) or the body is not kept.
+
+    Whether that uid is the request's is for ``decoded_like`` to tell, before an answer is
+    kept under the key: then any body with that key is that review but for its request's uid.
+    """
+    if len(body) > ANSWER_BODY_BYTES:
         return None
-    request = decoded.get("request")
-    if not isinstance(request, dict) or request.get("operation") != "CREATE":
+    at = body.find(_UID_FIELD)
+    if at < 0:
         return None
-    uid = request.get("uid")
-    if not isinstance(uid, str) or not uid:
+    at += len(_UID_FIELD)
+    end = body.find(b'"', at)
+    if end < 0 or _PLAIN_UID.fullmatch(body, at, end) is None:
         return None
-    request["uid"] = ""
+    return LikeReview(body[:at] + body[end:], body[at:end].decode(), at)
+
+
+def decoded_like(like: LikeReview) -> Any | None:
+    """The body ``like`` was cut from, decoded, when its cut was at the request's uid; else
+    None (then the body is decoded as any other, and no answer is kept for it).
+
+    It is decoded with a stand-in where the uid was: the request's uid is the stand-in
+    exactly when the cut was there. The uid is put back before anything reads it.
+    """
     try:
-        key = orjson.dumps(decoded)
-    except orjson.JSONEncodeError:  # nested too deeply for orjson: read afresh
+        decoded = orjson.loads(like.key[: like.at] + _UID_STAND_IN + like.key[like.at :])
+    except orjson.JSONDecodeError:
         return None
-    finally:
-        request["uid"] = uid
-    return LikeReview(key, uid)
+    request = decoded.get("request") if isinstance(decoded, dict) else None
+    if not isinstance(request, dict) or request.get("uid") != _UID_STAND_IN_TEXT:
+        return None
+    request["uid"] = like.uid
+    return decoded
 
 
 @dataclass(slots=True)
@@ -79,7 +109,7 @@ class Answer:
     decision: Decision | None = None
     before_uid: bytes = b""
     after_uid: bytes = b""
-    log_fields: dict[str, object] | None = None
+    log_line: Line | None = None
 
     def request(self, uid: str) -> AdmissionRequest:
         return self.review._replace(uid=uid)
@@ -113,7 +143,7 @@ class Answers:
         self._bytes += len(key)
         return answer
 
-    def settle(self, answer: Answer, decision: Decision, log_fields: dict[str, object]) -> bool:
+    def settle(self, answer: Answer, decision: Decision, log_line: Line) -> bool:
         """Render ``decision`` once for ``answer``'s like reviews; False when it cannot be (the
         uid's stand-in shows up in the answer's own text, or the answer alone is over the
         bytes), and every one is rendered."""
@@ -123,7 +153,7 @@ class Answers:
         )
         if len(parts) != 2:
             return False
-        size = len(answer.key) + sum(map(len, parts)) + _text(log_fields)
+        size = len(answer.key) + sum(map(len, parts)) + log_line.size
         if size > self._max_bytes:
             return False
         if self._answers.get(answer.key) is answer:  # not forgotten while it was decided
@@ -133,25 +163,11 @@ class Answers:
                 self._bytes = size
         answer.decision = decision
         answer.before_uid, answer.after_uid = parts
-        answer.log_fields = log_fields
+        answer.log_line = log_line
         return True
 
 
 def _size(answer: Answer) -> int:
     """What ``answer`` counts against ``ANSWERS_BYTES``."""
-    return (
-        len(answer.key) + len(answer.before_uid) + len(answer.after_uid) + _text(answer.log_fields)
-    )
-
-
-def _text(log_fields: dict[str, object] | None) -> int:
-    """About the characters of ``log_fields`` (its images are most of it)."""
-    if log_fields is None:
-        return 0
-    total = 0
-    for value in log_fields.values():
-        if isinstance(value, list):
-            total += sum(len(str(item)) for item in value)
-        else:
-            total += len(str(value))
-    return total
+    line = answer.log_line.size if answer.log_line is not None else 0
+    return len(answer.key) + len(answer.before_uid) + len(answer.after_uid) + line

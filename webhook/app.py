@@ -29,11 +29,11 @@ from .admission import (
     read_review,
     render_response,
 )
-from .answers import Answer, Answers, like_review
+from .answers import Answer, Answers, decoded_like, like_review
 from .decide import DENIED, OVERLOADED, SKIPPED, Decision
 from .errors import InvalidReview
 from .listener import ARRIVED
-from .logs import FIELDS
+from .logs import Line
 from .metrics import Metrics
 from .mutate import TIMEOUT_MARGIN, Mutator
 from .plan import InvalidImage, RequestPlan
@@ -52,6 +52,8 @@ MAX_LOGGED_IMAGES = 10
 # hundred at most, but an invalid one may be a megabyte.
 MAX_LOGGED_IMAGE = 256
 MAX_LOGGED_REASON = 1024
+# The admission line's fields that differ between like reviews, filled in as it is written.
+ADMISSION_BLANKS = ("uid", "durationMs")
 
 
 class Service(Protocol):
@@ -151,19 +153,18 @@ class AdmissionApp:
         if answer is not None:
             if answer.decision is decision:
                 service.metrics.answers_recalled.inc()
-            elif not answers.settle(answer, decision, _log_fields(review, plan, decision)):
+            elif not answers.settle(answer, decision, _log_line(review, plan, decision)):
                 answer = None
         seconds = loop.time() - arrived
         service.metrics.admission(review.kind, review.operation, decision.result)
         service.metrics.admission_seconds.observe(seconds)
+        duration_ms = round(seconds * 1000, 2)
         if answer is None:
             if log.isEnabledFor(logging.INFO):
-                log_admission(_log_fields(review, plan, decision), decision.result, seconds)
+                _log_line(review, plan, decision).write(review.uid, duration_ms)
             return 200, render_response(review.api_version, review.uid, decision.outcome)
-        if log.isEnabledFor(logging.INFO) and answer.log_fields is not None:
-            fields = dict(answer.log_fields)
-            fields["uid"] = review.uid
-            log_admission(fields, decision.result, seconds)
+        if answer.log_line is not None:
+            answer.log_line.write(review.uid, duration_ms)
         return 200, answer.response(review.uid)
 
 
@@ -189,14 +190,22 @@ def _recall_or_plan(
     answers: Answers, body: bytes
 ) -> tuple[AdmissionRequest, RequestPlan, Answer | None]:
     """The review and its plan: recalled when a review like it (``answers.py``) was planned."""
-    decoded = decode_review(body)
-    like = like_review(body, decoded)
-    answer = answers.get(like.key) if like is not None else None
-    if like is not None and answer is not None:
-        return answer.request(like.uid), answer.plan, answer
+    like = like_review(body)
+    decoded = None
+    if like is not None:
+        answer = answers.get(like.key)
+        if answer is not None:
+            return answer.request(like.uid), answer.plan, answer
+        decoded = decoded_like(like)
+        if decoded is None:
+            like = None
+    if decoded is None:
+        decoded = decode_review(body)
     review = read_review(decoded)
     plan = _planned(answers.mutator, review)
-    return review, plan, answers.keep(like.key, review, plan) if like is not None else None
+    if like is None or review.operation != "CREATE":
+        return review, plan, None
+    return review, plan, answers.keep(like.key, review, plan)
 
 
 def _planned(mutator: Mutator, review: AdmissionRequest) -> RequestPlan:
@@ -242,20 +251,10 @@ async def _answer(
     return mutator.conclude(plan, results)
 
 
-def log_admission(fields: dict[str, object], result: str, seconds: float) -> None:
-    """The one INFO line of an admission, with ``fields`` (``_log_fields``) and its duration.
-
-    Called only when INFO is enabled: the caller checks, so a quiet pinhook formats nothing.
-    """
-    fields["durationMs"] = round(seconds * 1000, 2)
-    log.info("admission %s", result, extra={FIELDS: fields})
-
-
-def _log_fields(
-    review: AdmissionRequest, plan: RequestPlan | None, decision: Decision
-) -> dict[str, object]:
-    """Who asked for what, what pinhook did, and what became of each image (the first
-    MAX_LOGGED_IMAGES, the rest counted); the duration is set by ``log_admission``."""
+def _log_line(review: AdmissionRequest, plan: RequestPlan | None, decision: Decision) -> Line:
+    """The one INFO line of an admission: who asked for what, what pinhook did, and what
+    became of each image (the first MAX_LOGGED_IMAGES, the rest counted); its uid and
+    duration are filled in when it is written (``logs.Line``), once or for each like review."""
     images: list[str] = []
     more = 0
     for result in decision.results:
@@ -277,7 +276,7 @@ def _log_fields(
             else:
                 images.append(f"{_shortened(entry.field.image, MAX_LOGGED_IMAGE)} invalid")
     fields: dict[str, object] = {
-        "uid": review.uid,
+        "uid": "",
         "kind": review.kind,
         "namespace": review.namespace or "",
         "name": review.name,
@@ -293,7 +292,7 @@ def _log_fields(
         fields["reason"] = _shortened(decision.outcome.message, MAX_LOGGED_REASON)
     elif decision.result == SKIPPED and plan is not None and plan.skipped:
         fields["reason"] = plan.skipped
-    return fields
+    return Line(log, f"admission {decision.result}", fields, ADMISSION_BLANKS)
 
 
 def _shortened(text: str, limit: int) -> str:
