@@ -211,6 +211,92 @@ async def test_a_request_is_read_without_a_fresh_quarter_megabyte(server: Runnin
     assert peak - before < 128 * 1024
 
 
+async def test_an_answer_leaves_in_one_tls_record(server: Running) -> None:
+    """uvicorn writes an answer's head and its body apart; the listener sends what was
+    written in one turn of the loop together: one TLS record, one system call."""
+
+    def records_per_answer() -> list[int]:
+        raw = socket.create_connection(("127.0.0.1", server.port))
+        with raw:
+            client = _RecordCountingClient(raw, server.client_tls)
+            return [client.exchange(request(body)) for body in (b"first", b"second", b"3")]
+
+    # The first answer may share its records with the session tickets TLS 1.3 sends.
+    assert (await asyncio.to_thread(records_per_answer))[1:] == [1, 1]
+
+
+async def test_an_answer_written_just_before_the_close_still_arrives(server: Running) -> None:
+    """A client that asks for the connection to close gets its answer, then the close: the
+    answer waiting for the end of the turn goes out before the TLS transport closes."""
+    reader, writer = await server.tls()
+    writer.write(request(b"abc").replace(b"Host: pinhook", b"Host: pinhook\r\nConnection: close"))
+    assert await response(reader) == b"3"
+    assert await reader.read() == b""
+    writer.close()
+
+
+class _RecordCountingClient:
+    """A blocking TLS client that counts the records each answer arrives in."""
+
+    def __init__(self, raw: socket.socket, context: ssl.SSLContext) -> None:
+        self._raw = raw
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname="localhost")
+        self._unread = b""
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._send()
+                self._receive_record()
+        self._send()
+
+    def exchange(self, message: bytes) -> int:
+        """Sends ``message``, reads one whole answer; how many records it came in."""
+        self._tls.write(message)
+        self._send()
+        answer, records = b"", 0
+        while not _whole(answer):
+            try:
+                answer += self._tls.read(65536)
+            except ssl.SSLWantReadError:
+                records += self._receive_record()
+        return records
+
+    def _send(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            self._raw.sendall(data)
+
+    def _receive_record(self) -> int:
+        """Feeds the next whole TLS record to the client; 1 if it carried application data."""
+        while len(self._unread) < 5 or len(self._unread) < 5 + _record_length(self._unread):
+            chunk = self._raw.recv(65536)
+            assert chunk, "the server closed the connection"
+            self._unread += chunk
+        size = 5 + _record_length(self._unread)
+        record, self._unread = self._unread[:size], self._unread[size:]
+        self._incoming.write(record)
+        return 1 if record[0] == 23 else 0  # TLS application data
+
+
+def _record_length(header: bytes) -> int:
+    return int.from_bytes(header[3:5], "big")
+
+
+def _whole(answer: bytes) -> bool:
+    head, found, body = answer.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return len(body) >= length
+
+
 async def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
     server: Running,
 ) -> None:

@@ -212,7 +212,7 @@ class GuardedConnection(asyncio.Protocol):
         # From here the TLS transport talks to `http`, whose connection_lost frees the slot.
         http.on_lost = self._release
         tls.set_protocol(_Decrypted(http, self.listener.decrypted))
-        http.connection_made(tls)
+        http.connection_made(_Coalesced(tls, loop))
         pending.hand_over(http)
 
     def _replay_early(self, raw: asyncio.Transport) -> None:
@@ -266,6 +266,80 @@ class _Decrypted(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._http.resume_writing()
+
+
+class _Coalesced(asyncio.Transport):
+    """The TLS transport as uvicorn's protocol sees it: what is written in one turn of the loop
+    is sent at the end of that turn, as one TLS record and one system call.
+
+    uvicorn writes a response's head and its body separately, and both loops' TLS layers
+    encrypt and send each write at once: two records and two ``write`` calls for every answer,
+    and a client that has the head waits for the body in a second segment. Sent together, a
+    warm admission costs 15 to 25 µs less and its p99 latency falls by a third (the README's
+    benchmark). A write is never held past the turn it was made in, so nothing waits on
+    anything else.
+    """
+
+    __slots__ = ("_loop", "_pending", "_tls")
+
+    def __init__(self, tls: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._tls = tls
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending.clear()
+        if not self._tls.is_closing():
+            self._tls.write(data)
+
+    def close(self) -> None:
+        self._flush()  # a closing TLS transport still sends what it was given before
+        self._tls.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._tls.abort()
+
+    def is_closing(self) -> bool:
+        return self._tls.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._tls.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._tls.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._tls.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._tls.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._tls.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._tls.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return self._tls.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._tls.set_write_buffer_limits(high, low)
+
+    def can_write_eof(self) -> bool:
+        return False
 
 
 class _Pending(asyncio.Protocol):
