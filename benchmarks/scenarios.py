@@ -123,11 +123,11 @@ def _pinhook(
 
 
 def _noop(
-    ctx: Context, name: str = "noop", answer: Path | None = None
+    ctx: Context, name: str = "noop", answer: Path | None = None, *, uvicorn_tls: bool = False
 ) -> contextlib.AbstractContextManager[Server]:
     return serving(
         name,
-        noop_command(ctx.certs, answer),
+        noop_command(ctx.certs, answer, uvicorn_tls=uvicorn_tls),
         path="/mutate",
         certs=ctx.certs,
         workdir=ctx.workdir,
@@ -184,6 +184,9 @@ def _seeded(registry: Registry, refs: list[tuple[str, str]]) -> dict[str, str]:
 # --- 1. warm -----------------------------------------------------------------------------
 
 FIXED_ANSWER = "fixed-answer"
+# The do-nothing webhook on uvicorn's own TLS, as any ASGI app would serve: how pinhook's
+# listener compares with it.
+UVICORN_TLS = "noop, uvicorn's TLS"
 # pinhook again, on reviews that each differ in their object too (an annotation): no review is
 # like another, so none is answered as an earlier one was (``webhook/answers.py``).
 UNLIKE = "pinhook, unlike reviews"
@@ -222,6 +225,7 @@ def warm(ctx: Context) -> Outcome:
             stack.enter_context(_noop(ctx)),
             stack.enter_context(_noop(ctx, FIXED_ANSWER, answer_file)),
             pinhook,
+            stack.enter_context(_noop(ctx, UVICORN_TLS, uvicorn_tls=True)),
         ]
         if ctx.peer_binary is not None:
             servers.append(stack.enter_context(_peer(ctx)))

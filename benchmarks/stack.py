@@ -347,13 +347,17 @@ def metrics_port(server: Server) -> int | None:
     return int(args[args.index("--metrics-port") + 1]) if "--metrics-port" in args else None
 
 
-def noop_command(certs: CertPaths, answer: Path | None = None) -> Callable[[int], list[str]]:
-    """The do-nothing webhook; with ``answer``, answering every review with that response."""
+def noop_command(
+    certs: CertPaths, answer: Path | None = None, *, uvicorn_tls: bool = False
+) -> Callable[[int], list[str]]:
+    """The do-nothing webhook; with ``answer``, answering every review with that response.
+    Run as a module from the repository, so it serves on this checkout's listener."""
 
     def command(port: int) -> list[str]:
-        noop = str(ROOT / "benchmarks" / "noop.py")
         extra = [str(answer)] if answer is not None else []
-        return [sys.executable, noop, str(port), str(certs.cert), str(certs.key), *extra]
+        extra += ["--uvicorn-tls"] if uvicorn_tls else []
+        noop = [sys.executable, "-m", "benchmarks.noop"]
+        return [*noop, str(port), str(certs.cert), str(certs.key), *extra]
 
     return command
 

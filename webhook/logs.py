@@ -228,7 +228,7 @@ class Line:
     then on only the blanks and the time are written out.
     """
 
-    __slots__ = ("_blanks", "_fields", "_handler", "_logger", "_message", "_parts", "size")
+    __slots__ = ("_blanks", "_fields", "_handler", "_logger", "_message", "_parts")
 
     def __init__(
         self,
@@ -243,8 +243,11 @@ class Line:
         self._blanks = blanks
         self._handler: _LineHandler | None = None  # the handler last written to
         self._parts: tuple[str, ...] | None = None  # cut for that handler; () if it cannot be
-        # What the line holds in memory, about: an answer kept for later Pods counts it.
-        self.size = len(message) + _size(fields)
+
+    @property
+    def size(self) -> int:
+        """What the line holds in memory, about: an answer kept for later Pods counts it."""
+        return len(self._message) + _size(self._fields) + sum(map(len, self._parts or ()))
 
     def write(self, *values: Any) -> None:
         """The line, with ``values`` in place of the blanks (in their order) and the time now."""
