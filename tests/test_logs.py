@@ -202,3 +202,13 @@ def test_a_line_below_the_level_is_not_written() -> None:
     stream, log = emitted("json", level="warning")
     logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs")).write("u-5", 1.0)
     assert stream.getvalue() == ""
+
+
+def test_a_lines_size_stays_what_was_counted() -> None:
+    """An answer counts its line in when kept and out when replaced: the same figure."""
+    _, log = emitted("json")
+    line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    counted = line.size
+    for uid in ("u-1", "u-2", "u-3"):  # whole, then cut, then from the cut
+        line.write(uid, 1.0)
+    assert line.size == counted > len("admission patched")

@@ -34,7 +34,7 @@ from .logs import Line
 from .mutate import Mutator
 from .plan import RequestPlan
 
-# Reviews remembered, and the text of their keys, answers and log fields; past either, all
+# Reviews remembered, and the text of their keys, answers and log lines; past either, all
 # are forgotten at once. A scale-up needs one entry per template and second, and an entry only
 # pays while its Pods are being created: a few hundred cover many scale-ups at once, in about
 # 5 MiB of resident memory.

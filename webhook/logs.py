@@ -246,8 +246,10 @@ class Line:
 
     @property
     def size(self) -> int:
-        """What the line holds in memory, about: an answer kept for later Pods counts it."""
-        return len(self._message) + _size(self._fields) + sum(map(len, self._parts or ()))
+        """About what the line holds in memory, its fields and the text cut from them, once
+        it is: an answer kept for later Pods counts it. The same figure all along, so that
+        what is counted in can be counted out again."""
+        return 2 * (len(self._message) + _size(self._fields))
 
     def write(self, *values: Any) -> None:
         """The line, with ``values`` in place of the blanks (in their order) and the time now."""
