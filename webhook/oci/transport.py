@@ -40,6 +40,7 @@ from .hostguard import GuardedBackend, HostGuard
 from .mirror import Mirror
 from .ratelimit import RateLimitWatch
 from .reference import DOCKER_HUB_API_HOST
+from .streams import AsyncioStream
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +151,16 @@ class _Pool(httpcore.AsyncConnectionPool):
         connections[:] = kept
         for pool_request in [request for request in self._requests if request.is_queued()]:
             origin = pool_request.request.url.origin
-            chosen = next(
-                (c for c in connections if c.can_handle_request(origin) and c.is_available()),
-                None,
-            )
+            chosen = None
+            for connection in list(connections):
+                if not (connection.can_handle_request(origin) and connection.is_available()):
+                    continue
+                if connection.is_idle() and _went_away(connection):
+                    connections.remove(connection)
+                    closing.append(connection)
+                    continue
+                chosen = connection
+                break
             if chosen is None:
                 if len(connections) >= self._max_connections:
                     idle = next((c for c in connections if c.is_idle()), None)
@@ -165,6 +172,14 @@ class _Pool(httpcore.AsyncConnectionPool):
                 connections.append(chosen)
             pool_request.assign_to_connection(chosen)
         return closing
+
+
+def _went_away(connection: httpcore.AsyncConnectionInterface) -> bool:
+    """Whether the registry closed this idle connection, asked of its socket: httpcore's own
+    expiry check reads only what the loop has (``AsyncioStream.get_extra_info``), and a
+    close that arrived since would fail the request about to reuse it."""
+    stream = getattr(getattr(connection, "_connection", None), "_network_stream", None)
+    return isinstance(stream, AsyncioStream) and stream.went_away()
 
 
 class Connections:
