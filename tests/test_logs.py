@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -212,3 +213,40 @@ def test_a_lines_size_stays_what_was_counted() -> None:
     for uid in ("u-1", "u-2", "u-3"):  # whole, then cut, then from the cut
         line.write(uid, 1.0)
     assert line.size == counted > len("admission patched")
+
+
+class _CountedWrites(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_the_lines_of_one_turn_are_written_together_at_its_end() -> None:
+    stream = _CountedWrites()
+    logs.setup("info", "json", stream=stream)
+    log = logging.getLogger("webhook.test")
+    line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    loop = asyncio.get_running_loop()
+    for uid in ("u-1", "u-2", "u-3"):
+        line.write(uid, 1.0, turn=loop)
+    assert stream.getvalue() == ""
+    await asyncio.sleep(0)  # the end of the turn
+    assert [json.loads(x)["uid"] for x in stream.getvalue().splitlines()] == ["u-1", "u-2", "u-3"]
+    assert stream.writes == 1
+
+
+async def test_held_lines_keep_their_place_before_any_other_record() -> None:
+    stream = io.StringIO()
+    handler = logs.setup("info", "text", stream=stream)
+    log = logging.getLogger("webhook.test")
+    line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    line.write("u-1", 1.0, turn=asyncio.get_running_loop())
+    log.warning("after the admission")
+    assert ["uid=u-1" in x for x in stream.getvalue().splitlines()] == [True, False]
+    line.write("u-2", 1.0, turn=asyncio.get_running_loop())
+    handler.flush()  # as logging.shutdown does at exit
+    assert "uid=u-2" in stream.getvalue().splitlines()[-1]

@@ -161,10 +161,10 @@ class AdmissionApp:
         duration_ms = round(seconds * 1000, 2)
         if answer is None:
             if log.isEnabledFor(logging.INFO):
-                _log_line(review, plan, decision).write(review.uid, duration_ms)
+                _log_line(review, plan, decision).write(review.uid, duration_ms, turn=loop)
             return 200, render_response(review.api_version, review.uid, decision.outcome)
         if answer.log_line is not None:
-            answer.log_line.write(review.uid, duration_ms)
+            answer.log_line.write(review.uid, duration_ms, turn=loop)
         return 200, answer.response(review.uid)
 
 

@@ -18,6 +18,7 @@ text a registry chose.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -251,8 +252,9 @@ class Line:
         what is counted in can be counted out again."""
         return 2 * (len(self._message) + _size(self._fields))
 
-    def write(self, *values: Any) -> None:
-        """The line, with ``values`` in place of the blanks (in their order) and the time now."""
+    def write(self, *values: Any, turn: asyncio.AbstractEventLoop | None = None) -> None:
+        """The line, with ``values`` in place of the blanks (in their order) and the time now;
+        with ``turn``, the running loop, written at the end of its turn (``_LineHandler``)."""
         handler = _direct_handler(self._logger)
         if handler is None:
             self._logger.info(self._message, extra={FIELDS: self._filled(values)})
@@ -272,13 +274,13 @@ class Line:
             line = formatter.render(
                 when, "INFO", self._logger.name, self._message, self._filled(values)
             )
-            handler.write(line)
+            handler.write(line, turn)
             return
         text = [parts[0], formatter.value(when)]
         for part, value in zip(parts[1:-1], values, strict=True):
             text += (part, formatter.value(value))
         text.append(parts[-1])
-        handler.write("".join(text))
+        handler.write("".join(text), turn)
 
     def _filled(self, values: tuple[Any, ...]) -> dict[str, Any]:
         fields = dict(self._fields)
@@ -287,18 +289,59 @@ class Line:
 
 
 class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The handler ``setup`` installs; ``Line`` writes to it directly."""
+    """The handler ``setup`` installs; ``Line`` writes to it directly.
+
+    Lines written for one turn of an event loop (``turn``) are held to the end of that turn
+    and written together: one system call for the admissions a turn answers, rather than one
+    each, and nothing held past the turn it was written in. A record through ``logging``, a
+    flush (``logging.shutdown`` flushes at exit) and closing write the held lines first, so
+    lines keep the order they were written in.
+    """
 
     formatter: _LineFormatter
 
-    def write(self, line: str) -> None:
-        """What ``emit`` does with a formatted record."""
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._held: list[str] = []
+
+    def write(self, line: str, turn: asyncio.AbstractEventLoop | None = None) -> None:
+        """What ``emit`` does with a formatted record; with ``turn``, at the end of it."""
         try:
             with self.lock:  # type: ignore[union-attr]
-                self.stream.write(line + self.terminator)
-                self.flush()
+                if turn is None:
+                    self._write_held()
+                    self.stream.write(line + self.terminator)
+                    self.stream.flush()
+                    return
+                if not self._held:
+                    turn.call_soon(self._end_of_turn)
+                self._held.append(line)
         except Exception:
             self.handleError(logging.makeLogRecord({"msg": line}))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held:  # handle() holds the lock
+            self._end_of_turn()
+        super().emit(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_held()
+            super().flush()
+
+    def _end_of_turn(self) -> None:
+        try:
+            with self.lock:  # type: ignore[union-attr]
+                self._write_held()
+                self.stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": "lines held for a turn"}))
+
+    def _write_held(self) -> None:
+        if self._held:
+            held, self._held = self._held, []
+            held.append("")
+            self.stream.write(self.terminator.join(held))
 
 
 def _direct_handler(logger: logging.Logger) -> _LineHandler | None:
