@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import copy
 import logging
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -181,6 +183,19 @@ async def test_a_uid_before_the_requests_is_never_cut_out_for_it(
     # The user's uid changes and the request's stays: still answered for the request's.
     user["uid"] = "other-user"
     assert (await hook.answer(doc))["uid"] == doc["request"]["uid"]
+
+
+def test_the_uid_stand_in_is_not_known_outside_the_process() -> None:
+    """A body holding the stand-in the cut is checked with (even JSON-escaped) would pass a
+    user's uid for the request's: no client can know it."""
+    show = "from webhook.answers import _UID_STAND_IN_TEXT as s; print(s)"
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", show], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    }
+    assert len(seen) == 2
 
 
 @pytest.mark.parametrize("uid", ["a b", "a\\u0062", "\u00e9t\u00e9", "x" * 129])

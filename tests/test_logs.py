@@ -250,3 +250,21 @@ async def test_held_lines_keep_their_place_before_any_other_record() -> None:
     line.write("u-2", 1.0, turn=asyncio.get_running_loop())
     handler.flush()  # as logging.shutdown does at exit
     assert "uid=u-2" in stream.getvalue().splitlines()[-1]
+
+
+async def test_held_lines_come_first_when_logging_is_set_up_again_or_closed() -> None:
+    stream = io.StringIO()
+    handler = logs.setup("info", "text", stream=stream)
+    log = logging.getLogger("webhook.test")
+    turn = asyncio.get_running_loop()
+    logs.Line(log, "admission first", {"uid": ""}, ("uid",)).write("u-1", turn=turn)
+    logs.setup("info", "text", stream=stream)  # the old handler goes: its line first
+    log.warning("second")
+    assert [("first" in x, "second" in x) for x in stream.getvalue().splitlines()] == [
+        (True, False),
+        (False, True),
+    ]
+    handler = logging.getLogger().handlers[0]
+    logs.Line(log, "admission third", {"uid": ""}, ("uid",)).write("u-3", turn=turn)
+    handler.close()
+    assert "admission third" in stream.getvalue().splitlines()[-1]

@@ -23,6 +23,7 @@ same values but for it. Only CREATE is kept (as in ``recall.py``). One ``Answers
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -50,7 +51,9 @@ _UID_MARK_JSON: Final = orjson.dumps(_UID_MARK)
 # other uids (userInfo.uid), before it or not: ``decoded_like`` tells which one was cut.
 _UID_FIELD: Final = b'"uid":"'
 _PLAIN_UID: Final = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-_UID_STAND_IN_TEXT: Final = "pinhook-uid-stand-in"
+# Unknown outside this process, so that no body can hold it (not even JSON-escaped) and pass
+# for the request's uid where another was cut out.
+_UID_STAND_IN_TEXT: Final = f"pinhook-{secrets.token_hex(16)}"
 _UID_STAND_IN: Final = _UID_STAND_IN_TEXT.encode()
 
 

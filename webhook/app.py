@@ -150,18 +150,22 @@ class AdmissionApp:
             # 500: under failurePolicy Ignore a 500 would admit what requireDigest denies.
             log.exception("review %s of %s failed; answered by policy", review.uid, review.kind)
             decision = mutator.failed(review)
+        line: Line | None = None
         if answer is not None:
             if answer.decision is decision:
                 service.metrics.answers_recalled.inc()
-            elif not answers.settle(answer, decision, _log_line(review, plan, decision)):
-                answer = None
+            else:
+                line = _log_line(review, plan, decision)
+                if not answers.settle(answer, decision, line):
+                    answer = None
         seconds = loop.time() - arrived
         service.metrics.admission(review.kind, review.operation, decision.result)
         service.metrics.admission_seconds.observe(seconds)
         duration_ms = round(seconds * 1000, 2)
         if answer is None:
             if log.isEnabledFor(logging.INFO):
-                _log_line(review, plan, decision).write(review.uid, duration_ms, turn=loop)
+                line = line or _log_line(review, plan, decision)
+                line.write(review.uid, duration_ms, turn=loop)
             return 200, render_response(review.api_version, review.uid, decision.outcome)
         if answer.log_line is not None:
             answer.log_line.write(review.uid, duration_ms, turn=loop)

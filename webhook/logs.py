@@ -72,6 +72,7 @@ def setup(
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
+        old.flush()  # lines it holds for this turn come before the new handler's
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
@@ -114,15 +115,16 @@ class _Timestamps:
     (strftime is most of a timestamp's cost, and every admission logs a line)."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        # One attribute, set at once: a Line formats its time outside the handler's lock.
+        self._last: tuple[int, str] = (-1, "")
 
     def __call__(self, created: float, msecs: float) -> str:
         second = int(created)
-        if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        return f"{self._prefix}.{int(msecs):03d}Z"
+        last, prefix = self._last
+        if second != last:
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._last = (second, prefix)
+        return f"{prefix}.{int(msecs):03d}Z"
 
 
 def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
@@ -257,7 +259,8 @@ class Line:
         with ``turn``, the running loop, written at the end of its turn (``_LineHandler``)."""
         handler = _direct_handler(self._logger)
         if handler is None:
-            self._logger.info(self._message, extra={FIELDS: self._filled(values)})
+            if self._logger.isEnabledFor(logging.INFO):
+                self._logger.info(self._message, extra={FIELDS: self._filled(values)})
             return
         formatter = handler.formatter
         created = time.time()
@@ -328,6 +331,10 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         with self.lock:  # type: ignore[union-attr]
             self._write_held()
             super().flush()
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
 
     def _end_of_turn(self) -> None:
         try:
