@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from tests.harness.fixtures import RegistryEnv
 from tests.harness.proxy import CountingProxy
 from webhook.config import CacheSettings, load_settings
-from webhook.metrics import Metrics
+from webhook.metrics import Metrics, Tally, TallyHistogram
 from webhook.oci.reference import ImageRef
 from webhook.resolve import CachingResolver, PullScope, StaticDigestResolver
 from webhook.runtime import Runtime, config_hash
@@ -103,3 +104,42 @@ def test_no_created_series_and_no_change_to_other_registries() -> None:
     other = CollectorRegistry()
     Counter("library_events", "a library's own counter", registry=other).inc()
     assert other.get_sample_value("library_events_created") is not None
+
+
+def _without_created(text: bytes) -> list[str]:
+    return [line for line in text.decode().splitlines() if "_created" not in line]
+
+
+def test_tallies_read_as_prometheus_client_counters_and_histograms() -> None:
+    """The per-admission tallies are exposed exactly as the library's own types would be,
+    including counts made on another thread and values on a bucket's bound."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    labels = ["kind", "result"]
+    tally = Tally("t_events", "events", labels, ours)
+    counter = Counter("t_events", "events", labels, registry=theirs)
+    Tally("t_plain", "unlabelled", [], ours)
+    Counter("t_plain", "unlabelled", registry=theirs)  # shows 0 before its first count
+    buckets = (0.001, 0.01, 1, 10)
+    histogram = TallyHistogram("t_seconds", "seconds", buckets, ours)
+    reference = Histogram("t_seconds", "seconds", buckets=buckets, registry=theirs)
+
+    def count(kind: str, result: str, amount: float) -> None:
+        tally.inc((kind, result), amount)
+        counter.labels(kind, result).inc(amount)
+
+    count("Pod", "patched", 1)
+    count("Pod", "patched", 2)
+    count("Job", "denied", 1)
+    for value in (0.0005, 0.001, 0.0011, 1, 9.99, 10, 11):
+        histogram.observe(value)
+        reference.observe(value)
+    elsewhere = threading.Thread(target=count, args=("Job", "denied", 4))
+    elsewhere.start()
+    elsewhere.join()
+    assert _without_created(generate_latest(ours)) == _without_created(generate_latest(theirs))
+    assert ours.get_sample_value("t_events_total", {"kind": "Job", "result": "denied"}) == 5.0
+    assert ours.get_sample_value("t_seconds_bucket", {"le": "+Inf"}) == 7.0
+    assert ours.get_sample_value("t_seconds_bucket", {"le": "0.001"}) == 2.0
+    # Asked for by name (/metrics?name[]=...), a tally is found as a counter is.
+    asked = ours.restricted_registry(["t_events_total"])
+    assert b't_events_total{kind="Pod",result="patched"} 3.0' in generate_latest(asked)
