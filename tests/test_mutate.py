@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -34,6 +34,7 @@ from webhook.oci.transport import RegistryOptions
 from webhook.plan import RequestPlan
 from webhook.resolve import (
     DigestResolver,
+    Held,
     PullScope,
     RegistryDigestResolver,
     Resolution,
@@ -714,6 +715,12 @@ class ExplodingResolver:
 
     def peek(self, ref: ImageRef) -> str | None:
         return None
+
+    def hold(self, ref: ImageRef) -> Held | None:
+        return None
+
+    def holds(self, held: Sequence[Held], until: float) -> bool:
+        return False
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         raise OverflowError("int too large to convert to C int")

@@ -3,6 +3,7 @@ against a real registry whose tag moves between the Pods (test_sharedcache.py ha
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -14,7 +15,7 @@ import pytest
 from tests.harness.fixtures import RegistryEnv
 from tests.reviews import review
 from webhook.admission import parse_review
-from webhook.config import load_settings
+from webhook.config import CacheSettings, OwnerPinningSettings, load_settings
 from webhook.kube import NoPullSecrets
 from webhook.metrics import Metrics
 from webhook.mutate import Mutator
@@ -22,7 +23,12 @@ from webhook.oci.reference import ImageRef
 from webhook.oci.registry import RegistryClient
 from webhook.owners import OwnerPins
 from webhook.plan import pod_owner
-from webhook.resolve import CachingResolver, RegistryDigestResolver
+from webhook.resolve import (
+    CachingResolver,
+    PullScope,
+    RegistryDigestResolver,
+    StaticDigestResolver,
+)
 from webhook.runtime import registry_options
 
 RS_A = "5a1d0c3e-0000-4000-8000-00000000000a"
@@ -207,3 +213,43 @@ async def test_only_pods_have_an_owner_in_the_plan(build: Callable[..., Any]) ->
     assert mutator.plan(request).owner is None
     request = parse_review(orjson.dumps(review(owned_pod("nginx:1", RS_A), namespace="web")))
     assert mutator.plan(request).owner == f"web/{RS_A}"
+
+
+async def test_a_recalled_pod_answer_ends_with_its_owners_decision(
+    registry: RegistryEnv, build: Callable[..., Any]
+) -> None:
+    """Once one ReplicaSet's answer stands on its decisions, later Pods check only that those
+    are still the ones kept: past the decision's time, the next Pod resolves afresh."""
+    clock = Clock()
+    first = registry.push.image("rollout/held", "stable")
+    image = first.tag_ref
+    mutator = await build(registry.host, "  ownerPinning: {ttlSeconds: 120}\n", clock)
+    for _ in range(4):  # by the fourth Pod, the answer stands on the decision it holds
+        assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{first.digest}"
+    moved = registry.push.move_tag(first)
+    clock.now += 121  # both the cached digest and the owner's decision expired
+    assert await admit(mutator, owned_pod(image, RS_A)) == f"{image}@{moved.digest}"
+
+
+def test_a_held_entry_counts_as_used() -> None:
+    """Checking that entries still hold keeps them, as looking them up would: the least
+    recently used entry is the one dropped for a new one."""
+    refs = [ImageRef.parse(f"example.com/app:{n}") for n in range(3)]
+    table = {ref: f"sha256:{n:064x}" for n, ref in enumerate(refs)}
+    clock = Clock()
+    cache = CachingResolver(StaticDigestResolver(table), CacheSettings(max_entries=2), clock=clock)
+    owners = OwnerPins(OwnerPinningSettings(), 2, clock=clock)
+    for ref in refs[:2]:
+        owners.adopt(RS_A, ref, table[ref])
+        assert cache.peek(ref) is None
+        asyncio.run(cache.resolve(ref, PullScope(None), clock.now + 5))
+    held = cache.hold(refs[0])
+    decided = owners.hold(RS_A, refs[0])
+    assert held is not None and decided is not None
+    cache.peek(refs[1])  # now the first is the least recently used
+    owners.peek(RS_A, refs[1])
+    assert cache.holds([held], held.expires) and owners.holds([decided], decided.expires)
+    asyncio.run(cache.resolve(refs[2], PullScope(None), clock.now + 5))
+    owners.adopt(RS_A, refs[2], table[refs[2]])
+    assert cache.peek(refs[0]) == table[refs[0]] and cache.peek(refs[1]) is None
+    assert owners.peek(RS_A, refs[0]) == table[refs[0]] and owners.peek(RS_A, refs[1]) is None

@@ -91,6 +91,30 @@ async def test_a_moved_tag_is_pinned_anew_once_the_cache_learns_it(
     ]
 
 
+async def test_a_recalled_answer_ends_with_any_entry_it_rests_on(
+    registry: RegistryEnv, build: Build
+) -> None:
+    """Once a template's answer is known to stand, later Pods check only that the cache still
+    holds the very entries it rests on: an entry that expired, or was dropped and fetched
+    again with another digest, ends it at once."""
+    clock = Clock()
+    image = registry.push.image("recall/held", "stable")
+    other = registry.push.image("recall/other", "v1")
+    mutator: Mutator = await build(registry.host, clock, "  maxEntries: 1\n")
+    for name in "abcd":  # by the fourth Pod, the answer stands on the entries it holds
+        assert pinned(await admit(mutator, pod(name, image.tag_ref))) == at(image)
+    moved = registry.push.move_tag(image)
+    await mutator.pin([other.tag_ref])  # the cache's one entry is now the other image's
+    (fetched,) = await mutator.pin([image.tag_ref])  # and again this tag's: the new digest
+    assert fetched.digest == moved.digest
+    assert pinned(await admit(mutator, pod("e", image.tag_ref))) == at(moved)
+    for name in "fgh":
+        assert pinned(await admit(mutator, pod(name, image.tag_ref))) == at(moved)
+    again = registry.push.move_tag(moved)
+    clock.now += 61  # the entry expires, though nothing else changed
+    assert pinned(await admit(mutator, pod("i", image.tag_ref))) == at(again)
+
+
 async def test_a_failed_lookup_is_never_recalled(registry: RegistryEnv, build: Build) -> None:
     clock = Clock()
     mutator: Mutator = await build(registry.host, clock)

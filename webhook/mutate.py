@@ -40,7 +40,7 @@ from .plan import (
     render,
 )
 from .recall import Recall
-from .resolve import DigestResolver, PullScope, Resolution
+from .resolve import DigestResolver, Held, Holder, PullScope, Resolution
 
 log = logging.getLogger(__name__)
 
@@ -264,35 +264,42 @@ class Mutator:
 
     def _settled_again(self, plan: RequestPlan) -> list[ImageResult] | None:
         """For a plan made before: the results last settled for it while the cache (or the
-        owner's decisions) hold the same digests, else settled now (and kept)."""
+        owner's decisions) hold the same digests, else settled now (and kept). Once found
+        to stand, the entries they rest on are remembered: the next time is one look each."""
         owner, owners = plan.owner, self.owners
-        peek = self.resolver.peek
+        holder: Holder = self.resolver
+        hold = self.resolver.hold
         if owner is not None and owners is not None:
-            peek = partial(owners.peek, owner)
-        digests: list[str | None] = []
-        hits = 0
-        for entry in plan.images:
-            if isinstance(entry, InvalidImage):
-                continue
-            action = entry.action
-            if action is Action.RESOLVE:
-                digest = peek(entry.target)
-                if digest is None:  # not known, or an owner's first Pod (see _adopt)
-                    break
-                digests.append(digest)
-                hits += 1
-            elif action is Action.VERIFY:
-                return None
+            holder, hold = owners, partial(owners.hold, owner)
+        settled = self._recall.standing(plan, holder)
+        if settled is None:
+            digests: list[str | None] = []
+            held: list[Held] = []
+            for entry in plan.images:
+                if isinstance(entry, InvalidImage):
+                    continue
+                action = entry.action
+                if action is Action.RESOLVE:
+                    found = hold(entry.target)
+                    if found is None:  # not known, or an owner's first Pod (see _adopt)
+                        break
+                    digests.append(found.digest)
+                    held.append(found)
+                elif action is Action.VERIFY:
+                    return None
+                else:
+                    digests.append(None)
             else:
-                digests.append(None)
-        else:
-            settled = self._recall.settled(plan, tuple(digests))
-            if settled is not None:
-                if hits:
-                    self.metrics.cache_event("hit", hits)
-                    if owner is not None:
-                        self.metrics.owner_pin("kept", hits)
-                return settled.results
+                settled = self._recall.settled(plan, tuple(digests))
+                if settled is not None:
+                    self._recall.hold(settled, tuple(held))
+        if settled is not None:
+            hits = len(settled.digests) - settled.digests.count(None)
+            if hits:
+                self.metrics.cache_event("hit", hits)
+                if owner is not None:
+                    self.metrics.owner_pin("kept", hits)
+            return settled.results
         results = self._settled_now(plan)
         if results is not None:
             # From the results: an owner's first Pod may have adopted a digest just now.

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .config import OwnerPinningSettings
 from .metrics import Metrics
 from .oci.reference import ImageRef
+from .resolve import Held, still_held
 from .sharedcache import SharedOwners
 
 _Key = tuple[str, str]  # owner, name:tag
@@ -55,16 +56,30 @@ class OwnerPins:
     def peek(self, owner: str, ref: ImageRef) -> str | None:
         """The decision known here, without I/O (the fast path; its caller counts what it
         kept, once per request)."""
+        known = self._known((owner, _image(ref)))
+        return None if known is None else known[0]
+
+    def hold(self, owner: str, ref: ImageRef) -> Held | None:
+        """``peek``, with what tells later that the decision still holds (``holds``)."""
         key = (owner, _image(ref))
+        known = self._known(key)
+        return None if known is None else Held(known[0], key, known, known[1])
+
+    def _known(self, key: _Key) -> tuple[str, float] | None:
+        """The decision and its expiry under ``key``, if not expired (then it counts as
+        used); an expired one is dropped."""
         known = self._decided.get(key)
         if known is None:
             return None
-        digest, expires = known
-        if expires <= self._clock():
+        if known[1] <= self._clock():
             del self._decided[key]
             return None
         self._decided.move_to_end(key)
-        return digest
+        return known
+
+    def holds(self, held: Sequence[Held], until: float) -> bool:
+        """Whether each of ``held`` is still the decision kept, none past ``until``."""
+        return still_held(self._decided, held, until, self._clock())
 
     def adopt(self, owner: str, ref: ImageRef, digest: str) -> None:
         """Record ``digest``, from the local cache, as the owner's first decision. Only when

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from .decide import Decision
 from .plan import ImageResult, RequestPlan
+from .resolve import Held, Holder
 
 # Sets of image fields remembered, and the characters of their image fields (pointers, images,
 # pull secret and service account names, problems); past either, all are forgotten at once (a
@@ -32,11 +33,19 @@ RECALL_CHARACTERS = 1024 * 1024
 RECALL_OBJECT_CHARACTERS = 16 * 1024
 
 
+class Holding(NamedTuple):
+    """The cache entries a plan's results rest on, to tell at once that they still do."""
+
+    held: tuple[Held, ...]  # one per image resolved, in order
+    until: float  # the first of them to expire
+
+
 class _Settled(NamedTuple):
     plan: RequestPlan  # kept, so that no other plan can take its id while this is here
     digests: tuple[str | None, ...]  # each valid image's digest from the cache, in order
     results: list[ImageResult]
     decision: Decision | None  # made once, by the first conclude of these results
+    holding: Holding | None = None  # once the results were found to stand on these
 
 
 class Recall:
@@ -83,6 +92,22 @@ class Recall:
         if settled is None or settled.plan is not plan or settled.digests != digests:
             return None
         return settled
+
+    def standing(self, plan: RequestPlan, holder: Holder) -> _Settled | None:
+        """The last results settled for ``plan``, if ``holder`` still holds the very entries
+        they were last found to rest on (``hold``)."""
+        settled = self._settled.get(id(plan))
+        if settled is None or settled.plan is not plan or settled.holding is None:
+            return None
+        held, until = settled.holding
+        return settled if holder.holds(held, until) else None
+
+    def hold(self, settled: _Settled, held: tuple[Held, ...]) -> None:
+        """Remember that ``settled``, just found in ``settled()``, rests on ``held``."""
+        plan = settled.plan
+        if self._settled.get(id(plan)) is settled:
+            until = min([h.expires for h in held], default=float("inf"))
+            self._settled[id(plan)] = settled._replace(holding=Holding(held, until))
 
     def keep_settled(
         self,

@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from .config import CacheSettings
 from .errors import NotFound, ResolveError, Unauthorized
@@ -54,11 +54,50 @@ class Resolution:
     stale: bool = False
 
 
-class DigestResolver(Protocol):
+class Held(NamedTuple):
+    """A digest a cache holds now, and what tells later, without looking it up again, that
+    it still holds the same one: its entry under ``key`` (an entry is replaced, never changed,
+    while it is fresh) and when that entry expires."""
+
+    digest: str
+    key: Any  # whatever its holder keys entries by
+    entry: object
+    expires: float
+
+
+def still_held(
+    entries: OrderedDict[Any, Any], held: Sequence[Held], until: float, now: float
+) -> bool:
+    """Whether ``entries`` (by recency) still hold each of ``held`` as it was, and ``now``
+    is before ``until``; if so, each is moved to the recent end, as a lookup would."""
+    if now >= until:
+        return False
+    for h in held:
+        if entries.get(h.key) is not h.entry:
+            return False
+    for h in held:
+        entries.move_to_end(h.key)
+    return True
+
+
+class Holder(Protocol):
+    def holds(self, held: Sequence[Held], until: float) -> bool:
+        """Whether each of ``held`` is still held as it was, none of them stale or past
+        ``until`` (on the holder's clock; the least of their ``expires`` at the latest):
+        what looking each up again would give, in a fraction of its time. They count as
+        used."""
+        ...
+
+
+class DigestResolver(Holder, Protocol):
     def peek(self, ref: ImageRef) -> str | None:
         """The digest for ``ref``'s tag if known without any I/O (a fresh cache entry).
 
         Not counted as a cache event: the caller counts hits, once per request."""
+        ...
+
+    def hold(self, ref: ImageRef) -> Held | None:
+        """``peek``, with what tells later that the digest is still held (``holds``)."""
         ...
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
@@ -97,6 +136,15 @@ class StaticDigestResolver:
 
     def peek(self, ref: ImageRef) -> str | None:
         return self._table.get(_tagged(ref))
+
+    def hold(self, ref: ImageRef) -> Held | None:
+        key = _tagged(ref)
+        digest = self._table.get(key)
+        return None if digest is None else Held(digest, key, digest, float("inf"))
+
+    def holds(self, held: Sequence[Held], until: float) -> bool:
+        table = self._table
+        return all(table.get(h.key) == h.digest for h in held)
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         return Resolution(await self.digest(ref, ANONYMOUS, deadline))
@@ -137,6 +185,12 @@ class RegistryDigestResolver:
 
     def peek(self, ref: ImageRef) -> str | None:
         return None
+
+    def hold(self, ref: ImageRef) -> Held | None:
+        return None
+
+    def holds(self, held: Sequence[Held], until: float) -> bool:
+        return False
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         credentials = await self.credentials(ref, scope, deadline)
@@ -266,12 +320,26 @@ class CachingResolver:
         return self._inner
 
     def peek(self, ref: ImageRef) -> str | None:
+        entry = self._fresh((ref.name, ref.tag_or_latest()))
+        return None if entry is None else entry.digest
+
+    def hold(self, ref: ImageRef) -> Held | None:
         key = (ref.name, ref.tag_or_latest())
+        entry = self._fresh(key)
+        return None if entry is None else Held(entry.digest, key, entry, entry.expires)
+
+    def _fresh(self, key: _TagKey) -> _Entry | None:
+        """The entry under ``key`` if fresh (then it counts as used), else None."""
         entry = self._entries.get(key)
         if entry is None or entry.stale or entry.expires <= self._clock():
             return None
         self._entries.move_to_end(key)
-        return entry.digest
+        return entry
+
+    def holds(self, held: Sequence[Held], until: float) -> bool:
+        # Sound because an entry changes in place only once stale or expired (_serve_stale):
+        # one held fresh is either the very same object, fresh until ``until``, or gone.
+        return still_held(self._entries, held, until, self._clock())
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         key = (ref.name, ref.tag_or_latest())
