@@ -6,6 +6,7 @@ import asyncio
 import threading
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from tests.harness.fixtures import RegistryEnv
@@ -130,7 +131,7 @@ def test_tallies_read_as_prometheus_client_counters_and_histograms() -> None:
     count("Pod", "patched", 1)
     count("Pod", "patched", 2)
     count("Job", "denied", 1)
-    for value in (0.0005, 0.001, 0.0011, 1, 9.99, 10, 11):
+    for value in (0.0005, 0.001, 0.0011, 1, 9.99, 10, 11, float("nan")):
         histogram.observe(value)
         reference.observe(value)
     elsewhere = threading.Thread(target=count, args=("Job", "denied", 4))
@@ -143,3 +144,10 @@ def test_tallies_read_as_prometheus_client_counters_and_histograms() -> None:
     # Asked for by name (/metrics?name[]=...), a tally is found as a counter is.
     asked = ours.restricted_registry(["t_events_total"])
     assert b't_events_total{kind="Pod",result="patched"} 3.0' in generate_latest(asked)
+    # What the library refuses, a tally refuses: a count down, and (when read) label values
+    # that do not fit its labels.
+    with pytest.raises(ValueError, match="only go up"):
+        tally.inc(("Pod", "patched"), -1)
+    tally.inc(("Pod",))
+    with pytest.raises(ValueError, match="label values"):
+        generate_latest(ours)

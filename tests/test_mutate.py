@@ -633,6 +633,9 @@ class NeverAnswers(StaticDigestResolver):
     def peek(self, ref: Any) -> str | None:
         return None
 
+    def hold(self, ref: Any) -> Held | None:
+        return None
+
     async def resolve(self, ref: Any, scope: Any, deadline: float) -> Any:
         await asyncio.Event().wait()
 

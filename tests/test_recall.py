@@ -115,6 +115,60 @@ async def test_a_recalled_answer_ends_with_any_entry_it_rests_on(
     assert pinned(await admit(mutator, pod("i", image.tag_ref))) == at(again)
 
 
+async def test_a_recalled_answer_ends_with_the_first_entry_to_expire(
+    registry: RegistryEnv, build: Build
+) -> None:
+    """Of the entries an answer rests on, the first to expire ends it; each Pod's images are
+    counted as cache hits on the way, however the answer was found to stand."""
+    clock = Clock()
+    early, late = (registry.push.image(f"recall/{name}", "v1") for name in ("early", "late"))
+    mutator: Mutator = await build(registry.host, clock)
+    await mutator.pin([early.tag_ref])
+    clock.now += 30
+    await mutator.pin([late.tag_ref])
+    for name in "abcd":  # by the fourth Pod, the answer stands on the entries it holds
+        assert pinned(await admit(mutator, pod(name, early.tag_ref, late.tag_ref))) == [
+            *at(early),
+            *at(late),
+        ]
+    hits = mutator.metrics.registry.get_sample_value
+    assert hits("pinhook_digest_cache_events_total", {"event": "hit"}) == 8  # 2 images, 4 Pods
+    moved = registry.push.move_tag(early)
+    clock.now += 31  # the early entry expired, the late one not
+    assert pinned(await admit(mutator, pod("e", early.tag_ref, late.tag_ref))) == [
+        *at(moved),
+        *at(late),
+    ]
+
+
+async def test_a_standing_answer_looks_no_image_up(registry: RegistryEnv, build: Build) -> None:
+    """Once an answer is found to stand, a like Pod's images are not looked up one by one in
+    the cache (the check of the entries held is the whole cost), with an owner or without."""
+    image = registry.push.image("recall/looks", "v1")
+    mutator: Mutator = await build(registry.host, Clock())
+    looked_up: list[str] = []
+    for holder in (mutator.resolver, mutator.owners):
+        hold = holder.hold  # type: ignore[union-attr]
+
+        def counted(*args: Any, _hold: Any = hold) -> Any:
+            looked_up.append(str(args[-1]))
+            return _hold(*args)
+
+        holder.hold = counted  # type: ignore[union-attr]
+    for owner in (None, "5a1d0c3e-0000-4000-8000-00000000000a"):
+        obj = pod("a", image.tag_ref)
+        if owner is not None:
+            obj["metadata"]["ownerReferences"] = [
+                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "a", "uid": owner,
+                 "controller": True}
+            ]  # fmt: skip
+        for _ in range(3):  # the third Pod finds that the answer stands, and holds its entries
+            assert pinned(await admit(mutator, obj)) == at(image)
+        looked_up.clear()
+        assert pinned(await admit(mutator, obj)) == at(image)
+        assert looked_up == []
+
+
 async def test_a_failed_lookup_is_never_recalled(registry: RegistryEnv, build: Build) -> None:
     clock = Clock()
     mutator: Mutator = await build(registry.host, clock)

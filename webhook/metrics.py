@@ -373,6 +373,8 @@ class Tally(Collector):
 
     def inc(self, labels: tuple[str, ...] = (), amount: float = 1) -> None:
         """Add ``amount`` (not negative) to the series of these label values, in order."""
+        if amount < 0:
+            raise ValueError(f"{self._name}: counters only go up, not by {amount}")
         self._sums.add(labels, amount)
 
     def describe(self) -> Iterable[Metric]:
@@ -384,6 +386,8 @@ class Tally(Collector):
         if not self._labels:
             totals.setdefault((), 0.0)  # an unlabelled counter shows 0 before its first count
         for labels, value in totals.items():
+            if len(labels) != len(self._labels):  # checked here, off the path that counts
+                raise ValueError(f"{self._name}: label values {labels} for {self._labels}")
             family.add_metric(labels, value)
         return [family]
 
@@ -407,7 +411,8 @@ class TallyHistogram(Collector):
     def observe(self, value: float) -> None:
         # The first bucket whose bound is at least ``value``: ``le`` means less or equal.
         sums = self._sums
-        sums.add(bisect_left(self._bounds, value), 1)
+        if value == value:  # NaN is in no bucket (and so not counted), as the library has it
+            sums.add(bisect_left(self._bounds, value), 1)
         sums.add(_SUM, value)
 
     def describe(self) -> Iterable[Metric]:
