@@ -329,7 +329,7 @@ class _Sums(Generic[K]):
     """Numbers added to by key: without a lock on the thread that made them, the event loop's.
 
     prometheus_client's counters take a lock on each increment, and with its checks that is
-    about 0.7 µs on a small machine; an admission counts six times, a sixth of what a cached
+    about 0.7 µs on a small machine; an admission counts six times, a fifth of what a cached
     admission costs pinhook itself. Only the owning thread writes ``_own``, so it needs no
     lock; any other thread adds to ``_elsewhere`` under one. A scrape copies ``_own`` (a dict
     copy is atomic under the GIL), and at worst misses an increment made meanwhile, which

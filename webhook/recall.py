@@ -5,7 +5,9 @@ same image fields: they are planned alike and, while every digest they need is c
 alike. Planning each image, rendering its final string and tallying the decision are most of
 what a cached admission costs pinhook, so :class:`Recall` keeps, per set of image fields, the
 plan and the results and decision of the last admission that was answered from the cache, and
-gives them back while the cache still holds the very same digests.
+gives them back while the cache still holds the very same digests. Once they are found to
+stand, the cache entries they rest on are kept with them (``Holding``): the next like object
+checks that those very entries are still there and fresh, rather than looking each image up.
 
 Only the pure path is kept: a decision is recalled for results that came from the cache with
 nothing to resolve, never for one made from a registry's answer (which may carry a failure or
