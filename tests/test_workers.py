@@ -15,13 +15,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.reviews import fake_digest, review
 from tests.test_operating import serve_once
 from tests.test_server import CONFIG, NGINX, Served, free_port, peer_certificate, pod
 from webhook import certs
-from webhook.workers import MetricsChannel, WorkersCollector, answer_forever
+from webhook.metrics import serve_metrics
+from webhook.workers import MetricsChannel, WorkersCollector, answer_forever, workers_registry
 
 WORKERS = 2
 # How long a test waits for something that must happen: generous, for a loaded CI machine.
@@ -276,3 +278,32 @@ def test_one_worker_answering_garbage_leaves_the_others_scraped() -> None:
     finally:
         for channel in channels:
             channel.close()
+
+
+def test_series_asked_for_by_name_are_served_from_every_worker() -> None:
+    # Before: /metrics?name[]=... on the parent found no collector declaring that name (the
+    # workers' names are known only from their answers) and served nothing.
+    channels = [MetricsChannel(), MetricsChannel()]
+    answer = (
+        b"# TYPE pinhook_scrapes_total counter\npinhook_scrapes_total 3\n"
+        b"# TYPE pinhook_other_total counter\npinhook_other_total 5\n"
+    )
+    for channel in channels:
+        threading.Thread(
+            target=answer_forever, args=(channel._worker, lambda: answer, lambda: None), daemon=True
+        ).start()
+    sock, stop = serve_metrics(workers_registry(lambda: list(enumerate(channels))), "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/metrics"
+        asked = httpx.get(url, params={"name[]": "pinhook_scrapes_total"}).text
+        whole = httpx.get(url).text
+    finally:
+        stop()
+        for channel in channels:
+            channel.close()
+    served = [line for line in asked.splitlines() if not line.startswith("#")]
+    assert served == [
+        'pinhook_scrapes_total{worker="0"} 3.0',
+        'pinhook_scrapes_total{worker="1"} 3.0',
+    ]
+    assert 'pinhook_other_total{worker="1"} 5.0' in whole

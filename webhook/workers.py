@@ -30,6 +30,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import RestrictedRegistry
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,39 @@ class WorkersCollector:
         return iter(families.values())
 
 
+def workers_registry(
+    channels: Callable[[], Iterable[tuple[int, MetricsChannel]]],
+) -> CollectorRegistry:
+    """The registry the parent serves: every worker's metrics (``WorkersCollector``)."""
+    registry = _WorkersRegistry(auto_describe=False)
+    registry.register(WorkersCollector(channels))
+    return registry
+
+
+class _WorkersRegistry(CollectorRegistry):
+    """``/metrics?name[]=...`` asks for some series by name. prometheus_client finds them by
+    the names each collector declared when it was registered, and the workers' names are
+    known only once they answer: so the filter is applied to their answers instead."""
+
+    def restricted_registry(self, names: Iterable[str]) -> RestrictedRegistry:
+        return _AnsweredByName(names, self)
+
+
+class _AnsweredByName(RestrictedRegistry):
+    def __init__(self, names: Iterable[str], registry: CollectorRegistry) -> None:
+        self._names = frozenset(names)
+        super().__init__(self._names, registry)
+        self._whole = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._whole.collect():
+            samples = [sample for sample in family.samples if sample.name in self._names]
+            if samples:
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = samples
+                yield kept
+
+
 def _merge(families: dict[str, Metric], parsed: Iterable[Metric], index: int) -> None:
     for family in parsed:
         merged = families.get(family.name)
@@ -225,9 +259,7 @@ class Supervisor:
         self.stop_grace_seconds = STOP_GRACE_SECONDS
 
     def metrics_registry(self) -> CollectorRegistry:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(WorkersCollector(self._live_channels))
-        return registry
+        return workers_registry(self._live_channels)
 
     def run(self) -> int:
         """Serve until told to stop; the exit status for the process."""
