@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 
@@ -117,6 +118,22 @@ def test_timestamps_follow_the_clock_across_seconds() -> None:
         expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
         expected += f".{int(record.msecs):03d}Z"
         assert json.loads(formatter.format(record))["time"] == expected
+
+
+def test_the_time_now_is_a_records_time_now() -> None:
+    """``now`` (each admission line's time, formatted once a millisecond) is what a record
+    made at that moment would carry: between one made before and one made after."""
+    timestamps = logs.JsonFormatter().timestamp
+
+    def record_time() -> str:
+        created = time.time()
+        return timestamps(created, (created % 1) * 1000)
+
+    for _ in range(2000):  # across many milliseconds, and within some
+        before = record_time()
+        now = timestamps.now()
+        assert before <= now <= record_time()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", now)
 
 
 FIELDS = {"uid": "", "kind": "Pod", "durationMs": 0.0, "images": ['a "quoted" b', "c=d e"]}

@@ -32,6 +32,7 @@ import orjson
 from .admission import AdmissionRequest, render_response
 from .decide import Decision
 from .logs import Line
+from .metrics import Counts
 from .mutate import Mutator
 from .plan import RequestPlan
 
@@ -113,6 +114,7 @@ class Answer:
     before_uid: bytes = b""
     after_uid: bytes = b""
     log_line: Line | None = None
+    counts: Counts | None = None  # what answering a like review again adds to the metrics
 
     def request(self, uid: str) -> AdmissionRequest:
         return self.review._replace(uid=uid)

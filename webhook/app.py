@@ -29,7 +29,7 @@ from .admission import (
     read_review,
     render_response,
 )
-from .answers import Answer, Answers, decoded_like, like_review
+from .answers import Answer, Answers, LikeReview, decoded_like, like_review
 from .decide import DENIED, OVERLOADED, SKIPPED, Decision
 from .errors import InvalidReview
 from .listener import ARRIVED
@@ -130,14 +130,19 @@ class AdmissionApp:
         answers = self._answers
         if answers is None or answers.mutator is not mutator:
             answers = self._answers = Answers(mutator)
-        answer: Answer | None = None
+        like = like_review(body)
+        answer = answers.get(like.key) if like is not None else None
+        if like is not None and answer is not None:
+            standing = self._standing(answers, answer, like.uid, arrived, loop)
+            if standing is not None:
+                return 200, standing
         try:
             if len(body) > LARGE_BODY_BYTES:
                 # Decoding and walking a huge object is CPU that cannot be capped: a worker
                 # thread, so that the loop keeps answering everyone else meanwhile.
                 review, plan = await asyncio.to_thread(_read_and_plan, mutator, body)
             else:
-                review, plan, answer = _recall_or_plan(answers, body)
+                review, plan, answer = _recall_or_plan(answers, body, like, answer)
         except InvalidReview as exc:
             service.metrics.admission("", "", "invalid")
             return 400, _error_body(str(exc))
@@ -150,26 +155,93 @@ class AdmissionApp:
             # 500: under failurePolicy Ignore a 500 would admit what requireDigest denies.
             log.exception("review %s of %s failed; answered by policy", review.uid, review.kind)
             decision = mutator.failed(review)
+        kept = (answers, answer) if answer is not None else None
+        return 200, self._answered(review, plan, decision, kept, arrived, loop)
+
+    def _standing(
+        self,
+        answers: Answers,
+        answer: Answer,
+        uid: str,
+        arrived: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> bytes | None:
+        """The answer to the like review of ``uid`` while the decision ``answer`` was last
+        rendered for stands: the common admission, a ReplicaSet's next Pod, with nothing
+        decoded, looked up (but the entries it rests on), decided or rendered. None when it
+        does not stand, or was never found to."""
+        if answer.decision is None:
+            return None
+        try:
+            decision = answers.mutator.standing(answer.plan)
+        except Exception:  # the general path decides it, and answers by policy if it fails
+            log.exception("recalling the answer for review %s failed", uid)
+            return None
+        if decision is None:
+            return None
+        if decision is not answer.decision:
+            review = answer.request(uid)
+            return self._answered(review, answer.plan, decision, (answers, answer), arrived, loop)
+        return self._rendered(answer, uid, decision, arrived, loop, recalled=True)
+
+    def _answered(
+        self,
+        review: AdmissionRequest,
+        plan: RequestPlan | None,
+        decision: Decision,
+        kept: tuple[Answers, Answer] | None,
+        arrived: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> bytes:
+        """The answer to ``review``, counted and logged; rendered once for its like reviews
+        when ``kept`` says where they find it."""
         line: Line | None = None
-        if answer is not None:
-            if answer.decision is decision:
-                service.metrics.answers_recalled.inc()
+        answer = kept[1] if kept is not None else None
+        recalled = answer is not None and answer.decision is decision
+        if kept is not None and not recalled:
+            line = _log_line(review, plan, decision)
+            if kept[0].settle(kept[1], decision, line):
+                kept[1].counts = self.service.metrics.admission_counts(
+                    review.kind, review.operation, decision.result
+                )
             else:
-                line = _log_line(review, plan, decision)
-                if not answers.settle(answer, decision, line):
-                    answer = None
+                answer = None
+        if answer is not None:
+            return self._rendered(answer, review.uid, decision, arrived, loop, recalled=recalled)
         seconds = loop.time() - arrived
-        service.metrics.admission(review.kind, review.operation, decision.result)
-        service.metrics.admission_seconds.observe(seconds)
-        duration_ms = round(seconds * 1000, 2)
-        if answer is None:
-            if log.isEnabledFor(logging.INFO):
-                line = line or _log_line(review, plan, decision)
-                line.write(review.uid, duration_ms, turn=loop)
-            return 200, render_response(review.api_version, review.uid, decision.outcome)
+        metrics = self.service.metrics
+        metrics.admission(review.kind, review.operation, decision.result)
+        metrics.admission_seconds.observe(seconds)
+        if log.isEnabledFor(logging.INFO):
+            line = line or _log_line(review, plan, decision)
+            line.write(review.uid, round(seconds * 1000, 2), turn=loop)
+        return render_response(review.api_version, review.uid, decision.outcome)
+
+    def _rendered(
+        self,
+        answer: Answer,
+        uid: str,
+        decision: Decision,
+        arrived: float,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        recalled: bool,
+    ) -> bytes:
+        """``answer``'s answer and log line as rendered for ``decision``, for the review of
+        ``uid``, counted; ``recalled`` when they were rendered for an earlier review."""
+        metrics = self.service.metrics
+        seconds = loop.time() - arrived
+        if recalled and answer.counts is not None:
+            metrics.count(answer.counts)
+        else:
+            if recalled:
+                metrics.answers_recalled.inc()
+            review = answer.review
+            metrics.admission(review.kind, review.operation, decision.result)
+        metrics.admission_seconds.observe(seconds)
         if answer.log_line is not None:
-            answer.log_line.write(review.uid, duration_ms, turn=loop)
-        return 200, answer.response(review.uid)
+            answer.log_line.write(uid, round(seconds * 1000, 2), turn=loop)
+        return answer.response(uid)
 
 
 @asynccontextmanager
@@ -191,13 +263,12 @@ def _read_and_plan(mutator: Mutator, body: bytes) -> tuple[AdmissionRequest, Req
 
 
 def _recall_or_plan(
-    answers: Answers, body: bytes
+    answers: Answers, body: bytes, like: LikeReview | None, answer: Answer | None
 ) -> tuple[AdmissionRequest, RequestPlan, Answer | None]:
-    """The review and its plan: recalled when a review like it (``answers.py``) was planned."""
-    like = like_review(body)
+    """The review and its plan: recalled when a review like it (``answers.py``) was planned,
+    its ``answer`` found under ``like``'s key."""
     decoded = None
     if like is not None:
-        answer = answers.get(like.key)
         if answer is not None:
             return answer.request(like.uid), answer.plan, answer
         decoded = decoded_like(like)

@@ -112,11 +112,13 @@ def _message(record: logging.LogRecord) -> str:
 
 class _Timestamps:
     """RFC 3339 UTC times to the millisecond; the seconds part is formatted once a second
-    (strftime is most of a timestamp's cost, and every admission logs a line)."""
+    (strftime is most of a timestamp's cost, and every admission logs a line), and the
+    time now once a millisecond (a busy webhook writes several lines in one)."""
 
     def __init__(self) -> None:
-        # One attribute, set at once: a Line formats its time outside the handler's lock.
+        # One attribute each, set at once: a Line takes its time outside the handler's lock.
         self._last: tuple[int, str] = (-1, "")
+        self._now: tuple[int, str] = (-1, "")
 
     def __call__(self, created: float, msecs: float) -> str:
         second = int(created)
@@ -126,6 +128,17 @@ class _Timestamps:
             self._last = (second, prefix)
         return f"{prefix}.{int(msecs):03d}Z"
 
+    def now(self) -> str:
+        """The time now, as a record made now would have it."""
+        created = time.time()
+        msecs = (created % 1) * 1000  # as a record has it, and to the same millisecond
+        millisecond = int(created) * 1000 + int(msecs)
+        last, text = self._now
+        if millisecond != last:
+            text = self(created, msecs)
+            self._now = (millisecond, text)
+        return text
+
 
 def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
     fields = getattr(record, FIELDS, None)
@@ -134,6 +147,8 @@ def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
 
 class _LineFormatter(logging.Formatter):
     """A record as one line: ``render`` of its parts, which ``Line`` fills in too."""
+
+    time_quote: str  # around a time, as ``value`` would write it
 
     def __init__(self) -> None:
         super().__init__()
@@ -165,9 +180,22 @@ class _LineFormatter(logging.Formatter):
         """How a field's value is written in a line."""
         raise NotImplementedError
 
+    def filled(self, parts: tuple[str, ...], values: tuple[Any, ...]) -> str:
+        """A line cut by ``_cut``, with the time now and ``values`` in its blanks."""
+        value = self.value
+        # A time holds digits, "-", ":", ".", "T" and "Z": nothing to escape in either format.
+        quote = self.time_quote
+        text = [parts[0], quote, self.timestamp.now(), quote]
+        for part, blank in zip(parts[1:-1], values, strict=True):
+            text += (part, value(blank))
+        text.append(parts[-1])
+        return "".join(text)
+
 
 class JsonFormatter(_LineFormatter):
     """One JSON object per line: time, level, logger, msg, the record's fields, exc."""
+
+    time_quote = '"'
 
     def render(
         self,
@@ -195,6 +223,8 @@ class JsonFormatter(_LineFormatter):
 
 class TextFormatter(_LineFormatter):
     """``TIME LEVEL logger: message key=value ...`` on one line."""
+
+    time_quote = ""
 
     def render(
         self,
@@ -263,27 +293,24 @@ class Line:
                 self._logger.info(self._message, extra={FIELDS: self._filled(values)})
             return
         formatter = handler.formatter
-        created = time.time()
-        when = formatter.timestamp(created, (created % 1) * 1000)
         parts = self._parts
+        if parts and handler is self._handler:
+            handler.write(formatter.filled(parts, values), turn)
+            return
         if handler is not self._handler:  # the first line, or logging was set up again
             self._handler, self._parts = handler, None
-            parts = None
         elif parts is None:
-            parts = self._parts = _cut(
+            self._parts = _cut(
                 formatter, self._logger.name, self._message, self._fields, self._blanks
             )
-        if not parts:
-            line = formatter.render(
-                when, "INFO", self._logger.name, self._message, self._filled(values)
-            )
-            handler.write(line, turn)
-            return
-        text = [parts[0], formatter.value(when)]
-        for part, value in zip(parts[1:-1], values, strict=True):
-            text += (part, formatter.value(value))
-        text.append(parts[-1])
-        handler.write("".join(text), turn)
+            if self._parts:
+                handler.write(formatter.filled(self._parts, values), turn)
+                return
+        when = formatter.timestamp.now()
+        line = formatter.render(
+            when, "INFO", self._logger.name, self._message, self._filled(values)
+        )
+        handler.write(line, turn)
 
     def _filled(self, values: tuple[Any, ...]) -> dict[str, Any]:
         fields = dict(self._fields)

@@ -12,7 +12,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import prometheus_client
 from prometheus_client import (
@@ -234,9 +234,35 @@ class Metrics:
             images.inc((outcome,), count)
 
     def admission(self, kind: str, operation: str, result: str) -> None:
-        kind = kind if kind in KNOWN_KINDS or not kind else OTHER
-        operation = operation if operation in KNOWN_OPERATIONS or not operation else OTHER
-        self.admissions.inc((kind, operation, result))
+        self.admissions.inc(_admission_labels(kind, operation, result))
+
+    def admission_counts(self, kind: str, operation: str, result: str) -> Counts:
+        """What ``admission`` adds, and one answer recalled: for ``count``, again and again."""
+        labels = _admission_labels(kind, operation, result)
+        return Counts(((self.answers_recalled, (), 1), (self.admissions, labels, 1)))
+
+    def settled_counts(self, images: Mapping[str, int], hits: int, owner_kept: int) -> Counts:
+        """What ``images_seen`` and the cache hits (and an owner's digests kept) add."""
+        adds: list[tuple[Tally, tuple[str, ...], int]] = [
+            (self.images, (outcome,), count) for outcome, count in images.items()
+        ]
+        if hits:
+            adds.append((self.cache_events, ("hit",), hits))
+        if owner_kept:
+            adds.append((self.owner_pins, ("kept",), owner_kept))
+        return Counts(tuple(adds))
+
+    def count(self, counts: Counts) -> None:
+        """Add ``counts`` (``admission_counts``, ``settled_counts``), as the calls they stand
+        for would."""
+        thread = threading.get_ident()
+        for tally, labels, amount in counts.adds:  # not negative: these were made to count
+            sums = tally._sums
+            if sums._owner == thread:  # as _Sums.add does, without a call per count
+                own = sums._own
+                own[labels] = own.get(labels, 0.0) + amount
+            else:
+                sums.add(labels, amount)
 
     def cache_event(self, event: str, count: int = 1) -> None:
         if event == EVICTED:
@@ -290,6 +316,12 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _admission_labels(kind: str, operation: str, result: str) -> tuple[str, str, str]:
+    kind = kind if kind in KNOWN_KINDS or not kind else OTHER
+    operation = operation if operation in KNOWN_OPERATIONS or not operation else OTHER
+    return kind, operation, result
 
 
 class _WithoutCreated(CollectorRegistry):
@@ -350,12 +382,31 @@ class _Sums(Generic[K]):
             with self._lock:
                 self._elsewhere[key] = self._elsewhere.get(key, 0.0) + amount
 
+    def add_pair(self, key: K, amount: float, other: K, other_amount: float) -> None:
+        """``add`` twice, in one call: a histogram's bucket and sum."""
+        if threading.get_ident() == self._owner:
+            own = self._own
+            own[key] = own.get(key, 0.0) + amount
+            own[other] = own.get(other, 0.0) + other_amount
+        else:
+            with self._lock:
+                elsewhere = self._elsewhere
+                elsewhere[key] = elsewhere.get(key, 0.0) + amount
+                elsewhere[other] = elsewhere.get(other, 0.0) + other_amount
+
     def totals(self) -> dict[K, float]:
         totals = self._own.copy()
         with self._lock:
             for key, amount in self._elsewhere.items():
                 totals[key] = totals.get(key, 0.0) + amount
         return totals
+
+
+class Counts(NamedTuple):
+    """What one admission adds to the tallies, worked out once: a like review answered
+    again adds the same (``Metrics.count``), without the calls that work it out."""
+
+    adds: tuple[tuple[Tally, tuple[str, ...], float], ...]
 
 
 class Tally(Collector):
@@ -410,10 +461,10 @@ class TallyHistogram(Collector):
 
     def observe(self, value: float) -> None:
         # The first bucket whose bound is at least ``value``: ``le`` means less or equal.
-        sums = self._sums
         if value == value:  # NaN is in no bucket (and so not counted), as the library has it
-            sums.add(bisect_left(self._bounds, value), 1)
-        sums.add(_SUM, value)
+            self._sums.add_pair(bisect_left(self._bounds, value), 1, _SUM, value)
+        else:
+            self._sums.add(_SUM, value)
 
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self._name, self._documentation)]

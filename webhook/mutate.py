@@ -262,15 +262,48 @@ class Mutator:
             return self._settled_again(plan)
         return self._settled_now(plan)
 
+    def standing(self, plan: RequestPlan) -> Decision | None:
+        """The decision last made for ``plan``, while the very entries its results rest on
+        are still held (``Recall.standing``): no lookup, no decision made. Counted as
+        ``settled`` and ``conclude`` would count it; None when it does not stand (or was
+        never found to), and nothing is counted."""
+        settled = self._recall.standing(plan, self._holder(plan))
+        if settled is None or settled.decision is None:
+            return None
+        decision = settled.decision
+        counts = settled.counts
+        if counts is None:
+            digests = settled.digests
+            hits = len(digests) - digests.count(None)
+            owner_kept = hits if plan.owner is not None else 0
+            counts = self.metrics.settled_counts(decision.images, hits, owner_kept)
+            self._recall.keep_counts(settled, counts)
+        self.metrics.count(counts)
+        self._count_failures(decision)
+        return decision
+
+    def _holder(self, plan: RequestPlan) -> Holder:
+        """Who holds the digests of ``plan``'s results: the owner's decisions, or the cache."""
+        if plan.owner is not None and self.owners is not None:
+            return self.owners
+        return self.resolver
+
+    def _count_hits(self, digests: tuple[str | None, ...], owner: str | None) -> None:
+        hits = len(digests) - digests.count(None)
+        if hits:
+            self.metrics.cache_event("hit", hits)
+            if owner is not None:
+                self.metrics.owner_pin("kept", hits)
+
     def _settled_again(self, plan: RequestPlan) -> list[ImageResult] | None:
         """For a plan made before: the results last settled for it while the cache (or the
         owner's decisions) hold the same digests, else settled now (and kept). Once found
         to stand, the entries they rest on are remembered: the next time is one look each."""
         owner, owners = plan.owner, self.owners
-        holder: Holder = self.resolver
+        holder = self._holder(plan)
         hold = self.resolver.hold
         if owner is not None and owners is not None:
-            holder, hold = owners, partial(owners.hold, owner)
+            hold = partial(owners.hold, owner)
         settled = self._recall.standing(plan, holder)
         if settled is None:
             digests: list[str | None] = []
@@ -294,11 +327,7 @@ class Mutator:
                 if settled is not None:
                     self._recall.hold(settled, tuple(held))
         if settled is not None:
-            hits = len(settled.digests) - settled.digests.count(None)
-            if hits:
-                self.metrics.cache_event("hit", hits)
-                if owner is not None:
-                    self.metrics.owner_pin("kept", hits)
+            self._count_hits(settled.digests, owner)
             return settled.results
         results = self._settled_now(plan)
         if results is not None:
@@ -502,9 +531,12 @@ class Mutator:
 
     def _record(self, decision: Decision) -> Decision:
         self.metrics.images_seen(decision.images)
+        self._count_failures(decision)
+        return decision
+
+    def _count_failures(self, decision: Decision) -> None:
         for reason, count in decision.failures.items():
             self.metrics.resolve_failures.labels(reason).inc(count)
-        return decision
 
 
 def _skip_requested(obj: Mapping[str, Any]) -> bool:

@@ -20,6 +20,7 @@ from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
 from .decide import Decision
+from .metrics import Counts
 from .plan import ImageResult, RequestPlan
 from .resolve import Held, Holder
 
@@ -48,6 +49,7 @@ class _Settled(NamedTuple):
     results: list[ImageResult]
     decision: Decision | None  # made once, by the first conclude of these results
     holding: Holding | None = None  # once the results were found to stand on these
+    counts: Counts | None = None  # what each admission they answer adds, once worked out
 
 
 class Recall:
@@ -110,6 +112,12 @@ class Recall:
         if self._settled.get(id(plan)) is settled:
             until = min([h.expires for h in held], default=float("inf"))
             self._settled[id(plan)] = settled._replace(holding=Holding(held, until))
+
+    def keep_counts(self, settled: _Settled, counts: Counts) -> None:
+        """Remember ``counts`` for ``settled``, just found in ``standing()``."""
+        plan = settled.plan
+        if self._settled.get(id(plan)) is settled:
+            self._settled[id(plan)] = settled._replace(counts=counts)
 
     def keep_settled(
         self,
