@@ -98,6 +98,60 @@ async def test_replicas_get_the_first_answer_each_with_its_own_uid(
     assert logged == [answer["uid"] for answer in answers]
 
 
+def _tallies(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every count pinhook keeps per admission, by series (durations but their count)."""
+    tallied = ("pinhook_admission", "pinhook_images", "pinhook_digest_cache", "pinhook_owner",
+               "pinhook_answers", "pinhook_resolve_failures")  # fmt: skip
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name.startswith(tallied)
+        and not sample.name.endswith(("_bucket", "_sum", "_created"))
+    }
+
+
+@pytest.mark.parametrize("owned", [False, True], ids=["plain", "owned"])
+async def test_an_answer_recalled_while_it_stands_counts_as_its_first_recall_did(
+    registry: RegistryEnv, stack: AsyncExitStack, owned: bool
+) -> None:
+    """The first review is resolved, the second decided from the cache, the third found to
+    stand on the cache's entries and recalled; from the fourth on, the answer is recalled
+    from those entries without deciding anything (Mutator.standing). Each of those adds to
+    the metrics exactly what the third added."""
+    images = [registry.push.image("answers/count", "v1"), registry.push.image("answers/more", "v1")]
+    hook = await webhook(stack, registry.host, Clock())
+    pod = plain_pod(*[image.tag_ref for image in images], name="")
+    if owned:
+        pod["metadata"]["ownerReferences"] = [
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "rs-1",
+             "controller": True}
+        ]  # fmt: skip
+    settled = 0
+    settle = hook.mutator.settled
+
+    def counted_settled(plan: RequestPlan) -> object:
+        nonlocal settled
+        settled += 1
+        return settle(plan)
+
+    hook.mutator.settled = counted_settled  # type: ignore[method-assign]
+    before = _tallies(hook.metrics)
+    added = []
+    for _ in range(6):
+        await hook.answer(replica(pod))
+        after = _tallies(hook.metrics)
+        added.append({key: after[key] - before.get(key, 0.0) for key in after
+                      if after[key] != before.get(key, 0.0)})  # fmt: skip
+        before = after
+    assert settled == 3  # the first three reviews; the other three took the standing path
+    assert added[2][("pinhook_answers_recalled_total", ())] == 1
+    assert added[2][("pinhook_digest_cache_events_total", (("event", "hit"),))] == 2
+    if owned:
+        assert added[2][("pinhook_owner_pins_total", (("event", "kept"),))] == 2
+    assert added[3:] == [added[2]] * 3
+
+
 async def test_a_review_that_differs_beyond_its_uid_is_answered_afresh(
     registry: RegistryEnv, stack: AsyncExitStack
 ) -> None:
@@ -134,6 +188,35 @@ async def test_a_moved_tag_is_pinned_anew_once_the_cache_learns_it(
         assert patched_images(await hook.answer(replica(pod))) == [
             f"{moved.tag_ref}@{moved.digest}"
         ]
+
+
+async def test_an_answer_follows_a_decision_made_anew_for_another_with_its_images(
+    registry: RegistryEnv, stack: AsyncExitStack
+) -> None:
+    """Two templates with the same images share one plan and its decision. When one of them
+    finds the tag moved, the other's next review is answered with the new decision (and
+    recalled with it from then on), not with the answer rendered for the old one."""
+    clock = Clock()
+    image = registry.push.image("answers/shared", "stable")
+    hook = await webhook(stack, registry.host, clock)
+    first, second = plain_pod(image.tag_ref, name=""), plain_pod(image.tag_ref, name="")
+    first["metadata"]["labels"] = {"app": "first"}
+    second["metadata"]["labels"] = {"app": "second"}
+    pinned = f"{image.tag_ref}@{image.digest}"
+    for pod in (first, second, first, second, first, second, second):
+        assert patched_images(await hook.answer(replica(pod))) == [pinned]
+    moved = registry.push.move_tag(image)
+    clock.now += 61
+    for _ in range(3):
+        assert patched_images(await hook.answer(replica(first))) == [
+            f"{moved.tag_ref}@{moved.digest}"
+        ]
+    recalled = hook.recalled()
+    for _ in range(3):
+        assert patched_images(await hook.answer(replica(second))) == [
+            f"{moved.tag_ref}@{moved.digest}"
+        ]
+    assert hook.recalled() == recalled + 2
 
 
 async def test_a_new_configuration_starts_afresh(
@@ -258,6 +341,9 @@ async def test_updates_are_not_kept(registry: RegistryEnv, stack: AsyncExitStack
     assert hook.recalled() == 0
 
 
+COUNTS = Metrics().admission_counts("Pod", "CREATE", "patched")
+
+
 def _request() -> AdmissionRequest:
     return AdmissionRequest("admission.k8s.io/v1", "u", "", "Pod", "CREATE", "ns", {}, None)
 
@@ -297,15 +383,15 @@ def test_a_rendered_answer_counts_against_the_bytes() -> None:
     other = answers.keep(b"other", _request(), _plan())
     decision = Decision(mutator.failed(_request()).outcome, {}, {})
     decision.outcome.warnings.append("w" * 500)
-    assert answers.settle(other, decision, _line())
+    assert answers.settle(other, decision, _line(), COUNTS)
     answer = answers.keep(b"k", _request(), _plan())
     # No room for a second answer of 500 characters: the other one goes to make it.
     line = _line({"images": ["i" * 100]})
-    assert answers.settle(answer, decision, line)
+    assert answers.settle(answer, decision, line, COUNTS)
     assert answers.get(b"other") is None and answers.get(b"k") is answer
     # One that could never fit is not kept rendered.
     decision.outcome.warnings.append("w" * 1000)
-    assert not answers.settle(answer, decision, _line())
+    assert not answers.settle(answer, decision, _line(), COUNTS)
     assert answer.log_line is line
 
 
@@ -317,7 +403,7 @@ def test_an_answer_holding_the_uids_stand_in_is_rendered_whole_every_time() -> N
     answer = answers.keep(b"k", _request(), _plan())
     decision = Decision(mutator.failed(_request()).outcome, {}, {})
     decision.outcome.warnings.append("\x00pinhook-uid\x00")
-    assert not answers.settle(answer, decision, _line())
+    assert not answers.settle(answer, decision, _line(), COUNTS)
     decision.outcome.warnings[-1] = "pinhook-uid"
-    assert answers.settle(answer, decision, _line())
+    assert answers.settle(answer, decision, _line(), COUNTS)
     assert orjson.loads(answer.response('a"b'))["response"]["uid"] == 'a"b'

@@ -148,10 +148,10 @@ class Answers:
         self._bytes += len(key)
         return answer
 
-    def settle(self, answer: Answer, decision: Decision, log_line: Line) -> bool:
-        """Render ``decision`` once for ``answer``'s like reviews; False when it cannot be (the
-        uid's stand-in shows up in the answer's own text, or the answer alone is over the
-        bytes), and every one is rendered."""
+    def settle(self, answer: Answer, decision: Decision, log_line: Line, counts: Counts) -> bool:
+        """Render ``decision`` once for ``answer``'s like reviews, which each add ``counts``
+        to the metrics; False when it cannot be (the uid's stand-in shows up in the answer's
+        own text, or the answer alone is over the bytes), and every one is rendered."""
         review = answer.review
         parts = render_response(review.api_version, _UID_MARK, decision.outcome).split(
             _UID_MARK_JSON
@@ -169,6 +169,7 @@ class Answers:
         answer.decision = decision
         answer.before_uid, answer.after_uid = parts
         answer.log_line = log_line
+        answer.counts = counts
         return True
 
 

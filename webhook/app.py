@@ -200,11 +200,10 @@ class AdmissionApp:
         recalled = answer is not None and answer.decision is decision
         if kept is not None and not recalled:
             line = _log_line(review, plan, decision)
-            if kept[0].settle(kept[1], decision, line):
-                kept[1].counts = self.service.metrics.admission_counts(
-                    review.kind, review.operation, decision.result
-                )
-            else:
+            counts = self.service.metrics.admission_counts(
+                review.kind, review.operation, decision.result
+            )
+            if not kept[0].settle(kept[1], decision, line, counts):
                 answer = None
         if answer is not None:
             return self._rendered(answer, review.uid, decision, arrived, loop, recalled=recalled)
@@ -231,11 +230,9 @@ class AdmissionApp:
         ``uid``, counted; ``recalled`` when they were rendered for an earlier review."""
         metrics = self.service.metrics
         seconds = loop.time() - arrived
-        if recalled and answer.counts is not None:
+        if recalled and answer.counts is not None:  # set with the decision (settle)
             metrics.count(answer.counts)
         else:
-            if recalled:
-                metrics.answers_recalled.inc()
             review = answer.review
             metrics.admission(review.kind, review.operation, decision.result)
         metrics.admission_seconds.observe(seconds)

@@ -255,14 +255,8 @@ class Metrics:
     def count(self, counts: Counts) -> None:
         """Add ``counts`` (``admission_counts``, ``settled_counts``), as the calls they stand
         for would."""
-        thread = threading.get_ident()
-        for tally, labels, amount in counts.adds:  # not negative: these were made to count
-            sums = tally._sums
-            if sums._owner == thread:  # as _Sums.add does, without a call per count
-                own = sums._own
-                own[labels] = own.get(labels, 0.0) + amount
-            else:
-                sums.add(labels, amount)
+        for tally, labels, amount in counts.adds:
+            tally.inc(labels, amount)
 
     def cache_event(self, event: str, count: int = 1) -> None:
         if event == EVICTED:
@@ -382,18 +376,6 @@ class _Sums(Generic[K]):
             with self._lock:
                 self._elsewhere[key] = self._elsewhere.get(key, 0.0) + amount
 
-    def add_pair(self, key: K, amount: float, other: K, other_amount: float) -> None:
-        """``add`` twice, in one call: a histogram's bucket and sum."""
-        if threading.get_ident() == self._owner:
-            own = self._own
-            own[key] = own.get(key, 0.0) + amount
-            own[other] = own.get(other, 0.0) + other_amount
-        else:
-            with self._lock:
-                elsewhere = self._elsewhere
-                elsewhere[key] = elsewhere.get(key, 0.0) + amount
-                elsewhere[other] = elsewhere.get(other, 0.0) + other_amount
-
     def totals(self) -> dict[K, float]:
         totals = self._own.copy()
         with self._lock:
@@ -461,10 +443,10 @@ class TallyHistogram(Collector):
 
     def observe(self, value: float) -> None:
         # The first bucket whose bound is at least ``value``: ``le`` means less or equal.
+        sums = self._sums
         if value == value:  # NaN is in no bucket (and so not counted), as the library has it
-            self._sums.add_pair(bisect_left(self._bounds, value), 1, _SUM, value)
-        else:
-            self._sums.add(_SUM, value)
+            sums.add(bisect_left(self._bounds, value), 1)
+        sums.add(_SUM, value)
 
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self._name, self._documentation)]
