@@ -273,9 +273,7 @@ class Mutator:
         decision = settled.decision
         counts = settled.counts
         if counts is None:
-            digests = settled.digests
-            hits = len(digests) - digests.count(None)
-            owner_kept = hits if plan.owner is not None else 0
+            hits, owner_kept = _hits(settled.digests, plan.owner)
             counts = self.metrics.settled_counts(decision.images, hits, owner_kept)
             self._recall.keep_counts(settled, counts)
         self.metrics.count(counts)
@@ -289,11 +287,11 @@ class Mutator:
         return self.resolver
 
     def _count_hits(self, digests: tuple[str | None, ...], owner: str | None) -> None:
-        hits = len(digests) - digests.count(None)
+        hits, owner_kept = _hits(digests, owner)
         if hits:
             self.metrics.cache_event("hit", hits)
-            if owner is not None:
-                self.metrics.owner_pin("kept", hits)
+        if owner_kept:
+            self.metrics.owner_pin("kept", owner_kept)
 
     def _settled_again(self, plan: RequestPlan) -> list[ImageResult] | None:
         """For a plan made before: the results last settled for it while the cache (or the
@@ -537,6 +535,13 @@ class Mutator:
     def _count_failures(self, decision: Decision) -> None:
         for reason, count in decision.failures.items():
             self.metrics.resolve_failures.labels(reason).inc(count)
+
+
+def _hits(digests: tuple[str | None, ...], owner: str | None) -> tuple[int, int]:
+    """The cache hits of settled results (``digests``: None where nothing was looked up),
+    and of those the owner's digests kept."""
+    hits = len(digests) - digests.count(None)
+    return hits, hits if owner is not None else 0
 
 
 def _skip_requested(obj: Mapping[str, Any]) -> bool:
