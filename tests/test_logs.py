@@ -285,3 +285,64 @@ async def test_held_lines_come_first_when_logging_is_set_up_again_or_closed() ->
     logs.Line(log, "admission third", {"uid": ""}, ("uid",)).write("u-3", turn=turn)
     handler.close()
     assert "admission third" in stream.getvalue().splitlines()[-1]
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+async def test_the_writes_of_a_cut_line_in_one_turn_are_one_line_listing_each(fmt: str) -> None:
+    """A ReplicaSet's Pods answered in one turn: one line, the first Pod's uid and duration
+    in their fields and every later one's under ``alike``; the next turn starts a line."""
+    stream = _CountedWrites()
+    logs.setup("info", fmt, stream=stream)
+    log = logging.getLogger("webhook.test")
+    line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    line.write("u-0", 0.5)
+    line.write("u-1", 0.5)  # written whole, then cut
+    before = len(stream.getvalue().splitlines())
+    loop = asyncio.get_running_loop()
+    other = logs.Line(log, "admission denied", {"uid": ""}, ("uid",))
+    for uid, ms in (("u-2", 1.0), ("u-3", 2.5), ("u-4", 0.25)):
+        line.write(uid, ms, turn=loop)
+        other.write(f"o{uid}", turn=loop)
+    assert stream.getvalue().count("\n") == before
+    await asyncio.sleep(0)  # the end of the turn
+    written = stream.getvalue().splitlines()[before:]
+    assert len(written) == 4  # the line, then the other line's three (each written whole)
+    if fmt == "json":
+        entry = json.loads(written[0])
+        first = (entry["uid"], entry["durationMs"], entry["images"])
+        assert first == ("u-2", 1.0, FIELDS["images"])
+        assert entry[logs.ALIKE] == [
+            {"uid": "u-3", "durationMs": 2.5},
+            {"uid": "u-4", "durationMs": 0.25},
+        ]
+        assert [json.loads(x)["uid"] for x in written[1:]] == ["ou-2", "ou-3", "ou-4"]
+    else:
+        assert "uid=u-2 kind=Pod durationMs=1.0 images=" in written[0]
+        assert written[0].endswith(' alike="uid=u-3 durationMs=2.5, uid=u-4 durationMs=0.25"')
+    line.write("u-5", 3.0, turn=loop)
+    await asyncio.sleep(0)
+    last = stream.getvalue().splitlines()[-1]
+    assert "u-5" in last and "u-2" not in last and logs.ALIKE not in last
+
+
+async def test_a_record_logged_between_like_writes_keeps_its_place() -> None:
+    stream = io.StringIO()
+    logs.setup("info", "json", stream=stream)
+    log = logging.getLogger("webhook.test")
+    line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    line.write("u-0", 0.5)
+    line.write("u-1", 0.5)
+    loop = asyncio.get_running_loop()
+    line.write("u-2", 1.0, turn=loop)
+    log.warning("between")
+    line.write("u-3", 1.0, turn=loop)
+    line.write("u-4", 1.0, turn=loop)
+    await asyncio.sleep(0)
+    entries = [json.loads(x) for x in stream.getvalue().splitlines()[2:]]
+    assert [(e.get("uid"), e["msg"]) for e in entries] == [
+        ("u-2", "admission patched"),
+        (None, "between"),
+        ("u-3", "admission patched"),
+    ]
+    assert logs.ALIKE not in entries[0]
+    assert entries[2][logs.ALIKE] == [{"uid": "u-4", "durationMs": 1.0}]

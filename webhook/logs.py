@@ -180,6 +180,10 @@ class _LineFormatter(logging.Formatter):
         """How a field's value is written in a line."""
         raise NotImplementedError
 
+    def appended(self, line: str, key: str, value: Any) -> str:
+        """``line``, as ``render`` wrote it, with one more field at its end."""
+        raise NotImplementedError
+
     def filled(self, parts: tuple[str, ...], values: tuple[Any, ...]) -> str:
         """A line cut by ``_cut``, with the time now and ``values`` in its blanks."""
         value = self.value
@@ -220,6 +224,9 @@ class JsonFormatter(_LineFormatter):
     def value(self, value: Any) -> str:
         return orjson.dumps(value, default=str).decode()
 
+    def appended(self, line: str, key: str, value: Any) -> str:
+        return f"{line[:-1]},{self.value(key)}:{self.value(value)}}}"  # inside the object
+
 
 class TextFormatter(_LineFormatter):
     """``TIME LEVEL logger: message key=value ...`` on one line."""
@@ -246,6 +253,9 @@ class TextFormatter(_LineFormatter):
     def value(self, value: Any) -> str:
         return _text_value(value)
 
+    def appended(self, line: str, key: str, value: Any) -> str:
+        return f"{line} {key}={self.value(value)}"
+
 
 class Line:
     """One INFO line of ``logger`` whose message and fields are known but for a few
@@ -259,9 +269,14 @@ class Line:
     Either way the text is what the formatter writes for such a record. Written a second time,
     it is rendered once more with stand-ins for the blanks and the time, and cut there: from
     then on only the blanks and the time are written out.
+
+    From its cut on, the writes of one turn (``turn``) are held as one line (``_Alike``): the
+    first write's values in the blanks, and each later one's under ``ALIKE``. A ReplicaSet's
+    Pods answered in one turn are then one line, listing each one's uid and duration, rather
+    than the same kilobyte of images again for each.
     """
 
-    __slots__ = ("_blanks", "_fields", "_handler", "_logger", "_message", "_parts")
+    __slots__ = ("_alike", "_blanks", "_fields", "_handler", "_logger", "_message", "_parts")
 
     def __init__(
         self,
@@ -276,6 +291,7 @@ class Line:
         self._blanks = blanks
         self._handler: _LineHandler | None = None  # the handler last written to
         self._parts: tuple[str, ...] | None = None  # cut for that handler; () if it cannot be
+        self._alike: _Alike | None = None  # the writes this turn holds, while it holds them
 
     @property
     def size(self) -> int:
@@ -286,7 +302,11 @@ class Line:
 
     def write(self, *values: Any, turn: asyncio.AbstractEventLoop | None = None) -> None:
         """The line, with ``values`` in place of the blanks (in their order) and the time now;
-        with ``turn``, the running loop, written at the end of its turn (``_LineHandler``)."""
+        with ``turn``, the running loop, written at the end of its turn (``_LineHandler``),
+        in one line with the other writes of that turn once the line is cut."""
+        alike = self._alike
+        if turn is not None and alike is not None and alike.add(values):
+            return
         handler = _direct_handler(self._logger)
         if handler is None:
             if self._logger.isEnabledFor(logging.INFO):
@@ -295,7 +315,10 @@ class Line:
         formatter = handler.formatter
         parts = self._parts
         if parts and handler is self._handler:
-            handler.write(formatter.filled(parts, values), turn)
+            if turn is None:
+                handler.write(formatter.filled(parts, values))
+            else:
+                self._alike = handler.hold(_Alike(handler, parts, self._blanks, values), turn)
             return
         if handler is not self._handler:  # the first line, or logging was set up again
             self._handler, self._parts = handler, None
@@ -318,6 +341,46 @@ class Line:
         return fields
 
 
+ALIKE: Final = "alike"  # the field listing the later writes of a line held for a turn
+
+
+class _Alike:
+    """The writes of one cut line held for one turn, to be written as one line: the first
+    one's values in the blanks, the others' (each as the blanks' fields) under ``ALIKE``."""
+
+    __slots__ = ("_blanks", "_handler", "_parts", "_values", "held")
+
+    def __init__(
+        self,
+        handler: _LineHandler,
+        parts: tuple[str, ...],
+        blanks: tuple[str, ...],
+        values: tuple[Any, ...],
+    ) -> None:
+        self._handler = handler
+        self._parts = parts
+        self._blanks = blanks
+        self._values = [values]
+        self.held = True  # until the handler writes it
+
+    def add(self, values: tuple[Any, ...]) -> bool:
+        """Hold ``values`` too; False once the line is written (or being written)."""
+        with self._handler.lock:  # type: ignore[union-attr]
+            if not self.held:
+                return False
+            self._values.append(values)
+            return True
+
+    def text(self, formatter: _LineFormatter) -> str:
+        first, *later = self._values
+        line = formatter.filled(self._parts, first)
+        if not later:
+            return line
+        blanks = self._blanks
+        alike = [dict(zip(blanks, values, strict=True)) for values in later]
+        return formatter.appended(line, ALIKE, alike)
+
+
 class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler ``setup`` installs; ``Line`` writes to it directly.
 
@@ -332,7 +395,7 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        self._held: list[str] = []
+        self._held: list[str | _Alike] = []
 
     def write(self, line: str, turn: asyncio.AbstractEventLoop | None = None) -> None:
         """What ``emit`` does with a formatted record; with ``turn``, at the end of it."""
@@ -348,6 +411,14 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self._held.append(line)
         except Exception:
             self.handleError(logging.makeLogRecord({"msg": line}))
+
+    def hold(self, alike: _Alike, turn: asyncio.AbstractEventLoop) -> _Alike:
+        """Hold ``alike`` to the end of ``turn``, as ``write`` holds a line."""
+        with self.lock:  # type: ignore[union-attr]
+            if not self._held:
+                turn.call_soon(self._end_of_turn)
+            self._held.append(alike)
+        return alike
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._held:  # handle() holds the lock
@@ -374,8 +445,14 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def _write_held(self) -> None:
         if self._held:
             held, self._held = self._held, []
-            held.append("")
-            self.stream.write(self.terminator.join(held))
+            lines = []
+            for line in held:
+                if isinstance(line, _Alike):
+                    line.held = False  # under the lock, as ``add`` looks
+                    line = line.text(self.formatter)
+                lines.append(line)
+            lines.append("")
+            self.stream.write(self.terminator.join(lines))
 
 
 def _direct_handler(logger: logging.Logger) -> _LineHandler | None:
