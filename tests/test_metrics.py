@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from tests.harness.fixtures import RegistryEnv
 from tests.harness.proxy import CountingProxy
 from webhook.config import CacheSettings, load_settings
-from webhook.metrics import Metrics, Tally, TallyHistogram
+from webhook.metrics import Counts, Metrics, Tally, TallyHistogram
 from webhook.oci.reference import ImageRef
 from webhook.resolve import CachingResolver, PullScope, StaticDigestResolver
 from webhook.runtime import Runtime, config_hash
@@ -151,3 +151,39 @@ def test_tallies_read_as_prometheus_client_counters_and_histograms() -> None:
     tally.inc(("Pod",))
     with pytest.raises(ValueError, match="label values"):
         generate_latest(ours)
+
+
+def test_counts_add_what_the_calls_they_stand_for_would_on_any_thread() -> None:
+    """A recalled admission's counts go straight into the sums on the thread that owns them,
+    through each tally's ``inc`` on any other: the same totals either way."""
+    counted, called = Metrics(), Metrics()
+    counts = [
+        counted.admission_counts("Pod", "CREATE", "patched"),
+        counted.settled_counts({"pinned": 2, "unchanged": 1}, 3, 2),
+    ]
+
+    def count() -> None:
+        for each in counts:
+            counted.count(each)
+        counted.admission_seconds.observe(0.02)
+        called.answers_recalled.inc()
+        called.admission("Pod", "CREATE", "patched")
+        called.images_seen({"pinned": 2, "unchanged": 1})
+        called.cache_event("hit", 3)
+        called.owner_pin("kept", 2)
+        called.admission_seconds.observe(0.02)
+
+    count()
+    elsewhere = threading.Thread(target=count)
+    elsewhere.start()
+    elsewhere.join()
+
+    def pinhook(metrics: Metrics) -> list[str]:
+        lines = _without_created(generate_latest(metrics.registry))
+        return [line for line in lines if "pinhook_" in line and "pinhook_build" not in line]
+
+    assert pinhook(counted) == pinhook(called)
+    assert sample(counted, "pinhook_images_total", outcome="pinned") == 4.0
+    assert sample(counted, "pinhook_admission_duration_seconds_count") == 2.0
+    with pytest.raises(ValueError, match="only go up"):
+        Counts.of([(counted.images, ("pinned",), -1)])

@@ -115,12 +115,25 @@ class Answer:
     after_uid: bytes = b""
     log_line: Line | None = None
     counts: Counts | None = None  # what answering a like review again adds to the metrics
+    # ``counts`` with a standing decision's own (``with_settled``), and the latter.
+    _with_settled: tuple[Counts, Counts] | None = None
 
     def request(self, uid: str) -> AdmissionRequest:
         return self.review._replace(uid=uid)
 
     def response(self, uid: str) -> bytes:
         return self.before_uid + orjson.dumps(uid) + self.after_uid
+
+    def with_settled(self, settled: Counts) -> Counts:
+        """What this answer, recalled, adds to the metrics with what the decision standing
+        for it adds (``Mutator.standing``): one set to count, worked out once for each."""
+        kept = self._with_settled
+        if kept is not None and kept[0] is settled:
+            return kept[1]
+        own = self.counts.adds if self.counts is not None else ()
+        both = Counts.of((*own, *settled.adds))
+        self._with_settled = (settled, both)
+        return both
 
 
 class Answers:
@@ -170,6 +183,7 @@ class Answers:
         answer.before_uid, answer.after_uid = parts
         answer.log_line = log_line
         answer.counts = counts
+        answer._with_settled = None
         return True
 
 

@@ -34,7 +34,7 @@ from .decide import DENIED, OVERLOADED, SKIPPED, Decision
 from .errors import InvalidReview
 from .listener import ARRIVED
 from .logs import Line
-from .metrics import Metrics
+from .metrics import Counts, Metrics
 from .mutate import TIMEOUT_MARGIN, Mutator
 from .plan import InvalidImage, RequestPlan
 from .redact import scrub
@@ -173,16 +173,18 @@ class AdmissionApp:
         if answer.decision is None:
             return None
         try:
-            decision = answers.mutator.standing(answer.plan)
+            standing = answers.mutator.standing(answer.plan)
         except Exception:  # the general path decides it, and answers by policy if it fails
             log.exception("recalling the answer for review %s failed", uid)
             return None
-        if decision is None:
+        if standing is None:
             return None
-        if decision is not answer.decision:
+        decision, settled = standing
+        if decision is not answer.decision or answer.counts is None:
+            self.service.metrics.count(settled)
             review = answer.request(uid)
             return self._answered(review, answer.plan, decision, (answers, answer), arrived, loop)
-        return self._rendered(answer, uid, decision, arrived, loop, recalled=True)
+        return self._rendered(answer, uid, decision, arrived, loop, answer.with_settled(settled))
 
     def _answered(
         self,
@@ -200,13 +202,14 @@ class AdmissionApp:
         recalled = answer is not None and answer.decision is decision
         if kept is not None and not recalled:
             line = _log_line(review, plan, decision)
-            counts = self.service.metrics.admission_counts(
+            added = self.service.metrics.admission_counts(
                 review.kind, review.operation, decision.result
             )
-            if not kept[0].settle(kept[1], decision, line, counts):
+            if not kept[0].settle(kept[1], decision, line, added):
                 answer = None
         if answer is not None:
-            return self._rendered(answer, review.uid, decision, arrived, loop, recalled=recalled)
+            counts = answer.counts if recalled else None
+            return self._rendered(answer, review.uid, decision, arrived, loop, counts)
         seconds = loop.time() - arrived
         metrics = self.service.metrics
         metrics.admission(review.kind, review.operation, decision.result)
@@ -223,15 +226,15 @@ class AdmissionApp:
         decision: Decision,
         arrived: float,
         loop: asyncio.AbstractEventLoop,
-        *,
-        recalled: bool,
+        counts: Counts | None,
     ) -> bytes:
         """``answer``'s answer and log line as rendered for ``decision``, for the review of
-        ``uid``, counted; ``recalled`` when they were rendered for an earlier review."""
+        ``uid``; ``counts`` what it adds to the metrics when they were rendered for an
+        earlier review (``Answer.counts``), else it is counted as a new admission."""
         metrics = self.service.metrics
         seconds = loop.time() - arrived
-        if recalled and answer.counts is not None:  # set with the decision (settle)
-            metrics.count(answer.counts)
+        if counts is not None:
+            metrics.count(counts)
         else:
             review = answer.review
             metrics.admission(review.kind, review.operation, decision.result)

@@ -239,7 +239,7 @@ class Metrics:
     def admission_counts(self, kind: str, operation: str, result: str) -> Counts:
         """What ``admission`` adds, and one answer recalled: for ``count``, again and again."""
         labels = _admission_labels(kind, operation, result)
-        return Counts(((self.answers_recalled, (), 1), (self.admissions, labels, 1)))
+        return Counts.of(((self.answers_recalled, (), 1), (self.admissions, labels, 1)))
 
     def settled_counts(self, images: Mapping[str, int], hits: int, owner_kept: int) -> Counts:
         """What ``images_seen`` and the cache hits (and an owner's digests kept) add."""
@@ -250,11 +250,15 @@ class Metrics:
             adds.append((self.cache_events, ("hit",), hits))
         if owner_kept:
             adds.append((self.owner_pins, ("kept",), owner_kept))
-        return Counts(tuple(adds))
+        return Counts.of(adds)
 
     def count(self, counts: Counts) -> None:
         """Add ``counts`` (``admission_counts``, ``settled_counts``), as the calls they stand
-        for would."""
+        for would: on the thread that owns the sums, straight into them."""
+        if counts.owner == threading.get_ident():
+            for own, key, amount in counts.owned:
+                own[key] = own.get(key, 0.0) + amount
+            return
         for tally, labels, amount in counts.adds:
             tally.inc(labels, amount)
 
@@ -376,6 +380,28 @@ class _Sums(Generic[K]):
             with self._lock:
                 self._elsewhere[key] = self._elsewhere.get(key, 0.0) + amount
 
+    def add_two(self, key: K, amount: float, other: K, other_amount: float) -> None:
+        """``add`` of two keys, the thread asked for once."""
+        if threading.get_ident() == self._owner:
+            own = self._own
+            own[key] = own.get(key, 0.0) + amount
+            own[other] = own.get(other, 0.0) + other_amount
+        else:
+            with self._lock:
+                elsewhere = self._elsewhere
+                elsewhere[key] = elsewhere.get(key, 0.0) + amount
+                elsewhere[other] = elsewhere.get(other, 0.0) + other_amount
+
+    @property
+    def owner(self) -> int:
+        """The thread that adds without a lock."""
+        return self._owner
+
+    @property
+    def owned(self) -> dict[K, float]:
+        """The sums that thread adds to: only it may write them."""
+        return self._own
+
     def totals(self) -> dict[K, float]:
         totals = self._own.copy()
         with self._lock:
@@ -386,9 +412,25 @@ class _Sums(Generic[K]):
 
 class Counts(NamedTuple):
     """What one admission adds to the tallies, worked out once: a like review answered
-    again adds the same (``Metrics.count``), without the calls that work it out."""
+    again adds the same (``Metrics.count``), without the calls that work it out.
+
+    ``owned`` is the same, as the sums to add to on their owner's thread (``owner``; every
+    tally is made on one), where ``count`` writes them without a call per tally."""
 
     adds: tuple[tuple[Tally, tuple[str, ...], float], ...]
+    owner: int | None
+    owned: tuple[tuple[dict[tuple[str, ...], float], tuple[str, ...], float], ...]
+
+    @classmethod
+    def of(cls, adds: Iterable[tuple[Tally, tuple[str, ...], float]]) -> Counts:
+        adds = tuple(adds)
+        for tally, _labels, amount in adds:
+            if amount < 0:
+                tally.inc((), amount)  # refused there, as any count down is
+        owners = {tally.sums.owner for tally, _, _ in adds}
+        owner = owners.pop() if len(owners) == 1 else None
+        owned = tuple((tally.sums.owned, labels, amount) for tally, labels, amount in adds)
+        return cls(adds, owner, owned)
 
 
 class Tally(Collector):
@@ -401,21 +443,21 @@ class Tally(Collector):
         self._name = name
         self._documentation = documentation
         self._labels = tuple(labels)
-        self._sums: _Sums[tuple[str, ...]] = _Sums()
+        self.sums: _Sums[tuple[str, ...]] = _Sums()
         registry.register(self)
 
     def inc(self, labels: tuple[str, ...] = (), amount: float = 1) -> None:
         """Add ``amount`` (not negative) to the series of these label values, in order."""
         if amount < 0:
             raise ValueError(f"{self._name}: counters only go up, not by {amount}")
-        self._sums.add(labels, amount)
+        self.sums.add(labels, amount)
 
     def describe(self) -> Iterable[Metric]:
         return [self._family()]
 
     def collect(self) -> Iterable[Metric]:
         family = self._family()
-        totals = self._sums.totals()
+        totals = self.sums.totals()
         if not self._labels:
             totals.setdefault((), 0.0)  # an unlabelled counter shows 0 before its first count
         for labels, value in totals.items():
@@ -443,10 +485,10 @@ class TallyHistogram(Collector):
 
     def observe(self, value: float) -> None:
         # The first bucket whose bound is at least ``value``: ``le`` means less or equal.
-        sums = self._sums
-        if value == value:  # NaN is in no bucket (and so not counted), as the library has it
-            sums.add(bisect_left(self._bounds, value), 1)
-        sums.add(_SUM, value)
+        if value == value:
+            self._sums.add_two(bisect_left(self._bounds, value), 1, _SUM, value)
+        else:  # NaN is in no bucket (and so not counted), as the library has it
+            self._sums.add(_SUM, value)
 
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self._name, self._documentation)]

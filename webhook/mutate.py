@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import jsonpointer
 
@@ -23,7 +23,7 @@ from .decide import INTERNAL_ERROR, OVERLOADED, TIMED_OUT, Decision, Unknown, de
 from .errors import InvalidReference, ResolveError
 from .kinds import DEFAULT_MODES, Mode, kind_info
 from .locate import ImageField, locate
-from .metrics import Metrics
+from .metrics import Counts, Metrics
 from .oci.credential import PullContext
 from .oci.reference import ImageRef
 from .owners import OwnerPins
@@ -262,11 +262,12 @@ class Mutator:
             return self._settled_again(plan)
         return self._settled_now(plan)
 
-    def standing(self, plan: RequestPlan) -> Decision | None:
+    def standing(self, plan: RequestPlan) -> Standing | None:
         """The decision last made for ``plan``, while the very entries its results rest on
-        are still held (``Recall.standing``): no lookup, no decision made. Counted as
-        ``settled`` and ``conclude`` would count it; None when it does not stand (or was
-        never found to), and nothing is counted."""
+        are still held (``Recall.standing``): no lookup, no decision made. With what
+        ``settled`` and ``conclude`` would have counted for it, for the caller to count
+        (``Metrics.count``) with its own; None when it does not stand (or was never found
+        to)."""
         settled = self._recall.standing(plan, self._holder(plan))
         if settled is None or settled.decision is None:
             return None
@@ -276,9 +277,9 @@ class Mutator:
             hits, owner_kept = _hits(settled.digests, plan.owner)
             counts = self.metrics.settled_counts(decision.images, hits, owner_kept)
             self._recall.keep_counts(settled, counts)
-        self.metrics.count(counts)
-        self._count_failures(decision)
-        return decision
+        if decision.failures:  # not in ``counts``: the library's own counter, rarely counted
+            self._count_failures(decision)
+        return Standing(decision, counts)
 
     def _holder(self, plan: RequestPlan) -> Holder:
         """Who holds the digests of ``plan``'s results: the owner's decisions, or the cache."""
@@ -535,6 +536,13 @@ class Mutator:
     def _count_failures(self, decision: Decision) -> None:
         for reason, count in decision.failures.items():
             self.metrics.resolve_failures.labels(reason).inc(count)
+
+
+class Standing(NamedTuple):
+    """A decision that still stands, and what answering with it adds to the metrics."""
+
+    decision: Decision
+    counts: Counts
 
 
 def _hits(digests: tuple[str | None, ...], owner: str | None) -> tuple[int, int]:
