@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -35,6 +35,7 @@ from webhook.plan import RequestPlan
 from webhook.resolve import (
     DigestResolver,
     Held,
+    Holding,
     PullScope,
     RegistryDigestResolver,
     Resolution,
@@ -722,7 +723,10 @@ class ExplodingResolver:
     def hold(self, ref: ImageRef) -> Held | None:
         return None
 
-    def holds(self, held: Sequence[Held], until: float) -> bool:
+    def holding(self, held: tuple[Held, ...]) -> Holding:
+        return Holding(held, 0)
+
+    def holds(self, holding: Holding) -> bool:
         return False
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:

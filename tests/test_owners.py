@@ -248,8 +248,40 @@ def test_a_held_entry_counts_as_used() -> None:
     assert held is not None and decided is not None
     cache.peek(refs[1])  # now the first is the least recently used
     owners.peek(RS_A, refs[1])
-    assert cache.holds([held], held.expires) and owners.holds([decided], decided.expires)
+    assert cache.holds(cache.holding((held,))) and owners.holds(owners.holding((decided,)))
     asyncio.run(cache.resolve(refs[2], PullScope(None), clock.now + 5))
     owners.adopt(RS_A, refs[2], table[refs[2]])
     assert cache.peek(refs[0]) == table[refs[0]] and cache.peek(refs[1]) is None
     assert owners.peek(RS_A, refs[0]) == table[refs[0]] and owners.peek(RS_A, refs[1]) is None
+
+
+def test_a_holding_holds_until_one_of_its_own_entries_changes() -> None:
+    """Another entry coming or going does not end a holding; its own entry replaced,
+    dropped or expired does. Entries found held count as used at most once a second."""
+    refs = [ImageRef.parse(f"example.com/app:{n}") for n in range(4)]
+    table = {ref: f"sha256:{n:064x}" for n, ref in enumerate(refs)}
+    clock = Clock()
+    cache = CachingResolver(StaticDigestResolver(table), CacheSettings(max_entries=2), clock=clock)
+    scope = PullScope(None)
+    asyncio.run(cache.resolve(refs[0], scope, clock.now + 5))
+    held = cache.hold(refs[0])
+    assert held is not None
+    holding = cache.holding((held,))
+    asyncio.run(cache.resolve(refs[1], scope, clock.now + 5))  # another entry comes
+    assert cache.holds(holding)  # refs[0] counts as used: the most recent again
+    cache.peek(refs[1])
+    assert cache.holds(holding)  # within the second: not moved again
+    asyncio.run(cache.resolve(refs[2], scope, clock.now + 5))  # the least recent goes
+    assert not cache.holds(holding)
+    asyncio.run(cache.resolve(refs[3], scope, clock.now + 5))
+    assert cache.peek(refs[0]) is None and cache.peek(refs[2]) == table[refs[2]]
+    # Expiry: held until the first of its entries expires, on the holder's clock.
+    owners = OwnerPins(OwnerPinningSettings(ttl_seconds=60), 10, clock=clock)
+    owners.adopt(RS_A, refs[0], table[refs[0]])
+    decided = owners.hold(RS_A, refs[0])
+    assert decided is not None
+    kept = owners.holding((decided,))
+    owners.adopt(RS_A, refs[1], table[refs[1]])
+    assert owners.holds(kept)
+    clock.now += 61
+    assert not owners.holds(kept)

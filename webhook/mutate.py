@@ -324,7 +324,7 @@ class Mutator:
             else:
                 settled = self._recall.settled(plan, tuple(digests))
                 if settled is not None:
-                    self._recall.hold(settled, tuple(held))
+                    self._recall.hold(settled, holder.holding(tuple(held)))
         if settled is not None:
             self._count_hits(settled.digests, owner)
             return settled.results

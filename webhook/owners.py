@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from .config import OwnerPinningSettings
 from .metrics import Metrics
 from .oci.reference import ImageRef
-from .resolve import Held, still_held
+from .resolve import Held, Holding, still_held
 from .sharedcache import SharedOwners
 
 _Key = tuple[str, str]  # owner, name:tag
@@ -43,6 +43,7 @@ class OwnerPins:
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._decided: OrderedDict[_Key, tuple[str, float]] = OrderedDict()
+        self._changes = 0  # decisions kept or dropped (``holds``)
 
     def __len__(self) -> int:
         return len(self._decided)
@@ -73,13 +74,17 @@ class OwnerPins:
             return None
         if known[1] <= self._clock():
             del self._decided[key]
+            self._changes += 1
             return None
         self._decided.move_to_end(key)
         return known
 
-    def holds(self, held: Sequence[Held], until: float) -> bool:
-        """Whether each of ``held`` is still the decision kept, none past ``until``."""
-        return still_held(self._decided, held, until, self._clock())
+    def holding(self, held: tuple[Held, ...]) -> Holding:
+        return Holding(held, self._changes)
+
+    def holds(self, holding: Holding) -> bool:
+        """Whether each of ``holding``'s is still the decision kept, none expired."""
+        return still_held(self._decided, holding, self._clock(), self._changes)
 
     def adopt(self, owner: str, ref: ImageRef, digest: str) -> None:
         """Record ``digest``, from the local cache, as the owner's first decision. Only when
@@ -115,6 +120,7 @@ class OwnerPins:
 
     def _keep(self, owner: str, ref: ImageRef, digest: str) -> None:
         key = (owner, _image(ref))
+        self._changes += 1
         self._decided[key] = (digest, self._clock() + self._ttl)
         self._decided.move_to_end(key)
         while len(self._decided) > self._max_entries:

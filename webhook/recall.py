@@ -22,7 +22,7 @@ from typing import NamedTuple
 from .decide import Decision
 from .metrics import Counts
 from .plan import ImageResult, RequestPlan
-from .resolve import Held, Holder
+from .resolve import Holder, Holding
 
 # Sets of image fields remembered, and the characters of their image fields (pointers, images,
 # pull secret and service account names, problems); past either, all are forgotten at once (a
@@ -34,13 +34,6 @@ RECALL_SIZE = 1024
 RECALL_CHARACTERS = 1024 * 1024
 # An object whose fields come to more than this is planned afresh every time.
 RECALL_OBJECT_CHARACTERS = 16 * 1024
-
-
-class Holding(NamedTuple):
-    """The cache entries a plan's results rest on, to tell at once that they still do."""
-
-    held: tuple[Held, ...]  # one per image resolved, in order
-    until: float  # the first of them to expire
 
 
 class _Settled(NamedTuple):
@@ -103,15 +96,13 @@ class Recall:
         settled = self._settled.get(id(plan))
         if settled is None or settled.plan is not plan or settled.holding is None:
             return None
-        held, until = settled.holding
-        return settled if holder.holds(held, until) else None
+        return settled if holder.holds(settled.holding) else None
 
-    def hold(self, settled: _Settled, held: tuple[Held, ...]) -> None:
-        """Remember that ``settled``, just found in ``settled()``, rests on ``held``."""
+    def hold(self, settled: _Settled, holding: Holding) -> None:
+        """Remember that ``settled``, just found in ``settled()``, rests on ``holding``."""
         plan = settled.plan
         if self._settled.get(id(plan)) is settled:
-            until = min([h.expires for h in held], default=float("inf"))
-            self._settled[id(plan)] = settled._replace(holding=Holding(held, until))
+            self._settled[id(plan)] = settled._replace(holding=holding)
 
     def keep_counts(self, settled: _Settled, counts: Counts) -> None:
         """Remember ``counts`` for ``settled``, just found in ``standing()``."""

@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from .config import CacheSettings
 from .errors import NotFound, ResolveError, Unauthorized
@@ -65,27 +65,53 @@ class Held(NamedTuple):
     expires: float
 
 
-def still_held(
-    entries: OrderedDict[Any, Any], held: Sequence[Held], until: float, now: float
-) -> bool:
-    """Whether ``entries`` (by recency) still hold each of ``held`` as it was, and ``now``
-    is before ``until``; if so, each is moved to the recent end, as a lookup would."""
-    if now >= until:
+# Entries found still held are moved to the recent end at most this often: a cache of
+# thousands turns over far slower, and a Pod of a ReplicaSet each millisecond would otherwise
+# move the same few every time.
+TOUCH_SECONDS: Final = 1.0
+
+
+class Holding:
+    """Entries held together (one admission's images), to tell at once that they still are:
+    while their holder's count of changes (``Holder.holding``) has not moved, each one is
+    there as it was, and only their time is checked."""
+
+    __slots__ = ("changes", "held", "touched", "until")
+
+    def __init__(self, held: tuple[Held, ...], changes: int) -> None:
+        self.held = held
+        self.until = min([h.expires for h in held], default=float("inf"))  # the first to expire
+        self.changes = changes  # the holder's, when each was last seen there as it was
+        self.touched = float("-inf")  # when they were last moved to the recent end
+
+
+def still_held(entries: OrderedDict[Any, Any], holding: Holding, now: float, changes: int) -> bool:
+    """Whether ``entries`` (by recency; changed ``changes`` times) still hold each of
+    ``holding``'s as it was, and ``now`` is before the first expires; if so they count as
+    used, as a lookup would have them (``TOUCH_SECONDS``)."""
+    if now >= holding.until:
         return False
-    for h in held:
-        if entries.get(h.key) is not h.entry:
-            return False
-    for h in held:
-        entries.move_to_end(h.key)
+    if holding.changes != changes:
+        for h in holding.held:
+            if entries.get(h.key) is not h.entry:
+                return False
+        holding.changes = changes
+    if now - holding.touched >= TOUCH_SECONDS:
+        for h in holding.held:
+            entries.move_to_end(h.key)
+        holding.touched = now
     return True
 
 
 class Holder(Protocol):
-    def holds(self, held: Sequence[Held], until: float) -> bool:
-        """Whether each of ``held`` is still held as it was, none of them stale or past
-        ``until`` (on the holder's clock; the least of their ``expires`` at the latest):
-        what looking each up again would give, in a fraction of its time. They count as
-        used."""
+    def holding(self, held: tuple[Held, ...]) -> Holding:
+        """``held``, just found held here (``hold``), to be checked later (``holds``)."""
+        ...
+
+    def holds(self, holding: Holding) -> bool:
+        """Whether each of ``holding``'s entries is still held as it was, none of them stale
+        or expired (on the holder's clock): what looking each up again would give, in a
+        fraction of its time. They count as used."""
         ...
 
 
@@ -142,9 +168,12 @@ class StaticDigestResolver:
         digest = self._table.get(key)
         return None if digest is None else Held(digest, key, digest, float("inf"))
 
-    def holds(self, held: Sequence[Held], until: float) -> bool:
+    def holding(self, held: tuple[Held, ...]) -> Holding:
+        return Holding(held, 0)
+
+    def holds(self, holding: Holding) -> bool:
         table = self._table
-        return all(table.get(h.key) == h.digest for h in held)
+        return all(table.get(h.key) == h.digest for h in holding.held)
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         return Resolution(await self.digest(ref, ANONYMOUS, deadline))
@@ -189,7 +218,10 @@ class RegistryDigestResolver:
     def hold(self, ref: ImageRef) -> Held | None:
         return None
 
-    def holds(self, held: Sequence[Held], until: float) -> bool:
+    def holding(self, held: tuple[Held, ...]) -> Holding:
+        return Holding(held, 0)
+
+    def holds(self, holding: Holding) -> bool:
         return False
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
@@ -305,6 +337,7 @@ class CachingResolver:
         self._clock = clock
         self._on_event = on_event or (lambda _event: None)
         self._entries: OrderedDict[_TagKey, _Entry] = OrderedDict()
+        self._changes = 0  # entries added, replaced, dropped or marked stale (``holds``)
         self._failures: OrderedDict[_ScopedKey, _Failure] = OrderedDict()
         self._resolving: SingleFlight[_ScopedKey, Resolution] = SingleFlight()
         self._known_digests: OrderedDict[_TagKey, None] = OrderedDict()
@@ -336,10 +369,13 @@ class CachingResolver:
         self._entries.move_to_end(key)
         return entry
 
-    def holds(self, held: Sequence[Held], until: float) -> bool:
+    def holding(self, held: tuple[Held, ...]) -> Holding:
+        return Holding(held, self._changes)
+
+    def holds(self, holding: Holding) -> bool:
         # Sound because an entry changes in place only once stale or expired (_serve_stale):
-        # one held fresh is either the very same object, fresh until ``until``, or gone.
-        return still_held(self._entries, held, until, self._clock())
+        # one held fresh is either the very same object, fresh until it expires, or gone.
+        return still_held(self._entries, holding, self._clock(), self._changes)
 
     async def resolve(self, ref: ImageRef, scope: PullScope, deadline: float) -> Resolution:
         key = (ref.name, ref.tag_or_latest())
@@ -380,6 +416,7 @@ class CachingResolver:
                 raise
             self._on_event("stale")
             return Resolution(stale, stale=True)
+        self._changes += 1
         if _bounded_put(self._entries, key, entry, self._settings.max_entries):
             self._on_event(EVICTED)
         self._failures.pop(scoped, None)
@@ -450,6 +487,7 @@ class CachingResolver:
         now = self._clock()
         if now - (entry.fetched + settings.ttl_seconds) > settings.stale_max_seconds:
             return None
+        self._changes += 1
         entry.stale = True
         entry.expires = now + settings.negative_ttl_seconds
         return entry.digest
