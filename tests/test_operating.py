@@ -3,9 +3,11 @@ any level), its metrics port, and how it refuses to start."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -72,6 +74,30 @@ def json_served(tmp_path: Path) -> Iterator[Served]:
     yield server
     if server.process.poll() is None:
         server.stop()
+
+
+def test_like_admissions_on_a_shared_line_each_keep_their_uid(json_served: Served) -> None:
+    """A ReplicaSet's Pods answered at once may share a line (``alike``): every admission's
+    uid and duration is there, once."""
+    ca = json_served.cwd / "certs" / "ca.crt"
+    replica = pod(NGINX)
+    replica["metadata"]["name"] = ""
+    documents = [review(replica, namespace="shop") for _ in range(60)]
+
+    async def admit_at_once() -> None:
+        context = ssl.create_default_context(cafile=ca)
+        base = f"https://localhost:{json_served.port}"
+        async with httpx.AsyncClient(base_url=base, verify=context) as client:
+            answers = await asyncio.gather(*[client.post("/mutate", json=d) for d in documents])
+        assert {answer.status_code for answer in answers} == {200}
+
+    asyncio.run(admit_at_once())
+    logged = [r for r in records(drained(json_served)) if r["msg"] == "admission patched"]
+    entries = [*logged, *[alike for r in logged for alike in r.get("alike", [])]]
+    assert sorted(entry["uid"] for entry in entries) == sorted(
+        d["request"]["uid"] for d in documents
+    )
+    assert all(entry["durationMs"] > 0 for entry in entries)
 
 
 def test_one_json_line_per_admission(json_served: Served) -> None:

@@ -10,8 +10,9 @@ second. For such a review, pinhook skips what it did for the first one:
 * while the decision stands (``recall.py``: the cache still holds the same digests, and so the
   very same ``Decision`` comes back), rendering the answer and the admission log line.
 
-What still runs for every review: the cache lookups that tell whether the decision stands
-(``Mutator.settled`` and ``conclude``), the metrics and the log line's uid, time and duration.
+What still runs for every review: the check that the cache entries the decision rests on are
+still held (``Mutator.standing``), its counts, and its uid and duration in the log line (one
+line for the like reviews answered in one turn of the loop, ``logs.Line``).
 A decision that does not stand (a digest moved or expired) is made and rendered afresh, as for
 any review.
 

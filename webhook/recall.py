@@ -7,7 +7,8 @@ what a cached admission costs pinhook, so :class:`Recall` keeps, per set of imag
 plan and the results and decision of the last admission that was answered from the cache, and
 gives them back while the cache still holds the very same digests. Once they are found to
 stand, the cache entries they rest on are kept with them (``Holding``): the next like object
-checks that those very entries are still there and fresh, rather than looking each image up.
+checks that those very entries are still there and fresh, rather than looking each image up,
+and while the cache has not changed at all since they were, only that they are fresh.
 
 Only the pure path is kept: a decision is recalled for results that came from the cache with
 nothing to resolve, never for one made from a registry's answer (which may carry a failure or
