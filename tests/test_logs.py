@@ -346,3 +346,28 @@ async def test_a_record_logged_between_like_writes_keeps_its_place() -> None:
     ]
     assert logs.ALIKE not in entries[0]
     assert entries[2][logs.ALIKE] == [{"uid": "u-4", "durationMs": 1.0}]
+
+
+async def test_a_held_line_that_cannot_be_written_costs_no_other() -> None:
+    """A value the formatter refuses loses that line alone, reported as logging reports a
+    failure: the lines held with it are written, and so are its like lines' later turns."""
+    stream = io.StringIO()
+    logs.setup("info", "json", stream=stream)
+    log = logging.getLogger("webhook.test")
+    failing = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    other = logs.Line(log, "admission unchanged", FIELDS, ("uid", "durationMs"))
+    for line in (failing, other):
+        line.write("u-0", 0.5)
+        line.write("u-1", 0.5)  # written whole, then cut
+    before = len(stream.getvalue().splitlines())
+    loop = asyncio.get_running_loop()
+    failing.write(2**70, 1.0, turn=loop)  # over 64 bits: orjson refuses it
+    other.write("o-1", 1.0, turn=loop)
+    await asyncio.sleep(0)
+    other.write("o-2", 1.0, turn=loop)
+    failing.write("u-2", 1.0, turn=loop)
+    await asyncio.sleep(0)
+    written = [json.loads(x)["uid"] for x in stream.getvalue().splitlines()[before:]]
+    assert written == ["o-1", "o-2", "u-2"]
+    with pytest.raises(ValueError, match="values for the blanks"):
+        other.write("o-3", turn=loop)

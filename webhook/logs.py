@@ -317,6 +317,8 @@ class Line:
         if parts and handler is self._handler:
             if turn is None:
                 handler.write(formatter.filled(parts, values))
+            elif len(values) != len(self._blanks):
+                raise ValueError(f"{len(values)} values for the blanks {self._blanks}")
             else:
                 self._alike = handler.hold(_Alike(handler, parts, self._blanks, values), turn)
             return
@@ -364,7 +366,10 @@ class _Alike:
         self.held = True  # until the handler writes it
 
     def add(self, values: tuple[Any, ...]) -> bool:
-        """Hold ``values`` too; False once the line is written (or being written)."""
+        """Hold ``values`` too; False once the line is written (or being written). Values
+        that do not fit the blanks are refused here, at the write, not at the turn's end."""
+        if len(values) != len(self._blanks):
+            raise ValueError(f"{len(values)} values for the blanks {self._blanks}")
         with self._handler.lock:  # type: ignore[union-attr]
             if not self.held:
                 return False
@@ -388,7 +393,8 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     and written together: one system call for the admissions a turn answers, rather than one
     each, and nothing held past the turn it was written in. A record through ``logging``, a
     flush (``logging.shutdown`` flushes at exit) and closing write the held lines first, so
-    lines keep the order they were written in.
+    lines keep the order they were written in; the later writes of a line held as one
+    (``_Alike``) are in the place of its first, and its time is when it is written.
     """
 
     formatter: _LineFormatter
@@ -412,12 +418,17 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(logging.makeLogRecord({"msg": line}))
 
-    def hold(self, alike: _Alike, turn: asyncio.AbstractEventLoop) -> _Alike:
-        """Hold ``alike`` to the end of ``turn``, as ``write`` holds a line."""
-        with self.lock:  # type: ignore[union-attr]
-            if not self._held:
-                turn.call_soon(self._end_of_turn)
-            self._held.append(alike)
+    def hold(self, alike: _Alike, turn: asyncio.AbstractEventLoop) -> _Alike | None:
+        """Hold ``alike`` to the end of ``turn``, as ``write`` holds a line; None when it
+        cannot be (the failure reported as ``write`` reports one)."""
+        try:
+            with self.lock:  # type: ignore[union-attr]
+                if not self._held:
+                    turn.call_soon(self._end_of_turn)
+                self._held.append(alike)
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": "a line held for a turn"}))
+            return None
         return alike
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -445,14 +456,22 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def _write_held(self) -> None:
         if self._held:
             held, self._held = self._held, []
-            lines = []
             for line in held:
                 if isinstance(line, _Alike):
-                    line.held = False  # under the lock, as ``add`` looks
-                    line = line.text(self.formatter)
-                lines.append(line)
+                    line.held = False  # under the lock, as ``add`` looks: none adds to it now
+            lines = [text for text in map(self._text, held) if text is not None]
             lines.append("")
             self.stream.write(self.terminator.join(lines))
+
+    def _text(self, line: str | _Alike) -> str | None:
+        """A held line's text; None when it cannot be rendered (reported, the others kept)."""
+        if isinstance(line, str):
+            return line
+        try:
+            return line.text(self.formatter)
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": "a line held for a turn"}))
+            return None
 
 
 def _direct_handler(logger: logging.Logger) -> _LineHandler | None:
