@@ -317,10 +317,10 @@ class Line:
         if parts and handler is self._handler:
             if turn is None:
                 handler.write(formatter.filled(parts, values))
-            elif len(values) != len(self._blanks):
-                raise ValueError(f"{len(values)} values for the blanks {self._blanks}")
             else:
-                self._alike = handler.hold(_Alike(handler, parts, self._blanks, values), turn)
+                alike = _Alike(handler, parts, self._blanks)
+                alike.add(values)
+                self._alike = handler.hold(alike, turn)
             return
         if handler is not self._handler:  # the first line, or logging was set up again
             self._handler, self._parts = handler, None
@@ -353,16 +353,12 @@ class _Alike:
     __slots__ = ("_blanks", "_handler", "_parts", "_values", "held")
 
     def __init__(
-        self,
-        handler: _LineHandler,
-        parts: tuple[str, ...],
-        blanks: tuple[str, ...],
-        values: tuple[Any, ...],
+        self, handler: _LineHandler, parts: tuple[str, ...], blanks: tuple[str, ...]
     ) -> None:
         self._handler = handler
         self._parts = parts
         self._blanks = blanks
-        self._values = [values]
+        self._values: list[tuple[Any, ...]] = []  # the first added before it is held
         self.held = True  # until the handler writes it
 
     def add(self, values: tuple[Any, ...]) -> bool:
