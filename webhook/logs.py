@@ -401,31 +401,33 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def write(self, line: str, turn: asyncio.AbstractEventLoop | None = None) -> None:
         """What ``emit`` does with a formatted record; with ``turn``, at the end of it."""
+        if turn is not None:
+            self._hold(line, turn)
+            return
         try:
             with self.lock:  # type: ignore[union-attr]
-                if turn is None:
-                    self._write_held()
-                    self.stream.write(line + self.terminator)
-                    self.stream.flush()
-                    return
-                if not self._held:
-                    turn.call_soon(self._end_of_turn)
-                self._held.append(line)
+                self._write_held()
+                self.stream.write(line + self.terminator)
+                self.stream.flush()
         except Exception:
             self.handleError(logging.makeLogRecord({"msg": line}))
 
     def hold(self, alike: _Alike, turn: asyncio.AbstractEventLoop) -> _Alike | None:
         """Hold ``alike`` to the end of ``turn``, as ``write`` holds a line; None when it
         cannot be (the failure reported as ``write`` reports one)."""
+        return alike if self._hold(alike, turn) else None
+
+    def _hold(self, line: str | _Alike, turn: asyncio.AbstractEventLoop) -> bool:
         try:
             with self.lock:  # type: ignore[union-attr]
                 if not self._held:
                     turn.call_soon(self._end_of_turn)
-                self._held.append(alike)
+                self._held.append(line)
         except Exception:
-            self.handleError(logging.makeLogRecord({"msg": "a line held for a turn"}))
-            return None
-        return alike
+            text = line if isinstance(line, str) else "a line held for a turn"
+            self.handleError(logging.makeLogRecord({"msg": text}))
+            return False
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._held:  # handle() holds the lock
