@@ -146,6 +146,7 @@ def test_metrics_port_serves_plain_http_and_not_on_tls(json_served: Served) -> N
     assert 'pinhook_certificate_expires_in_seconds{certificate="serving"}' in text
     assert 'pinhook_certificate_expires_in_seconds{certificate="ca"}' in text
     assert "process_resident_memory_bytes" in text and "python_info" in text
+    assert 'python_gc_collections_total{generation="2"}' in text  # full collections (README)
     assert "_created" not in text
     for name, file in (("serving", "tls.crt"), ("ca", "ca.crt")):
         line = f'pinhook_certificate_expires_in_seconds{{certificate="{name}"}} '

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import queue
 import shutil
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import pytest
 
 from tests.reviews import apply_response, fake_digest, review
 from webhook import certs
+from webhook.memory import freeze_imported_objects
 from webhook.tls import server_context
 
 NGINX = "nginx:1.27"
@@ -100,6 +103,41 @@ def test_a_stop_signal_is_logged_and_exits_0(tmp_path: Path) -> None:
     server.stop()
     assert server.process.returncode == 0
     server.wait_for("pinhook stopped", timeout=1)
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+def test_freezing_keeps_what_lives_out_of_collections_and_no_garbage() -> None:
+    living, cycle = _Node(), _Node()
+    cycle.other = _Node()
+    cycle.other.other = cycle
+    garbage = weakref.ref(cycle)
+    del cycle
+    try:
+        frozen = freeze_imported_objects()
+        assert garbage() is None  # collected first, not frozen for good
+        assert frozen == gc.get_freeze_count() > 0
+        assert not any(o is living for o in gc.get_objects())  # out of every collection
+    finally:
+        gc.unfreeze()
+    assert any(o is living for o in gc.get_objects())
+
+
+def test_serve_freezes_its_modules_before_it_reads_the_settings(tmp_path: Path) -> None:
+    # A full collection walked every object pinhook's imports made: 65 ms without an answer
+    # under reviews that all differ, once every few seconds; 4 ms with them frozen.
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    server = Served(["--config", str(config), "--log-level", "debug"], cwd=tmp_path)
+    server.stop()
+    said = [orjson.loads(line)["msg"] for line in server.seen]
+    frozen = [i for i, msg in enumerate(said) if "frozen out of garbage collection" in msg]
+    assert len(frozen) == 1
+    assert int(said[frozen[0]].split()[0]) > 10_000
+    assert frozen[0] < min(i for i, msg in enumerate(said) if "pinhook listening on" in msg)
 
 
 @pytest.fixture

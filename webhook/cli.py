@@ -389,8 +389,11 @@ def _check_config(path: Path) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .memory import freeze_imported_objects
     from .server import ServeOptions, serve, serve_workers
 
+    frozen = freeze_imported_objects()  # before anything that may be replaced exists
+    log.debug("%d objects of pinhook's modules frozen out of garbage collection", frozen)
     # Before the settings are read: a worker started again later compares its file with this.
     stamp = config_stamp(args.config) if args.config is not None else None
     settings = settings_from(args.config)

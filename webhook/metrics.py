@@ -19,6 +19,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -47,6 +48,7 @@ class Metrics:
         self.registry: CollectorRegistry = _WithoutCreated(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.build_info = Gauge(
             "pinhook_build_info",
             "1, labelled with pinhook's version and the hash of the configuration it serves",
