@@ -679,5 +679,53 @@ class DirectLookup:
         self.registry_connection.close()
 
 
+class HttpxLookup:
+    """``DirectLookup`` through the HTTP library pinhook uses, at the layer it uses it: httpx's
+    transport (no client), on the loop ``pinhook serve`` runs on. What a miss costs in that
+    library alone, measured in the same run, beside what it costs in ``http.client``.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.loop = _serving_loop()
+        self.transport = httpx.AsyncHTTPTransport()  # one pool, connections kept alive
+
+    def digest(self, repo: str, tag: str) -> tuple[str, float]:
+        return self.loop.run_until_complete(self._digest(repo, tag))
+
+    async def _digest(self, repo: str, tag: str) -> tuple[str, float]:
+        began = time.perf_counter()
+        issuer = self.registry.issuer
+        token_url = f"{issuer.url}/token?service={issuer.service}&scope=repository:{repo}:pull"
+        answer = await self._send(httpx.Request("GET", token_url))
+        token = orjson.loads(answer.content)["token"]
+        head = httpx.Request(
+            "HEAD",
+            f"http://{self.registry.host}/v2/{repo}/manifests/{tag}",
+            headers={"Accept": ACCEPT_ALL, "Authorization": f"Bearer {token}"},
+        )
+        answer = await self._send(head)
+        seconds = time.perf_counter() - began
+        return answer.headers.get("Docker-Content-Digest", ""), seconds
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        answer = await self.transport.handle_async_request(request)
+        await answer.aread()
+        await answer.aclose()
+        return answer
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.transport.aclose())
+        self.loop.close()
+
+
+def _serving_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def which_wrk() -> str | None:
     return shutil.which("wrk")
