@@ -22,7 +22,7 @@ from tests.harness.fixtures import RegistryEnv
 from tests.registry_mutators import Clock, registry_mutator
 from tests.reviews import plain_pod, review
 from webhook.admission import AdmissionRequest
-from webhook.answers import Answers
+from webhook.answers import SEEN_SIZE, Answers
 from webhook.app import create_app
 from webhook.config import load_settings
 from webhook.decide import Decision
@@ -356,9 +356,24 @@ def _plan() -> RequestPlan:
     return RequestPlan(Mode.PIN, load_settings("").policy_for(None))
 
 
+def test_an_answer_is_kept_from_the_second_review_of_its_key_on() -> None:
+    """Most reviews have none like them: keeping theirs cost them time for nothing, and
+    emptied the answers that are recalled every ``ANSWERS_SIZE`` of them."""
+    mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
+    answers = Answers(mutator, size=4)
+    assert answers.keep(b"k", _request(), _plan()) is None
+    answer = answers.keep(b"k", _request(), _plan())
+    assert answer is not None and answers.get(b"k") is answer
+    for n in range(3 * SEEN_SIZE):
+        assert answers.keep(b"unlike-%d" % n, _request(), _plan()) is None
+    assert len(answers) == 1 and answers.get(b"k") is answer
+    # Past SEEN_SIZE the keys seen once are forgotten: seen again, each is new again.
+    assert answers.keep(b"unlike-0", _request(), _plan()) is None
+
+
 def test_answers_forget_everything_past_their_size_or_bytes() -> None:
     mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
-    answers = Answers(mutator, size=2, max_bytes=10_000)
+    answers = Answers(mutator, size=2, max_bytes=10_000, keep_first=True)
     for key in (b"a", b"b"):
         answers.keep(key, _request(), _plan())
     answers.keep(b"c", _request(), _plan())
@@ -370,7 +385,7 @@ def test_answers_forget_everything_past_their_size_or_bytes() -> None:
 
 def test_a_kept_review_holds_no_object() -> None:
     mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
-    answers = Answers(mutator)
+    answers = Answers(mutator, keep_first=True)
     request = _request()._replace(obj={"spec": "x" * 100_000}, old_obj={"big": True})
     answer = answers.keep(b"k", request, _plan())
     assert answer.review.obj is None and answer.review.old_obj is None
@@ -379,7 +394,7 @@ def test_a_kept_review_holds_no_object() -> None:
 
 def test_a_rendered_answer_counts_against_the_bytes() -> None:
     mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
-    answers = Answers(mutator, max_bytes=1000)
+    answers = Answers(mutator, max_bytes=1000, keep_first=True)
     other = answers.keep(b"other", _request(), _plan())
     decision = Decision(mutator.failed(_request()).outcome, {}, {})
     decision.outcome.warnings.append("w" * 500)
@@ -399,7 +414,7 @@ def test_an_answer_holding_the_uids_stand_in_is_rendered_whole_every_time() -> N
     """The answer is rendered once with a stand-in for the uid and cut there; an answer whose
     own text holds the stand-in cannot be cut, and is never kept."""
     mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
-    answers = Answers(mutator)
+    answers = Answers(mutator, keep_first=True)
     answer = answers.keep(b"k", _request(), _plan())
     decision = Decision(mutator.failed(_request()).outcome, {}, {})
     decision.outcome.warnings.append("\x00pinhook-uid\x00")

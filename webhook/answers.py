@@ -3,7 +3,7 @@
 The API server sends the Pods of one ReplicaSet's scale-up as reviews that are the same but for
 the request's uid: one controller creates them from one template, under one service account,
 in one burst; they have no name yet (``generateName``) and their managed fields carry the same
-second. For such a review, pinhook skips what it did for the first one:
+second. For such a review, pinhook skips what it did for the first ones:
 
 * decoding the body, checking the envelope, finding the image fields and planning them (the
   plan is kept);
@@ -15,6 +15,11 @@ still held (``Mutator.standing``), its counts, and its uid and duration in the l
 line for the like reviews answered in one turn of the loop, ``logs.Line``).
 A decision that does not stand (a digest moved or expired) is made and rendered afresh, as for
 any review.
+
+An answer is kept from the second review of its key on (``SEEN_SIZE``): most reviews have none
+like them (a Pod of no ReplicaSet, a KServe or Knative object), and keeping theirs cost each
+one its answer's cut and its line's size (about a tenth of such a review's time) for nothing,
+and pushed the answers that are recalled out of ``ANSWERS_SIZE``.
 
 The key is the body's bytes with the request's uid cut out (``like_review``): two reviews share
 an answer only if they are the same bytes but for that uid, a plain one, so they decode to the
@@ -43,6 +48,9 @@ from .plan import RequestPlan
 # 5 MiB of resident memory.
 ANSWERS_SIZE: Final = 256
 ANSWERS_BYTES: Final = 1024 * 1024
+# Keys seen once and not kept yet, remembered by their hash; past this many, all are forgotten
+# at once (a hash that two keys share only keeps an answer a review early).
+SEEN_SIZE: Final = 1024
 # A review body longer than this is read afresh every time (a Pod's is a few KiB).
 ANSWER_BODY_BYTES: Final = 32 * 1024
 # Rendered in place of the uid, then cut out: what comes before and after it in the answer.
@@ -139,13 +147,20 @@ class Answer:
 
 class Answers:
     def __init__(
-        self, mutator: Mutator, size: int = ANSWERS_SIZE, max_bytes: int = ANSWERS_BYTES
+        self,
+        mutator: Mutator,
+        size: int = ANSWERS_SIZE,
+        max_bytes: int = ANSWERS_BYTES,
+        *,
+        keep_first: bool = False,
     ) -> None:
         self.mutator = mutator
         self._size = size
         self._max_bytes = max_bytes
+        self._keep_first = keep_first  # keep an answer at its key's first review
         self._bytes = 0
         self._answers: dict[bytes, Answer] = {}
+        self._seen: set[int] = set()  # hashes of the keys seen once (SEEN_SIZE)
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -153,7 +168,11 @@ class Answers:
     def get(self, key: bytes) -> Answer | None:
         return self._answers.get(key)
 
-    def keep(self, key: bytes, request: AdmissionRequest, plan: RequestPlan) -> Answer:
+    def keep(self, key: bytes, request: AdmissionRequest, plan: RequestPlan) -> Answer | None:
+        """The answer to keep under ``key`` for the like reviews to come, ``request`` and
+        ``plan`` being this review's; None the first time ``key`` is seen (see above)."""
+        if not self._keep_first and self._first_seen(key):
+            return None
         if len(self._answers) >= self._size or self._bytes + len(key) > self._max_bytes:
             self._answers.clear()
             self._bytes = 0
@@ -161,6 +180,15 @@ class Answers:
         answer = self._answers[key] = Answer(key, review, plan)
         self._bytes += len(key)
         return answer
+
+    def _first_seen(self, key: bytes) -> bool:
+        seen = hash(key)  # already worked out: ``get`` looked the key up
+        if seen in self._seen:
+            return False
+        if len(self._seen) >= SEEN_SIZE:
+            self._seen.clear()
+        self._seen.add(seen)
+        return True
 
     def settle(self, answer: Answer, decision: Decision, log_line: Line, counts: Counts) -> bool:
         """Render ``decision`` once for ``answer``'s like reviews, which each add ``counts``

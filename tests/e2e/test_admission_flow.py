@@ -136,9 +136,9 @@ def test_deployment_pods_are_pinned_and_its_only_replica_set_keeps_the_tags(
 def test_the_pods_of_one_scale_up_are_answered_as_the_first_one_was(live: Live) -> None:
     """The API server sends the Pods of one ReplicaSet's scale-up as reviews alike but for
     their uid: one template, one manager, no name yet (generateName, named after admission),
-    managed fields stamped to the second. pinhook answers them as it answered the first
-    (5 of 6 here, when written; at least one whatever seconds the scale-up spans, as long as
-    the controller creates more than one Pod a second).
+    managed fields stamped to the second. pinhook answers them as it answered the second,
+    the first whose answer it keeps (4 of 6 here, when written; at least one whatever seconds
+    the scale-up spans, as long as the controller creates more than two Pods a second).
     """
     replicas = 6
     before = scrape(live.pinhook).value(ANSWERS_RECALLED)
