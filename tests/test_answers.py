@@ -98,6 +98,24 @@ async def test_replicas_get_the_first_answer_each_with_its_own_uid(
     assert logged == [answer["uid"] for answer in answers]
 
 
+async def test_reviews_none_is_like_keep_nothing_and_push_no_answer_out(
+    registry: RegistryEnv, stack: AsyncExitStack
+) -> None:
+    """A key's first review is read as any other and its answer is not kept: reviews that
+    all differ (600, past ``ANSWERS_SIZE``) leave a ReplicaSet's kept answer where it was."""
+    image = registry.push.image("answers/kept", "v1")
+    hook = await webhook(stack, registry.host, Clock())
+    pod = plain_pod(image.tag_ref, name="")
+    for _ in range(2):  # resolved, then decided from the cache and kept
+        await hook.answer(replica(pod))
+    assert hook.recalled() == 0
+    for n in range(600):
+        await hook.answer(replica(plain_pod(image.tag_ref, name=f"unlike-{n}")))
+    assert hook.recalled() == 0
+    await hook.answer(replica(pod))
+    assert hook.recalled() == 1
+
+
 def _tallies(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every count pinhook keeps per admission, by series (durations but their count)."""
     tallied = ("pinhook_admission", "pinhook_images", "pinhook_digest_cache", "pinhook_owner",
@@ -360,20 +378,17 @@ def test_an_answer_is_kept_from_the_second_review_of_its_key_on() -> None:
     """Most reviews have none like them: keeping theirs cost them time for nothing, and
     emptied the answers that are recalled every ``ANSWERS_SIZE`` of them."""
     mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
-    answers = Answers(mutator, size=4)
-    assert answers.keep(b"k", _request(), _plan()) is None
-    answer = answers.keep(b"k", _request(), _plan())
-    assert answer is not None and answers.get(b"k") is answer
-    for n in range(3 * SEEN_SIZE):
-        assert answers.keep(b"unlike-%d" % n, _request(), _plan()) is None
-    assert len(answers) == 1 and answers.get(b"k") is answer
+    answers = Answers(mutator)
+    assert [answers.seen_again(b"k") for _ in range(3)] == [False, True, True]
+    assert not any(answers.seen_again(b"unlike-%d" % n) for n in range(3 * SEEN_SIZE))
+    assert answers.seen_again(b"unlike-%d" % (3 * SEEN_SIZE - 1))
     # Past SEEN_SIZE the keys seen once are forgotten: seen again, each is new again.
-    assert answers.keep(b"unlike-0", _request(), _plan()) is None
+    assert not answers.seen_again(b"unlike-0")
 
 
 def test_answers_forget_everything_past_their_size_or_bytes() -> None:
     mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
-    answers = Answers(mutator, size=2, max_bytes=10_000, keep_first=True)
+    answers = Answers(mutator, size=2, max_bytes=10_000)
     for key in (b"a", b"b"):
         answers.keep(key, _request(), _plan())
     answers.keep(b"c", _request(), _plan())
@@ -385,7 +400,7 @@ def test_answers_forget_everything_past_their_size_or_bytes() -> None:
 
 def test_a_kept_review_holds_no_object() -> None:
     mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
-    answers = Answers(mutator, keep_first=True)
+    answers = Answers(mutator)
     request = _request()._replace(obj={"spec": "x" * 100_000}, old_obj={"big": True})
     answer = answers.keep(b"k", request, _plan())
     assert answer.review.obj is None and answer.review.old_obj is None
@@ -394,7 +409,7 @@ def test_a_kept_review_holds_no_object() -> None:
 
 def test_a_rendered_answer_counts_against_the_bytes() -> None:
     mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
-    answers = Answers(mutator, max_bytes=1000, keep_first=True)
+    answers = Answers(mutator, max_bytes=1000)
     other = answers.keep(b"other", _request(), _plan())
     decision = Decision(mutator.failed(_request()).outcome, {}, {})
     decision.outcome.warnings.append("w" * 500)
@@ -414,7 +429,7 @@ def test_an_answer_holding_the_uids_stand_in_is_rendered_whole_every_time() -> N
     """The answer is rendered once with a stand-in for the uid and cut there; an answer whose
     own text holds the stand-in cannot be cut, and is never kept."""
     mutator = Mutator(load_settings(""), None, Metrics())  # type: ignore[arg-type]
-    answers = Answers(mutator, keep_first=True)
+    answers = Answers(mutator)
     answer = answers.keep(b"k", _request(), _plan())
     decision = Decision(mutator.failed(_request()).outcome, {}, {})
     decision.outcome.warnings.append("\x00pinhook-uid\x00")

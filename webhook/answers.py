@@ -147,17 +147,11 @@ class Answer:
 
 class Answers:
     def __init__(
-        self,
-        mutator: Mutator,
-        size: int = ANSWERS_SIZE,
-        max_bytes: int = ANSWERS_BYTES,
-        *,
-        keep_first: bool = False,
+        self, mutator: Mutator, size: int = ANSWERS_SIZE, max_bytes: int = ANSWERS_BYTES
     ) -> None:
         self.mutator = mutator
         self._size = size
         self._max_bytes = max_bytes
-        self._keep_first = keep_first  # keep an answer at its key's first review
         self._bytes = 0
         self._answers: dict[bytes, Answer] = {}
         self._seen: set[int] = set()  # hashes of the keys seen once (SEEN_SIZE)
@@ -168,11 +162,18 @@ class Answers:
     def get(self, key: bytes) -> Answer | None:
         return self._answers.get(key)
 
-    def keep(self, key: bytes, request: AdmissionRequest, plan: RequestPlan) -> Answer | None:
-        """The answer to keep under ``key`` for the like reviews to come, ``request`` and
-        ``plan`` being this review's; None the first time ``key`` is seen (see above)."""
-        if not self._keep_first and self._first_seen(key):
-            return None
+    def seen_again(self, key: bytes) -> bool:
+        """Note a review with ``key``; whether one came before it (then its answer is worth
+        keeping, see above)."""
+        seen = hash(key)  # already worked out: ``get`` looked the key up
+        if seen in self._seen:
+            return True
+        if len(self._seen) >= SEEN_SIZE:
+            self._seen.clear()
+        self._seen.add(seen)
+        return False
+
+    def keep(self, key: bytes, request: AdmissionRequest, plan: RequestPlan) -> Answer:
         if len(self._answers) >= self._size or self._bytes + len(key) > self._max_bytes:
             self._answers.clear()
             self._bytes = 0
@@ -180,15 +181,6 @@ class Answers:
         answer = self._answers[key] = Answer(key, review, plan)
         self._bytes += len(key)
         return answer
-
-    def _first_seen(self, key: bytes) -> bool:
-        seen = hash(key)  # already worked out: ``get`` looked the key up
-        if seen in self._seen:
-            return False
-        if len(self._seen) >= SEEN_SIZE:
-            self._seen.clear()
-        self._seen.add(seen)
-        return True
 
     def settle(self, answer: Answer, decision: Decision, log_line: Line, counts: Counts) -> bool:
         """Render ``decision`` once for ``answer``'s like reviews, which each add ``counts``

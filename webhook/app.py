@@ -271,7 +271,8 @@ def _recall_or_plan(
     if like is not None:
         if answer is not None:
             return answer.request(like.uid), answer.plan, answer
-        decoded = decoded_like(like)
+        # The first review of a key is read as any other, and nothing is kept for it.
+        decoded = decoded_like(like) if answers.seen_again(like.key) else None
         if decoded is None:
             like = None
     if decoded is None:
