@@ -659,10 +659,7 @@ class DirectLookup:
 
     def digest(self, repo: str, tag: str) -> tuple[str, float]:
         began = time.perf_counter()
-        service = self.registry.issuer.service
-        self.token_connection.request(
-            "GET", f"/token?service={service}&scope=repository:{repo}:pull"
-        )
+        self.token_connection.request("GET", _pull_token_path(self.registry, repo))
         token = orjson.loads(self.token_connection.getresponse().read())["token"]
         self.registry_connection.request(
             "HEAD",
@@ -695,8 +692,7 @@ class HttpxLookup:
 
     async def _digest(self, repo: str, tag: str) -> tuple[str, float]:
         began = time.perf_counter()
-        issuer = self.registry.issuer
-        token_url = f"{issuer.url}/token?service={issuer.service}&scope=repository:{repo}:pull"
+        token_url = self.registry.issuer.url + _pull_token_path(self.registry, repo)
         answer = await self._send(httpx.Request("GET", token_url))
         token = orjson.loads(answer.content)["token"]
         head = httpx.Request(
@@ -717,6 +713,11 @@ class HttpxLookup:
     def close(self) -> None:
         self.loop.run_until_complete(self.transport.aclose())
         self.loop.close()
+
+
+def _pull_token_path(registry: Registry, repo: str) -> str:
+    """Where a client asks the registry's token issuer for a pull token for ``repo``."""
+    return f"/token?service={registry.issuer.service}&scope=repository:{repo}:pull"
 
 
 def _serving_loop() -> asyncio.AbstractEventLoop:

@@ -19,7 +19,7 @@ reviews that all differ one came every ten to fifty thousand admissions, as the 
 requests in flight when a younger generation is collected are promoted and add up to the
 next full one. ``serve`` freezes them out of every later collection (``gc.freeze``) before
 it reads the settings, so that nothing that can be replaced later (the settings, a runtime,
-its caches) is frozen: a full collection then walks only what came after, 2-3 ms.
+its caches) is frozen: a full collection then walks only what came after, 2-4 ms.
 """
 
 from __future__ import annotations
