@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import logging
 import re
@@ -233,25 +234,39 @@ def test_a_lines_size_stays_what_was_counted() -> None:
 
 
 class _CountedWrites(io.StringIO):
+    """A stream that counts its writes, and tells a waiting test of each."""
+
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.written = asyncio.Event()
 
     def write(self, text: str) -> int:
         self.writes += 1
+        self.written.set()
         return super().write(text)
 
 
-async def test_the_lines_of_one_turn_are_written_together_at_its_end() -> None:
+HOLD = 0.05  # the tests' hold: short, so that a test waiting for its end is quick
+
+
+def held(fmt: str = "json") -> tuple[_CountedWrites, logs.logging.Handler, logging.Logger]:
     stream = _CountedWrites()
-    logs.setup("info", "json", stream=stream)
-    log = logging.getLogger("webhook.test")
+    handler = logs.setup("info", fmt, stream=stream, hold_seconds=HOLD)
+    return stream, handler, logging.getLogger("webhook.test")
+
+
+async def test_held_lines_are_written_together_when_the_hold_ends() -> None:
+    stream, _, log = held()
     line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
     loop = asyncio.get_running_loop()
+    began = loop.time()
     for uid in ("u-1", "u-2", "u-3"):
-        line.write(uid, 1.0, turn=loop)
+        line.write(uid, 1.0, loop=loop)
+        await asyncio.sleep(0)  # a turn of the loop ends: the line is still held
     assert stream.getvalue() == ""
-    await asyncio.sleep(0)  # the end of the turn
+    await asyncio.wait_for(stream.written.wait(), 10)
+    assert loop.time() - began >= HOLD
     assert [json.loads(x)["uid"] for x in stream.getvalue().splitlines()] == ["u-1", "u-2", "u-3"]
     assert stream.writes == 1
 
@@ -261,10 +276,10 @@ async def test_held_lines_keep_their_place_before_any_other_record() -> None:
     handler = logs.setup("info", "text", stream=stream)
     log = logging.getLogger("webhook.test")
     line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
-    line.write("u-1", 1.0, turn=asyncio.get_running_loop())
+    line.write("u-1", 1.0, loop=asyncio.get_running_loop())
     log.warning("after the admission")
     assert ["uid=u-1" in x for x in stream.getvalue().splitlines()] == [True, False]
-    line.write("u-2", 1.0, turn=asyncio.get_running_loop())
+    line.write("u-2", 1.0, loop=asyncio.get_running_loop())
     handler.flush()  # as logging.shutdown does at exit
     assert "uid=u-2" in stream.getvalue().splitlines()[-1]
 
@@ -273,8 +288,8 @@ async def test_held_lines_come_first_when_logging_is_set_up_again_or_closed() ->
     stream = io.StringIO()
     handler = logs.setup("info", "text", stream=stream)
     log = logging.getLogger("webhook.test")
-    turn = asyncio.get_running_loop()
-    logs.Line(log, "admission first", {"uid": ""}, ("uid",)).write("u-1", turn=turn)
+    loop = asyncio.get_running_loop()
+    logs.Line(log, "admission first", {"uid": ""}, ("uid",)).write("u-1", loop=loop)
     logs.setup("info", "text", stream=stream)  # the old handler goes: its line first
     log.warning("second")
     assert [("first" in x, "second" in x) for x in stream.getvalue().splitlines()] == [
@@ -282,18 +297,34 @@ async def test_held_lines_come_first_when_logging_is_set_up_again_or_closed() ->
         (False, True),
     ]
     handler = logging.getLogger().handlers[0]
-    logs.Line(log, "admission third", {"uid": ""}, ("uid",)).write("u-3", turn=turn)
+    logs.Line(log, "admission third", {"uid": ""}, ("uid",)).write("u-3", loop=loop)
     handler.close()
     assert "admission third" in stream.getvalue().splitlines()[-1]
 
 
+async def test_lines_held_on_a_loop_that_is_gone_come_first_when_another_holds_one() -> None:
+    """A hold ends by a timer on the loop it began on; when that loop never runs again (a
+    test's, or a server's that stopped), the next loop's first line writes them out."""
+    stream, _, log = held("text")
+    gone = asyncio.new_event_loop()
+    logs.Line(log, "admission first", {"uid": ""}, ("uid",)).write("u-1", loop=gone)
+    gone.close()
+    assert stream.getvalue() == ""
+    stream.written.clear()
+    second = logs.Line(log, "admission second", {"uid": ""}, ("uid",))
+    second.write("u-2", loop=asyncio.get_running_loop())
+    assert ["first" in x for x in stream.getvalue().splitlines()] == [True]
+    stream.written.clear()
+    await asyncio.wait_for(stream.written.wait(), 10)  # this loop's hold ends
+    assert ["second" in x for x in stream.getvalue().splitlines()] == [False, True]
+
+
 @pytest.mark.parametrize("fmt", ["json", "text"])
-async def test_the_writes_of_a_cut_line_in_one_turn_are_one_line_listing_each(fmt: str) -> None:
-    """A ReplicaSet's Pods answered in one turn: one line, the first Pod's uid and duration
-    in their fields and every later one's under ``alike``; the next turn starts a line."""
-    stream = _CountedWrites()
-    logs.setup("info", fmt, stream=stream)
-    log = logging.getLogger("webhook.test")
+async def test_the_held_writes_of_a_cut_line_are_one_line_listing_each(fmt: str) -> None:
+    """A ReplicaSet's Pods answered within one hold: one line, the first Pod's uid and
+    duration in their fields and every later one's under ``alike``; the next hold starts a
+    line."""
+    stream, handler, log = held(fmt)
     line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
     line.write("u-0", 0.5)
     line.write("u-1", 0.5)  # written whole, then cut
@@ -301,10 +332,11 @@ async def test_the_writes_of_a_cut_line_in_one_turn_are_one_line_listing_each(fm
     loop = asyncio.get_running_loop()
     other = logs.Line(log, "admission denied", {"uid": ""}, ("uid",))
     for uid, ms in (("u-2", 1.0), ("u-3", 2.5), ("u-4", 0.25)):
-        line.write(uid, ms, turn=loop)
-        other.write(f"o{uid}", turn=loop)
+        line.write(uid, ms, loop=loop)
+        other.write(f"o{uid}", loop=loop)
+        await asyncio.sleep(0)  # turns of the loop end, the hold does not
     assert stream.getvalue().count("\n") == before
-    await asyncio.sleep(0)  # the end of the turn
+    handler.flush()
     written = stream.getvalue().splitlines()[before:]
     assert len(written) == 4  # the line, then the other line's three (each written whole)
     if fmt == "json":
@@ -319,25 +351,57 @@ async def test_the_writes_of_a_cut_line_in_one_turn_are_one_line_listing_each(fm
     else:
         assert "uid=u-2 kind=Pod durationMs=1.0 images=" in written[0]
         assert written[0].endswith(' alike="uid=u-3 durationMs=2.5, uid=u-4 durationMs=0.25"')
-    line.write("u-5", 3.0, turn=loop)
-    await asyncio.sleep(0)
+    line.write("u-5", 3.0, loop=loop)
+    handler.flush()
     last = stream.getvalue().splitlines()[-1]
     assert "u-5" in last and "u-2" not in last and logs.ALIKE not in last
 
 
+async def test_a_held_line_lists_at_most_so_many_like_writes() -> None:
+    """Past ``ALIKE_LIMIT`` like writes, another line begins: no line grows past what a
+    container runtime writes as one."""
+    stream, handler, log = held()
+    line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
+    line.write("u-0", 0.5)
+    line.write("u-1", 0.5)  # written whole, then cut
+    loop = asyncio.get_running_loop()
+    for i in range(logs.ALIKE_LIMIT + 1):
+        line.write(f"h-{i}", 1.0, loop=loop)
+    handler.flush()
+    *_, full, rest = (json.loads(x) for x in stream.getvalue().splitlines())
+    assert full["uid"] == "h-0" and len(full[logs.ALIKE]) == logs.ALIKE_LIMIT - 1
+    assert rest["uid"] == f"h-{logs.ALIKE_LIMIT}" and logs.ALIKE not in rest
+    assert all(len(x.encode()) < 16 * 1024 for x in stream.getvalue().splitlines())
+
+
+async def test_a_held_line_has_the_time_of_its_first_write() -> None:
+    stream, handler, log = held()
+    count = itertools.count()
+    handler.formatter.timestamp.now = lambda: f"2026-01-01T00:00:00.{next(count):03d}Z"  # type: ignore[attr-defined]
+    line = logs.Line(log, "admission patched", {"uid": ""}, ("uid",))
+    line.write("u-0")  # .000, written whole
+    line.write("u-1")  # .001, then cut
+    loop = asyncio.get_running_loop()
+    line.write("u-2", loop=loop)  # .002, held
+    logs.Line(log, "admission denied", {"uid": ""}, ("uid",)).write("o-1", loop=loop)  # .003
+    line.write("u-3", loop=loop)
+    handler.flush()
+    held_line = json.loads(stream.getvalue().splitlines()[2])
+    assert (held_line["uid"], held_line["time"]) == ("u-2", "2026-01-01T00:00:00.002Z")
+
+
 async def test_a_record_logged_between_like_writes_keeps_its_place() -> None:
-    stream = io.StringIO()
-    logs.setup("info", "json", stream=stream)
-    log = logging.getLogger("webhook.test")
+    stream, _, log = held()
     line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
     line.write("u-0", 0.5)
     line.write("u-1", 0.5)
     loop = asyncio.get_running_loop()
-    line.write("u-2", 1.0, turn=loop)
+    line.write("u-2", 1.0, loop=loop)
     log.warning("between")
-    line.write("u-3", 1.0, turn=loop)
-    line.write("u-4", 1.0, turn=loop)
-    await asyncio.sleep(0)
+    line.write("u-3", 1.0, loop=loop)
+    line.write("u-4", 1.0, loop=loop)
+    stream.written.clear()
+    await asyncio.wait_for(stream.written.wait(), 10)  # the hold's end
     entries = [json.loads(x) for x in stream.getvalue().splitlines()[2:]]
     assert [(e.get("uid"), e["msg"]) for e in entries] == [
         ("u-2", "admission patched"),
@@ -350,10 +414,8 @@ async def test_a_record_logged_between_like_writes_keeps_its_place() -> None:
 
 async def test_a_held_line_that_cannot_be_written_costs_no_other() -> None:
     """A value the formatter refuses loses that line alone, reported as logging reports a
-    failure: the lines held with it are written, and so are its like lines' later turns."""
-    stream = io.StringIO()
-    logs.setup("info", "json", stream=stream)
-    log = logging.getLogger("webhook.test")
+    failure: the lines held with it are written, and so are its like lines' later holds."""
+    stream, handler, log = held()
     failing = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
     other = logs.Line(log, "admission unchanged", FIELDS, ("uid", "durationMs"))
     for line in (failing, other):
@@ -361,13 +423,13 @@ async def test_a_held_line_that_cannot_be_written_costs_no_other() -> None:
         line.write("u-1", 0.5)  # written whole, then cut
     before = len(stream.getvalue().splitlines())
     loop = asyncio.get_running_loop()
-    failing.write(2**70, 1.0, turn=loop)  # over 64 bits: orjson refuses it
-    other.write("o-1", 1.0, turn=loop)
-    await asyncio.sleep(0)
-    other.write("o-2", 1.0, turn=loop)
-    failing.write("u-2", 1.0, turn=loop)
-    await asyncio.sleep(0)
+    failing.write(2**70, 1.0, loop=loop)  # over 64 bits: orjson refuses it
+    other.write("o-1", 1.0, loop=loop)
+    handler.flush()
+    other.write("o-2", 1.0, loop=loop)
+    failing.write("u-2", 1.0, loop=loop)
+    handler.flush()
     written = [json.loads(x)["uid"] for x in stream.getvalue().splitlines()[before:]]
     assert written == ["o-1", "o-2", "u-2"]
     with pytest.raises(ValueError, match="values for the blanks"):
-        other.write("o-3", turn=loop)
+        other.write("o-3", loop=loop)

@@ -12,7 +12,7 @@ second. For such a review, pinhook skips what it did for the first ones:
 
 What still runs for every review: the check that the cache entries the decision rests on are
 still held (``Mutator.standing``), its counts, and its uid and duration in the log line (one
-line for the like reviews answered in one turn of the loop, ``logs.Line``).
+line for the like reviews answered within the log's hold, ``logs.Line``).
 A decision that does not stand (a digest moved or expired) is made and rendered afresh, as for
 any review.
 

@@ -216,7 +216,7 @@ class AdmissionApp:
         metrics.admission_seconds.observe(seconds)
         if log.isEnabledFor(logging.INFO):
             line = line or _log_line(review, plan, decision)
-            line.write(review.uid, round(seconds * 1000, 2), turn=loop)
+            line.write(review.uid, round(seconds * 1000, 2), loop=loop)
         return render_response(review.api_version, review.uid, decision.outcome)
 
     def _rendered(
@@ -240,7 +240,7 @@ class AdmissionApp:
             metrics.admission(review.kind, review.operation, decision.result)
         metrics.admission_seconds.observe(seconds)
         if answer.log_line is not None:
-            answer.log_line.write(uid, round(seconds * 1000, 2), turn=loop)
+            answer.log_line.write(uid, round(seconds * 1000, 2), loop=loop)
         return answer.response(uid)
 
 

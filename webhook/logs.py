@@ -41,6 +41,13 @@ _THIRD_PARTY: Final = (*REQUEST_LOGGERS, *TRACE_LOGGERS, "uvicorn")
 # uvicorn's own name for its main logger says nothing about errors: call it what it is.
 _RENAMED: Final = {"uvicorn.error": "uvicorn"}
 _MAX_THIRD_PARTY_TEXT: Final = 4000
+# How long an admission line is held, at most, to be written with the others of that time:
+# one system call, and one line for like admissions, instead of one of each for every
+# admission. Short beside what anyone reading the log waits, long beside a loop's turn.
+HOLD_SECONDS: Final = 0.1
+# Like admissions on one held line, at most: under 16 KiB, where container runtimes split a
+# line into parts (a Pod's admission line is about a kilobyte, each like one about 60 bytes).
+ALIKE_LIMIT: Final = 128
 
 
 def default_format(stream: TextIO | None = None) -> str:
@@ -56,8 +63,10 @@ def setup(
     *,
     http_trace: bool = False,
     stream: TextIO | None = None,
+    hold_seconds: float = HOLD_SECONDS,
 ) -> logging.Handler:
     """Route every logger through one handler on ``stream`` (stderr); returns the handler.
+    Admission lines are held up to ``hold_seconds`` (``Line``).
 
     Calling it again replaces the handler: the last call wins.
     """
@@ -68,11 +77,11 @@ def setup(
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
     _record_only_what_is_written()
-    handler = _LineHandler(stream)
+    handler = _LineHandler(stream, hold_seconds)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
-        old.flush()  # lines it holds for this turn come before the new handler's
+        old.flush()  # lines it holds come before the new handler's
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
@@ -184,12 +193,15 @@ class _LineFormatter(logging.Formatter):
         """``line``, as ``render`` wrote it, with one more field at its end."""
         raise NotImplementedError
 
-    def filled(self, parts: tuple[str, ...], values: tuple[Any, ...]) -> str:
-        """A line cut by ``_cut``, with the time now and ``values`` in its blanks."""
+    def filled(
+        self, parts: tuple[str, ...], values: tuple[Any, ...], when: str | None = None
+    ) -> str:
+        """A line cut by ``_cut``, with ``values`` in its blanks and the time ``when`` (a
+        ``timestamp``), else now."""
         value = self.value
         # A time holds digits, "-", ":", ".", "T" and "Z": nothing to escape in either format.
         quote = self.time_quote
-        text = [parts[0], quote, self.timestamp.now(), quote]
+        text = [parts[0], quote, when or self.timestamp.now(), quote]
         for part, blank in zip(parts[1:-1], values, strict=True):
             text += (part, value(blank))
         text.append(parts[-1])
@@ -270,10 +282,12 @@ class Line:
     it is rendered once more with stand-ins for the blanks and the time, and cut there: from
     then on only the blanks and the time are written out.
 
-    From its cut on, the writes of one turn (``turn``) are held as one line (``_Alike``): the
-    first write's values in the blanks, and each later one's under ``ALIKE``. A ReplicaSet's
-    Pods answered in one turn are then one line, listing each one's uid and duration, rather
-    than the same kilobyte of images again for each.
+    Written with ``loop`` (the running loop), it is held by the handler for up to its hold
+    (``HOLD_SECONDS``) and written with the other lines of that time. From its cut on, the
+    writes held at once are one line (``_Alike``): the first write's values in the blanks and
+    its time, and each later one's under ``ALIKE`` (up to ``ALIKE_LIMIT``). A ReplicaSet's
+    Pods are then one line, listing each one's uid and duration, rather than the same kilobyte
+    of images again for each.
     """
 
     __slots__ = ("_alike", "_blanks", "_fields", "_handler", "_logger", "_message", "_parts")
@@ -291,7 +305,7 @@ class Line:
         self._blanks = blanks
         self._handler: _LineHandler | None = None  # the handler last written to
         self._parts: tuple[str, ...] | None = None  # cut for that handler; () if it cannot be
-        self._alike: _Alike | None = None  # the writes this turn holds, while it holds them
+        self._alike: _Alike | None = None  # the writes held as one line, while they are
 
     @property
     def size(self) -> int:
@@ -300,12 +314,12 @@ class Line:
         what is counted in can be counted out again."""
         return 2 * (len(self._message) + _size(self._fields))
 
-    def write(self, *values: Any, turn: asyncio.AbstractEventLoop | None = None) -> None:
+    def write(self, *values: Any, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """The line, with ``values`` in place of the blanks (in their order) and the time now;
-        with ``turn``, the running loop, written at the end of its turn (``_LineHandler``),
-        in one line with the other writes of that turn once the line is cut."""
+        with ``loop``, the running loop, held (``_LineHandler``), and in one line with the
+        other writes held with it once the line is cut."""
         alike = self._alike
-        if turn is not None and alike is not None and alike.add(values):
+        if loop is not None and alike is not None and alike.add(values):
             return
         handler = _direct_handler(self._logger)
         if handler is None:
@@ -315,12 +329,11 @@ class Line:
         formatter = handler.formatter
         parts = self._parts
         if parts and handler is self._handler:
-            if turn is None:
+            if loop is None:
                 handler.write(formatter.filled(parts, values))
             else:
-                alike = _Alike(handler, parts, self._blanks)
-                alike.add(values)
-                self._alike = handler.hold(alike, turn)
+                alike = _Alike(handler, parts, self._blanks, values)
+                self._alike = handler.hold(alike, loop)
             return
         if handler is not self._handler:  # the first line, or logging was set up again
             self._handler, self._parts = handler, None
@@ -329,13 +342,13 @@ class Line:
                 formatter, self._logger.name, self._message, self._fields, self._blanks
             )
             if self._parts:
-                handler.write(formatter.filled(self._parts, values), turn)
+                handler.write(formatter.filled(self._parts, values), loop)
                 return
         when = formatter.timestamp.now()
         line = formatter.render(
             when, "INFO", self._logger.name, self._message, self._filled(values)
         )
-        handler.write(line, turn)
+        handler.write(line, loop)
 
     def _filled(self, values: tuple[Any, ...]) -> dict[str, Any]:
         fields = dict(self._fields)
@@ -343,38 +356,46 @@ class Line:
         return fields
 
 
-ALIKE: Final = "alike"  # the field listing the later writes of a line held for a turn
+ALIKE: Final = "alike"  # the field listing the later writes of a line held as one
 
 
 class _Alike:
-    """The writes of one cut line held for one turn, to be written as one line: the first
-    one's values in the blanks, the others' (each as the blanks' fields) under ``ALIKE``."""
+    """The writes of one cut line held as one line: the first one's values in the blanks
+    and its time, the others' (each as the blanks' fields) under ``ALIKE``."""
 
-    __slots__ = ("_blanks", "_handler", "_parts", "_values", "held")
+    __slots__ = ("_blanks", "_handler", "_parts", "_values", "_when", "held")
 
     def __init__(
-        self, handler: _LineHandler, parts: tuple[str, ...], blanks: tuple[str, ...]
+        self,
+        handler: _LineHandler,
+        parts: tuple[str, ...],
+        blanks: tuple[str, ...],
+        first: tuple[Any, ...],
     ) -> None:
+        if len(first) != len(blanks):
+            raise ValueError(f"{len(first)} values for the blanks {blanks}")
         self._handler = handler
         self._parts = parts
         self._blanks = blanks
-        self._values: list[tuple[Any, ...]] = []  # the first added before it is held
+        self._values = [first]
+        self._when = handler.formatter.timestamp.now()
         self.held = True  # until the handler writes it
 
     def add(self, values: tuple[Any, ...]) -> bool:
-        """Hold ``values`` too; False once the line is written (or being written). Values
-        that do not fit the blanks are refused here, at the write, not at the turn's end."""
+        """Hold ``values`` too; False once the line is written (or being written) or full.
+        Values that do not fit the blanks are refused here, at the write, not when the line
+        is written."""
         if len(values) != len(self._blanks):
             raise ValueError(f"{len(values)} values for the blanks {self._blanks}")
         with self._handler.lock:  # type: ignore[union-attr]
-            if not self.held:
+            if not self.held or len(self._values) >= ALIKE_LIMIT:
                 return False
             self._values.append(values)
             return True
 
     def text(self, formatter: _LineFormatter) -> str:
         first, *later = self._values
-        line = formatter.filled(self._parts, first)
+        line = formatter.filled(self._parts, first, self._when)
         if not later:
             return line
         blanks = self._blanks
@@ -385,24 +406,26 @@ class _Alike:
 class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler ``setup`` installs; ``Line`` writes to it directly.
 
-    Lines written for one turn of an event loop (``turn``) are held to the end of that turn
-    and written together: one system call for the admissions a turn answers, rather than one
-    each, and nothing held past the turn it was written in. A record through ``logging``, a
-    flush (``logging.shutdown`` flushes at exit) and closing write the held lines first, so
-    lines keep the order they were written in; the later writes of a line held as one
-    (``_Alike``) are in the place of its first, and its time is when it is written.
+    Lines written with a loop are held for up to ``hold_seconds`` from the first of them and
+    written together, by a timer on that loop: one system call for the admissions of that
+    time, rather than one each. A record through ``logging``, a flush (``logging.shutdown``
+    flushes at exit), closing, and a line held on another loop (the timer's may never run
+    again) write the held lines first, so lines keep the order they were written in; the
+    later writes of a line held as one (``_Alike``) are in the place of its first.
     """
 
     formatter: _LineFormatter
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, hold_seconds: float = HOLD_SECONDS) -> None:
         super().__init__(stream)
+        self._hold_seconds = hold_seconds
         self._held: list[str | _Alike] = []
+        self._held_on: asyncio.AbstractEventLoop | None = None  # whose timer writes them
 
-    def write(self, line: str, turn: asyncio.AbstractEventLoop | None = None) -> None:
-        """What ``emit`` does with a formatted record; with ``turn``, at the end of it."""
-        if turn is not None:
-            self._hold(line, turn)
+    def write(self, line: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """What ``emit`` does with a formatted record; with ``loop``, held."""
+        if loop is not None:
+            self._hold(line, loop)
             return
         try:
             with self.lock:  # type: ignore[union-attr]
@@ -412,26 +435,29 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(logging.makeLogRecord({"msg": line}))
 
-    def hold(self, alike: _Alike, turn: asyncio.AbstractEventLoop) -> _Alike | None:
-        """Hold ``alike`` to the end of ``turn``, as ``write`` holds a line; None when it
-        cannot be (the failure reported as ``write`` reports one)."""
-        return alike if self._hold(alike, turn) else None
+    def hold(self, alike: _Alike, loop: asyncio.AbstractEventLoop) -> _Alike | None:
+        """Hold ``alike``, as ``write`` holds a line; None when it cannot be (the failure
+        reported as ``write`` reports one)."""
+        return alike if self._hold(alike, loop) else None
 
-    def _hold(self, line: str | _Alike, turn: asyncio.AbstractEventLoop) -> bool:
+    def _hold(self, line: str | _Alike, loop: asyncio.AbstractEventLoop) -> bool:
         try:
             with self.lock:  # type: ignore[union-attr]
+                if self._held and self._held_on is not loop:
+                    self._write_held()
                 if not self._held:
-                    turn.call_soon(self._end_of_turn)
+                    loop.call_later(self._hold_seconds, self._end_of_hold)
+                    self._held_on = loop
                 self._held.append(line)
         except Exception:
-            text = line if isinstance(line, str) else "a line held for a turn"
+            text = line if isinstance(line, str) else "a held line"
             self.handleError(logging.makeLogRecord({"msg": text}))
             return False
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._held:  # handle() holds the lock
-            self._end_of_turn()
+            self._end_of_hold()
         super().emit(record)
 
     def flush(self) -> None:
@@ -443,17 +469,18 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.flush()
         super().close()
 
-    def _end_of_turn(self) -> None:
+    def _end_of_hold(self) -> None:
         try:
             with self.lock:  # type: ignore[union-attr]
                 self._write_held()
                 self.stream.flush()
         except Exception:
-            self.handleError(logging.makeLogRecord({"msg": "lines held for a turn"}))
+            self.handleError(logging.makeLogRecord({"msg": "held lines"}))
 
     def _write_held(self) -> None:
         if self._held:
             held, self._held = self._held, []
+            self._held_on = None
             for line in held:
                 if isinstance(line, _Alike):
                     line.held = False  # under the lock, as ``add`` looks: none adds to it now
@@ -468,7 +495,7 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         try:
             return line.text(self.formatter)
         except Exception:
-            self.handleError(logging.makeLogRecord({"msg": "a line held for a turn"}))
+            self.handleError(logging.makeLogRecord({"msg": "a held line"}))
             return None
 
 
