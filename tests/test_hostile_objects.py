@@ -292,7 +292,7 @@ def arrived_long_ago(app: Any, seconds: float) -> Any:
 
     async def wrapped(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            scope[ARRIVED] = asyncio.get_running_loop().time() - seconds
+            scope[ARRIVED] = time.monotonic() - seconds
         await app(scope, receive, send)
 
     return wrapped

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
@@ -37,7 +38,8 @@ except ImportError:  # httptools is optional: the pure-Python parser serves too,
 
 log = logging.getLogger(__name__)
 
-# The ASGI scope key holding when a request began to arrive (the loop's clock).
+# The ASGI scope key holding when a request began to arrive, on ``time.monotonic()``: not the
+# loop's clock, which uvloop keeps to the millisecond, and admissions take less.
 ARRIVED: Final = "pinhook.arrived"
 
 
@@ -167,7 +169,7 @@ class GuardedConnection(asyncio.Protocol):
         state.open_connections += 1
         self._counted = True
         loop = asyncio.get_running_loop()
-        self._accepted = loop.time()
+        self._accepted = time.monotonic()
         _no_delay(transport)
         self._handshake = loop.create_task(self._start_tls(transport))
 
@@ -414,7 +416,7 @@ class _RequestDeadline(asyncio.Protocol):
     Between requests, uvicorn's keep-alive timer (``idle_seconds``) applies.
 
     It also tells the app when each request began to arrive (``ARRIVED`` in the ASGI scope,
-    on the loop's clock; for a connection's first request, when it was accepted): a request
+    on ``time.monotonic()``; for a connection's first request, when it was accepted): a request
     that waited behind others has that much less of the API server's timeout left.
     """
 
@@ -434,7 +436,7 @@ class _RequestDeadline(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._armed and (self.cycle is None or self.cycle is self._received):
-            self.arrived = self.loop.time()
+            self.arrived = time.monotonic()
             self._arm()
         super().data_received(data)
         cycle = self.cycle
