@@ -357,21 +357,27 @@ async def test_the_held_writes_of_a_cut_line_are_one_line_listing_each(fmt: str)
     assert "u-5" in last and "u-2" not in last and logs.ALIKE not in last
 
 
-async def test_a_held_line_lists_at_most_so_many_like_writes() -> None:
-    """Past ``ALIKE_LIMIT`` like writes, another line begins: no line grows past what a
-    container runtime writes as one."""
-    stream, handler, log = held()
+async def test_so_many_held_admissions_are_written_at_once() -> None:
+    """At ``HELD_LIMIT`` admissions held, they are written without waiting for the hold's
+    end: writing them is a short pause, and no shared line grows past what a container
+    runtime writes as one."""
+    stream, _, log = held()
     line = logs.Line(log, "admission patched", FIELDS, ("uid", "durationMs"))
     line.write("u-0", 0.5)
     line.write("u-1", 0.5)  # written whole, then cut
+    other = logs.Line(log, "admission denied", {"uid": ""}, ("uid",))
     loop = asyncio.get_running_loop()
-    for i in range(logs.ALIKE_LIMIT + 1):
+    other.write("o-0", loop=loop)
+    for i in range(logs.HELD_LIMIT):
         line.write(f"h-{i}", 1.0, loop=loop)
-    handler.flush()
-    *_, full, rest = (json.loads(x) for x in stream.getvalue().splitlines())
-    assert full["uid"] == "h-0" and len(full[logs.ALIKE]) == logs.ALIKE_LIMIT - 1
-    assert rest["uid"] == f"h-{logs.ALIKE_LIMIT}" and logs.ALIKE not in rest
+    *_, denied, full = (json.loads(x) for x in stream.getvalue().splitlines())
+    assert denied["uid"] == "o-0"
+    assert full["uid"] == "h-0" and len(full[logs.ALIKE]) == logs.HELD_LIMIT - 2
     assert all(len(x.encode()) < 16 * 1024 for x in stream.getvalue().splitlines())
+    stream.written.clear()
+    await asyncio.wait_for(stream.written.wait(), 10)  # the last one, at the hold's end
+    last = json.loads(stream.getvalue().splitlines()[-1])
+    assert last["uid"] == f"h-{logs.HELD_LIMIT - 1}" and logs.ALIKE not in last
 
 
 async def test_a_held_line_has_the_time_of_its_first_write() -> None:
