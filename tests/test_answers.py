@@ -22,7 +22,7 @@ from tests.harness.fixtures import RegistryEnv
 from tests.registry_mutators import Clock, registry_mutator
 from tests.reviews import plain_pod, review
 from webhook.admission import AdmissionRequest
-from webhook.answers import SEEN_SIZE, Answers
+from webhook.answers import SEEN_SIZE, Answers, like_review
 from webhook.app import create_app
 from webhook.config import load_settings
 from webhook.decide import Decision
@@ -437,3 +437,25 @@ def test_an_answer_holding_the_uids_stand_in_is_rendered_whole_every_time() -> N
     decision.outcome.warnings[-1] = "pinhook-uid"
     assert answers.settle(answer, decision, _line(), COUNTS)
     assert orjson.loads(answer.response('a"b'))["response"]["uid"] == 'a"b'
+
+
+@pytest.mark.parametrize(
+    ("uid", "plain"),
+    [
+        ("x" * 128, True),
+        ("x" * 129, False),
+        ("", False),
+        ("aZ09-._:", True),
+        ("a/b", False),
+        ("a\\\\b", False),
+        ("\u00e9", False),
+    ],
+)
+def test_a_uid_is_cut_out_when_plain_letters_digits_and_dashes_dots_underscores_colons(
+    uid: str, plain: bool
+) -> None:
+    body = b'{"request":{"uid":"' + uid.encode() + b'","kind":{}}}'
+    like = like_review(body)
+    assert (like is not None) == plain
+    if like is not None:
+        assert (like.uid, like.key, like.at) == (uid, b'{"request":{"uid":"","kind":{}}}', 19)
