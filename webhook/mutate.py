@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import jsonpointer
 
@@ -23,7 +23,7 @@ from .decide import INTERNAL_ERROR, OVERLOADED, TIMED_OUT, Decision, Unknown, de
 from .errors import InvalidReference, ResolveError
 from .kinds import DEFAULT_MODES, Mode, kind_info
 from .locate import ImageField, locate
-from .metrics import Counts, Metrics
+from .metrics import Metrics
 from .oci.credential import PullContext
 from .oci.reference import ImageRef
 from .owners import OwnerPins
@@ -39,7 +39,7 @@ from .plan import (
     pod_owner,
     render,
 )
-from .recall import Recall
+from .recall import Recall, Standing
 from .resolve import DigestResolver, Held, Holder, PullScope, Resolution
 
 log = logging.getLogger(__name__)
@@ -271,15 +271,16 @@ class Mutator:
         settled = self._recall.standing(plan, self._holder(plan))
         if settled is None or settled.decision is None:
             return None
-        decision = settled.decision
-        counts = settled.counts
-        if counts is None:
+        standing = settled.standing
+        if standing is None:
+            decision = settled.decision
             hits, owner_kept = _hits(settled.digests, plan.owner)
             counts = self.metrics.settled_counts(decision.images, hits, owner_kept)
-            self._recall.keep_counts(settled, counts)
-        if decision.failures:  # not in ``counts``: the library's own counter, rarely counted
-            self._count_failures(decision)
-        return Standing(decision, counts)
+            standing = Standing(decision, counts)
+            self._recall.keep_standing(settled, standing)
+        if standing.decision.failures:  # not in its counts: the library's own counter
+            self._count_failures(standing.decision)
+        return standing
 
     def _holder(self, plan: RequestPlan) -> Holder:
         """Who holds the digests of ``plan``'s results: the owner's decisions, or the cache."""
@@ -536,13 +537,6 @@ class Mutator:
     def _count_failures(self, decision: Decision) -> None:
         for reason, count in decision.failures.items():
             self.metrics.resolve_failures.labels(reason).inc(count)
-
-
-class Standing(NamedTuple):
-    """A decision that still stands, and what answering with it adds to the metrics."""
-
-    decision: Decision
-    counts: Counts
 
 
 def _hits(digests: tuple[str | None, ...], owner: str | None) -> tuple[int, int]:

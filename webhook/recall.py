@@ -37,13 +37,20 @@ RECALL_CHARACTERS = 1024 * 1024
 RECALL_OBJECT_CHARACTERS = 16 * 1024
 
 
+class Standing(NamedTuple):
+    """A decision that still stands, and what answering with it adds to the metrics."""
+
+    decision: Decision
+    counts: Counts
+
+
 class _Settled(NamedTuple):
     plan: RequestPlan  # kept, so that no other plan can take its id while this is here
     digests: tuple[str | None, ...]  # each valid image's digest from the cache, in order
     results: list[ImageResult]
     decision: Decision | None  # made once, by the first conclude of these results
     holding: Holding | None = None  # once the results were found to stand on these
-    counts: Counts | None = None  # what each admission they answer adds, once worked out
+    standing: Standing | None = None  # the decision and its counts, once worked out
 
 
 class Recall:
@@ -105,11 +112,12 @@ class Recall:
         if self._settled.get(id(plan)) is settled:
             self._settled[id(plan)] = settled._replace(holding=holding)
 
-    def keep_counts(self, settled: _Settled, counts: Counts) -> None:
-        """Remember ``counts`` for ``settled``, just found in ``standing()``."""
+    def keep_standing(self, settled: _Settled, standing: Standing) -> None:
+        """Remember ``standing`` for ``settled``, just found in ``standing()``: the one
+        answer to it from then on (made once, not for each admission)."""
         plan = settled.plan
         if self._settled.get(id(plan)) is settled:
-            self._settled[id(plan)] = settled._replace(counts=counts)
+            self._settled[id(plan)] = settled._replace(standing=standing)
 
     def keep_settled(
         self,
