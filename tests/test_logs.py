@@ -439,3 +439,18 @@ async def test_a_held_line_that_cannot_be_written_costs_no_other() -> None:
     assert written == ["o-1", "o-2", "u-2"]
     with pytest.raises(ValueError, match="values for the blanks"):
         other.write("o-3", loop=loop)
+
+
+@pytest.mark.parametrize("blanks", [("uid",), ("uid", "durationMs"), ("uid", "durationMs", "x")])
+async def test_a_shared_line_lists_each_later_write_by_its_blanks(blanks: tuple[str, ...]) -> None:
+    stream, handler, log = held()
+    line = logs.Line(log, "admission patched", {"images": []}, blanks)
+    rows = [tuple(f"{blank}-{i}" for blank in blanks) for i in range(4)]
+    line.write(*rows[0])
+    line.write(*rows[0])  # written whole, then cut
+    for row in rows[1:]:
+        line.write(*row, loop=asyncio.get_running_loop())
+    handler.flush()
+    shared = json.loads(stream.getvalue().splitlines()[-1])
+    assert [shared[blank] for blank in blanks] == list(rows[1])
+    assert shared[logs.ALIKE] == [dict(zip(blanks, row, strict=True)) for row in rows[2:]]
