@@ -165,6 +165,8 @@ class DockerKeyring:
 
     def lookup_name(self, name: str) -> list[Credential]:
         """Like :meth:`lookup` for a normalised repository name (``docker.io/library/nginx``)."""
+        if not self._creds:  # no docker config: nothing to match, on every cache miss
+            return []
         target = Location.parse(name)
         found: list[Credential] = []
         if target is not None:

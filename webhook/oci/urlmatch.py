@@ -33,6 +33,8 @@ _USERINFO_SAFE: Final = frozenset(
 )
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
 _HOST, _ZONE, _OTHER = "host", "zone", "other"
+# The bytes a host or zone may hold unescaped: the safe ones, and any not ASCII.
+_HOST_UNESCAPED: Final = bytes(b for b in range(256) if b >= 0x80 or b in _HOST_SAFE)
 _SEPARATOR: Final = "/"
 
 
@@ -225,6 +227,10 @@ def _valid_optional_port(port: bytes) -> bool:
 
 def _unescape(text: bytes, mode: str) -> bytes | None:
     """Go's ``unescape``: None for a malformed escape or a byte the mode does not allow."""
+    if b"%" not in text:  # most: a registry's host and a path, looked up on every miss
+        if mode in (_HOST, _ZONE) and text.translate(None, _HOST_UNESCAPED):
+            return None
+        return text
     out = bytearray()
     i = 0
     while i < len(text):
