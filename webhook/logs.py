@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final, TextIO
 
 import orjson
@@ -46,11 +47,16 @@ _MAX_THIRD_PARTY_TEXT: Final = 4000
 # admission. Short beside what anyone reading the log waits, long beside a loop's turn.
 HOLD_SECONDS: Final = 0.1
 # Admissions held at once, at most (a line each, or an entry of a shared line); at this many
-# they are written at once. It bounds the pause writing them makes (about 70 us, in the
-# request path, rather than a millisecond every HOLD_SECONDS at 10,000 admissions a second)
-# and a shared line's length, under the 16 KiB where container runtimes split a line into
-# parts (a Pod's admission line is about a kilobyte, an entry of a like one about 60 bytes).
+# they are written at once. It bounds the pause writing them makes: about 70 us, in the
+# request path, rather than a millisecond every HOLD_SECONDS at 10,000 admissions a second.
 HELD_LIMIT: Final = 128
+# Entries of one shared line, at most: a Pod's admission line is about a kilobyte, an entry
+# about 60 bytes, so the line fits one write that no other process's interleaves with.
+ALIKE_LIMIT: Final = 32
+# A write to a pipe of at most this many bytes is never interleaved with another process's
+# (POSIX): ``serve --workers`` share stderr, so held lines go out in chunks of whole lines
+# this long (a longer line alone).
+_ATOMIC_WRITE: Final = getattr(select, "PIPE_BUF", 512)
 
 
 def default_format(stream: TextIO | None = None) -> str:
@@ -385,14 +391,15 @@ class _Alike:
         self.held = True  # until the handler writes it
 
     def add(self, values: tuple[Any, ...]) -> bool:
-        """Hold ``values`` too; False once the line is written (or being written). Values
+        """Hold ``values`` too; False once the line is written (or being written) or full
+        (``ALIKE_LIMIT``). Values
         that do not fit the blanks are refused here, at the write, not when the line is
         written."""
         if len(values) != len(self._blanks):
             raise ValueError(f"{len(values)} values for the blanks {self._blanks}")
         handler = self._handler
         with handler.lock:  # type: ignore[union-attr]
-            if not self.held:
+            if not self.held or len(self._values) >= ALIKE_LIMIT:
                 return False
             self._values.append(values)
             handler.held_one_more()
@@ -513,8 +520,9 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 if isinstance(line, _Alike):
                     line.held = False  # under the lock, as ``add`` looks: none adds to it now
             lines = [text for text in map(self._text, held) if text is not None]
-            lines.append("")
-            self.stream.write(self.terminator.join(lines))
+            for chunk in _whole_lines(lines, self.terminator):
+                self.stream.write(chunk)
+                self.stream.flush()  # one write each, whatever the stream's buffering
 
     def _text(self, line: str | _Alike) -> str | None:
         """A held line's text; None when it cannot be rendered (reported, the others kept)."""
@@ -525,6 +533,23 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(logging.makeLogRecord({"msg": "a held line"}))
             return None
+
+
+def _whole_lines(lines: list[str], terminator: str) -> Iterator[str]:
+    """``lines``, each ended, in as few chunks as hold whole lines in ``_ATOMIC_WRITE`` bytes
+    (a line longer than that alone)."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        line += terminator
+        length = len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
+        if chunk and size + length > _ATOMIC_WRITE:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += length
+    if chunk:
+        yield "".join(chunk)
 
 
 def _direct_handler(logger: logging.Logger) -> _LineHandler | None:
