@@ -370,9 +370,13 @@ ALIKE: Final = "alike"  # the field listing the later writes of a line held as o
 
 class _Alike:
     """The writes of one cut line held as one line: the first one's values in the blanks
-    and its time, the others' (each as the blanks' fields) under ``ALIKE``."""
+    and its time, the others' (each as the blanks' fields) under ``ALIKE``.
 
-    __slots__ = ("_blanks", "_handler", "_parts", "_values", "_when", "held")
+    The values are held in one flat list, not a tuple each: strings and numbers alone are
+    nothing for the garbage collector to walk, and a tuple each would be, for as long as
+    the line is held."""
+
+    __slots__ = ("_blanks", "_first", "_handler", "_later", "_limit", "_parts", "_when", "held")
 
     def __init__(
         self,
@@ -386,41 +390,42 @@ class _Alike:
         self._handler = handler
         self._parts = parts
         self._blanks = blanks
-        self._values = [first]
+        self._first = first
+        self._later: list[Any] = []  # the later writes' values, one after another
+        self._limit = (ALIKE_LIMIT - 1) * len(blanks)
         self._when = handler.formatter.timestamp.now()
         self.held = True  # until the handler writes it
 
     def add(self, values: tuple[Any, ...]) -> bool:
         """Hold ``values`` too; False once the line is written (or being written) or full
-        (``ALIKE_LIMIT``). Values
-        that do not fit the blanks are refused here, at the write, not when the line is
-        written."""
+        (``ALIKE_LIMIT``). Values that do not fit the blanks are refused here, at the write,
+        not when the line is written."""
         if len(values) != len(self._blanks):
             raise ValueError(f"{len(values)} values for the blanks {self._blanks}")
         handler = self._handler
         with handler.lock:  # type: ignore[union-attr]
-            if not self.held or len(self._values) >= ALIKE_LIMIT:
+            if not self.held or len(self._later) >= self._limit:
                 return False
-            self._values.append(values)
+            self._later += values
             handler.held_one_more()
             return True
 
     def text(self, formatter: _LineFormatter) -> str:
-        first, *later = self._values
-        line = formatter.filled(self._parts, first, self._when)
-        if not later:
+        line = formatter.filled(self._parts, self._first, self._when)
+        if not self._later:
             return line
-        return formatter.appended(line, ALIKE, _as_fields(self._blanks, later))
+        return formatter.appended(line, ALIKE, _as_fields(self._blanks, self._later))
 
 
-def _as_fields(blanks: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
-    """Each row of values (as many as ``blanks``, ``_Alike.add`` checked) as the blanks'
-    fields. The admission line's two are put in directly: ``dict(zip())`` takes three times
-    as long, for each of up to ``HELD_LIMIT`` rows."""
+def _as_fields(blanks: tuple[str, ...], values: list[Any]) -> list[dict[str, Any]]:
+    """``values``, as many for each entry as ``blanks`` one after another (``_Alike.add``
+    checked), as the blanks' fields of each. The admission line's two are put in directly:
+    ``dict(zip())`` takes three times as long, for each of up to ``ALIKE_LIMIT`` entries."""
+    each = [iter(values)] * len(blanks)
     if len(blanks) == 2:
         first, second = blanks
-        return [{first: a, second: b} for a, b in rows]
-    return [dict(zip(blanks, row, strict=True)) for row in rows]
+        return [{first: a, second: b} for a, b in zip(*each, strict=True)]
+    return [dict(zip(blanks, row, strict=True)) for row in zip(*each, strict=True)]
 
 
 class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
