@@ -11,6 +11,7 @@ import re
 import select
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -395,9 +396,10 @@ class _RecordedWrites(io.StringIO):
 
 async def test_held_lines_go_out_in_writes_of_whole_lines_no_other_process_splits() -> None:
     """``serve --workers`` share stderr: a write to a pipe of up to PIPE_BUF bytes is never
-    interleaved with another's, so held lines go out in such writes, a longer line alone."""
+    interleaved with another's, so held lines go out in such writes, a longer line alone.
+    Alone on its stream, a process writes them all at once."""
     stream = _RecordedWrites()
-    handler = logs.setup("info", "json", stream=stream, hold_seconds=HOLD)
+    handler = logs.setup("info", "json", stream=stream, hold_seconds=HOLD, shared=True)
     log = logging.getLogger("webhook.test")
     loop = asyncio.get_running_loop()
     for i in range(40):  # each its own line, of 0.1 to 12 KB
@@ -411,6 +413,17 @@ async def test_held_lines_go_out_in_writes_of_whole_lines_no_other_process_split
     for text in stream.each:
         assert len(text.encode()) <= select.PIPE_BUF or text.count("\n") == 1
     assert len(stream.each) < 40  # short lines shared their writes
+    alone = _RecordedWrites()
+    handler = logs.setup("info", "json", stream=alone, hold_seconds=HOLD)
+    for i in range(40):
+        logs.Line(log, "admission patched", {"pad": "é" * (150 * i)}, ("uid",)).write(
+            f"u-{i}", loop=loop
+        )
+    handler.flush()
+    assert [json.loads(x)["uid"] for x in alone.getvalue().splitlines()] == [
+        f"u-{i}" for i in range(40)
+    ]
+    assert len(alone.each) == 1
 
 
 async def test_a_held_line_has_the_time_of_its_first_write() -> None:
@@ -487,3 +500,15 @@ async def test_a_shared_line_lists_each_later_write_by_its_blanks(blanks: tuple[
     shared = json.loads(stream.getvalue().splitlines()[-1])
     assert [shared[blank] for blank in blanks] == list(rows[1])
     assert shared[logs.ALIKE] == [dict(zip(blanks, row, strict=True)) for row in rows[2:]]
+
+
+@pytest.mark.parametrize(("workers", "shared"), [(["--workers", "2"], True), ([], False)])
+def test_serve_with_workers_logs_as_one_of_several_processes(
+    tmp_path: Path, workers: list[str], shared: bool
+) -> None:
+    from webhook import cli
+
+    # A config that cannot be read: serve stops at once, after setting logging up.
+    assert cli.main(["serve", *workers, "--config", str(tmp_path / "none.yaml")]) != 0
+    (handler,) = logging.getLogger().handlers
+    assert handler.shared is shared

@@ -317,7 +317,9 @@ def _worker_count(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        logs.setup(args.log_level, args.log_format, http_trace=args.log_http_trace)
+        # Workers share stderr with each other (``serve --workers``).
+        shared = getattr(args, "workers", 1) > 1
+        logs.setup(args.log_level, args.log_format, http_trace=args.log_http_trace, shared=shared)
     except ValueError as exc:  # a bad PINHOOK_LOG_LEVEL or PINHOOK_LOG_FORMAT
         print(f"pinhook: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -54,8 +54,8 @@ HELD_LIMIT: Final = 128
 # about 60 bytes, so the line fits one write that no other process's interleaves with.
 ALIKE_LIMIT: Final = 32
 # A write to a pipe of at most this many bytes is never interleaved with another process's
-# (POSIX): ``serve --workers`` share stderr, so held lines go out in chunks of whole lines
-# this long (a longer line alone).
+# (POSIX): where processes share the stream (``serve --workers``), held lines go out in
+# chunks of whole lines this long (a longer line alone).
 _ATOMIC_WRITE: Final = getattr(select, "PIPE_BUF", 512)
 
 
@@ -73,9 +73,11 @@ def setup(
     http_trace: bool = False,
     stream: TextIO | None = None,
     hold_seconds: float = HOLD_SECONDS,
+    shared: bool = False,
 ) -> logging.Handler:
     """Route every logger through one handler on ``stream`` (stderr); returns the handler.
-    Admission lines are held up to ``hold_seconds`` (``Line``).
+    Admission lines are held up to ``hold_seconds`` (``Line``); ``shared``: other processes
+    write to the same stream, and no line of theirs may land inside one of these.
 
     Calling it again replaces the handler: the last call wins.
     """
@@ -86,7 +88,7 @@ def setup(
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
     _record_only_what_is_written()
-    handler = _LineHandler(stream, hold_seconds)
+    handler = _LineHandler(stream, hold_seconds, shared)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -433,7 +435,8 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     Lines written with a loop are held for up to ``hold_seconds`` and written together, by a
     timer on that loop, or at once when ``HELD_LIMIT`` admissions are held: one system call
-    for the admissions of that time, rather than one each. A record through ``logging``, a
+    for the admissions of that time, rather than one each (``shared``: one for each
+    ``_ATOMIC_WRITE`` bytes of whole lines). A record through ``logging``, a
     flush (``logging.shutdown`` flushes at exit), closing, and a line held on another loop
     (the timer's may never run again) write the held lines first, so lines keep the order
     they were written in; the later writes of a line held as one (``_Alike``) are in the
@@ -442,9 +445,12 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     formatter: _LineFormatter
 
-    def __init__(self, stream: TextIO, hold_seconds: float = HOLD_SECONDS) -> None:
+    def __init__(
+        self, stream: TextIO, hold_seconds: float = HOLD_SECONDS, shared: bool = False
+    ) -> None:
         super().__init__(stream)
         self._hold_seconds = hold_seconds
+        self.shared = shared  # other processes write to the stream too
         self._held: list[str | _Alike] = []
         self._admissions_held = 0  # the lines held, and the later writes of those held as one
         self._held_on: asyncio.AbstractEventLoop | None = None  # whose timer is to come
@@ -525,6 +531,10 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 if isinstance(line, _Alike):
                     line.held = False  # under the lock, as ``add`` looks: none adds to it now
             lines = [text for text in map(self._text, held) if text is not None]
+            if not self.shared:
+                lines.append("")
+                self.stream.write(self.terminator.join(lines))
+                return
             for chunk in _whole_lines(lines, self.terminator):
                 self.stream.write(chunk)
                 self.stream.flush()  # one write each, whatever the stream's buffering
