@@ -252,7 +252,7 @@ class _CountedWrites(io.StringIO):
 HOLD = 0.05  # the tests' hold: short, so that a test waiting for its end is quick
 
 
-def held(fmt: str = "json") -> tuple[_CountedWrites, logs.logging.Handler, logging.Logger]:
+def held(fmt: str = "json") -> tuple[_CountedWrites, logging.Handler, logging.Logger]:
     stream = _CountedWrites()
     handler = logs.setup("info", fmt, stream=stream, hold_seconds=HOLD)
     return stream, handler, logging.getLogger("webhook.test")
