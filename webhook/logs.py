@@ -294,11 +294,11 @@ class Line:
     then on only the blanks and the time are written out.
 
     Written with ``loop`` (the running loop), it is held by the handler for up to its hold
-    (``HOLD_SECONDS``) and written with the other lines of that time. From its cut on, the
-    writes held at once are one line (``_Alike``): the first write's values in the blanks and
-    its time, and each later one's under ``ALIKE``. A ReplicaSet's Pods are then one line,
-    listing each one's uid and duration, rather than the same kilobyte of images again for
-    each.
+    (``setup``'s ``hold_seconds``) and written with the other lines of that time. From its
+    cut on, the writes held at once are one line (``_Alike``): the first write's values in the
+    blanks and its time, and each later one's under ``ALIKE``. A ReplicaSet's Pods are then
+    one line, listing each one's uid and duration, rather than the same kilobyte of images
+    again for each.
     """
 
     __slots__ = ("_alike", "_blanks", "_fields", "_handler", "_logger", "_message", "_parts")
@@ -379,7 +379,7 @@ class _Alike:
     rather than a hundred kept alive until the line is written (4 us an admission, in an
     interleaved A/B of the server under like admissions)."""
 
-    __slots__ = ("_blanks", "_first", "_handler", "_later", "_limit", "_parts", "_when", "held")
+    __slots__ = ("_blanks", "_first", "_handler", "_later", "_parts", "_when", "entries", "held")
 
     def __init__(
         self,
@@ -388,42 +388,49 @@ class _Alike:
         blanks: tuple[str, ...],
         first: tuple[Any, ...],
     ) -> None:
-        if len(first) != len(blanks):
-            raise ValueError(f"{len(first)} values for the blanks {blanks}")
+        _check_blanks(first, blanks)
         self._handler = handler
         self._parts = parts
         self._blanks = blanks
         self._first = first
         self._later: list[Any] = []  # the later writes' values, one after another
-        self._limit = (ALIKE_LIMIT - 1) * len(blanks)
         self._when = handler.formatter.timestamp.now()
+        self.entries = 1  # the writes held
         self.held = True  # until the handler writes it
 
     def add(self, values: tuple[Any, ...]) -> bool:
         """Hold ``values`` too; False once the line is written (or being written) or full
         (``ALIKE_LIMIT``). Values that do not fit the blanks are refused here, at the write,
         not when the line is written."""
-        if len(values) != len(self._blanks):
-            raise ValueError(f"{len(values)} values for the blanks {self._blanks}")
+        _check_blanks(values, self._blanks)
         handler = self._handler
         with handler.lock:  # type: ignore[union-attr]
-            if not self.held or len(self._later) >= self._limit:
+            if not self.held or self.entries >= ALIKE_LIMIT:
                 return False
             self._later += values
+            self.entries += 1
             handler.held_one_more()
             return True
 
     def text(self, formatter: _LineFormatter) -> str:
         line = formatter.filled(self._parts, self._first, self._when)
-        if not self._later:
+        if self.entries == 1:
             return line
-        return formatter.appended(line, ALIKE, _as_fields(self._blanks, self._later))
+        alike = _as_fields(self._blanks, self._later, self.entries - 1)
+        return formatter.appended(line, ALIKE, alike)
 
 
-def _as_fields(blanks: tuple[str, ...], values: list[Any]) -> list[dict[str, Any]]:
-    """``values``, as many for each entry as ``blanks`` one after another (``_Alike.add``
-    checked), as the blanks' fields of each. The admission line's two are put in directly:
-    ``dict(zip())`` takes three times as long, for each of up to ``ALIKE_LIMIT`` entries."""
+def _check_blanks(values: tuple[Any, ...], blanks: tuple[str, ...]) -> None:
+    if len(values) != len(blanks):
+        raise ValueError(f"{len(values)} values for the blanks {blanks}")
+
+
+def _as_fields(blanks: tuple[str, ...], values: list[Any], entries: int) -> list[dict[str, Any]]:
+    """``values`` of ``entries`` writes, as many for each as ``blanks`` one after another
+    (``_Alike.add`` checked), as the blanks' fields of each. The admission line's two are put
+    in directly: ``dict(zip())`` takes three times as long, for each of up to ``ALIKE_LIMIT``."""
+    if not blanks:
+        return [{} for _ in range(entries)]
     each = [iter(values)] * len(blanks)
     if len(blanks) == 2:
         first, second = blanks
@@ -485,8 +492,8 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         try:
             with self.lock:  # type: ignore[union-attr]
                 if self._held_on is not loop:
-                    if self._held:
-                        self._write_held()
+                    if self._held:  # held on a loop whose timer may never run again
+                        self._write_held_now()
                     loop.call_later(self._hold_seconds, self._end_of_hold)
                     self._held_on = loop
                 self._held.append(line)
@@ -558,7 +565,8 @@ def _whole_lines(lines: list[str], terminator: str) -> Iterator[str]:
     size = 0
     for line in lines:
         line += terminator
-        length = len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
+        # As stderr writes what UTF-8 cannot encode (a lone surrogate): escaped.
+        length = len(line) if line.isascii() else len(line.encode("utf-8", "backslashreplace"))
         if chunk and size + length > _ATOMIC_WRITE:
             yield "".join(chunk)
             chunk, size = [], 0
