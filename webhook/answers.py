@@ -94,11 +94,8 @@ def like_review(body: bytes) -> LikeReview | None:
     uid = body[at:end]
     if uid.translate(None, _PLAIN_UID_CHARACTERS):  # what is left is not plain
         return None
-    # A NamedTuple's own constructor is twice this, on every review.
-    return _new_like(LikeReview, (body[:at] + body[end:], uid.decode(), at))
-
-
-_new_like: Final = tuple.__new__
+    # A NamedTuple's own constructor is twice this, on every review (its ``_make`` does so).
+    return tuple.__new__(LikeReview, (body[:at] + body[end:], uid.decode(), at))
 
 
 def decoded_like(like: LikeReview) -> Any | None:
