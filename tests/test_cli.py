@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpcore
 import httpx
 import orjson
 import pytest
@@ -312,7 +313,7 @@ def test_resolve_names_the_setting_to_change(registry: RegistryEnv, tmp_path: Pa
 
 
 def test_a_plain_http_answer_to_tls_is_not_retried() -> None:
-    error = httpx.ConnectError("[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    error = httpcore.ConnectError("[SSL: WRONG_VERSION_NUMBER] wrong version number")
     error.__cause__ = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
     classified = transport._classify_transport_error("HEAD", httpx.URL("https://r:5000/v2/"), error)
     assert isinstance(classified, ProtocolError)  # _Transient is what gets retried

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import os
 import select
 import socket
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpcore
-import httpx
 import pytest
 
 from tests.faults import FaultServer, Reply, manifest_reply, sample_index
@@ -103,6 +103,42 @@ async def test_a_body_over_the_limit_is_refused(faults: FaultServer) -> None:
             await transport.exchange(
                 "GET", f"{faults.url}/v2/team/app/blobs/huge", {}, deadline_in(5)
             )
+    finally:
+        await transport.aclose()
+
+
+async def test_a_body_encoded_though_identity_was_asked_for_is_decoded(
+    faults: FaultServer,
+) -> None:
+    """pinhook asks for identity; a server that gzips anyway is still read as httpx read it."""
+    body = sample_index()
+    headers = {**manifest_reply(body).headers, "Content-Encoding": "gzip"}
+    faults.route(MANIFEST_PATH, Reply(200, headers, gzip.compress(body)))
+    transport = Transport(loopback_options(faults.host))
+    try:
+        reply = await transport.exchange("GET", f"{faults.url}{MANIFEST_PATH}", {}, deadline_in(5))
+    finally:
+        await transport.aclose()
+    assert reply.body == body
+    assert faults.requests[-1].headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize(
+    ("encoded", "refusal"),
+    [
+        # 4 MiB of zeros gzip to a few KiB: the limit holds for what it inflates to.
+        (gzip.compress(b"\0" * (MANIFEST_SIZE_LIMIT + 1)), "decoded body larger than"),
+        (b"not gzip at all", "undecodable body"),
+    ],
+)
+async def test_an_encoded_body_is_refused_past_the_limit_or_when_undecodable(
+    faults: FaultServer, encoded: bytes, refusal: str
+) -> None:
+    faults.route(MANIFEST_PATH, Reply(200, {"Content-Encoding": "gzip"}, encoded))
+    transport = Transport(loopback_options(faults.host))
+    try:
+        with pytest.raises(errors.ProtocolError, match=refusal):
+            await transport.exchange("GET", f"{faults.url}{MANIFEST_PATH}", {}, deadline_in(5))
     finally:
         await transport.aclose()
 
@@ -246,8 +282,8 @@ async def test_a_retired_pool_opens_no_connection(faults: FaultServer) -> None:
     retired = transport.http
     await retired.aclose()
     try:
-        with pytest.raises(httpx.ConnectError, match="closed"):
-            await retired.send(httpx.Request("GET", f"{faults.url}{MANIFEST_PATH}"))
+        with pytest.raises(httpcore.ConnectError, match="closed"):
+            await retired.send(httpcore.Request("GET", f"{faults.url}{MANIFEST_PATH}"))
     finally:
         await transport.aclose()
     assert faults.connections == 0

@@ -25,7 +25,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Protocol
@@ -101,6 +101,8 @@ POOL_TIMEOUTS_BEFORE_REBUILD = 5
 RETIRED_CLIENT_GRACE_SECONDS = 35.0
 # A body still arriving this long after the deadline is cut off (a trickling server).
 BODY_GRACE_SECONDS = 1.0
+# An idle keep-alive connection is closed after this long (httpx's default).
+KEEPALIVE_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,26 +187,25 @@ def _went_away(connection: httpcore.AsyncConnectionInterface) -> bool:
 class Connections:
     """One generation of pooled keep-alive connections (replaced should the pool wedge).
 
-    Requests go to httpx's transport directly: pinhook follows redirects itself and keeps no
-    cookies, and the client's layers for those (its cookie jar above all) cost more CPU than
-    the rest of a registry request's own Python.
+    Requests go to httpcore's pool directly, built from the URL httpx already parsed:
+    pinhook follows redirects itself, keeps no cookies and asks for no content encoding, so
+    httpx's client and transport layers (its cookie jar, its request and response models, a
+    second parse of every URL and header) are CPU spent on nothing, on every cache miss.
     """
 
-    def __init__(self, transport: httpx.AsyncHTTPTransport) -> None:
-        self._transport = transport
+    def __init__(self, pool: httpcore.AsyncConnectionPool) -> None:
+        self._pool = pool
         self.is_closed = False
 
-    async def send(self, request: httpx.Request) -> httpx.Response:
+    async def send(self, request: httpcore.Request) -> httpcore.Response:
         """The response with its body still to be read (and closed)."""
         if self.is_closed:  # a retired pool: its connections would never be closed again
-            raise httpx.ConnectError("the connection pool was closed", request=request)
-        response = await self._transport.handle_async_request(request)
-        response.request = request
-        return response
+            raise httpcore.ConnectError("the connection pool was closed")
+        return await self._pool.handle_async_request(request)
 
     async def aclose(self) -> None:
         self.is_closed = True
-        await self._transport.aclose()
+        await self._pool.aclose()
 
 
 class Transport:
@@ -233,22 +234,16 @@ class Transport:
         self._background: set[asyncio.Task[object]] = set()
 
     def _new_pool(self) -> Connections:
-        limits = httpx.Limits(
-            max_connections=self._options.max_connections,
-            max_keepalive_connections=self._options.max_connections,
+        limit = self._options.max_connections
+        return Connections(
+            _Pool(
+                ssl_context=httpx.create_ssl_context(verify=self._verify),
+                max_connections=limit,
+                max_keepalive_connections=limit,
+                keepalive_expiry=KEEPALIVE_SECONDS,
+                network_backend=GuardedBackend(self.guard),
+            )
         )
-        transport = httpx.AsyncHTTPTransport(verify=self._verify, limits=limits)
-        # The same pool httpx builds, connecting through the guard on the loop's own streams
-        # (httpx has no parameter for a network backend; its pool is the documented httpcore
-        # one).
-        transport._pool = _Pool(
-            ssl_context=httpx.create_ssl_context(verify=self._verify),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=GuardedBackend(self.guard),
-        )
-        return Connections(transport)
 
     async def aclose(self) -> None:
         for task in list(self._background):
@@ -362,14 +357,8 @@ class Transport:
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise DeadlineExceeded(f"{method} {_shown(url)}: deadline exceeded")
-        request = httpx.Request(
-            method,
-            url,
-            headers={**self._headers, **headers},
-            content=content,
-            extensions={"timeout": httpx.Timeout(remaining).as_dict()},
-        )
-        task = loop.create_task(self._fetch(self.http, request, deadline))
+        request = _request(method, url, {**self._headers, **headers}, content, remaining)
+        task = loop.create_task(self._fetch(self.http, request, method, url, deadline))
         self._background.add(task)
         task.add_done_callback(self._settled)
         try:
@@ -383,45 +372,49 @@ class Transport:
         if not task.cancelled():
             task.exception()  # retrieved: a caller that gave up already has its answer
 
-    async def _fetch(self, pool: Connections, request: httpx.Request, deadline: float) -> Reply:
+    async def _fetch(
+        self,
+        pool: Connections,
+        request: httpcore.Request,
+        method: str,
+        url: httpx.URL,
+        deadline: float,
+    ) -> Reply:
         """One request and its body, in its own task; errors classified for the caller."""
         loop = asyncio.get_running_loop()
-        method, url = request.method, request.url
         started = time.monotonic()
         try:
             response = await pool.send(request)
             try:
                 async with asyncio.timeout_at(deadline + BODY_GRACE_SECONDS):
-                    body = await _read_limited(response, MANIFEST_SIZE_LIMIT)
+                    body = await _read_limited(response, url, MANIFEST_SIZE_LIMIT)
             finally:
                 await response.aclose()
         except TimeoutError as exc:
             raise DeadlineExceeded(
                 f"{method} {_shown(url)}: body still arriving at the deadline"
             ) from exc
-        except httpx.PoolTimeout as exc:
+        except httpcore.PoolTimeout as exc:
             self._pool_timed_out(pool)
             raise DeadlineExceeded(
                 f"{method} {_shown(url)}: no connection free before the deadline"
             ) from exc
-        except httpx.TimeoutException as exc:
+        except httpcore.TimeoutException as exc:
             if loop.time() >= deadline:
                 raise DeadlineExceeded(f"{method} {_shown(url)}: deadline exceeded") from exc
-            raise _Transient(f"{type(exc).__name__}") from exc
-        except httpx.TransportError as exc:
+            raise _Transient(type(exc).__name__) from exc
+        except _TRANSPORT_ERRORS as exc:
             raise _classify_transport_error(method, _shown(url), exc) from exc
-        except httpx.DecodingError as exc:
-            raise ProtocolError(f"{method} {_shown(url)}: undecodable body") from exc
         self._pool_timeouts = 0
         host = _hostport(url)
-        self._events.registry_request(
-            host, method, str(response.status_code), time.monotonic() - started
-        )
-        if host == self._hub_host and response.status_code != 429:  # 429: see exchange
-            self._hub_limit.observe(host, response.headers)
+        status = response.status
+        self._events.registry_request(host, method, str(status), time.monotonic() - started)
+        answered = httpx.Headers(response.headers)
+        if host == self._hub_host and status != 429:  # 429: see exchange
+            self._hub_limit.observe(host, answered)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s -> %d", method, _shown(url), response.status_code)
-        return Reply(method, url, response.status_code, response.headers, body)
+            log.debug("%s %s -> %d", method, _shown(url), status)
+        return Reply(method, url, status, answered, body)
 
     def _pool_timed_out(self, pool: Connections) -> None:
         if pool is not self.http:
@@ -499,22 +492,31 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _classify_transport_error(method: str, url: httpx.URL, exc: httpx.TransportError) -> Exception:
+# What httpcore raises for a failed exchange (a timeout is handled before these).
+_TRANSPORT_ERRORS = (
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.ProxyError,
+    httpcore.UnsupportedProtocol,
+)
+
+
+def _classify_transport_error(method: str, url: httpx.URL, exc: Exception) -> Exception:
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.ConnectError) and _is_certificate_error(exc):
+    if isinstance(exc, httpcore.ConnectError) and _is_certificate_error(exc):
         return RegistryUnavailable(f"{method} {url}: TLS certificate not trusted: {text}")
-    if isinstance(exc, httpx.ConnectError) and _is_plain_http(exc):
+    if isinstance(exc, httpcore.ConnectError) and _is_plain_http(exc):
         # Retrying cannot help: the server speaks plain HTTP where TLS was expected.
         return ProtocolError(
             f"{method} {url}: TLS handshake failed, the server seems to speak plain HTTP; if"
             f" it does, list {url.netloc.decode('ascii', 'replace')} in registry.insecure"
         )
-    if isinstance(exc, httpx.RemoteProtocolError):
+    if isinstance(exc, httpcore.RemoteProtocolError):
         lowered = text.lower()
         if "disconnect" in lowered or "peer closed" in lowered:
             return _Transient(f"connection closed: {text}")
         return MalformedAnswer(f"{method} {url}: malformed HTTP answer: {text}")
-    if isinstance(exc, httpx.NetworkError | httpx.ProxyError):
+    if isinstance(exc, httpcore.NetworkError | httpcore.ProxyError):
         return _Transient(f"{type(exc).__name__}: {text}")
     return ProtocolError(f"{method} {url}: {text}")
 
@@ -548,12 +550,70 @@ def _is_retryable(status: int) -> bool:
     return status == 429 or (status >= 500 and status not in (501, 505))
 
 
-async def _read_limited(response: httpx.Response, limit: int) -> bytes:
+def _request(
+    method: str, url: httpx.URL, headers: Mapping[str, str], content: bytes | None, timeout: float
+) -> httpcore.Request:
+    """The request httpx's transport would hand httpcore, from the URL already parsed."""
+    sent = [(b"Host", url.netloc)]
+    sent += [(name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()]
+    if content is not None:
+        sent.append((b"Content-Length", str(len(content)).encode("ascii")))
+    return httpcore.Request(
+        method.encode("ascii"),
+        httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
+        headers=sent,
+        content=content or b"",
+        extensions={"timeout": dict.fromkeys(("connect", "read", "write", "pool"), timeout)},
+    )
+
+
+async def _read_limited(response: httpcore.Response, url: httpx.URL, limit: int) -> bytes:
+    """The body as sent, at most ``limit`` bytes, then decoded should the server have
+    encoded it though asked for identity."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_stream():
         size += len(chunk)
         if size > limit:
-            raise ProtocolError(f"{response.url}: body larger than {limit} bytes")
+            raise ProtocolError(f"{_shown(url)}: body larger than {limit} bytes")
         chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = _content_encoding(response.headers)
+    return body if encoding in (b"", b"identity") else _decoded(response, url, body, limit)
+
+
+def _content_encoding(headers: list[tuple[bytes, bytes]]) -> bytes:
+    for name, value in headers:
+        if name.lower() == b"content-encoding":
+            return value.strip().lower()
+    return b""
+
+
+_DECODED_PIECE = 64 * 1024
+
+
+class _Pieces(httpx.SyncByteStream):
+    """A body in pieces, so that httpx's decoder inflates a bounded piece at a time."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        for start in range(0, len(self._body), _DECODED_PIECE):
+            yield self._body[start : start + _DECODED_PIECE]
+
+
+def _decoded(response: httpcore.Response, url: httpx.URL, body: bytes, limit: int) -> bytes:
+    """httpx's decoding of an encoded body, stopped at ``limit`` decoded bytes."""
+    encoded = httpx.Response(response.status, headers=response.headers, stream=_Pieces(body))
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in encoded.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(f"{_shown(url)}: decoded body larger than {limit} bytes")
+            chunks.append(chunk)
+    except httpx.DecodingError as exc:
+        raise ProtocolError(f"{_shown(url)}: undecodable body") from exc
     return b"".join(chunks)
