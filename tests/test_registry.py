@@ -591,6 +591,39 @@ async def test_cached_token_refused_is_dropped_and_refetched_once(
     assert "authorization" not in token_request.headers  # anonymous
 
 
+async def test_a_realm_with_a_query_keeps_it_and_gets_scope_and_service_added(
+    faults: FaultServer, fault_client: RegistryClient
+) -> None:
+    # As docker's client asks: the realm's own parameters, then service and scope.
+    challenge = f'Bearer realm="{faults.url}/token?account=ci&x=a%2Fb",service="fault"'
+    faults.route(
+        MANIFEST_PATH,
+        error_reply(401, headers={"WWW-Authenticate": challenge}),
+        manifest_reply(sample_index()),
+    )
+    faults.route("/token", Reply(200, {}, b'{"token":"t"}'))
+    await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
+    query = faults.requests_to("/token")[0].query
+    assert query == "account=ci&x=a%2Fb&scope=repository%3Ateam%2Fapp%3Apull&service=fault"
+    assert faults.requests_to(MANIFEST_PATH)[1].headers["authorization"] == "Bearer t"
+
+
+async def test_a_redirected_token_request_asks_the_target_as_it_says(
+    faults: FaultServer, fault_client: RegistryClient
+) -> None:
+    challenge = f'Bearer realm="{faults.url}/token",service="fault"'
+    faults.route(
+        MANIFEST_PATH,
+        error_reply(401, headers={"WWW-Authenticate": challenge}),
+        manifest_reply(sample_index()),
+    )
+    faults.route("/token", Reply(302, {"Location": "/issued?by=redirect"}))
+    faults.route("/issued", Reply(200, {}, b'{"token":"t"}'))
+    await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
+    assert "scope=repository%3Ateam%2Fapp%3Apull" in faults.requests_to("/token")[0].query
+    assert faults.requests_to("/issued")[0].query == "by=redirect"
+
+
 async def test_401_without_challenge_reuses_the_ping_challenge(
     faults: FaultServer, fault_client: RegistryClient
 ) -> None:

@@ -269,12 +269,15 @@ class Transport:
         *,
         content: bytes | None = None,
         attempts: int | None = None,
+        query: str = "",
     ) -> Reply:
         """One logical request, retried on 5xx, 429 and connection failures up to ``attempts``
         times in all (by default the configured ``max_attempts``).
 
         A request with ``content`` (a token request's form, which may hold a refresh token)
-        follows no redirect: its body would go wherever the answer points.
+        follows no redirect: its body would go wherever the answer points. ``query``, already
+        encoded, is added to ``url``'s own as sent (not to a redirect's target), and left out
+        of the reply's URL, as errors show it.
         """
         loop = asyncio.get_running_loop()
         url = httpx.URL(url)
@@ -285,9 +288,9 @@ class Transport:
             reply: Reply | None = None
             try:
                 if content is None:
-                    reply = await self._follow_redirects(method, url, headers, deadline)
+                    reply = await self._follow_redirects(method, url, headers, deadline, query)
                 else:
-                    reply = await self._send(method, url, headers, deadline, content)
+                    reply = await self._send(method, url, headers, deadline, content, query)
             except _Transient as exc:
                 problem = str(exc)
             else:
@@ -310,11 +313,17 @@ class Transport:
             await asyncio.sleep(delay)
 
     async def _follow_redirects(
-        self, method: str, url: httpx.URL, headers: Mapping[str, str], deadline: float
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: Mapping[str, str],
+        deadline: float,
+        query: str = "",
     ) -> Reply:
         current, current_headers = url, dict(headers)
         for _ in range(MAX_REDIRECTS + 1):
-            reply = await self._send(method, current, current_headers, deadline)
+            reply = await self._send(method, current, current_headers, deadline, query=query)
+            query = ""  # a redirect's target carries its own
             location = reply.headers.get("location")
             if reply.status not in _REDIRECT_STATUSES or not location:
                 return reply
@@ -352,12 +361,13 @@ class Transport:
         headers: Mapping[str, str],
         deadline: float,
         content: bytes | None = None,
+        query: str = "",
     ) -> Reply:
         loop = asyncio.get_running_loop()
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise DeadlineExceeded(f"{method} {_shown(url)}: deadline exceeded")
-        request = _request(method, url, {**self._headers, **headers}, content, remaining)
+        request = _request(method, url, {**self._headers, **headers}, content, remaining, query)
         task = loop.create_task(self._fetch(self.http, request, method, url, deadline))
         self._background.add(task)
         task.add_done_callback(self._settled)
@@ -551,16 +561,25 @@ def _is_retryable(status: int) -> bool:
 
 
 def _request(
-    method: str, url: httpx.URL, headers: Mapping[str, str], content: bytes | None, timeout: float
+    method: str,
+    url: httpx.URL,
+    headers: Mapping[str, str],
+    content: bytes | None,
+    timeout: float,
+    query: str = "",
 ) -> httpcore.Request:
-    """The request httpx's transport would hand httpcore, from the URL already parsed."""
+    """The request httpx's transport would hand httpcore, from the URL already parsed (and
+    ``query``, encoded, added to its own)."""
+    target = url.raw_path
+    if query:
+        target += (b"&" if url.query else b"?") + query.encode("ascii")
     sent = [(b"Host", url.netloc)]
     sent += [(name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()]
     if content is not None:
         sent.append((b"Content-Length", str(len(content)).encode("ascii")))
     return httpcore.Request(
         method.encode("ascii"),
-        httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
+        httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=target),
         headers=sent,
         content=content or b"",
         extensions={"timeout": dict.fromkeys(("connect", "read", "write", "pool"), timeout)},
