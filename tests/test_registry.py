@@ -594,8 +594,9 @@ async def test_cached_token_refused_is_dropped_and_refetched_once(
 async def test_a_realm_with_a_query_keeps_it_and_gets_scope_and_service_added(
     faults: FaultServer, fault_client: RegistryClient
 ) -> None:
-    # As docker's client asks: the realm's own parameters, then service and scope.
-    challenge = f'Bearer realm="{faults.url}/token?account=ci&x=a%2Fb",service="fault"'
+    # The realm's own parameters as given, then scope and service; a service of its own is
+    # replaced by the challenge's, not sent twice.
+    challenge = f'Bearer realm="{faults.url}/token?account=ci&service=old",service="fault"'
     faults.route(
         MANIFEST_PATH,
         error_reply(401, headers={"WWW-Authenticate": challenge}),
@@ -604,8 +605,23 @@ async def test_a_realm_with_a_query_keeps_it_and_gets_scope_and_service_added(
     faults.route("/token", Reply(200, {}, b'{"token":"t"}'))
     await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
     query = faults.requests_to("/token")[0].query
-    assert query == "account=ci&x=a%2Fb&scope=repository%3Ateam%2Fapp%3Apull&service=fault"
+    assert query == "account=ci&service=fault&scope=repository%3Ateam%2Fapp%3Apull"
     assert faults.requests_to(MANIFEST_PATH)[1].headers["authorization"] == "Bearer t"
+
+
+async def test_a_realm_ending_in_an_empty_query_is_asked_with_one_question_mark(
+    faults: FaultServer, fault_client: RegistryClient
+) -> None:
+    challenge = f'Bearer realm="{faults.url}/token?",service="fault"'
+    faults.route(
+        MANIFEST_PATH,
+        error_reply(401, headers={"WWW-Authenticate": challenge}),
+        manifest_reply(sample_index()),
+    )
+    faults.route("/token", Reply(200, {}, b'{"token":"t"}'))
+    await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
+    query = faults.requests_to("/token")[0].query
+    assert query == "scope=repository%3Ateam%2Fapp%3Apull&service=fault"
 
 
 async def test_a_redirected_token_request_asks_the_target_as_it_says(

@@ -227,8 +227,6 @@ class Authenticator:
         # another just rotated away.
         self._refresh_tokens: dict[_RefreshKey, str] = {}
         self._refresh_locks: _LockTable[_RefreshKey] = _LockTable()
-        # Token realms as parsed, by the challenge's text: the same few for every lookup.
-        self._realms: dict[str, httpx.URL] = {}
 
     async def exchange(
         self, target: Target, method: str, url: str, headers: Mapping[str, str]
@@ -411,15 +409,10 @@ class Authenticator:
         realm = challenge.param("realm")
         if not realm:
             raise ProtocolError(f"{target.host} sent a Bearer challenge without a realm")
-        url = self._realms.get(realm)
-        if url is None:
-            try:
-                url = httpx.URL(realm)
-            except httpx.InvalidURL as exc:
-                raise ProtocolError(f"{target.host} sent an invalid token realm") from exc
-            if len(self._realms) >= self._limit:
-                self._realms.clear()
-            self._realms[realm] = url
+        try:
+            url = httpx.URL(realm)
+        except httpx.InvalidURL as exc:
+            raise ProtocolError(f"{target.host} sent an invalid token realm") from exc
         if url.scheme == "http" and not self._transport.is_insecure(target.host):
             raise ProtocolError(
                 f"token realm {realm} of {target.host} is plain http; credentials would be sent "
@@ -438,11 +431,14 @@ class Authenticator:
         if service:
             params["service"] = service
         headers = _basic_header(*login) if login is not None and any(login) else {}
-        # The query goes out as encoded here, not parsed again into a URL: parsing it was the
-        # largest part of what building a token request cost.
-        reply = await self._transport.exchange(
-            "GET", url, headers, target.deadline, query=urlencode(params)
-        )
+        if url.query:  # rare: the realm's own parameters, ours in place of any of theirs
+            reply = await self._transport.exchange(
+                "GET", url.copy_merge_params(params), headers, target.deadline
+            )
+        else:  # sent as encoded here, not parsed again: most of what building it cost
+            reply = await self._transport.exchange(
+                "GET", url, headers, target.deadline, query=urlencode(params)
+            )
         _check_token_reply(reply, url)
         return reply
 

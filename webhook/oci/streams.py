@@ -4,7 +4,7 @@ httpcore's default backend goes through anyio, whose cancel scopes, task lookups
 wrappers cost about 100 µs of CPU per registry request: an eighth of what a request costs
 pinhook, on every cache miss. These streams are a protocol on the loop's own transport, with
 the same errors httpcore's backends raise (``ConnectError``, ``ReadTimeout``, ...), so the
-pool, httpx and the transport's error handling see no difference.
+pool and the transport's error handling see no difference.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ wait is bounded by an absolute deadline on the running loop's clock, every body 
 
 A caller's deadline never cancels a request inside the connection pool: cancellation landing
 in httpcore while it assigns connections is where pool slots leak (encode/httpcore). Each send
-runs in a task of its own, with httpx's own timeouts set to the time that is left; a caller
+runs in a task of its own, with httpcore's own timeouts set to the time that is left; a caller
 that gives up stops waiting for it, and the task ends on those timeouts, returning its
 connection. Should the pool wedge anyway (only pool timeouts, nothing answered), the client is
 replaced by a fresh one. Connections go through :class:`~.hostguard.GuardedBackend`, so only
@@ -397,7 +397,7 @@ class Transport:
             response = await pool.send(request)
             try:
                 async with asyncio.timeout_at(deadline + BODY_GRACE_SECONDS):
-                    body = await _read_limited(response, url, MANIFEST_SIZE_LIMIT)
+                    body = await _read_limited(response, method, url, MANIFEST_SIZE_LIMIT)
             finally:
                 await response.aclose()
         except TimeoutError as exc:
@@ -560,6 +560,9 @@ def _is_retryable(status: int) -> bool:
     return status == 429 or (status >= 500 and status not in (501, 505))
 
 
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 def _request(
     method: str,
     url: httpx.URL,
@@ -572,11 +575,15 @@ def _request(
     ``query``, encoded, added to its own)."""
     target = url.raw_path
     if query:
-        target += (b"&" if url.query else b"?") + query.encode("ascii")
+        if url.query:
+            target += b"&"
+        elif not target.endswith(b"?"):  # a realm may end in an empty query
+            target += b"?"
+        target += query.encode("ascii")
     sent = [(b"Host", url.netloc)]
     sent += [(name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()]
-    if content is not None:
-        sent.append((b"Content-Length", str(len(content)).encode("ascii")))
+    if content is not None or method in _BODY_METHODS:  # httpx's rule: a POST says it is empty
+        sent.append((b"Content-Length", str(len(content or b"")).encode("ascii")))
     return httpcore.Request(
         method.encode("ascii"),
         httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=target),
@@ -586,7 +593,9 @@ def _request(
     )
 
 
-async def _read_limited(response: httpcore.Response, url: httpx.URL, limit: int) -> bytes:
+async def _read_limited(
+    response: httpcore.Response, method: str, url: httpx.URL, limit: int
+) -> bytes:
     """The body as sent, at most ``limit`` bytes, then decoded should the server have
     encoded it though asked for identity."""
     chunks: list[bytes] = []
@@ -594,21 +603,23 @@ async def _read_limited(response: httpcore.Response, url: httpx.URL, limit: int)
     async for chunk in response.aiter_stream():
         size += len(chunk)
         if size > limit:
-            raise ProtocolError(f"{_shown(url)}: body larger than {limit} bytes")
+            raise ProtocolError(f"{method} {_shown(url)}: body larger than {limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
-    encoding = _content_encoding(response.headers)
-    return body if encoding in (b"", b"identity") else _decoded(response, url, body, limit)
+    if not _is_encoded(response.headers):
+        return body
+    return _decoded(response, method, url, body, limit)
 
 
-def _content_encoding(headers: list[tuple[bytes, bytes]]) -> bytes:
-    for name, value in headers:
-        if name.lower() == b"content-encoding":
-            return value.strip().lower()
-    return b""
+def _is_encoded(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(
+        name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity")
+        for name, value in headers
+    )
 
 
-_DECODED_PIECE = 64 * 1024
+# Deflate inflates at most about 1,000-fold: a piece this size stays near the limit.
+_DECODED_PIECE = 4 * 1024
 
 
 class _Pieces(httpx.SyncByteStream):
@@ -622,7 +633,9 @@ class _Pieces(httpx.SyncByteStream):
             yield self._body[start : start + _DECODED_PIECE]
 
 
-def _decoded(response: httpcore.Response, url: httpx.URL, body: bytes, limit: int) -> bytes:
+def _decoded(
+    response: httpcore.Response, method: str, url: httpx.URL, body: bytes, limit: int
+) -> bytes:
     """httpx's decoding of an encoded body, stopped at ``limit`` decoded bytes."""
     encoded = httpx.Response(response.status, headers=response.headers, stream=_Pieces(body))
     chunks: list[bytes] = []
@@ -631,8 +644,10 @@ def _decoded(response: httpcore.Response, url: httpx.URL, body: bytes, limit: in
         for chunk in encoded.iter_bytes():
             size += len(chunk)
             if size > limit:
-                raise ProtocolError(f"{_shown(url)}: decoded body larger than {limit} bytes")
+                raise ProtocolError(
+                    f"{method} {_shown(url)}: decoded body larger than {limit} bytes"
+                )
             chunks.append(chunk)
     except httpx.DecodingError as exc:
-        raise ProtocolError(f"{_shown(url)}: undecodable body") from exc
+        raise ProtocolError(f"{method} {_shown(url)}: undecodable body") from exc
     return b"".join(chunks)
