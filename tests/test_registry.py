@@ -591,53 +591,49 @@ async def test_cached_token_refused_is_dropped_and_refetched_once(
     assert "authorization" not in token_request.headers  # anonymous
 
 
-async def test_a_realm_with_a_query_keeps_it_and_gets_scope_and_service_added(
-    faults: FaultServer, fault_client: RegistryClient
+SCOPE = "scope=repository%3Ateam%2Fapp%3Apull"
+
+
+@pytest.mark.parametrize(
+    ("realm", "asked"),
+    [
+        ("/token", f"{SCOPE}&service=fault"),
+        # An empty query: one '?', not two.
+        ("/token?", f"{SCOPE}&service=fault"),
+        # The realm's own parameters as given, then scope; its own service is replaced by
+        # the challenge's, not sent twice.
+        ("/token?account=ci&service=old", f"account=ci&service=fault&{SCOPE}"),
+    ],
+)
+async def test_a_token_is_asked_of_the_realm_with_scope_and_service(
+    faults: FaultServer, fault_client: RegistryClient, realm: str, asked: str
 ) -> None:
-    # The realm's own parameters as given, then scope and service; a service of its own is
-    # replaced by the challenge's, not sent twice.
-    challenge = f'Bearer realm="{faults.url}/token?account=ci&service=old",service="fault"'
-    faults.route(
-        MANIFEST_PATH,
-        error_reply(401, headers={"WWW-Authenticate": challenge}),
-        manifest_reply(sample_index()),
-    )
-    faults.route("/token", Reply(200, {}, b'{"token":"t"}'))
+    _challenged_by(faults, realm, Reply(200, {}, b'{"token":"t"}'))
     await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
-    query = faults.requests_to("/token")[0].query
-    assert query == "account=ci&service=fault&scope=repository%3Ateam%2Fapp%3Apull"
+    assert faults.requests_to("/token")[0].query == asked
     assert faults.requests_to(MANIFEST_PATH)[1].headers["authorization"] == "Bearer t"
-
-
-async def test_a_realm_ending_in_an_empty_query_is_asked_with_one_question_mark(
-    faults: FaultServer, fault_client: RegistryClient
-) -> None:
-    challenge = f'Bearer realm="{faults.url}/token?",service="fault"'
-    faults.route(
-        MANIFEST_PATH,
-        error_reply(401, headers={"WWW-Authenticate": challenge}),
-        manifest_reply(sample_index()),
-    )
-    faults.route("/token", Reply(200, {}, b'{"token":"t"}'))
-    await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
-    query = faults.requests_to("/token")[0].query
-    assert query == "scope=repository%3Ateam%2Fapp%3Apull&service=fault"
 
 
 async def test_a_redirected_token_request_asks_the_target_as_it_says(
     faults: FaultServer, fault_client: RegistryClient
 ) -> None:
-    challenge = f'Bearer realm="{faults.url}/token",service="fault"'
+    _challenged_by(faults, "/token", Reply(302, {"Location": "/issued?by=redirect"}))
+    faults.route("/issued", Reply(200, {}, b'{"token":"t"}'))
+    await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
+    assert SCOPE in faults.requests_to("/token")[0].query
+    assert faults.requests_to("/issued")[0].query == "by=redirect"
+
+
+def _challenged_by(faults: FaultServer, realm: str, token_reply: Reply) -> None:
+    """The manifest asks for a Bearer token from ``realm`` (on ``faults``) once, then is
+    served; the realm answers ``token_reply``."""
+    challenge = f'Bearer realm="{faults.url}{realm}",service="fault"'
     faults.route(
         MANIFEST_PATH,
         error_reply(401, headers={"WWW-Authenticate": challenge}),
         manifest_reply(sample_index()),
     )
-    faults.route("/token", Reply(302, {"Location": "/issued?by=redirect"}))
-    faults.route("/issued", Reply(200, {}, b'{"token":"t"}'))
-    await fault_client.resolve_digest(fault_ref(faults), ANONYMOUS, deadline=deadline_in(5))
-    assert "scope=repository%3Ateam%2Fapp%3Apull" in faults.requests_to("/token")[0].query
-    assert faults.requests_to("/issued")[0].query == "by=redirect"
+    faults.route("/token", token_reply)
 
 
 async def test_401_without_challenge_reuses_the_ping_challenge(
