@@ -36,7 +36,9 @@ FIELDS: Final = "fields"  # the ``extra`` key structured fields travel under
 
 # Loggers of the libraries pinhook runs on; quiet unless asked.
 REQUEST_LOGGERS: Final = ("httpx", "httpx2")
-TRACE_LOGGERS: Final = ("httpcore", "httpcore2")
+# The HTTP clients' connection traces: the Kubernetes client's (httpcore2), and the registry
+# client's (its own connections, httpcore's where httptools is missing).
+TRACE_LOGGERS: Final = ("httpcore", "httpcore2", "webhook.oci.connection")
 SERVER_LOGGERS: Final = ("uvicorn", "uvicorn.error", "uvicorn.asgi")
 _THIRD_PARTY: Final = (*REQUEST_LOGGERS, *TRACE_LOGGERS, "uvicorn")
 # uvicorn's own name for its main logger says nothing about errors: call it what it is.

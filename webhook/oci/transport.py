@@ -35,6 +35,7 @@ import httpx
 
 from ..errors import DeadlineExceeded, ProtocolError, RegistryUnavailable
 from ..redact import scrub
+from .connection import PARSER_AVAILABLE, RegistryConnection
 from .dns import HostResolver
 from .hostguard import GuardedBackend, HostGuard
 from .mirror import Mirror
@@ -133,7 +134,37 @@ class _Pool(httpcore.AsyncConnectionPool):
     closed, idle ones closed while there are more connections than keep-alive allows; then
     each queued request gets the first available connection for its origin, else a new one
     within the limit, else one in place of an idle one.
+
+    Its connections are :class:`~.connection.RegistryConnection` (httpcore's own where
+    httptools is not installed).
     """
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext,
+        backend: httpcore.AsyncNetworkBackend,
+        max_connections: int,
+        keepalive_expiry: float,
+        parser_connections: bool = PARSER_AVAILABLE,
+    ) -> None:
+        super().__init__(
+            ssl_context=ssl_context,
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=keepalive_expiry,
+            network_backend=backend,
+        )
+        ssl_context.set_alpn_protocols(["http/1.1"])
+        self._tls = ssl_context
+        self._backend = backend
+        self._keepalive = keepalive_expiry
+        self._parser_connections = parser_connections
+
+    def create_connection(self, origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
+        if not self._parser_connections:  # no httptools: httpcore's own, through h11
+            return super().create_connection(origin)
+        return RegistryConnection(origin, self._backend, self._tls, self._keepalive)
 
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
         closing: list[httpcore.AsyncConnectionInterface] = []
@@ -177,9 +208,11 @@ class _Pool(httpcore.AsyncConnectionPool):
 
 
 def _went_away(connection: httpcore.AsyncConnectionInterface) -> bool:
-    """Whether the registry closed this idle connection, asked of its socket: httpcore's own
-    expiry check reads only what the loop has (``AsyncioStream.get_extra_info``), and a
-    close that arrived since would fail the request about to reuse it."""
+    """Whether the registry closed this idle connection, asked of its socket: the expiry
+    check reads only what the loop has (``AsyncioStream.get_extra_info``), and a close that
+    arrived since would fail the request about to reuse it."""
+    if isinstance(connection, RegistryConnection):
+        return connection.went_away()
     stream = getattr(getattr(connection, "_connection", None), "_network_stream", None)
     return isinstance(stream, AsyncioStream) and stream.went_away()
 
@@ -234,14 +267,12 @@ class Transport:
         self._background: set[asyncio.Task[object]] = set()
 
     def _new_pool(self) -> Connections:
-        limit = self._options.max_connections
         return Connections(
             _Pool(
                 ssl_context=httpx.create_ssl_context(verify=self._verify),
-                max_connections=limit,
-                max_keepalive_connections=limit,
+                backend=GuardedBackend(self.guard),
+                max_connections=self._options.max_connections,
                 keepalive_expiry=KEEPALIVE_SECONDS,
-                network_backend=GuardedBackend(self.guard),
             )
         )
 

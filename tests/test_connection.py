@@ -1,0 +1,267 @@
+"""The registry client's HTTP/1.1 connection (``webhook.oci.connection``): requests written
+as bytes, answers parsed by httptools, with what h11 guarded kept."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpcore
+import pytest
+
+from tests.faults import FaultServer, Reply, manifest_reply, sample_index
+from tests.test_registry import deadline_in, loopback_options
+from webhook import errors
+from webhook.oci.connection import HEAD_SIZE_LIMIT, Answer, RegistryConnection, request_head
+from webhook.oci.transport import KEEPALIVE_SECONDS, Transport, _Pool
+
+MANIFEST_PATH = "/v2/team/app/manifests/v1"
+
+pytestmark = pytest.mark.both_loops
+
+
+@pytest.fixture
+async def faults() -> AsyncIterator[FaultServer]:
+    async with FaultServer() as server:
+        yield server
+
+
+def _parsed(raw: bytes, *, head_only: bool = False, piece: int = 0) -> Answer:
+    """``raw`` fed at once, or ``piece`` bytes at a time (answers arrive in any pieces)."""
+    answer = Answer(head_only=head_only)
+    step = piece or max(len(raw), 1)
+    for start in range(0, len(raw), step):
+        answer.feed(raw[start : start + step])
+    return answer
+
+
+def _body(answer: Answer) -> bytes:
+    return b"".join(answer.chunks)
+
+
+OK_BODY = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nDocker-Content-Digest: sha256:ab\r\n\r\nhello"
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("piece", [0, 1, 7])
+@pytest.mark.parametrize(
+    ("raw", "head_only", "status", "body", "reusable"),
+    [
+        pytest.param(OK_BODY, False, 200, b"hello", True, id="length"),
+        pytest.param(CHUNKED, False, 200, b"hello", True, id="chunked"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", True, 200, b"", True, id="head"
+        ),
+        pytest.param(OK_BODY, True, 200, b"", False, id="a body after a HEAD's answer"),
+        pytest.param(
+            b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n" + OK_BODY,
+            False,
+            200,
+            b"hello",
+            True,
+            id="interim answer first",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello",
+            False,
+            200,
+            b"hello",
+            False,
+            id="connection close",
+        ),
+        pytest.param(
+            b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            False,
+            200,
+            b"hello",
+            False,
+            id="http/1.0",
+        ),
+        pytest.param(OK_BODY + OK_BODY, False, 200, b"hello", False, id="a second answer"),
+        pytest.param(OK_BODY + b"x", False, 200, b"hello", False, id="bytes after the body"),
+        pytest.param(b"HTTP/1.1 204 No Content\r\n\r\n", False, 204, b"", True, id="no content"),
+    ],
+)
+def test_an_answer_is_parsed_and_reused_only_when_it_ended_cleanly(
+    raw: bytes, head_only: bool, status: int, body: bytes, reusable: bool, piece: int
+) -> None:
+    answer = _parsed(raw, head_only=head_only, piece=piece)
+    assert answer.head_done and answer.complete
+    assert answer.status == status
+    assert _body(answer) == body
+    assert answer.reusable() is reusable
+
+
+def test_only_the_final_answers_headers_are_kept() -> None:
+    answer = _parsed(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK_BODY)
+    assert answer.headers == [(b"Content-Length", b"5"), (b"Docker-Content-Digest", b"sha256:ab")]
+    assert answer.reason == b"OK"
+
+
+def test_a_body_without_a_length_ends_with_the_connection() -> None:
+    answer = _parsed(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhel")
+    answer.feed(b"lo")
+    assert not answer.complete
+    answer.feed(b"")
+    assert answer.complete and _body(answer) == b"hello"
+    assert not answer.reusable()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        pytest.param(b"", "without sending a response", id="nothing"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Le", "without sending a response", id="half"),
+        pytest.param(OK_BODY[:-2], "peer closed connection", id="short body"),
+        pytest.param(CHUNKED[:-7], "peer closed connection", id="unfinished chunks"),
+    ],
+)
+def test_an_answer_cut_short_is_an_error_worth_a_retry(raw: bytes, message: str) -> None:
+    """The words the transport reads as a connection closed under a request (retried)."""
+    answer = _parsed(raw)
+    with pytest.raises(httpcore.RemoteProtocolError, match=message):
+        answer.feed(b"")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", id="not http"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", id="negative length"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n", id="header without colon"),
+        pytest.param(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
+            id="switching protocols",
+        ),
+    ],
+)
+def test_a_malformed_answer_is_a_protocol_error(raw: bytes) -> None:
+    with pytest.raises(httpcore.RemoteProtocolError):
+        _parsed(raw)
+
+
+def _endless_head(answer: Answer) -> None:
+    answer.feed(b"HTTP/1.1 200 OK\r\n")
+    for _ in range(HEAD_SIZE_LIMIT // 1000 + 1):
+        answer.feed(b"X-Padding: " + b"a" * 1000 + b"\r\n")
+
+
+def test_an_endless_head_is_cut_off() -> None:
+    with pytest.raises(httpcore.RemoteProtocolError, match="head larger"):
+        _endless_head(Answer(head_only=False))
+
+
+def test_a_request_is_written_as_h11_writes_it() -> None:
+    request = httpcore.Request(
+        "GET",
+        "http://registry.test:5000/v2/app/manifests/v1?x=1",
+        headers=[(b"Host", b"registry.test:5000"), (b"Accept", b" a/b ")],
+    )
+    assert request_head(request) == (
+        b"GET /v2/app/manifests/v1?x=1 HTTP/1.1\r\nHost: registry.test:5000\r\nAccept: a/b\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        (b"Authorization", b"Bearer x\r\nX-Injected: 1"),
+        (b"Authorization", b"Bearer x\nX-Injected: 1"),
+        (b"Authorization", b"Bearer \x00"),
+        (b"X Injected", b"1"),
+        (b"X-Injected:", b"1"),
+    ],
+)
+def test_a_header_that_would_change_the_request_is_refused(header: tuple[bytes, bytes]) -> None:
+    request = httpcore.Request("GET", "http://registry.test/v2/", headers=[header])
+    with pytest.raises(httpcore.LocalProtocolError):
+        request_head(request)
+
+
+async def test_a_credential_holding_a_line_break_sends_nothing(faults: FaultServer) -> None:
+    """A pull secret is the cluster user's data: it must not add a header to the request."""
+    transport = Transport(loopback_options(faults.host))
+    try:
+        with pytest.raises(errors.ProtocolError, match="illegal header value"):
+            await transport.exchange(
+                "GET",
+                f"{faults.url}{MANIFEST_PATH}",
+                {"Authorization": "Basic eDp5\r\nX-Injected: 1"},
+                deadline_in(5),
+            )
+    finally:
+        await transport.aclose()
+    assert faults.requests == []
+
+
+async def test_heads_of_one_registry_share_one_connection(faults: FaultServer) -> None:
+    body = sample_index()
+    faults.route(MANIFEST_PATH, manifest_reply(body))
+    transport = Transport(loopback_options(faults.host))
+    try:
+        for _ in range(3):
+            reply = await transport.exchange(
+                "HEAD", f"{faults.url}{MANIFEST_PATH}", {}, deadline_in(5)
+            )
+            assert reply.status == 200 and reply.body == b""
+            assert reply.headers["docker-content-digest"].startswith("sha256:")
+        got = await transport.exchange("GET", f"{faults.url}{MANIFEST_PATH}", {}, deadline_in(5))
+    finally:
+        await transport.aclose()
+    assert got.body == body
+    assert faults.connections == 1
+    assert faults.count("HEAD") == 3
+
+
+async def test_a_connection_that_sent_what_no_request_asked_for_is_not_reused(
+    faults: FaultServer,
+) -> None:
+    """A registry answering a HEAD with a body: those bytes would be read as the next
+    request's answer."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nDocker-Content-Digest: sha256:ab\r\n\r\n"
+    faults.route(MANIFEST_PATH, Reply(raw_head=head + b"hello"), method="HEAD")
+    transport = Transport(loopback_options(faults.host))
+    try:
+        for _ in range(2):
+            reply = await transport.exchange(
+                "HEAD", f"{faults.url}{MANIFEST_PATH}", {}, deadline_in(5)
+            )
+            assert reply.headers["docker-content-digest"] == "sha256:ab"
+    finally:
+        await transport.aclose()
+    assert faults.connections == 2
+
+
+async def test_a_body_ending_with_the_connection_is_read_whole(faults: FaultServer) -> None:
+    faults.route(
+        MANIFEST_PATH,
+        Reply(raw_head=b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello", close=True),
+    )
+    transport = Transport(loopback_options(faults.host))
+    try:
+        reply = await transport.exchange("GET", f"{faults.url}{MANIFEST_PATH}", {}, deadline_in(5))
+        again = await transport.exchange("GET", f"{faults.url}{MANIFEST_PATH}", {}, deadline_in(5))
+    finally:
+        await transport.aclose()
+    assert reply.body == again.body == b"hello"
+    assert faults.connections == 2
+
+
+async def test_the_pool_makes_parser_connections_and_falls_back_to_httpcores(
+    faults: FaultServer,
+) -> None:
+    """Without httptools (optional, as for the listener) httpcore's own connections serve."""
+    body = sample_index()
+    faults.route(MANIFEST_PATH, manifest_reply(body))
+    url = f"{faults.url}{MANIFEST_PATH}"
+    for parser, kind in ((True, RegistryConnection), (False, httpcore.AsyncHTTPConnection)):
+        pool = _Pool(
+            ssl_context=httpcore.default_ssl_context(),
+            backend=httpcore.AnyIOBackend(),
+            max_connections=4,
+            keepalive_expiry=KEEPALIVE_SECONDS,
+            parser_connections=parser,
+        )
+        async with pool:
+            response = await pool.request("GET", url)
+            assert response.content == body
+            assert [type(c) for c in pool.connections] == [kind]
