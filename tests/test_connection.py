@@ -4,6 +4,7 @@ as bytes, answers parsed by httptools, with what h11 guarded kept."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 
 import httpcore
 import pytest
@@ -11,10 +12,19 @@ import pytest
 from tests.faults import FaultServer, Reply, manifest_reply, sample_index
 from tests.test_registry import deadline_in, loopback_options
 from webhook import errors
-from webhook.oci.connection import HEAD_SIZE_LIMIT, Answer, RegistryConnection, request_head
-from webhook.oci.transport import KEEPALIVE_SECONDS, Transport, _Pool
+from webhook.oci.connection import (
+    HEAD_SIZE_LIMIT,
+    Answer,
+    RegistryConnection,
+    new_connection,
+    request_head,
+)
+from webhook.oci.pool import ConnectionPool
+from webhook.oci.streams import AsyncioBackend
+from webhook.oci.transport import KEEPALIVE_SECONDS, Transport
 
 MANIFEST_PATH = "/v2/team/app/manifests/v1"
+HOST = (b"Host", b"registry.test")
 
 pytestmark = pytest.mark.both_loops
 
@@ -172,8 +182,15 @@ def test_a_request_is_written_as_h11_writes_it() -> None:
     ],
 )
 def test_a_header_that_would_change_the_request_is_refused(header: tuple[bytes, bytes]) -> None:
-    request = httpcore.Request("GET", "http://registry.test/v2/", headers=[header])
+    request = httpcore.Request("GET", "http://registry.test/v2/", headers=[HOST, header])
     with pytest.raises(httpcore.LocalProtocolError):
+        request_head(request)
+
+
+def test_a_request_without_a_host_is_refused() -> None:
+    """HTTP/1.1 requires one (h11 refused such a request too)."""
+    request = httpcore.Request("GET", "http://registry.test/v2/", headers=[(b"Accept", b"*/*")])
+    with pytest.raises(httpcore.LocalProtocolError, match="Host"):
         request_head(request)
 
 
@@ -246,22 +263,32 @@ async def test_a_body_ending_with_the_connection_is_read_whole(faults: FaultServ
     assert faults.connections == 2
 
 
-async def test_the_pool_makes_parser_connections_and_falls_back_to_httpcores(
-    faults: FaultServer,
+@pytest.mark.parametrize(
+    ("parser", "kind"), [(True, RegistryConnection), (False, httpcore.AsyncHTTPConnection)]
+)
+async def test_connections_are_pinhooks_own_or_httpcores_without_httptools(
+    faults: FaultServer, parser: bool, kind: type
 ) -> None:
     """Without httptools (optional, as for the listener) httpcore's own connections serve."""
     body = sample_index()
     faults.route(MANIFEST_PATH, manifest_reply(body))
-    url = f"{faults.url}{MANIFEST_PATH}"
-    for parser, kind in ((True, RegistryConnection), (False, httpcore.AsyncHTTPConnection)):
-        pool = _Pool(
-            ssl_context=httpcore.default_ssl_context(),
-            backend=httpcore.AnyIOBackend(),
-            max_connections=4,
-            keepalive_expiry=KEEPALIVE_SECONDS,
-            parser_connections=parser,
-        )
-        async with pool:
-            response = await pool.request("GET", url)
-            assert response.content == body
-            assert [type(c) for c in pool.connections] == [kind]
+    connect = partial(
+        new_connection,
+        backend=AsyncioBackend(),
+        ssl_context=httpcore.default_ssl_context(),
+        keepalive_expiry=KEEPALIVE_SECONDS,
+        parser=parser,
+    )
+    pool = ConnectionPool(connect, 4)
+    try:
+        for _ in range(2):
+            request = httpcore.Request(
+                "GET", f"{faults.url}{MANIFEST_PATH}", headers=[(b"Host", faults.host.encode())]
+            )
+            response = await pool.send(request)
+            assert await response.aread() == body
+            await response.aclose()
+        assert [type(c) for c in pool.connections] == [kind]
+    finally:
+        await pool.aclose()
+    assert faults.connections == 1

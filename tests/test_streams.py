@@ -299,8 +299,9 @@ async def _fetch_at_once(transport: Transport, url: str, count: int) -> None:
 async def test_the_pool_keeps_its_books_in_one_pass_over_its_connections(
     faults: FaultServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """httpcore 1.0's pool listed all its connections again for each idle one, on every
-    request added or removed: a quarter of pinhook's CPU in a burst of new tags."""
+    """A request's bookkeeping does not grow with the pool's connections: httpcore 1.0's pool
+    listed all of them again for each idle one, on every request added or removed, a quarter
+    of pinhook's CPU in a burst of new tags."""
     body = sample_index()
     faults.route(MANIFEST_PATH, Reply(200, manifest_reply(body).headers, body))
     transport = Transport(loopback_options(faults.host))

@@ -188,6 +188,8 @@ def request_head(request: httpcore.Request) -> bytes:
     """The request line and headers, as h11 would write them; LocalProtocolError for a
     header that would change the request's meaning on the wire."""
     lines = [b"%s %s HTTP/1.1" % (request.method, request.url.target)]
+    if not any(name.lower() == b"host" for name, _ in request.headers):
+        raise httpcore.LocalProtocolError("Missing mandatory Host: header")
     for name, value in request.headers:
         if _FIELD_NAME.fullmatch(name) is None:
             raise httpcore.LocalProtocolError(f"illegal header name {name!r}")
@@ -334,3 +336,19 @@ class _Body:
         if not self._closed:
             self._closed = True
             await self._connection.response_closed(self._answer)
+
+
+def new_connection(
+    origin: httpcore.Origin,
+    *,
+    backend: httpcore.AsyncNetworkBackend,
+    ssl_context: ssl.SSLContext,
+    keepalive_expiry: float,
+    parser: bool = PARSER_AVAILABLE,
+) -> httpcore.AsyncConnectionInterface:
+    """A connection of pinhook's own, or httpcore's (through h11) without httptools."""
+    if parser:
+        return RegistryConnection(origin, backend, ssl_context, keepalive_expiry)
+    return httpcore.AsyncHTTPConnection(
+        origin, ssl_context=ssl_context, keepalive_expiry=keepalive_expiry, network_backend=backend
+    )

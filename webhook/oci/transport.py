@@ -7,13 +7,13 @@ deadline allows; redirects are followed by hand, each target checked by the host
 HTTP only to an insecure host, and never with the Authorization header to another host. Every
 wait is bounded by an absolute deadline on the running loop's clock, every body by a size limit.
 
-A caller's deadline never cancels a request inside the connection pool: cancellation landing
-in httpcore while it assigns connections is where pool slots leak (encode/httpcore). Each send
-runs in a task of its own, with httpcore's own timeouts set to the time that is left; a caller
-that gives up stops waiting for it, and the task ends on those timeouts, returning its
-connection. Should the pool wedge anyway (only pool timeouts, nothing answered), the client is
-replaced by a fresh one. Connections go through :class:`~.hostguard.GuardedBackend`, so only
-to addresses the host guard checked.
+A caller's deadline never cancels a request inside the connection pool: each send runs in a
+task of its own, with the connection's timeouts set to the time that is left; a caller that
+gives up stops waiting for it, and the task ends on those timeouts, returning its connection
+(httpcore's pool, used before :mod:`.pool`, leaked connection slots to cancellation landing
+while it assigned them). Should the pool wedge anyway (only pool timeouts, nothing
+answered), the client is replaced by a fresh one. Connections go through
+:class:`~.hostguard.GuardedBackend`, so only to addresses the host guard checked.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
+from functools import partial
 from typing import Protocol
 
 import httpcore
@@ -35,13 +36,13 @@ import httpx
 
 from ..errors import DeadlineExceeded, ProtocolError, RegistryUnavailable
 from ..redact import scrub
-from .connection import PARSER_AVAILABLE, RegistryConnection
+from .connection import new_connection
 from .dns import HostResolver
 from .hostguard import GuardedBackend, HostGuard
 from .mirror import Mirror
+from .pool import ConnectionPool
 from .ratelimit import RateLimitWatch
 from .reference import DOCKER_HUB_API_HOST
-from .streams import AsyncioStream
 
 log = logging.getLogger(__name__)
 
@@ -123,124 +124,6 @@ class _Transient(Exception):
     """A connection-level failure worth retrying."""
 
 
-class _Pool(httpcore.AsyncConnectionPool):
-    """httpcore's connection pool, its bookkeeping done in one pass over the connections.
-
-    On every request added to or removed from the pool, httpcore 1.0 sweeps its connections,
-    and for each idle one builds a list of all of them to compare its length with the
-    keep-alive limit: the square of the connections, twice per request. With the dozens of
-    connections a burst of new tags opens, that was a quarter of pinhook's CPU. The rules are
-    httpcore's own (the same tests hold): a closed connection is dropped, an expired one
-    closed, idle ones closed while there are more connections than keep-alive allows; then
-    each queued request gets the first available connection for its origin, else a new one
-    within the limit, else one in place of an idle one.
-
-    Its connections are :class:`~.connection.RegistryConnection` (httpcore's own where
-    httptools is not installed).
-    """
-
-    def __init__(
-        self,
-        *,
-        ssl_context: ssl.SSLContext,
-        backend: httpcore.AsyncNetworkBackend,
-        max_connections: int,
-        keepalive_expiry: float,
-        parser_connections: bool = PARSER_AVAILABLE,
-    ) -> None:
-        super().__init__(
-            ssl_context=ssl_context,
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=keepalive_expiry,
-            network_backend=backend,
-        )
-        ssl_context.set_alpn_protocols(["http/1.1"])
-        self._tls = ssl_context
-        self._backend = backend
-        self._keepalive = keepalive_expiry
-        self._parser_connections = parser_connections
-
-    def create_connection(self, origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
-        if not self._parser_connections:  # no httptools: httpcore's own, through h11
-            return super().create_connection(origin)
-        return RegistryConnection(origin, self._backend, self._tls, self._keepalive)
-
-    def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
-        closing: list[httpcore.AsyncConnectionInterface] = []
-        kept: list[httpcore.AsyncConnectionInterface] = []
-        connections = self._connections
-        count = len(connections)
-        for connection in connections:
-            if connection.is_closed():
-                count -= 1
-            elif connection.has_expired() or (
-                count > self._max_keepalive_connections and connection.is_idle()
-            ):
-                count -= 1
-                closing.append(connection)
-            else:
-                kept.append(connection)
-        connections[:] = kept
-        for pool_request in [request for request in self._requests if request.is_queued()]:
-            origin = pool_request.request.url.origin
-            chosen = None
-            for connection in list(connections):
-                if not (connection.can_handle_request(origin) and connection.is_available()):
-                    continue
-                if connection.is_idle() and _went_away(connection):
-                    connections.remove(connection)
-                    closing.append(connection)
-                    continue
-                chosen = connection
-                break
-            if chosen is None:
-                if len(connections) >= self._max_connections:
-                    idle = next((c for c in connections if c.is_idle()), None)
-                    if idle is None:
-                        continue
-                    connections.remove(idle)
-                    closing.append(idle)
-                chosen = self.create_connection(origin)
-                connections.append(chosen)
-            pool_request.assign_to_connection(chosen)
-        return closing
-
-
-def _went_away(connection: httpcore.AsyncConnectionInterface) -> bool:
-    """Whether the registry closed this idle connection, asked of its socket: the expiry
-    check reads only what the loop has (``AsyncioStream.get_extra_info``), and a close that
-    arrived since would fail the request about to reuse it."""
-    if isinstance(connection, RegistryConnection):
-        return connection.went_away()
-    stream = getattr(getattr(connection, "_connection", None), "_network_stream", None)
-    return isinstance(stream, AsyncioStream) and stream.went_away()
-
-
-class Connections:
-    """One generation of pooled keep-alive connections (replaced should the pool wedge).
-
-    Requests go to httpcore's pool directly, built from the URL httpx already parsed:
-    pinhook follows redirects itself, keeps no cookies and asks for no content encoding, so
-    httpx's client and transport layers (its cookie jar, its request and response models, a
-    second parse of every URL and header) are CPU spent on nothing, on every cache miss.
-    """
-
-    def __init__(self, pool: httpcore.AsyncConnectionPool) -> None:
-        self._pool = pool
-        self.is_closed = False
-
-    async def send(self, request: httpcore.Request) -> httpcore.Response:
-        """The response with its body still to be read (and closed)."""
-        if self.is_closed:  # a retired pool: its connections would never be closed again
-            raise httpcore.ConnectError("the connection pool was closed")
-        return await self._pool.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        self.is_closed = True
-        await self._pool.aclose()
-
-
 class Transport:
     """One pool of keep-alive connections for the process, with the host guard."""
 
@@ -266,15 +149,16 @@ class Transport:
         self._pool_timeouts = 0
         self._background: set[asyncio.Task[object]] = set()
 
-    def _new_pool(self) -> Connections:
-        return Connections(
-            _Pool(
-                ssl_context=httpx.create_ssl_context(verify=self._verify),
-                backend=GuardedBackend(self.guard),
-                max_connections=self._options.max_connections,
-                keepalive_expiry=KEEPALIVE_SECONDS,
-            )
+    def _new_pool(self) -> ConnectionPool:
+        tls = httpx.create_ssl_context(verify=self._verify)
+        tls.set_alpn_protocols(["http/1.1"])
+        connect = partial(
+            new_connection,
+            backend=GuardedBackend(self.guard),
+            ssl_context=tls,
+            keepalive_expiry=KEEPALIVE_SECONDS,
         )
+        return ConnectionPool(connect, self._options.max_connections)
 
     async def aclose(self) -> None:
         for task in list(self._background):
@@ -415,7 +299,7 @@ class Transport:
 
     async def _fetch(
         self,
-        pool: Connections,
+        pool: ConnectionPool,
         request: httpcore.Request,
         method: str,
         url: httpx.URL,
@@ -457,7 +341,7 @@ class Transport:
             log.debug("%s %s -> %d", method, _shown(url), status)
         return Reply(method, url, status, answered, body)
 
-    def _pool_timed_out(self, pool: Connections) -> None:
+    def _pool_timed_out(self, pool: ConnectionPool) -> None:
         if pool is not self.http:
             return  # a retired pool's stragglers
         self._pool_timeouts += 1
@@ -476,7 +360,7 @@ class Transport:
         retire.add_done_callback(self._settled)
 
 
-async def _close_later(pool: Connections) -> None:
+async def _close_later(pool: ConnectionPool) -> None:
     await asyncio.sleep(RETIRED_CLIENT_GRACE_SECONDS)
     await pool.aclose()
 

@@ -1,0 +1,169 @@
+"""The registry client's connection pool (``webhook.oci.pool``): its limit, its queue, and no
+connection lost to a caller that gives up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from functools import partial
+
+import httpcore
+import pytest
+
+from tests.faults import FaultServer, Reply, manifest_reply, sample_index
+from webhook.oci.connection import new_connection
+from webhook.oci.pool import ConnectionPool
+from webhook.oci.streams import AsyncioBackend
+
+SLOW = "/v2/team/slow/manifests/v1"
+FAST = "/v2/team/fast/manifests/v1"
+
+pytestmark = pytest.mark.both_loops
+
+
+@pytest.fixture
+async def faults() -> AsyncIterator[FaultServer]:
+    async with FaultServer() as server:
+        server.route(FAST, manifest_reply(sample_index()))
+        yield server
+
+
+def _pool(limit: int, *, keepalive: float = 5.0) -> ConnectionPool:
+    connect = partial(
+        new_connection,
+        backend=AsyncioBackend(),
+        ssl_context=httpcore.default_ssl_context(),
+        keepalive_expiry=keepalive,
+    )
+    return ConnectionPool(connect, limit)
+
+
+def _request(server: FaultServer, path: str, wait: float) -> httpcore.Request:
+    return httpcore.Request(
+        "GET",
+        f"{server.url}{path}",
+        headers=[(b"Host", server.host.encode())],
+        extensions={"timeout": {"pool": wait, "connect": 5, "read": 5, "write": 5}},
+    )
+
+
+async def _get(pool: ConnectionPool, server: FaultServer, path: str, wait: float = 5.0) -> bytes:
+    response = await pool.send(_request(server, path, wait))
+    try:
+        return await response.aread()
+    finally:
+        await response.aclose()
+
+
+async def _queued(
+    pool: ConnectionPool, server: FaultServer, count: int
+) -> list[asyncio.Task[bytes]]:
+    """``count`` requests waiting for a connection, in this order."""
+    waiters = []
+    for _ in range(count):
+        waiters.append(asyncio.ensure_future(_get(pool, server, FAST)))
+        await asyncio.sleep(0)  # each reaches the queue before the next
+    return waiters
+
+
+async def test_waiters_are_served_in_turn_on_the_connection_handed_over(
+    faults: FaultServer,
+) -> None:
+    pool = _pool(1)
+    try:
+        held = await pool.send(_request(faults, FAST, 5))  # the one connection, busy
+        waiters = await _queued(pool, faults, 5)
+        assert not any(waiter.done() for waiter in waiters)
+        await held.aread()
+        await held.aclose()
+        assert await asyncio.gather(*waiters) == [sample_index()] * 5
+        assert len(pool.connections) == 1
+    finally:
+        await pool.aclose()
+    assert faults.connections == 1
+
+
+async def test_no_connection_free_in_time_is_a_pool_timeout(faults: FaultServer) -> None:
+    pool = _pool(1)
+    try:
+        held = await pool.send(_request(faults, FAST, 5))
+        with pytest.raises(httpcore.PoolTimeout):
+            await _get(pool, faults, FAST, wait=0.05)
+        await held.aclose()
+        assert await _get(pool, faults, FAST, wait=0.05) == sample_index()  # no waiter left
+    finally:
+        await pool.aclose()
+
+
+async def test_a_waiter_cancelled_as_the_connection_came_hands_it_on(
+    faults: FaultServer,
+) -> None:
+    pool = _pool(1)
+    try:
+        held = await pool.send(_request(faults, FAST, 5))
+        first, second = await _queued(pool, faults, 2)
+        await held.aread()
+        await held.aclose()  # handed to the first waiter, which has yet to run
+        first.cancel()
+        assert await second == sample_index()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert await _get(pool, faults, FAST, wait=0.05) == sample_index()
+        assert len(pool.connections) == 1
+    finally:
+        await pool.aclose()
+    assert faults.connections == 1  # the connection handed over was passed on, not lost
+
+
+async def test_a_failed_request_gives_its_place_to_a_waiter(faults: FaultServer) -> None:
+    reset = "/v2/team/reset/manifests/v1"
+    faults.route(reset, Reply(reset=True))
+    pool = _pool(1)
+    try:
+        held = await pool.send(_request(faults, FAST, 5))
+        failing = asyncio.ensure_future(_get(pool, faults, reset))
+        await asyncio.sleep(0)
+        (waiting,) = await _queued(pool, faults, 1)
+        await held.aclose()
+        with pytest.raises(httpcore.NetworkError):
+            await failing
+        assert await waiting == sample_index()
+        assert len(pool.connections) == 1
+    finally:
+        await pool.aclose()
+
+
+async def test_at_the_limit_an_idle_connection_gives_way_to_another_registry(
+    faults: FaultServer,
+) -> None:
+    async with FaultServer() as other:
+        other.route(FAST, manifest_reply(sample_index()))
+        pool = _pool(1)
+        try:
+            await _get(pool, faults, FAST)
+            assert await _get(pool, other, FAST, wait=0.05) == sample_index()
+            assert len(pool.connections) == 1
+        finally:
+            await pool.aclose()
+        await faults.closed.wait()  # the idle one was closed, not left open
+
+
+async def test_a_connection_past_its_keepalive_is_not_reused(faults: FaultServer) -> None:
+    pool = _pool(4, keepalive=0.0)
+    try:
+        await _get(pool, faults, FAST)
+        await _get(pool, faults, FAST)
+        assert len(pool.connections) == 1
+    finally:
+        await pool.aclose()
+    assert faults.connections == 2
+
+
+async def test_closing_the_pool_fails_its_waiters(faults: FaultServer) -> None:
+    pool = _pool(1)
+    await pool.send(_request(faults, FAST, 5))
+    (waiting,) = await _queued(pool, faults, 1)
+    await pool.aclose()
+    with pytest.raises(httpcore.ConnectError, match="closed"):
+        await waiting
+    assert pool.connections == []
