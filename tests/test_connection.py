@@ -292,3 +292,27 @@ async def test_connections_are_pinhooks_own_or_httpcores_without_httptools(
     finally:
         await pool.aclose()
     assert faults.connections == 1
+
+
+async def test_an_answer_not_begun_in_time_is_a_read_timeout_and_closes(
+    faults: FaultServer,
+) -> None:
+    """One timer bounds the request and the answer's head (the transport sets it to the
+    time left before the deadline)."""
+    faults.route(MANIFEST_PATH, Reply(hang=True))
+    connection = new_connection(
+        httpcore.Origin(b"http", b"127.0.0.1", faults.port),
+        backend=AsyncioBackend(),
+        ssl_context=httpcore.default_ssl_context(),
+        keepalive_expiry=KEEPALIVE_SECONDS,
+    )
+    request = httpcore.Request(
+        "GET",
+        f"{faults.url}{MANIFEST_PATH}",
+        headers=[(b"Host", faults.host.encode())],
+        extensions={"timeout": {"read": 0.05}},
+    )
+    with pytest.raises(httpcore.ReadTimeout):
+        await connection.handle_async_request(request)
+    assert connection.is_closed()
+    assert faults.count("GET", MANIFEST_PATH) == 1

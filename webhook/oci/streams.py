@@ -126,6 +126,8 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         try:
+            if timeout is None:  # bounded by the caller (a timer less per read)
+                return await self._stream.receive(max_bytes)
             async with asyncio.timeout(timeout):
                 return await self._stream.receive(max_bytes)
         except TimeoutError as exc:
@@ -137,6 +139,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         if not buffer:
             return
         try:
+            if timeout is None:
+                await self._stream.send(buffer)
+                return
             async with asyncio.timeout(timeout):
                 await self._stream.send(buffer)
         except TimeoutError as exc:
