@@ -210,7 +210,7 @@ def _log_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         "--log-http-trace",
         action="store_true",
         default=_env_flag("LOG_HTTP_TRACE") if defaults else argparse.SUPPRESS,
-        help="with --log-level debug: also log the HTTP client's connection trace (httpcore)",
+        help="with --log-level debug: also log the HTTP clients' connection traces",
     )
 
 

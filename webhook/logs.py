@@ -11,7 +11,8 @@ object, the text formatter appends them as ``key=value``.
 
 The HTTP clients' own loggers (httpx and its twin httpx2 under lightkube, and httpcore below
 them) say one line per request at INFO and a dozen per request at DEBUG: they are held at
-WARNING, httpx at DEBUG with ``--log-level debug``, httpcore only with ``--log-http-trace``.
+WARNING, httpx at DEBUG with ``--log-level debug``, httpcore and the registry connections'
+trace (``webhook.oci.connection``) only with ``--log-http-trace``.
 Their text is scrubbed (``redact.scrub``) before it is written: they print URLs, and a URL is
 text a registry chose.
 """
