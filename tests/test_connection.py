@@ -86,6 +86,22 @@ CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r
             False,
             id="http/1.0",
         ),
+        pytest.param(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello",
+            False,
+            200,
+            b"hello",
+            False,
+            id="http/1.0 keep-alive, closed as h11 closes it",
+        ),
+        pytest.param(
+            b"HTTP/1.1 401 Unauthorized\r\nWww-Authenticate: Basic realm=x\r\n\r\n",
+            True,
+            401,
+            b"",
+            True,
+            id="head without a length",
+        ),
         pytest.param(OK_BODY + OK_BODY, False, 200, b"hello", False, id="a second answer"),
         pytest.param(OK_BODY + b"x", False, 200, b"hello", False, id="bytes after the body"),
         pytest.param(b"HTTP/1.1 204 No Content\r\n\r\n", False, 204, b"", True, id="no content"),
@@ -99,6 +115,35 @@ def test_an_answer_is_parsed_and_reused_only_when_it_ended_cleanly(
     assert answer.status == status
     assert _body(answer) == body
     assert answer.reusable() is reusable
+
+
+@pytest.mark.parametrize("piece", [0, 1, 7])
+@pytest.mark.parametrize(
+    "after",
+    [
+        pytest.param(
+            b"HTTP/1.1 500 Oops\r\nDocker-Content-Digest: sha256:evil\r\n\r\n", id="answer"
+        ),
+        pytest.param(b"garbage", id="garbage"),
+    ],
+)
+def test_what_follows_an_answer_changes_nothing_of_it(after: bytes, piece: int) -> None:
+    answer = _parsed(OK_BODY + after, piece=piece)
+    assert (answer.status, answer.reason) == (200, b"OK")
+    assert answer.headers == [(b"Content-Length", b"5"), (b"Docker-Content-Digest", b"sha256:ab")]
+    assert _body(answer) == b"hello" and not answer.reusable()
+
+
+def test_a_chunked_bodys_trailers_are_not_headers() -> None:
+    """h11 drops trailers: a trailer must not add a second digest to the answer."""
+    answer = _parsed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nDocker-Content-Digest: sha256:ab\r\n"
+        b"\r\n2\r\nhi\r\n0\r\nDocker-Content-Digest: sha256:evil\r\n\r\n"
+    )
+    assert answer.complete and _body(answer) == b"hi"
+    assert [value for name, value in answer.headers if name == b"Docker-Content-Digest"] == [
+        b"sha256:ab"
+    ]
 
 
 def test_only_the_final_answers_headers_are_kept() -> None:
@@ -142,6 +187,7 @@ def test_an_answer_cut_short_is_an_error_worth_a_retry(raw: bytes, message: str)
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
             id="switching protocols",
         ),
+        pytest.param(b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n", id="status below 100"),
     ],
 )
 def test_a_malformed_answer_is_a_protocol_error(raw: bytes) -> None:
@@ -160,11 +206,19 @@ def test_an_endless_head_is_cut_off() -> None:
         _endless_head(Answer(head_only=False))
 
 
+def test_the_head_limit_holds_within_one_read() -> None:
+    """A read brings up to 64 KiB: the limit is the head's size, not the reads' count."""
+    padding = b"X-Padding: " + b"a" * (HEAD_SIZE_LIMIT - 100) + b"\r\n"
+    Answer(head_only=True).feed(b"HTTP/1.1 200 OK\r\n" + padding + b"\r\n" + b"x" * 1000)
+    with pytest.raises(httpcore.RemoteProtocolError, match="head larger"):
+        Answer(head_only=True).feed(b"HTTP/1.1 200 OK\r\n" + padding + padding + b"\r\n")
+
+
 def test_a_request_is_written_as_h11_writes_it() -> None:
     request = httpcore.Request(
         "GET",
         "http://registry.test:5000/v2/app/manifests/v1?x=1",
-        headers=[(b"Host", b"registry.test:5000"), (b"Accept", b" a/b ")],
+        headers=[(b"Host", b"registry.test:5000"), (b"Accept", b"a/b")],
     )
     assert request_head(request) == (
         b"GET /v2/app/manifests/v1?x=1 HTTP/1.1\r\nHost: registry.test:5000\r\nAccept: a/b\r\n\r\n"
@@ -177,6 +231,9 @@ def test_a_request_is_written_as_h11_writes_it() -> None:
         (b"Authorization", b"Bearer x\r\nX-Injected: 1"),
         (b"Authorization", b"Bearer x\nX-Injected: 1"),
         (b"Authorization", b"Bearer \x00"),
+        (b"Authorization", b"Bearer \x0bx"),
+        (b"Accept", b" a/b"),
+        (b"Accept", b"a/b "),
         (b"X Injected", b"1"),
         (b"X-Injected:", b"1"),
     ],
@@ -185,6 +242,15 @@ def test_a_header_that_would_change_the_request_is_refused(header: tuple[bytes, 
     request = httpcore.Request("GET", "http://registry.test/v2/", headers=[HOST, header])
     with pytest.raises(httpcore.LocalProtocolError):
         request_head(request)
+
+
+@pytest.mark.parametrize(("method", "target"), [(b"GET", b"/v2/a b"), (b"G ET", b"/v2/")])
+def test_a_request_line_that_would_change_the_request_is_refused(
+    method: bytes, target: bytes
+) -> None:
+    url = httpcore.URL(scheme=b"http", host=b"registry.test", port=None, target=target)
+    with pytest.raises(httpcore.LocalProtocolError, match="request line"):
+        request_head(httpcore.Request(method, url, headers=[HOST]))
 
 
 def test_a_request_without_a_host_is_refused() -> None:

@@ -4,6 +4,7 @@ connection lost to a caller that gives up."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -167,3 +168,89 @@ async def test_closing_the_pool_fails_its_waiters(faults: FaultServer) -> None:
     with pytest.raises(httpcore.ConnectError, match="closed"):
         await waiting
     assert pool.connections == []
+
+
+CLOSING = "/v2/team/closing/manifests/v1"
+
+
+async def test_a_connection_the_server_closed_is_not_handed_to_a_waiter(
+    faults: FaultServer,
+) -> None:
+    """The server closes after answering, without saying so (an idle timeout): the next
+    request would fail on that connection, and spend a retry."""
+    faults.route(CLOSING, Reply(200, {}, b"bye", close=True))
+    pool = _pool(1)
+    try:
+        held = await pool.send(_request(faults, CLOSING, 5))
+        (waiting,) = await _queued(pool, faults, 1)
+        assert await held.aread() == b"bye"
+        await faults.closed.wait()
+        await held.aclose()
+        assert await waiting == sample_index()
+    finally:
+        await pool.aclose()
+    assert faults.connections == 2
+
+
+async def test_room_handed_to_a_waiter_that_gave_up_goes_to_the_next(
+    faults: FaultServer,
+) -> None:
+    faults.route(CLOSING, Reply(200, {}, b"bye", close=True))
+    pool = _pool(1)
+    try:
+        held = await pool.send(_request(faults, CLOSING, 5))
+        first, second = await _queued(pool, faults, 2)
+        await held.aread()
+        await faults.closed.wait()
+        await held.aclose()  # the connection is dropped: room for one, handed to the first
+        first.cancel()
+        assert await second == sample_index()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert await _get(pool, faults, FAST, wait=0.05) == sample_index()  # no room lost
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("gives_up", [False, True])
+async def test_closing_the_pool_under_a_connection_just_handed_over(
+    faults: FaultServer, gives_up: bool
+) -> None:
+    pool = _pool(1)
+    held = await pool.send(_request(faults, FAST, 5))
+    (waiting,) = await _queued(pool, faults, 1)
+    await held.aread()
+    await held.aclose()  # handed to the waiter, which has yet to run
+    await pool.aclose()
+    if gives_up:
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    else:
+        with pytest.raises(httpcore.ConnectError, match="closed"):
+            await waiting
+    assert pool.connections == []
+
+
+async def test_httpcores_connection_that_could_not_connect_is_dropped() -> None:
+    """httpcore's connection (without httptools) calls itself idle once its connect failed."""
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]  # closed again below: nothing listens there
+    connect = partial(
+        new_connection,
+        backend=AsyncioBackend(),
+        ssl_context=httpcore.default_ssl_context(),
+        keepalive_expiry=5.0,
+        parser=False,
+    )
+    pool = ConnectionPool(connect, 1)
+    request = httpcore.Request(
+        "GET", f"http://127.0.0.1:{port}/v2/", headers=[(b"Host", f"127.0.0.1:{port}".encode())]
+    )
+    try:
+        with pytest.raises(httpcore.ConnectError):
+            await pool.send(request)
+        assert pool.connections == []
+    finally:
+        await pool.aclose()

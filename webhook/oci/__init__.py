@@ -7,7 +7,7 @@ use, so that pinhook reads, authorises and resolves an image the way they would:
 - ``registry``: the distribution API client that asks for a tag's manifest digest, after
   go-containerregistry's ``pkg/v1/remote``; under it ``auth`` (challenge ping, basic and bearer
   auth, token exchange and caches) and ``transport`` (retries, guarded redirects, deadlines),
-  after its ``pkg/v1/remote/transport``; under that httpcore's pool, on pinhook's own
+  after its ``pkg/v1/remote/transport``; under that ``pool`` (keep-alive connections) of
   ``connection`` (HTTP/1.1 parsed by httptools) over ``streams`` (the running loop's sockets);
 - ``hostguard``: pinhook's own guard against private addresses, on every host they go to;
 - ``keychain``: docker config credentials read and matched to images as the kubelet's

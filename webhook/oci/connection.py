@@ -1,4 +1,4 @@
-"""One keep-alive HTTP/1.1 connection to a registry or token service, for httpcore's pool.
+"""One keep-alive HTTP/1.1 connection to a registry or token service, for ``.pool``.
 
 httpcore's own connection runs each request through h11's state machine, with anyio locks,
 cancel shields and a trace around every step: measured on one loopback HEAD, about ten times
@@ -8,11 +8,13 @@ the answer with httptools (llhttp, the parser uvicorn already serves admissions 
 keeps httpcore's interface and errors, so the pool, its limits and the transport's error
 handling see no difference.
 
-What it keeps of h11's care: header names and values are checked before anything is sent (a
-pull secret holding a line break cannot add a header); an answer's head is limited in size; a
-body that ends early, bytes no request asked for, or anything that is not HTTP/1.x close the
-connection instead of returning it to the pool. llhttp cannot be told an answer is to a HEAD,
-so a HEAD's answer ends with its head, and its parser is never fed again.
+What it keeps of h11's care: the request line and header names and values are checked before
+anything is sent (a pull secret holding a line break cannot add a header); an answer's head is
+limited in size; only the first answer counts (no second one, no trailers, can change its
+status or headers); and a body that ends early, bytes no request asked for, ``Connection:
+close`` or any version but HTTP/1.1 close the connection instead of returning it to the pool,
+as h11 decides. llhttp cannot be told an answer is to a HEAD, so a HEAD's answer ends with its
+head, and its parser is never fed again.
 """
 
 from __future__ import annotations
@@ -45,9 +47,12 @@ READ_BYTES = 64 * 1024
 # h11's limit for a head (httpcore's MAX_INCOMPLETE_EVENT_SIZE): a server sending headers
 # without end is cut off here.
 HEAD_SIZE_LIMIT = 100 * 1024
-# Bytes RFC 9110 allows in a field name (tchar), and the ones a field value must not hold.
-_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]")
+# What h11 allows: a method and field name are tokens (RFC 9110 tchar); a target is visible
+# ASCII; a field value is visible characters with spaces and tabs inside, none at its ends.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+_VISIBLE = rb"[\x21-\x7e\x80-\xff]"
+_FIELD_VALUE = re.compile(rb"(?:%s(?:[ \t]*%s)*)?" % (_VISIBLE, _VISIBLE))
 # Answers that never have a body, whatever their headers say.
 _NO_BODY = frozenset({204, 304})
 
@@ -121,6 +126,8 @@ class RegistryConnection(httpcore.AsyncConnectionInterface):
     ) -> httpcore.AsyncNetworkStream:
         host = self._origin.host.decode("ascii")
         stream = await self._backend.connect_tcp(host, self._origin.port, timeout=seconds)
+        if trace.isEnabledFor(logging.DEBUG):
+            trace.debug("%s: connected", self.info())
         if self._origin.scheme != b"https":
             return stream
         context = self._ssl_context or ssl.create_default_context()
@@ -200,15 +207,18 @@ async def _exchange_head(
 def request_head(request: httpcore.Request) -> bytes:
     """The request line and headers, as h11 would write them; LocalProtocolError for a
     header that would change the request's meaning on the wire."""
-    lines = [b"%s %s HTTP/1.1" % (request.method, request.url.target)]
+    method, target = request.method, request.url.target
+    if _TOKEN.fullmatch(method) is None or _TARGET.fullmatch(target) is None:
+        raise httpcore.LocalProtocolError(f"illegal request line {method!r} {target!r}")
     if not any(name.lower() == b"host" for name, _ in request.headers):
         raise httpcore.LocalProtocolError("Missing mandatory Host: header")
+    lines = [b"%s %s HTTP/1.1" % (method, target)]
     for name, value in request.headers:
-        if _FIELD_NAME.fullmatch(name) is None:
+        if _TOKEN.fullmatch(name) is None:
             raise httpcore.LocalProtocolError(f"illegal header name {name!r}")
-        if _BAD_FIELD_VALUE.search(value) is not None:
+        if _FIELD_VALUE.fullmatch(value) is None:
             raise httpcore.LocalProtocolError(f"illegal header value for {name.decode()}")
-        lines.append(b"%s: %s" % (name, value.strip(b" \t")))
+        lines.append(b"%s: %s" % (name, value))
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
 
@@ -236,22 +246,30 @@ class Answer:
         if not data:
             self._ended()
             return
-        if self.complete:
-            self.unasked = True
-            return
-        if not self.head_done:
-            self._head_bytes += len(data)
+        if not self.head_done:  # the head is parsed up to its limit, and no further
+            room = HEAD_SIZE_LIMIT - self._head_bytes
+            self._head_bytes += min(len(data), room)
+            if len(data) > room:
+                self._parse(data[:room])
+                if not self.head_done:
+                    raise httpcore.RemoteProtocolError(
+                        f"answer head larger than {HEAD_SIZE_LIMIT} bytes"
+                    )
+                data = data[room:]
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            if self.complete:  # what follows the answer in the same read is not part of it
+            if self.complete:  # what follows the answer is not part of it (_Unasked)
                 self.unasked = True
                 return
+            if isinstance(exc.__context__, httpcore.RemoteProtocolError):
+                raise exc.__context__ from None  # a callback's own verdict
             if isinstance(exc, httptools.HttpParserUpgrade):
                 raise httpcore.RemoteProtocolError("the server switched protocols") from exc
             raise httpcore.RemoteProtocolError(f"malformed answer: {exc}") from exc
-        if not self.head_done and self._head_bytes > HEAD_SIZE_LIMIT:
-            raise httpcore.RemoteProtocolError(f"answer head larger than {HEAD_SIZE_LIMIT} bytes")
 
     def _ended(self) -> None:
         if not self.head_done:
@@ -273,7 +291,8 @@ class Answer:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self.head_done:  # after the head: a chunked body's trailers, which h11 drops
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -281,11 +300,15 @@ class Answer:
             self.headers = []
             self.reason = b""
             return
+        if status < 100:
+            raise httpcore.RemoteProtocolError(f"status {status} is not an HTTP status")
         self.head_done = True
         self.status = status
         version = self._parser.get_http_version()
         self.http_version = b"HTTP/" + version.encode("ascii")
-        self._closes = not self._parser.should_keep_alive()
+        # h11's rule, not llhttp's: llhttp would also close after a HEAD's answer without a
+        # length (it cannot know the answer has no body), and keep an HTTP/1.0 one.
+        self._closes = version != "1.1" or any(_says_close(n, v) for n, v in self.headers)
         self._no_length = not any(_delimits(name, value) for name, value in self.headers)
         if self._head_only or status in _NO_BODY:
             self.complete = True
@@ -302,8 +325,19 @@ class Answer:
             self.complete = True
 
     def on_message_begin(self) -> None:
-        if self.head_done:
-            self.unasked = True  # a second answer to one request
+        if self.head_done:  # a second answer to one request: stop before it changes this one
+            self.unasked = True
+            raise _Unasked()
+
+
+class _Unasked(Exception):
+    """Stops the parser at an answer nobody asked for."""
+
+
+def _says_close(name: bytes, value: bytes) -> bool:
+    return name.lower() == b"connection" and any(
+        token.strip().lower() == b"close" for token in value.split(b",")
+    )
 
 
 def _delimits(name: bytes, value: bytes) -> bool:

@@ -33,7 +33,6 @@ from .streams import AsyncioStream
 
 Connection = httpcore.AsyncConnectionInterface
 Origin = tuple[bytes, bytes, int]  # scheme, host, port: httpcore's Origin is not hashable
-_DEFAULT_PORTS = {b"http": 80, b"https": 443}
 # How often idle connections to every origin are checked for their keep-alive (a reused one is
 # checked each time).
 SWEEP_SECONDS = 1.0
@@ -74,6 +73,7 @@ class ConnectionPool:
         self.is_closed = True
         connections, self._origins = list(self._origins), {}
         self._idle.clear()
+        self._reserved = 0
         for _, waiter in self._waiting:
             if not waiter.done():
                 waiter.set_exception(httpcore.ConnectError("the connection pool was closed"))
@@ -84,19 +84,19 @@ class ConnectionPool:
     # -- taking and giving back ---------------------------------------------------------------
 
     async def _acquire(self, request: httpcore.Request) -> Connection:
-        url = request.url
-        origin = (url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 0))
+        target = request.url.origin
+        origin = _key(target)
         if not self._waiting:  # first come, first served: with waiters, wait behind them
             connection = await self._idle_connection(origin)
             if connection is not None:
                 return connection
             if self._has_room() or await self._close_one_idle():
-                return self._opened(origin, url.origin)
+                return self._opened(target)
         handed = await self._wait(origin, request.extensions.get("timeout", {}).get("pool"))
         if handed is not None:
             return handed
         self._reserved -= 1
-        return self._opened(origin, url.origin)
+        return self._opened(target)
 
     def _has_room(self) -> bool:
         return len(self._origins) + self._reserved < self._max
@@ -105,15 +105,15 @@ class ConnectionPool:
         idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()
-            if connection.has_expired() or _went_away(connection):
+            if _stale(connection):
                 await self._drop(connection)
                 continue
             return connection
         return None
 
-    def _opened(self, origin: Origin, url_origin: httpcore.Origin) -> Connection:
-        connection = self._connect(url_origin)
-        self._origins[connection] = origin
+    def _opened(self, origin: httpcore.Origin) -> Connection:
+        connection = self._connect(origin)
+        self._origins[connection] = _key(origin)
         return connection
 
     async def _close_one_idle(self) -> bool:
@@ -130,10 +130,12 @@ class ConnectionPool:
         self._waiting.append(entry)
         try:
             async with asyncio.timeout(seconds):
-                return await waiter
+                handed = await waiter
         except BaseException as exc:
             if entry in self._waiting:
                 self._waiting.remove(entry)
+            elif self.is_closed:
+                pass  # what was handed over went with the pool
             elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 handed = waiter.result()  # handed over as this caller gave up: pass it on
                 if handed is None:
@@ -142,12 +144,19 @@ class ConnectionPool:
             if isinstance(exc, TimeoutError):
                 raise httpcore.PoolTimeout("no connection free before the pool timeout") from exc
             raise
+        if self.is_closed:  # closed between the hand-over and this caller's turn
+            raise httpcore.ConnectError("the connection pool was closed")
+        return handed
 
     async def _release(self, connection: Connection) -> None:
         """After an answer: back to the pool if the connection may serve again."""
         if connection not in self._origins:  # closed with the pool
             return
-        if self.is_closed or not connection.is_idle():
+        if (
+            connection.is_closed()  # httpcore's, when it could not connect, is also "idle"
+            or not connection.is_idle()
+            or (self._waiting and _stale(connection))  # handed over unchecked otherwise
+        ):
             await self._drop(connection)
             await self._hand_on(None)
         else:
@@ -155,6 +164,8 @@ class ConnectionPool:
 
     async def _hand_on(self, connection: Connection | None) -> None:
         """A connection (or, for None, room for one) to the first waiter, else to the pool."""
+        if self.is_closed:
+            return
         while self._waiting:
             wanted, waiter = self._waiting.popleft()
             if waiter.done():
@@ -208,6 +219,15 @@ class _Returned:
                 await self._stream.aclose()
         finally:
             await self._pool._release(self._connection)
+
+
+def _key(origin: httpcore.Origin) -> Origin:
+    return (origin.scheme, origin.host, origin.port)
+
+
+def _stale(connection: Connection) -> bool:
+    """Past its keep-alive, or closed by the server (as far as the loop or the socket tell)."""
+    return connection.has_expired() or _went_away(connection)
 
 
 def _went_away(connection: Connection) -> bool:

@@ -112,7 +112,7 @@ class _Stream(asyncio.Protocol):
 
     def readable(self) -> bool:
         """Whether an idle connection has anything to read: the peer closed it, or sent what
-        no request asked for. Either way httpcore must not reuse it."""
+        no request asked for. Either way it must not be reused."""
         return bool(self._buffer) or self._eof or self._closed
 
 
@@ -197,10 +197,10 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         if info == "socket":
             return transport.get_extra_info("socket")
         if info == "is_readable":
-            # What the loop has read. httpcore asks for every idle connection each time a
-            # request comes or goes; asking the socket too was a poll per idle connection, a
-            # tenth of a burst's CPU. The socket is asked only of a connection about to be
-            # reused (``went_away``).
+            # What the loop has read: the pool's sweep asks it of every idle connection (as
+            # httpcore's pool did each time a request came or went), and asking the socket
+            # too was a poll per idle connection, a tenth of a burst's CPU. The socket is
+            # asked only of a connection about to be reused (``went_away``).
             return self._stream.readable()
         return None
 
