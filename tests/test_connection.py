@@ -382,3 +382,37 @@ async def test_an_answer_not_begun_in_time_is_a_read_timeout_and_closes(
         await connection.handle_async_request(request)
     assert connection.is_closed()
     assert faults.count("GET", MANIFEST_PATH) == 1
+
+
+def _flood(answer: Answer, start: bytes, filler: bytes) -> int:
+    """Feed ``start``, then ``filler`` until the answer is refused; the bytes fed."""
+    fed = len(start)
+    answer.feed(start)
+    while fed < 4 * HEAD_SIZE_LIMIT:
+        answer.feed(filler)
+        fed += len(filler)
+    return fed
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        pytest.param(b"0\r\nX-Trailer: ", id="endless trailer"),
+        pytest.param(b"1;ext=", id="endless chunk extension"),
+        pytest.param(b"0000", id="endless chunk size"),
+    ],
+)
+def test_endless_framing_is_cut_off(start: bytes) -> None:
+    """Chunk lines and trailers carry no body: neither the head's limit nor the body's
+    covers them (h11 held them to its event size)."""
+    answer = Answer(head_only=False)
+    answer.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+    filler = b"0" if start == b"0000" else b"a"
+    with pytest.raises(httpcore.RemoteProtocolError, match="framing larger"):
+        _flood(answer, start, filler * 16384)
+
+
+def test_many_small_chunks_are_not_framing_abuse() -> None:
+    body = b"".join(b"40\r\n" + b"x" * 64 + b"\r\n" for _ in range(4096)) + b"0\r\n\r\n"
+    answer = _parsed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body, piece=65536)
+    assert answer.complete and len(_body(answer)) == 64 * 4096

@@ -12,7 +12,7 @@ import httpcore
 import pytest
 
 from tests.faults import FaultServer, Reply, manifest_reply, sample_index
-from webhook.oci.connection import new_connection
+from webhook.oci.connection import RegistryConnection, new_connection
 from webhook.oci.pool import ConnectionPool
 from webhook.oci.streams import AsyncioBackend
 
@@ -254,3 +254,54 @@ async def test_httpcores_connection_that_could_not_connect_is_dropped() -> None:
         assert pool.connections == []
     finally:
         await pool.aclose()
+
+
+class _SlowToClose(RegistryConnection):
+    """A connection whose close yields to the loop (as a TLS shutdown would): the pool's
+    books must hold across that wait."""
+
+    async def aclose(self) -> None:
+        for _ in range(2):  # a close that takes a couple of the loop's turns
+            await asyncio.sleep(0)
+        await super().aclose()
+
+
+def _slow_pool(limit: int, *, keepalive: float = 5.0) -> ConnectionPool:
+    tls = httpcore.default_ssl_context()
+    return ConnectionPool(
+        lambda origin: _SlowToClose(origin, AsyncioBackend(), tls, keepalive), limit
+    )
+
+
+async def test_room_from_a_connection_closed_for_another_registry_is_not_lost(
+    faults: FaultServer,
+) -> None:
+    async with FaultServer() as other:
+        other.route(FAST, manifest_reply(sample_index()))
+        pool = _slow_pool(1)
+        try:
+            held = await pool.send(_request(faults, FAST, 5))
+            (waiting,) = await _queued(pool, other, 1)
+            await held.aread()
+            # The waiter gives up while the connection to the first registry is closing.
+            asyncio.get_running_loop().call_soon(waiting.cancel)
+            await held.aclose()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert await _get(pool, other, FAST, wait=0.05) == sample_index()
+        finally:
+            await pool.aclose()
+
+
+async def test_no_connection_is_opened_for_a_pool_closed_meanwhile(faults: FaultServer) -> None:
+    pool = _slow_pool(1, keepalive=0.0)  # the idle connection is past its keep-alive at once
+    await _get(pool, faults, FAST)
+    loop = asyncio.get_running_loop()
+    closing: list[asyncio.Task[None]] = []
+    # The pool is closed while the request closes the stale connection it found.
+    loop.call_soon(lambda: closing.append(loop.create_task(pool.aclose())))
+    with pytest.raises(httpcore.ConnectError, match="closed"):
+        await _get(pool, faults, FAST)
+    await asyncio.gather(*closing)
+    assert pool.connections == []
+    assert faults.connections == 1

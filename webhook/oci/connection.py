@@ -231,6 +231,8 @@ class Answer:
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._head_bytes = 0
+        self._fed = 0  # all bytes parsed, against the body's: what framing and trailers took
+        self._body_bytes = 0
         self._closes = False
         self._no_length = True
         self.head_done = False
@@ -257,7 +259,15 @@ class Answer:
                         f"answer head larger than {HEAD_SIZE_LIMIT} bytes"
                     )
                 data = data[room:]
+        self._fed += len(data)
         self._parse(data)
+        # Chunk lines, extensions and trailers carry no body and fall under neither the
+        # head's limit nor the body's: endless ones would be parsed (and a trailer held) until
+        # the deadline. A head's worth, beyond what the body itself brings, is enough.
+        if self._fed - 2 * self._body_bytes > HEAD_SIZE_LIMIT:
+            raise httpcore.RemoteProtocolError(
+                f"answer framing larger than {HEAD_SIZE_LIMIT} bytes beyond its body"
+            )
 
     def _parse(self, data: bytes) -> None:
         try:
@@ -307,10 +317,17 @@ class Answer:
         self.status = status
         version = self._parser.get_http_version()
         self.http_version = b"HTTP/" + version.encode("ascii")
-        # h11's rule, not llhttp's: llhttp would also close after a HEAD's answer without a
-        # length (it cannot know the answer has no body), and keep an HTTP/1.0 one.
-        self._closes = version != "1.1" or any(_says_close(n, v) for n, v in self.headers)
-        self._no_length = not any(_delimits(name, value) for name, value in self.headers)
+        delimited = any(_delimits(name, value) for name, value in self.headers)
+        # h11's rule: kept only at HTTP/1.1 without Connection: close. llhttp reads that
+        # header too, but says "close" of every answer without a length, a HEAD's included,
+        # which h11 keeps: there it is asked of the headers themselves.
+        if version != "1.1":
+            self._closes = True
+        elif delimited or status in _NO_BODY:
+            self._closes = not self._parser.should_keep_alive()
+        else:
+            self._closes = any(_says_close(name, value) for name, value in self.headers)
+        self._no_length = not delimited
         if self._head_only or status in _NO_BODY:
             self.complete = True
             self._no_length = False
@@ -319,6 +336,7 @@ class Answer:
         if self.complete:  # a body after a HEAD's answer, or one that has none
             self.unasked = True
         else:
+            self._body_bytes += len(body)
             self.chunks.append(body)
 
     def on_message_complete(self) -> None:

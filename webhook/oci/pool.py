@@ -112,6 +112,8 @@ class ConnectionPool:
         return None
 
     def _opened(self, origin: httpcore.Origin) -> Connection:
+        if self.is_closed:  # closed while this caller waited: no socket for a retired pool
+            raise httpcore.ConnectError("the connection pool was closed")
         connection = self._connect(origin)
         self._origins[connection] = _key(origin)
         return connection
@@ -153,7 +155,8 @@ class ConnectionPool:
         if connection not in self._origins:  # closed with the pool
             return
         if (
-            connection.is_closed()  # httpcore's, when it could not connect, is also "idle"
+            self.is_closed
+            or connection.is_closed()  # httpcore's, when it could not connect, is also "idle"
             or not connection.is_idle()
             or (self._waiting and _stale(connection))  # handed over unchecked otherwise
         ):
@@ -170,12 +173,17 @@ class ConnectionPool:
             wanted, waiter = self._waiting.popleft()
             if waiter.done():
                 continue
+            dropped = None
             if connection is not None and wanted != self._origins[connection]:
-                await self._drop(connection)  # its place serves the waiter's origin
-                connection = None
+                # Its place serves the waiter's origin. Handed over before the close is
+                # awaited: a waiter that gives up meanwhile still passes the room on.
+                self._origins.pop(connection)
+                dropped, connection = connection, None
             if connection is None:
                 self._reserved += 1
             waiter.set_result(connection)
+            if dropped is not None:
+                await dropped.aclose()
             return
         if connection is not None:
             self._idle.setdefault(self._origins[connection], []).append(connection)
