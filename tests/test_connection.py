@@ -412,6 +412,14 @@ def test_endless_framing_is_cut_off(start: bytes) -> None:
         _flood(answer, start, filler * 16384)
 
 
+def test_a_head_near_its_limit_leaves_room_for_framing() -> None:
+    padding = b"X-Padding: " + b"a" * (HEAD_SIZE_LIMIT - 100) + b"\r\n"
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + padding + b"\r\n"
+    chunks = b"".join(b"1;ext=" + b"e" * 1000 + b"\r\nx\r\n" for _ in range(50)) + b"0\r\n\r\n"
+    answer = _parsed(head + chunks, piece=65536)
+    assert answer.complete and _body(answer) == b"x" * 50
+
+
 def test_many_small_chunks_are_not_framing_abuse() -> None:
     body = b"".join(b"40\r\n" + b"x" * 64 + b"\r\n" for _ in range(4096)) + b"0\r\n\r\n"
     answer = _parsed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body, piece=65536)

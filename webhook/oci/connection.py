@@ -231,7 +231,7 @@ class Answer:
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._head_bytes = 0
-        self._fed = 0  # all bytes parsed, against the body's: what framing and trailers took
+        self._fed = 0  # bytes parsed, against the body's: what the head and framing took
         self._body_bytes = 0
         self._closes = False
         self._no_length = True
@@ -263,8 +263,9 @@ class Answer:
         self._parse(data)
         # Chunk lines, extensions and trailers carry no body and fall under neither the
         # head's limit nor the body's: endless ones would be parsed (and a trailer held) until
-        # the deadline. A head's worth, beyond what the body itself brings, is enough.
-        if self._fed - 2 * self._body_bytes > HEAD_SIZE_LIMIT:
+        # the deadline. Beyond what the body brings, the head (at most its limit) and as much
+        # again are enough.
+        if self._fed - 2 * self._body_bytes > 2 * HEAD_SIZE_LIMIT:
             raise httpcore.RemoteProtocolError(
                 f"answer framing larger than {HEAD_SIZE_LIMIT} bytes beyond its body"
             )
