@@ -58,7 +58,7 @@ class ConnectionPool:
     async def send(self, request: httpcore.Request) -> httpcore.Response:
         """The answer with its body still to be read; closing it returns the connection."""
         if self.is_closed:  # a retired pool: its connections would never be closed again
-            raise httpcore.ConnectError("the connection pool was closed")
+            raise _closed()
         await self._sweep()
         connection = await self._acquire(request)
         try:
@@ -76,7 +76,7 @@ class ConnectionPool:
         self._reserved = 0
         for _, waiter in self._waiting:
             if not waiter.done():
-                waiter.set_exception(httpcore.ConnectError("the connection pool was closed"))
+                waiter.set_exception(_closed())
         self._waiting.clear()
         for connection in connections:
             await connection.aclose()
@@ -113,7 +113,7 @@ class ConnectionPool:
 
     def _opened(self, origin: httpcore.Origin) -> Connection:
         if self.is_closed:  # closed while this caller waited: no socket for a retired pool
-            raise httpcore.ConnectError("the connection pool was closed")
+            raise _closed()
         connection = self._connect(origin)
         self._origins[connection] = _key(origin)
         return connection
@@ -147,7 +147,7 @@ class ConnectionPool:
                 raise httpcore.PoolTimeout("no connection free before the pool timeout") from exc
             raise
         if self.is_closed:  # closed between the hand-over and this caller's turn
-            raise httpcore.ConnectError("the connection pool was closed")
+            raise _closed()
         return handed
 
     async def _release(self, connection: Connection) -> None:
@@ -227,6 +227,12 @@ class _Returned:
                 await self._stream.aclose()
         finally:
             await self._pool._release(self._connection)
+
+
+def _closed() -> httpcore.ConnectError:
+    """What a request to (or a waiter of) a closed pool gets: a connect error, as httpcore's
+    transport errors are classified."""
+    return httpcore.ConnectError("the connection pool was closed")
 
 
 def _key(origin: httpcore.Origin) -> Origin:
